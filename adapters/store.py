@@ -1,0 +1,306 @@
+"""The artifact store: one folder per stage under a run directory, local or any fsspec URL.
+
+A stage folder holds ``part-00000.parquet …`` (or the files of a model folder) and a ``manifest.json``
+written last. A folder is published atomically: everything is written under a temporary name, then
+renamed. A folder whose manifest is missing, unreadable, or whose files do not match the recorded
+sizes and sha256 does not exist as far as every reader is concerned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gplflow.adapters.version import __version__
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ROW_GROUP_SIZE = 10_000
+_HASH_CHUNK = 1 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal content hashes equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def fingerprint(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str], code_version: str) -> str:
+    """Stage fingerprint = hash(stage config, input fingerprints, stage code version)."""
+    payload = canonical_json({"stage": stage, "config": config, "inputs": inputs, "code": code_version})
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_signature(url: str | os.PathLike[str]) -> str:
+    """sha256 over the relative names and bytes of a file or of every file under a folder.
+
+    Content, not modification times: a fresh clone of the same corpus has the same signature.
+    """
+    fs, root = fsspec.core.url_to_fs(str(url))
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{url}: no such file or folder")
+    paths = sorted(fs.find(root)) if fs.isdir(root) else [root]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path[len(root) :].encode() + b"\0" + _sha256(fs, path).encode())
+    return digest.hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published, validated stage folder."""
+
+    store: ArtifactStore
+    stage: str
+    manifest: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        return self.store.url(self.stage)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest.get("rows", 0))
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        return dict(self.manifest.get("counters", {}))
+
+    def part_paths(self) -> list[str]:
+        return [f"{self.store.path(self.stage)}/{name}" for name in self.manifest["files"] if _is_part(name)]
+
+    def iter_batches(
+        self, columns: list[str] | None = None, batch_size: int = ROW_GROUP_SIZE
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the rows part by part, row group by row group."""
+        for path in self.part_paths():
+            with self.store.fs.open(path, "rb") as fh:
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        tables = []
+        for path in self.part_paths():
+            with self.store.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=columns))
+        if not tables:
+            raise ValueError(f"{self.url}: artifact has no Parquet parts")
+        return pa.concat_tables(tables)
+
+    def read_pandas(self, columns: list[str] | None = None):
+        return self.read_table(columns).to_pandas()
+
+    def local_dir(self) -> Path:
+        """A local folder with the artifact's files (the folder itself when the store is local)."""
+        if self.store.is_local:
+            return Path(self.store.path(self.stage))
+        target = Path(tempfile.mkdtemp(prefix=f"gplflow-{self.stage}-"))
+        self.store.fs.get(self.store.path(self.stage) + "/", str(target), recursive=True)
+        return target
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+class ArtifactStore:
+    """Stage folders under one run directory (a local path or an fsspec URL such as ``memory://run``)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        root = str(root)
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.root = self.root.rstrip("/") or "/"
+        self.root_url = root.rstrip("/")
+        self.is_local = "file" in _protocols(self.fs)
+
+    def path(self, stage: str) -> str:
+        return f"{self.root}/{stage}"
+
+    def url(self, stage: str) -> str:
+        return f"{self.root_url}/{stage}"
+
+    def read_manifest(self, stage: str) -> dict[str, Any] | None:
+        path = f"{self.path(stage)}/{MANIFEST}"
+        try:
+            with self.fs.open(path, "r") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            logger.warning("%s: unreadable manifest (%s); treating the artifact as absent", path, err)
+            return None
+
+    def problems(self, stage: str, expect_fingerprint: str | None = None) -> list[str]:
+        """Why the stage folder is not a valid artifact ([] when it is)."""
+        manifest = self.read_manifest(stage)
+        if manifest is None:
+            return [f"{self.url(stage)}: no valid {MANIFEST}"]
+        if expect_fingerprint and manifest.get("fingerprint") != expect_fingerprint:
+            return [f"{self.url(stage)}: fingerprint {manifest.get('fingerprint')} != {expect_fingerprint}"]
+        found = []
+        for name, meta in manifest.get("files", {}).items():
+            path = f"{self.path(stage)}/{name}"
+            if not self.fs.exists(path):
+                found.append(f"{self.url(stage)}/{name}: missing")
+            elif self.fs.size(path) != meta["size"] or _sha256(self.fs, path) != meta["sha256"]:
+                found.append(f"{self.url(stage)}/{name}: checksum mismatch")
+        return found
+
+    def load(self, stage: str, expect_fingerprint: str | None = None) -> Artifact | None:
+        """The published artifact of ``stage``, or None if it is absent, stale or corrupted."""
+        problems = self.problems(stage, expect_fingerprint)
+        if problems:
+            if self.fs.exists(self.path(stage)):
+                logger.info("artifact %s not usable: %s", stage, "; ".join(problems[:3]))
+            return None
+        return Artifact(self, stage, self.read_manifest(stage))  # type: ignore[arg-type]
+
+    def require(self, stage: str) -> Artifact:
+        artifact = self.load(stage)
+        if artifact is None:
+            raise FileNotFoundError(f"{self.url(stage)}: no valid artifact ({'; '.join(self.problems(stage))})")
+        return artifact
+
+    @contextlib.contextmanager
+    def writer(
+        self,
+        stage: str,
+        *,
+        config: Mapping[str, Any],
+        inputs: Mapping[str, str] | None = None,
+        code_version: str = __version__,
+    ) -> Iterator[StageWriter]:
+        """Write a stage folder; published only if the block completes, else nothing is left behind."""
+        writer = StageWriter(self, stage, dict(config), dict(inputs or {}), code_version)
+        try:
+            yield writer
+            writer._publish()
+        finally:
+            writer._cleanup()
+
+    def remove(self, stage: str) -> None:
+        if self.fs.exists(self.path(stage)):
+            self.fs.rm(self.path(stage), recursive=True)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+@dataclass
+class StageWriter:
+    """Collects a stage's parts (or model files), counters and timings, then publishes them atomically."""
+
+    store: ArtifactStore
+    stage: str
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    code_version: str
+    counters: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = fingerprint(self.stage, self.config, self.inputs, self.code_version)
+        self.tmp = f"{self.store.root}/.{self.stage}.tmp-{uuid.uuid4().hex[:8]}"
+        self.store.fs.makedirs(self.tmp, exist_ok=True)
+        self._rows: dict[str, int] = {}
+        self._local: Path | None = None
+        self._started = time.time()
+
+    def write_part(
+        self, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, index: int | None = None
+    ) -> int:
+        """Write one Parquet part from record batches (row groups of ROW_GROUP_SIZE); returns its rows."""
+        index = len(self._rows) if index is None else index
+        name = f"part-{index:05d}.parquet"
+        rows = 0
+        with self.store.fs.open(f"{self.tmp}/{name}", "wb") as fh, pq.ParquetWriter(fh, schema) as out:
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                if table.num_rows:
+                    out.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                    rows += table.num_rows
+        self._rows[name] = rows
+        return rows
+
+    def local_dir(self) -> Path:
+        """A local folder for stages that write files, not Parquet (model folders)."""
+        if self._local is None:
+            if self.store.is_local:
+                self._local = Path(self.tmp)
+            else:
+                self._local = Path(tempfile.mkdtemp(prefix=f"gplflow-{self.stage}-"))
+        return self._local
+
+    def count(self, name: str, value: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + value
+
+    def _publish(self) -> None:
+        fs = self.store.fs
+        if self._local is not None and not self.store.is_local:
+            fs.put(str(self._local) + "/", self.tmp, recursive=True)
+        files = {}
+        for path in sorted(fs.find(self.tmp)):
+            name = path.split(self.tmp, 1)[-1].lstrip("/")
+            if name == MANIFEST:
+                continue
+            files[name] = {"size": fs.size(path), "sha256": _sha256(fs, path)}
+            if name in self._rows:
+                files[name]["rows"] = self._rows[name]
+        manifest = {
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "inputs": self.inputs,
+            "code_version": self.code_version,
+            "rows": sum(self._rows.values()),
+            "files": files,
+            "counters": self.counters,
+            "timings": {"started": self._started, "seconds": round(time.time() - self._started, 3)},
+            **self.extra,
+        }
+        with fs.open(f"{self.tmp}/{MANIFEST}", "w") as fh:
+            fh.write(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        final = self.store.path(self.stage)
+        if fs.exists(final):
+            trash = f"{self.store.root}/.{self.stage}.old-{uuid.uuid4().hex[:8]}"
+            fs.mv(final, trash, recursive=True)
+            fs.mv(self.tmp, final, recursive=True)
+            fs.rm(trash, recursive=True)
+        else:
+            fs.mv(self.tmp, final, recursive=True)
+        logger.info("published %s (%d rows, %d files)", self.store.url(self.stage), manifest["rows"], len(files))
+
+    def _cleanup(self) -> None:
+        fs = self.store.fs
+        if fs.exists(self.tmp):
+            fs.rm(self.tmp, recursive=True)
+        if self._local is not None and not self.store.is_local and self._local.exists():
+            shutil.rmtree(self._local, ignore_errors=True)

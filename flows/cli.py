@@ -1,0 +1,189 @@
+"""The ``gplflow`` command line: ingest, run, demo, status, export."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gplflow.adapters.store import ArtifactStore
+from gplflow.flows.config import PipelineConfig
+
+app = typer.Typer(help="Adapt a dense retriever to your corpus without labels (GPL / GenQ) with Prefect flows.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value.")]
+RunDirOption = Annotated[str | None, typer.Option("--run-dir", help="Where the stage artifacts go "
+                                                  "(default runs/<name>); a local path or an fsspec URL.")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors a user can cause become one line on stderr and exit code 2 (GPLFLOW_DEBUG=1 shows tracebacks)."""
+    from gplflow.adapters.models import ModelUnavailableError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ModelUnavailableError) as err:
+        if os.environ.get("GPLFLOW_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    _setup_logging(verbose)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def ingest(
+    src: Annotated[str, typer.Argument(help="Corpus file or folder (BEIR, JSONL, CSV, TSV, Parquet, .txt/.md "
+                                       "folder, datasets folder).")],
+    fmt: Annotated[str | None, typer.Option("--format", help="beir|jsonl|csv|tsv|parquet|textdir|hf "
+                                            "(default: detected from the path).")] = None,
+    run_dir: Annotated[str, typer.Option("--run-dir", help="Run directory; corpus/ is written in it.")] = "runs/ingest",
+    id_field: Annotated[str, typer.Option(help="Field holding the document id.")] = "_id",
+    title_field: Annotated[str | None, typer.Option(help="Field holding the title ('' for none).")] = "title",
+    text_field: Annotated[str, typer.Option(help="Field holding the text.")] = "text",
+    skip_empty: Annotated[bool, typer.Option("--skip-empty", help="Drop and count empty-text documents "
+                                             "instead of failing.")] = False,
+) -> None:
+    """Read a corpus into the corpus/ artifact (doc_id, title, text), validated and whitespace-normalised."""
+    from gplflow.tasks.ingest import IngestConfig, run_ingest
+
+    with user_errors():
+        cfg = IngestConfig(path=src, format=fmt, id_field=id_field, title_field=title_field or None,
+                           text_field=text_field, skip_empty=skip_empty)
+        artifact = run_ingest(cfg, ArtifactStore(run_dir))
+    dropped = artifact.counters.get("empty_text", 0)
+    console.print(f"corpus: {artifact.rows} documents → {artifact.url}" + (f" ({dropped} empty dropped)"
+                                                                          if dropped else ""))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
+    overrides: SetOption = None,
+    run_dir: RunDirOption = None,
+) -> None:
+    """Run the GPL (or GenQ, with train.loss=mnrl / flow=genq) pipeline described by CONFIG."""
+    with user_errors():
+        _run(config, overrides or [], run_dir)
+
+
+@app.command()
+def demo(run_dir: RunDirOption = None, overrides: SetOption = None) -> None:
+    """Run configs/demo.yaml: the whole GPL pipeline on the bundled demo corpus, offline, in a few minutes."""
+    with user_errors():
+        _run(PROJECT_ROOT / "configs" / "demo.yaml", overrides or [], run_dir)
+
+
+def _run(config: Path, overrides: list[str], run_dir: str | None) -> None:
+    from gplflow.flows.pipeline import default_run_dir, gpl_pipeline
+
+    cfg = PipelineConfig.load(config, overrides)  # fail fast, before Prefect starts
+    run_dir = run_dir or default_run_dir(cfg)
+    summary = gpl_pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
+    print_summary(cfg, summary)
+
+
+def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
+    models = summary["models"]
+    console.rule(f"gplflow run '{cfg.name}' finished in {summary['seconds']} s")
+    console.print(f"generator: {models['generator'] if cfg.generate.method == 't5' else 'extractive (no model)'}")
+    for name, score in models["retrievers"]:
+        console.print(f"miner: {name} ({score})")
+    teacher = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
+    console.print(f"teacher ({cfg.label.teacher}): {teacher}")
+    console.print(f"base model: {models['base']}")
+    metrics = summary.get("metrics")
+    if metrics:
+        console.print(metrics_table(metrics))
+        _verdict(metrics)
+    store = ArtifactStore(summary["run_dir"])
+    console.print(f"adapted model: {store.url('model')}  (SentenceTransformer(path) loads it)")
+    console.print(f"artifacts: {summary['run_dir']}/{{corpus,queries,negatives,triples,model,evaluate}}")
+
+
+def metrics_table(metrics: dict[str, Any]) -> Table:
+    from gplflow.flows.report import METRICS
+
+    models = list(metrics["models"])
+    table = Table(title="retrieval on the judged queries")
+    table.add_column("metric")
+    for name in models:
+        table.add_column(name, justify="right")
+    table.add_column("adapted − base", justify="right")
+    for metric in METRICS:
+        delta = metrics.get("delta", {}).get(metric)
+        table.add_row(metric, *(f"{metrics['models'][m][metric]:.4f}" for m in models),
+                      f"{delta:+.4f}" if delta is not None else "–")
+    return table
+
+
+def _verdict(metrics: dict[str, Any]) -> None:
+    delta = metrics.get("delta", {}).get("ndcg@10")
+    if delta is None:
+        return
+    if delta > 0:
+        console.print(f"[green]The adapted model beats its base on nDCG@10 by {delta:+.4f}.[/]")
+    else:
+        console.print(f"[bold yellow]The adapted model does NOT beat its base on nDCG@10 ({delta:+.4f}).[/]")
+
+
+@app.command()
+def status(run_dir: Annotated[str, typer.Argument(help="A run directory.")]) -> None:
+    """Show each stage of a run as complete or missing, with row counts."""
+    from gplflow.flows.report import STAGES
+
+    store = ArtifactStore(run_dir)
+    table = Table(title=f"run {run_dir}")
+    for column in ("stage", "state", "rows", "fingerprint", "detail"):
+        table.add_column(column)
+    for stage in STAGES:
+        problems = store.problems(stage)
+        manifest = store.read_manifest(stage) or {}
+        state = "complete" if not problems else ("corrupted" if manifest else "missing")
+        table.add_row(stage, state, str(manifest.get("rows", "")), manifest.get("fingerprint", ""),
+                      "" if not problems or not manifest else problems[0])
+    console.print(table)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="Only 'gpl' (UKPLab gpl's folder format).")] = "gpl",
+) -> None:
+    """Export a run's artifacts in UKPLab gpl's folder format (corpus.jsonl, qgen-queries.jsonl, …)."""
+    from gplflow.adapters.gpl_format import export_gpl
+
+    with user_errors():
+        if fmt != "gpl":
+            raise ValueError(f"--format {fmt!r}: only 'gpl' is supported")
+        counts = export_gpl(ArtifactStore(run_dir), out)
+    for name, count in counts.items():
+        console.print(f"{out / name}: {count}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,165 @@
+"""PipelineConfig: the stage configs composed, loaded from YAML with ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gplflow.tasks.evaluate import EvaluateConfig
+from gplflow.tasks.generate import GenerateConfig
+from gplflow.tasks.ingest import IngestConfig
+from gplflow.tasks.label import LabelConfig
+from gplflow.tasks.mine import MineConfig
+from gplflow.tasks.pretrain import PretrainConfig
+from gplflow.tasks.train import TrainConfig
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+
+class RetrieverRef(_Frozen):
+    """A dense retriever used for mining: a model reference and the similarity it was trained with."""
+
+    name: str
+    score: Literal["cos_sim", "dot"] = "cos_sim"
+
+
+class ModelsConfig(_Frozen):
+    """Model references: a hub name, a local folder, or ``tiny`` (built offline from the corpus)."""
+
+    generator: str = "BeIR/query-gen-msmarco-t5-base-v1"
+    cross_encoder: str = "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    bi_encoder_teacher: str | None = None  # label.teacher=bi_encoder; None = the first retriever
+    base: str = "GPL/msmarco-distilbert-margin-mse"
+    retrievers: tuple[RetrieverRef, ...] = (
+        RetrieverRef(name="sentence-transformers/msmarco-distilbert-base-v3", score="cos_sim"),
+        RetrieverRef(name="sentence-transformers/msmarco-MiniLM-L-6-v3", score="cos_sim"),
+    )
+    tiny_seed: int = 0
+
+
+class ExecutionConfig(_Frozen):
+    mode: Literal["local", "pool"] = "local"
+    shard_size: int = Field(default=10_000, gt=0)
+
+
+class ImportConfig(_Frozen):
+    gpl_dir: str | None = None  # a UKPLab gpl folder whose outputs replace the matching stages
+
+
+class PipelineConfig(_Frozen):
+    name: str = "gpl"
+    flow: Literal["gpl", "genq"] = "gpl"
+    profile: Literal["default", "tiny"] = "default"  # tiny: every model slot not set explicitly is `tiny`
+    corpus: IngestConfig
+    models: ModelsConfig = ModelsConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+    mine: MineConfig = MineConfig()
+    label: LabelConfig = LabelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    import_: ImportConfig = Field(default=ImportConfig(), alias="import")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") == "tiny":
+            models = dict(data.get("models") or {})
+            for slot in ("generator", "cross_encoder", "base"):
+                models.setdefault(slot, "tiny")
+            models.setdefault("retrievers", [{"name": "tiny", "score": "cos_sim"}])
+            data = {**data, "models": models}
+        return data
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+        """Read a YAML file (relative paths in it are taken from the file's folder), then apply overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"{path}: config file not found")
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from err
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping at the top level")
+            _resolve_paths(data, path.parent)
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, source=str(path) if path else "--set")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> PipelineConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(f"{source}: " + "; ".join(_describe_all(err.errors()))) from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote that cannot be used; the message names the key."""
+
+
+_BRANCHES = ("int", "str", "float", "bool", "none", "literal[", "list[", "tuple[", "dict[", "function-")
+
+
+def _describe_all(errors: list[dict[str, Any]]) -> list[str]:
+    """One message per key: a union's failed branches ('int', "literal['auto']") are merged."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for error in errors:
+        loc = [str(p) for p in error["loc"] if not str(p).startswith(_BRANCHES)]
+        merged.setdefault(".".join(loc), []).append(error)
+    return [_describe(key, errs) for key, errs in merged.items()]
+
+
+def _describe(key: str, errors: list[dict[str, Any]]) -> str:
+    first = errors[0]
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if first["type"] == "missing":
+        return f"missing key '{key}'"
+    expected = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errors))
+    return f"'{key}': got {first.get('input')!r}, expected {expected}"
+
+
+_PATH_KEYS = (("corpus", "path"), ("evaluate", "qrels"), ("evaluate", "queries"), ("import", "gpl_dir"))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to the file, so configs work from any directory."""
+    for section, key in _PATH_KEYS:
+        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            data[section][key] = str((base / value).resolve())
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value``; the value is parsed as YAML (``3``, ``true``, ``null``, ``[a, b]``)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.steps=1000")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML") from err
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,138 @@
+"""The GPL and GenQ flows: stages chained by the fingerprints of the artifacts they publish.
+
+Each stage is a cached Prefect task keyed by its fingerprint. Before calling one, the flow checks that the
+artifact behind that fingerprint still validates; if it does not (deleted, corrupted, never written) the task
+is called with ``refresh_cache=True``, so Prefect's cache can never hand back a path to nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from gplflow.adapters.models import TINY, packaged_minilm_path
+from gplflow.adapters.store import ArtifactStore
+from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
+from gplflow.flows.config import PipelineConfig
+from gplflow.flows.report import publish_report
+from gplflow.tasks import evaluate, generate, ingest, label, mine, train
+
+logger = logging.getLogger(__name__)
+
+
+def _call(stage_task: Any, stage: str, fp: str, **params: Any) -> str:
+    """Run a stage task, bypassing Prefect's cache when the artifact it would point to is not valid."""
+    fresh = ArtifactStore(params["run_dir"]).load(stage, expect_fingerprint=fp) is None
+    return stage_task.with_options(refresh_cache=fresh)(**params)
+
+
+@task(name="prepare models", persist_result=False)
+def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+    """Resolve every model slot; ``tiny`` slots get tiny models built offline from the corpus (cached)."""
+    slots = {
+        "generator": cfg.models.generator,
+        "cross_encoder": cfg.models.cross_encoder,
+        "base": cfg.models.base,
+        "bi_encoder_teacher": cfg.models.bi_encoder_teacher or cfg.models.retrievers[0].name,
+    }
+    retrievers = [(r.name, r.score) for r in cfg.models.retrievers]
+    tiny = None
+    if TINY in slots.values() or any(name == TINY for name, _ in retrievers):
+        corpus = ArtifactStore(run_dir).require(ingest.STAGE)
+        texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
+        tiny = build_tiny_models(texts, default_cache_dir(), seed=cfg.models.tiny_seed)
+    paths = {"generator": "generator", "cross_encoder": "cross_encoder", "base": "bi_encoder",
+             "bi_encoder_teacher": "bi_encoder"}
+    resolved = {k: str(getattr(tiny, paths[k])) if v == TINY else _packaged(v) for k, v in slots.items()}
+    resolved["retrievers"] = [(str(tiny.bi_encoder) if n == TINY else _packaged(n), s) for n, s in retrievers]
+    get_run_logger().info("models: %s", resolved)
+    return resolved
+
+
+def _packaged(ref: str) -> str:
+    """The pip-packaged all-MiniLM-L6-v2 stands in for its hub name, so it works offline."""
+    if ref.lower() in {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}:
+        path = packaged_minilm_path()
+        if path is not None:
+            return str(path)
+    return ref
+
+
+def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+    """The stages in order; returns the fingerprints and the evaluation metrics (if any)."""
+    started = time.time()
+    fps: dict[str, str] = {}
+    fps["corpus"] = _call(ingest.ingest_task, ingest.STAGE, ingest.ingest_fingerprint(cfg.corpus),
+                          cfg=cfg.corpus, run_dir=run_dir)
+    models = prepare_models(cfg, run_dir)
+    generator = models["generator"] if cfg.generate.method == "t5" else ""
+    fps["queries"] = _call(
+        generate.generate_task, generate.STAGE,
+        generate.generate_fingerprint(cfg.generate, fps["corpus"], generator),
+        cfg=cfg.generate, run_dir=run_dir, corpus_fp=fps["corpus"], generator=generator,
+        shard_size=cfg.execution.shard_size,
+    )
+    triples_fp = ""
+    if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
+        triples_fp = _mine_and_label(cfg, run_dir, models, fps)
+    fps["model"] = _call(
+        train.train_task, train.STAGE,
+        train.train_fingerprint(cfg.train, models["base"], fps["corpus"], fps["queries"], triples_fp),
+        cfg=cfg.train, run_dir=run_dir, base_model=models["base"], corpus_fp=fps["corpus"],
+        queries_fp=fps["queries"], triples_fp=triples_fp,
+    )
+    metrics = None
+    if cfg.evaluate.qrels:
+        compare = {"base": models["base"], "adapted": ArtifactStore(run_dir).url(train.STAGE)}
+        fps["evaluate"] = _call(
+            evaluate.evaluate_task, evaluate.STAGE,
+            evaluate.evaluate_fingerprint(cfg.evaluate, fps["corpus"], compare, fps["model"]),
+            cfg=cfg.evaluate, run_dir=run_dir, corpus_fp=fps["corpus"], models=compare, adapted_fp=fps["model"],
+        )
+        metrics = evaluate.read_metrics(ArtifactStore(run_dir))
+    summary = {"run_dir": run_dir, "fingerprints": fps, "models": models, "metrics": metrics,
+               "seconds": round(time.time() - started, 1)}
+    publish_report(cfg, ArtifactStore(run_dir), summary)
+    return summary
+
+
+def _mine_and_label(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str]) -> str:
+    retrievers = models["retrievers"]
+    fps["negatives"] = _call(
+        mine.mine_task, mine.STAGE,
+        mine.mine_fingerprint(cfg.mine, fps["corpus"], fps["queries"], retrievers),
+        cfg=cfg.mine, run_dir=run_dir, corpus_fp=fps["corpus"], queries_fp=fps["queries"], retrievers=retrievers,
+    )
+    teacher = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
+    n_triples = label.resolve_triples(cfg.label, cfg.train.steps, cfg.train.batch_size)
+    fps["triples"] = _call(
+        label.label_task, label.STAGE,
+        label.label_fingerprint(cfg.label, n_triples, fps["corpus"], fps["queries"], fps["negatives"], teacher),
+        cfg=cfg.label, run_dir=run_dir, n_triples=n_triples, corpus_fp=fps["corpus"], queries_fp=fps["queries"],
+        negatives_fp=fps["negatives"], teacher=teacher,
+    )
+    return fps["triples"]
+
+
+def default_run_dir(cfg: PipelineConfig) -> str:
+    return str(Path("runs") / cfg.name)
+
+
+@flow(name="gpl-pipeline", log_prints=True)
+def gpl_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
+                 run_dir: str | None = None) -> dict[str, Any]:
+    """Adapt a bi-encoder to a corpus: ingest → generate → mine → label → train → evaluate (GPL or GenQ)."""
+    cfg = PipelineConfig.load(config_path, overrides or [])
+    return run_pipeline(cfg, run_dir or default_run_dir(cfg))
+
+
+@flow(name="genq-pipeline", log_prints=True)
+def genq_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
+                  run_dir: str | None = None) -> dict[str, Any]:
+    """GenQ: ingest → generate → train with MultipleNegativesRankingLoss → evaluate."""
+    cfg = PipelineConfig.load(config_path, [*(overrides or []), "flow=genq", "train.loss=mnrl"])
+    return run_pipeline(cfg, run_dir or default_run_dir(cfg))

@@ -1,0 +1,89 @@
+"""Ingest: read a corpus in any supported format into the ``corpus/`` artifact (doc_id, title, text)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+
+from gplflow.adapters.corpus_readers import CorpusError, Document, FieldMap, detect_format, iter_documents
+from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
+from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+
+logger = logging.getLogger(__name__)
+
+STAGE = "corpus"
+CODE_VERSION = "ingest-1"
+SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+
+
+class IngestConfig(StageConfig):
+    path: str
+    format: str | None = None  # auto-detected from the path when None
+    id_field: str = "_id"
+    title_field: str | None = "title"
+    text_field: str = "text"
+    skip_empty: bool = False  # drop (and count) documents whose text is empty instead of failing
+
+
+def ingest_fingerprint(cfg: IngestConfig) -> str:
+    return stage_fingerprint(STAGE, cfg, {"source": content_signature(cfg.path)}, CODE_VERSION)
+
+
+def run_ingest(cfg: IngestConfig, store: ArtifactStore) -> Artifact:
+    """Read, validate and normalise the corpus; publish it only if every document passed."""
+    fp = ingest_fingerprint(cfg)
+    if (found := reuse(store, STAGE, fp)) is not None:
+        return found
+    fmt = cfg.format or detect_format(cfg.path)
+    fields = FieldMap(id=cfg.id_field, title=cfg.title_field, text=cfg.text_field)
+    with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs={"source": content_signature(cfg.path)},
+                      code_version=CODE_VERSION) as out:
+        out.extra["format"] = fmt
+        docs = _checked(iter_documents(cfg.path, fmt, fields), cfg, out.count)
+        rows = out.write_part(_batches(docs), SCHEMA)
+        if rows == 0:
+            raise CorpusError(f"{cfg.path}: no documents left after dropping {out.counters.get('empty_text', 0)} "
+                              "with empty text")
+    artifact = store.require(STAGE)
+    logger.info("ingested %d documents from %s (%s)", artifact.rows, cfg.path, fmt)
+    return artifact
+
+
+def _checked(docs: Iterator[Document], cfg: IngestConfig, count) -> Iterator[Document]:
+    for index, doc in enumerate(docs, start=1):
+        if not doc.text:
+            if not cfg.skip_empty:
+                raise CorpusError(f"{cfg.path}: document {doc.doc_id!r} (record {index}) has empty text; "
+                                  "fix it or pass --skip-empty to drop such documents")
+            count("empty_text")
+            continue
+        yield doc
+
+
+def _batches(docs: Iterator[Document]) -> Iterator[pa.RecordBatch]:
+    chunk: list[Document] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == ROW_GROUP_SIZE:
+            yield _to_batch(chunk)
+            chunk = []
+    if chunk:
+        yield _to_batch(chunk)
+
+
+def _to_batch(docs: list[Document]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {"doc_id": [d.doc_id for d in docs], "title": [d.title for d in docs], "text": [d.text for d in docs]},
+        schema=SCHEMA,
+    )
+
+
+@task(name="ingest corpus", retries=0, persist_result=True,
+      cache_key_fn=artifact_cache_key(STAGE, lambda p: ingest_fingerprint(p["cfg"])))
+def ingest_task(cfg: IngestConfig, run_dir: str) -> str:
+    artifact = run_ingest(cfg, ArtifactStore(run_dir))
+    get_run_logger().info("corpus: %d documents (%s)", artifact.rows, artifact.counters or "nothing dropped")
+    return artifact.fingerprint

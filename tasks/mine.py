@@ -1,0 +1,194 @@
+"""Mine: hard negatives per query from dense retrievers (FAISS) and optionally BM25.
+
+One row per (query, retriever): the top ``negatives_per_query`` passages in descending retriever score,
+with the query's own passage (its positive) removed. Each dense retriever encodes the corpus once, then
+the queries chunk by chunk, so a large query set never needs all its embeddings at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from prefect import get_run_logger, task
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from gplflow.adapters import models
+from gplflow.adapters.bm25 import BM25Index
+from gplflow.adapters.encoding import encode, passage_text, release_memory
+from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.adapters.vector_index import VectorIndex
+from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+
+logger = logging.getLogger(__name__)
+
+STAGE = "negatives"
+CODE_VERSION = "mine-1"
+BM25 = "bm25"
+SCORES = ("cos_sim", "dot")
+QUERY_STAGES = ("queries-filtered", "queries")  # where mine_task looks for the queries fingerprint
+SCHEMA = pa.schema([
+    ("query_id", pa.string()),
+    ("retriever", pa.string()),
+    ("doc_ids", pa.list_(pa.string())),
+    ("scores", pa.list_(pa.float32())),
+])
+
+
+class MineConfig(StageConfig):
+    negatives_per_query: int = Field(default=50, gt=0)
+    bm25: bool = False
+    batch_size: int = Field(default=64, gt=0)
+    max_seq_length: int = 350
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # auto: see adapters/vector_index.py
+    query_chunk: int = Field(default=50_000, gt=0)           # queries encoded and searched at a time
+    extra_k: int = Field(default=4, ge=0)  # retrieve negatives_per_query + 1 + extra_k, then drop the positive
+
+
+Retriever = tuple[str, str]  # (model reference, "cos_sim" | "dot")
+
+
+def _checked(retrievers: Sequence[Sequence[str]], cfg: MineConfig) -> list[Retriever]:
+    out = [(str(ref), str(score)) for ref, score in retrievers]
+    for ref, score in out:
+        if score not in SCORES:
+            raise ValueError(f"retriever {ref!r}: score must be one of {', '.join(SCORES)}, got {score!r}")
+    refs = [ref for ref, _ in out] + ([BM25] if cfg.bm25 else [])
+    if dupes := sorted({ref for ref in refs if refs.count(ref) > 1}):
+        raise ValueError(f"mine: retriever {dupes[0]!r} listed twice (each retriever gives one row per query)")
+    if not refs:
+        raise ValueError("mine: no retrievers; list at least one in models.retrievers or set mine.bm25: true")
+    return out
+
+
+def _config(cfg: MineConfig, retrievers: list[Retriever]) -> dict:
+    return {**cfg.model_dump(mode="json"), "retrievers": [{"model": ref, "score": s} for ref, s in retrievers]}
+
+
+def mine_fingerprint(cfg: MineConfig, corpus_fp: str, queries_fp: str, retrievers: Sequence[Sequence[str]]) -> str:
+    config = _config(cfg, _checked(retrievers, cfg))
+    return stage_fingerprint(STAGE, config, {"corpus": corpus_fp, "queries": queries_fp}, CODE_VERSION)
+
+
+@dataclass
+class _Corpus:
+    doc_ids: np.ndarray  # object array of str, so a matrix of positions maps to ids in one step
+    texts: list[str]
+
+    @classmethod
+    def read(cls, corpus: Artifact) -> _Corpus:
+        table = corpus.read_table(["doc_id", "title", "text"])
+        if table.num_rows == 0:
+            raise ValueError(f"{corpus.url}: the corpus is empty; nothing to mine")
+        texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist())]
+        return cls(np.array(table["doc_id"].to_pylist(), dtype=object), texts)
+
+
+def run_mine(cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
+             retrievers: Sequence[Sequence[str]]) -> Artifact:
+    """Mine negatives with every dense retriever (and BM25 when asked); publish one artifact."""
+    checked = _checked(retrievers, cfg)
+    fp = mine_fingerprint(cfg, corpus.fingerprint, queries.fingerprint, checked)
+    if (found := reuse(store, STAGE, fp)) is not None:
+        return found
+    if queries.rows == 0:
+        raise ValueError(f"{queries.url}: no queries; nothing to mine")
+    docs = _Corpus.read(corpus)
+    inputs = {"corpus": corpus.fingerprint, "queries": queries.fingerprint}
+    with store.writer(STAGE, config=_config(cfg, checked), inputs=inputs, code_version=CODE_VERSION) as out:
+        out.count("queries", queries.rows)
+        names = []
+        for ref, score in checked:
+            out.write_part(_dense_batches(cfg, ref, score, docs, queries, out.count), SCHEMA)
+            names.append(ref)
+        if cfg.bm25:
+            out.write_part(_bm25_batches(cfg, docs, queries, out.count), SCHEMA)
+            names.append(BM25)
+        out.count("retrievers", len(names))
+        out.extra["retrievers"] = names
+    artifact = store.require(STAGE)
+    logger.info("mined negatives for %d queries with %s (%d short lists)", queries.rows, ", ".join(names),
+                artifact.counters.get("short_lists", 0))
+    return artifact
+
+
+def _query_chunks(queries: Artifact, size: int, desc: str) -> Iterator[pa.RecordBatch]:
+    with tqdm(total=queries.rows, desc=desc, unit="query") as bar:
+        for batch in queries.iter_batches(["query_id", "doc_id", "text"], batch_size=size):
+            yield batch
+            bar.update(batch.num_rows)
+
+
+def _dense_batches(cfg: MineConfig, ref: str, score: str, docs: _Corpus, queries: Artifact,
+                   count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
+    """Encode the corpus once, build the index, then encode and search the queries chunk by chunk."""
+    model = models.load_bi_encoder(ref, max_seq_length=cfg.max_seq_length)
+    normalize = score == "cos_sim"
+    try:
+        emb = encode(model, docs.texts, role="document", batch_size=cfg.batch_size, normalize=normalize,
+                     desc=f"encoding corpus ({ref})")
+        index = VectorIndex(emb, score=score, kind=cfg.index, copy=False)  # type: ignore[arg-type]
+        del emb  # the index holds its own copy
+        k = cfg.negatives_per_query + 1 + cfg.extra_k
+        for chunk in _query_chunks(queries, cfg.query_chunk, f"mining ({ref})"):
+            q = encode(model, chunk["text"].to_pylist(), role="query", batch_size=cfg.batch_size,
+                       normalize=normalize, desc="encoding queries", show_progress=chunk.num_rows > 1000)
+            scores, ids = index.search(q, k)
+            yield _ranked(ref, chunk, scores, ids, docs.doc_ids, cfg.negatives_per_query, count)
+    finally:
+        del model
+        index = None
+        release_memory()
+
+
+def _bm25_batches(cfg: MineConfig, docs: _Corpus, queries: Artifact,
+                  count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
+    index = BM25Index(docs.texts)
+    k = cfg.negatives_per_query + 1 + cfg.extra_k
+    for chunk in _query_chunks(queries, cfg.query_chunk, "mining (bm25)"):
+        scores, ids = index.search(chunk["text"].to_pylist(), k)
+        ids[scores <= 0] = -1  # a passage sharing no term with the query is no hard negative
+        yield _ranked(BM25, chunk, scores, ids, docs.doc_ids, cfg.negatives_per_query, count)
+
+
+def _ranked(name: str, chunk: pa.RecordBatch, scores: np.ndarray, ids: np.ndarray, doc_ids: np.ndarray,
+            n: int, count: Callable[[str, int], None]) -> pa.RecordBatch:
+    """Rows of the top ``n`` hits per query, misses (-1) and the query's positive removed, order kept."""
+    positives = np.array(chunk["doc_id"].to_pylist(), dtype=object)[:, None]
+    candidates = doc_ids[np.where(ids >= 0, ids, 0)]
+    keep = (ids >= 0) & (candidates != positives)
+    keep &= np.cumsum(keep, axis=1) <= n
+    lengths = keep.sum(axis=1)
+    count("short_lists", int((lengths < n).sum()))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.RecordBatch.from_arrays([
+        chunk["query_id"],
+        pa.array([name] * chunk.num_rows, pa.string()),
+        pa.ListArray.from_arrays(offsets, pa.array(candidates[keep].tolist(), pa.string())),
+        pa.ListArray.from_arrays(offsets, pa.array(scores[keep], pa.float32())),
+    ], schema=SCHEMA)
+
+
+def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
+    for stage in stages:
+        if (artifact := store.load(stage, expect_fingerprint=fp)) is not None:
+            return artifact
+    raise FileNotFoundError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
+
+
+@task(name="mine hard negatives", retries=0, persist_result=True,
+      cache_key_fn=artifact_cache_key(STAGE, lambda p: mine_fingerprint(
+          p["cfg"], p["corpus_fp"], p["queries_fp"], p["retrievers"])))
+def mine_task(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
+              retrievers: Sequence[Sequence[str]]) -> str:
+    store = ArtifactStore(run_dir)
+    corpus, queries = _find(store, ["corpus"], corpus_fp), _find(store, QUERY_STAGES, queries_fp)
+    artifact = run_mine(cfg, store, corpus, queries, retrievers)
+    get_run_logger().info("negatives: %d rows from %s (%s)", artifact.rows,
+                          ", ".join(artifact.manifest.get("retrievers", [])), artifact.counters)
+    return artifact.fingerprint

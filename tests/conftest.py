@@ -1,0 +1,19 @@
+"""Session-wide test settings: offline, quiet Prefect, and a private cache for the tiny models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tiny models built by tests go to a temporary cache, never the user's ~/.cache."""
+    os.environ["GPLFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("gplflow-cache"))
