@@ -1,15 +1,55 @@
-"""Generate: pseudo-queries for every passage (T5 nucleus sampling, or extractive Inverse-Cloze spans)."""
+"""Generate: pseudo-queries for every passage (T5 nucleus sampling, or extractive Inverse-Cloze spans).
+
+Writes ``queries/`` (query_id, doc_id, text): the passage a query came from is its positive. The corpus is
+worked through in shards of ``shard_size`` passages, one Parquet part per shard, so a later run can resume
+shard by shard.
+
+Determinism:
+- query ids are ``f"{doc_id}-q{k}"``, k = 0, 1, … over the queries kept for that passage. Doc ids are unique
+  and k is all digits, so the last ``-q`` in an id separates the two: ids are unique whatever a doc id holds.
+- extractive: each passage draws from its own RNG seeded by (seed, hash of its doc id), so the rows depend
+  neither on the shard size nor on the corpus order, and a passage keeps its queries when the corpus grows.
+- t5: within a shard, passages are sorted by (token length, doc id) and cut into batches; batch b of shard s
+  samples with a seed derived from (seed, s, b). Same seed + same shard size (+ same batch size, which is in
+  the fingerprint) give the same rows, whatever the corpus order inside a shard. The shard size is not in the
+  fingerprint: a run with another shard size draws other, equally valid, samples and reuses the artifact.
+- output order is always corpus order, then k.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import itertools
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal, NamedTuple
 
-from pydantic import Field
+import numpy as np
+import pyarrow as pa
+from prefect import get_run_logger, task
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
 
-from gplflow.tasks.base import StageConfig
+from gplflow.adapters import models
+from gplflow.adapters.generation import QueryGenerator, SamplingParams
+from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
+
+logger = logging.getLogger(__name__)
 
 STAGE = "queries"
 CODE_VERSION = "generate-1"
+SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
+DEFAULT_SHARD_SIZE = 10_000
+AUTO_MIN_QPP = 3  # the paper's QPP for large corpora, and the least `auto` ever picks (as UKPLab gpl does)
+T5_ONLY_FIELDS = ("batch_size", "top_k", "top_p", "max_query_length", "prefix")
+SPAN_WORDS = (6, 16)  # extractive: a span of 6-16 words when a passage has fewer than two usable sentences
+MIN_SENTENCE_WORDS = 3  # extractive: shorter sentences ("Fig. 3.") are not used as queries …
+MIN_SENTENCE_CHARS = 15  # … unless long in characters (scripts written without spaces)
+_U64 = 2**64
 
 
 class GenerateConfig(StageConfig):
@@ -22,6 +62,238 @@ class GenerateConfig(StageConfig):
     top_k: int = 25
     top_p: float = 0.95
     max_query_length: int = 64        # tokens of a generated query
-    max_passage_length: int = 350     # tokens of the passage given to the generator
+    max_passage_length: int = 350     # tokens of the passage given to the generator (extractive: words)
     prefix: str = ""                  # an optional prompt prefix put before every passage
     remove_span: bool = False         # extractive: remove the chosen sentence from the passage (ICT)
+
+    @field_validator("queries_per_passage")
+    @classmethod
+    def _positive_qpp(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"queries_per_passage must be 'auto' or an integer >= 1, got {value}")
+        return value
+
+
+class Passage(NamedTuple):
+    index: int  # position in the corpus
+    doc_id: str
+    title: str
+    text: str
+
+
+# (passages of one shard, shard number, progress callback) -> per passage: candidate queries, None if empty
+QueryMaker = Callable[[list[Passage], int, Callable[[int], Any]], list[list[str] | None]]
+
+
+def _fingerprint_parts(cfg: GenerateConfig, corpus_fp: str, generator: str) -> tuple[dict, dict]:
+    """The config and inputs the fingerprint hashes; extractive runs ignore the generator and its settings."""
+    config = cfg.model_dump(mode="json")
+    if cfg.method == "extractive":
+        config = {k: v for k, v in config.items() if k not in T5_ONLY_FIELDS}
+        generator = ""
+    return config, {"corpus": corpus_fp, "generator": generator}
+
+
+def generate_fingerprint(cfg: GenerateConfig, corpus_fp: str, generator: str) -> str:
+    config, inputs = _fingerprint_parts(cfg, corpus_fp, generator)
+    return stage_fingerprint(STAGE, config, inputs, CODE_VERSION)
+
+
+def queries_per_passage(cfg: GenerateConfig, n_passages: int) -> tuple[int, int | None]:
+    """(QPP, sample size or None). An int QPP is used for every passage.
+
+    ``auto`` follows UKPLab gpl: above ``max_passages`` passages, a seeded sample of ``max_passages`` with
+    QPP 3; otherwise QPP = ceil(target_queries / n), never below 3 (1,000 passages: 250; 999: 251).
+    """
+    if n_passages < 1:
+        raise ValueError("generate: the corpus has no passages")
+    if cfg.queries_per_passage != "auto":
+        return int(cfg.queries_per_passage), None
+    if n_passages > cfg.max_passages:
+        return AUTO_MIN_QPP, cfg.max_passages
+    return max(AUTO_MIN_QPP, math.ceil(cfg.target_queries / n_passages)), None
+
+
+def run_generate(cfg: GenerateConfig, store: ArtifactStore, corpus: Artifact, generator: str,
+                 shard_size: int = DEFAULT_SHARD_SIZE) -> Artifact:
+    """Generate queries for the corpus (or its seeded sample) shard by shard; reuse a matching artifact."""
+    if shard_size < 1:
+        raise ValueError(f"generate: shard_size must be >= 1, got {shard_size}")
+    if cfg.remove_span:
+        raise ValueError("generate.remove_span is not supported: the queries artifact cannot carry a passage "
+                         "with the span removed; set it to false")
+    fp = generate_fingerprint(cfg, corpus.fingerprint, generator)
+    if (found := reuse(store, STAGE, fp)) is not None:
+        return found
+    qpp, sample = queries_per_passage(cfg, corpus.rows)
+    make = _t5_maker(cfg, generator, qpp) if cfg.method == "t5" else _extractive_maker(cfg, qpp)
+    config, inputs = _fingerprint_parts(cfg, corpus.fingerprint, generator)
+    with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+        out.extra["shard_size"] = shard_size
+        for name, value in [("passages", corpus.rows), ("queries_per_passage", qpp), ("duplicate_queries", 0),
+                            ("empty_passage", 0), ("empty_queries", 0)]:
+            out.count(name, value)
+        keep = None
+        if sample is not None:
+            out.count("sampled_passages", sample)
+            keep = _sample_mask(corpus.rows, sample, cfg.seed)
+        passages = _passages(corpus, keep)
+        rows = _write_shards(out, _shards(passages, shard_size), make, total=sample or corpus.rows)
+        if rows == 0:
+            raise ValueError(f"generate: no queries from {corpus.url} ({out.counters}); every passage was "
+                             "empty after truncation or every generated query was empty")
+    artifact = store.require(STAGE)
+    logger.info("generated %d queries (%s)", artifact.rows, artifact.counters)
+    return artifact
+
+
+def _write_shards(out, shards: Iterable[list[Passage]], make: QueryMaker, total: int) -> int:
+    rows = 0
+    with tqdm(total=total, unit="passage", desc="generate queries") as bar:
+        for shard_no, shard in enumerate(shards):
+            batch = _to_batch(shard, make(shard, shard_no, bar.update), out.count)
+            rows += out.write_part([batch], SCHEMA, index=shard_no)
+    return rows
+
+
+def _to_batch(shard: list[Passage], candidates: list[list[str] | None], count) -> pa.RecordBatch:
+    """Rows in corpus order, then k; empty and repeated queries of a passage are dropped and counted."""
+    cols: dict[str, list[str]] = {"query_id": [], "doc_id": [], "text": []}
+    for passage, queries in zip(shard, candidates, strict=True):
+        if queries is None:
+            count("empty_passage")
+            continue
+        kept = list(dict.fromkeys(q for q in queries if q))
+        count("empty_queries", sum(1 for q in queries if not q))
+        count("duplicate_queries", sum(1 for q in queries if q) - len(kept))
+        for k, text in enumerate(kept):
+            cols["query_id"].append(f"{passage.doc_id}-q{k}")
+            cols["doc_id"].append(passage.doc_id)
+            cols["text"].append(text)
+    return pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+
+
+def _sample_mask(n: int, size: int, seed: int) -> np.ndarray:
+    """A seeded choice of ``size`` of ``n`` corpus positions (kept in corpus order)."""
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng(seed % _U64).choice(n, size=size, replace=False)] = True
+    return keep
+
+
+def _passages(corpus: Artifact, keep: np.ndarray | None) -> Iterator[Passage]:
+    index = 0
+    for batch in corpus.iter_batches(columns=["doc_id", "title", "text"]):
+        cols = batch.to_pydict()
+        for doc_id, title, text in zip(cols["doc_id"], cols["title"], cols["text"], strict=True):
+            if keep is None or keep[index]:
+                yield Passage(index, doc_id, title or "", text or "")
+            index += 1
+
+
+def _shards(passages: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
+    while shard := list(itertools.islice(passages, size)):
+        yield shard
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p % _U64 for p in parts]).generate_state(1, np.uint64)[0])
+
+
+# --- t5 ---------------------------------------------------------------------------------------------------
+
+def _t5_maker(cfg: GenerateConfig, generator: str, qpp: int) -> QueryMaker:
+    tokenizer, model = models.load_seq2seq(generator)
+    params = SamplingParams(top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_query_length,
+                            max_input_length=cfg.max_passage_length, prefix=cfg.prefix)
+    gen = QueryGenerator(tokenizer, model, params)
+
+    def make(shard: list[Passage], shard_no: int, progress: Callable[[int], Any]) -> list[list[str] | None]:
+        encoded = gen.encode([f"{p.title} {p.text}" if p.title.strip() else p.text for p in shard])
+        found: list[list[str] | None] = [None] * len(shard)
+        # Length-sorted batches pay for little padding; ties broken by doc id, not by corpus position.
+        order = sorted((i for i, ids in enumerate(encoded) if ids is not None),
+                       key=lambda i: (len(encoded[i]), shard[i].doc_id))
+        progress(len(shard) - len(order))
+        for batch_no, start in enumerate(range(0, len(order), cfg.batch_size)):
+            members = order[start : start + cfg.batch_size]
+            seed = _derived_seed(cfg.seed, shard_no, batch_no)
+            for i, queries in zip(members, gen.generate([encoded[i] for i in members], qpp, seed), strict=True):
+                found[i] = queries
+            progress(len(members))
+        return found
+
+    return make
+
+
+# --- extractive -------------------------------------------------------------------------------------------
+
+# A sentence ends at . ! ? … (optionally followed by a closing quote or bracket) before whitespace, or right
+# after a CJK full stop. Small and heuristic on purpose: no downloads, and fast.
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"'”’)\]])\s+|(?<=[。！？])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``; a piece starting in lower case continues the one before ("e.g. the")."""
+    sentences: list[str] = []
+    for piece in _SENTENCE_END.split(text):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if sentences and piece[0].islower():
+            sentences[-1] = f"{sentences[-1]} {piece}"
+        else:
+            sentences.append(piece)
+    return sentences
+
+
+def extractive_queries(text: str, n: int, rng: np.random.Generator, max_words: int) -> list[str] | None:
+    """``n`` pseudo-queries cut from ``text`` (its first ``max_words`` words); None when it has no words.
+
+    With two or more usable sentences, query k is sentence perm[k mod #sentences] (so repeats only come once
+    every sentence was used); otherwise each query is a random span of 6-16 words (all words if fewer).
+    """
+    words = text.split()[:max_words]
+    if not words:
+        return None
+    sentences = [s for s in split_sentences(" ".join(words))
+                 if len(s.split()) >= MIN_SENTENCE_WORDS or len(s) >= MIN_SENTENCE_CHARS]
+    if len(sentences) >= 2:
+        order = rng.permutation(len(sentences))
+        return [sentences[order[k % len(sentences)]] for k in range(n)]
+    lengths = np.minimum(rng.integers(SPAN_WORDS[0], SPAN_WORDS[1] + 1, size=n), len(words))
+    starts = (rng.random(n) * (len(words) - lengths + 1)).astype(int)
+    return [" ".join(words[s : s + m]) for s, m in zip(starts.tolist(), lengths.tolist(), strict=True)]
+
+
+def _passage_rng(seed: int, doc_id: str) -> np.random.Generator:
+    digest = hashlib.blake2b(doc_id.encode(), digest_size=8).digest()
+    return np.random.default_rng([seed % _U64, int.from_bytes(digest, "little")])
+
+
+def _extractive_maker(cfg: GenerateConfig, qpp: int) -> QueryMaker:
+    """Queries from the passage body only: a title as its own query would be matched trivially."""
+
+    def make(shard: list[Passage], _shard_no: int, progress: Callable[[int], Any]) -> list[list[str] | None]:
+        found = [extractive_queries(p.text, qpp, _passage_rng(cfg.seed, p.doc_id), cfg.max_passage_length)
+                 for p in shard]
+        progress(len(shard))
+        return found
+
+    return make
+
+
+# --- Prefect ----------------------------------------------------------------------------------------------
+
+@task(name="generate queries", retries=0, persist_result=True,
+      cache_key_fn=artifact_cache_key(STAGE, lambda p: generate_fingerprint(p["cfg"], p["corpus_fp"],
+                                                                            p["generator"])))
+def generate_task(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
+                  shard_size: int = DEFAULT_SHARD_SIZE) -> str:
+    store = ArtifactStore(run_dir)
+    corpus = store.load(CORPUS_STAGE, expect_fingerprint=corpus_fp)
+    if corpus is None:
+        raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus with fingerprint {corpus_fp}; "
+                                "run ingest first")
+    artifact = run_generate(cfg, store, corpus, generator, shard_size)
+    get_run_logger().info("queries: %d from %d passages (%s)", artifact.rows, corpus.rows, artifact.counters)
+    return artifact.fingerprint

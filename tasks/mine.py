@@ -85,7 +85,7 @@ class _Corpus:
         table = corpus.read_table(["doc_id", "title", "text"])
         if table.num_rows == 0:
             raise ValueError(f"{corpus.url}: the corpus is empty; nothing to mine")
-        texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist())]
+        texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist(), strict=True)]
         return cls(np.array(table["doc_id"].to_pylist(), dtype=object), texts)
 
 
@@ -117,6 +117,11 @@ def run_mine(cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: A
     return artifact
 
 
+def _short(ref: str, width: int = 32) -> str:
+    """A model reference short enough for a progress bar label."""
+    return ref if len(ref) <= width else "…" + ref[-(width - 1):]
+
+
 def _query_chunks(queries: Artifact, size: int, desc: str) -> Iterator[pa.RecordBatch]:
     with tqdm(total=queries.rows, desc=desc, unit="query") as bar:
         for batch in queries.iter_batches(["query_id", "doc_id", "text"], batch_size=size):
@@ -131,11 +136,11 @@ def _dense_batches(cfg: MineConfig, ref: str, score: str, docs: _Corpus, queries
     normalize = score == "cos_sim"
     try:
         emb = encode(model, docs.texts, role="document", batch_size=cfg.batch_size, normalize=normalize,
-                     desc=f"encoding corpus ({ref})")
+                     desc=f"encoding corpus ({_short(ref)})")
         index = VectorIndex(emb, score=score, kind=cfg.index, copy=False)  # type: ignore[arg-type]
         del emb  # the index holds its own copy
         k = cfg.negatives_per_query + 1 + cfg.extra_k
-        for chunk in _query_chunks(queries, cfg.query_chunk, f"mining ({ref})"):
+        for chunk in _query_chunks(queries, cfg.query_chunk, f"mining ({_short(ref)})"):
             q = encode(model, chunk["text"].to_pylist(), role="query", batch_size=cfg.batch_size,
                        normalize=normalize, desc="encoding queries", show_progress=chunk.num_rows > 1000)
             scores, ids = index.search(q, k)
