@@ -1,20 +1,294 @@
-"""Label: a fixed, seeded set of (query, positive, negative) triples scored once per distinct pair."""
+"""Label: a fixed, seeded set of (query, positive, negative) triples scored once per distinct pair.
+
+The triples are drawn before anything is scored, from the union of every miner's negatives of a query
+(duplicates across miners dropped, first occurrence kept; miners taken in name order), spread evenly over the
+queries that have negatives: each gets floor(n/Q) or ceil(n/Q) triples, the seed choosing which get the extra
+one. Within a query negatives are drawn without replacement; only a query that needs more triples than it has
+negatives cycles through them again (a fresh shuffle per cycle, so each is used floor or ceil times). Queries
+are sorted by id first, so the draw does not depend on the order the parts were written in.
+
+Every distinct (query, passage) pair is then scored once, however many triples share it (a query's positive
+recurs in each of its triples), and margin = score(q, pos) - score(q, neg) on raw teacher scores.
+
+Counters: triples, queries (queries with triples), queries_without_negatives (skipped), cycled_queries
+(queries that reuse negatives), distinct_pairs, scored_pairs.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import get_run_logger, task
 from pydantic import Field
 
-from gplflow.tasks.base import StageConfig
+from gplflow.adapters.scoring import load_scorer
+from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
+from gplflow.tasks import generate, ingest, mine
+from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+
+logger = logging.getLogger(__name__)
 
 STAGE = "triples"
 CODE_VERSION = "label-1"
+SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("pos_doc_id", pa.string()),
+        ("neg_doc_id", pa.string()),
+        ("pos_score", pa.float32()),
+        ("neg_score", pa.float32()),
+        ("margin", pa.float32()),
+    ]
+)
 
 
 class LabelConfig(StageConfig):
-    triples: int | Literal["auto"] = "auto"   # auto = train.steps x train.batch_size (the paper's rule)
+    triples: int | Literal["auto"] = "auto"  # auto = train.steps x train.batch_size (the paper's rule)
     seed: int = 42
     teacher: Literal["cross_encoder", "bi_encoder"] = "cross_encoder"
     batch_size: int = Field(default=32, gt=0)
     max_seq_length: int = 350
+    bi_encoder_score: Literal["dot", "cos_sim"] = "dot"  # bi_encoder teacher: cos_sim normalises first
+
+
+def resolve_triples(cfg: LabelConfig, train_steps: int, train_batch_size: int) -> int:
+    """How many triples to label: the configured count, or one per training example for ``auto``."""
+    n = train_steps * train_batch_size if cfg.triples == "auto" else cfg.triples
+    if n <= 0:
+        raise ValueError(f"label.triples must be a positive integer or 'auto', got {n}")
+    return n
+
+
+def _fingerprint_parts(
+    cfg: LabelConfig, n_triples: int, corpus_fp: str, queries_fp: str, negatives_fp: str, teacher: str
+) -> tuple[dict, dict]:
+    config = {**cfg.model_dump(mode="json"), "triples": n_triples}
+    inputs = {"corpus": corpus_fp, "queries": queries_fp, "negatives": negatives_fp, "teacher": teacher}
+    return config, inputs
+
+
+def label_fingerprint(
+    cfg: LabelConfig, n_triples: int, corpus_fp: str, queries_fp: str, negatives_fp: str, teacher: str
+) -> str:
+    config, inputs = _fingerprint_parts(cfg, n_triples, corpus_fp, queries_fp, negatives_fp, teacher)
+    return stage_fingerprint(STAGE, config, inputs, CODE_VERSION)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Queries sorted by id, each with its positive and its deduplicated negatives (rows of the corpus)."""
+
+    query_ids: pa.Array  # sorted
+    query_texts: list[str]
+    doc_ids: pa.Array  # the corpus' doc_id column; doc indices below are rows of it
+    positives: np.ndarray  # doc index per query
+    offsets: np.ndarray  # negatives of query i: negatives[offsets[i]:offsets[i + 1]]
+    negatives: np.ndarray  # doc indices, grouped by query
+
+
+def run_label(
+    cfg: LabelConfig,
+    store: ArtifactStore,
+    corpus: Artifact,
+    queries: Artifact,
+    negatives: Artifact,
+    teacher: str,
+    n_triples: int,
+) -> Artifact:
+    """Draw the triples, score their distinct pairs with the teacher, and publish ``triples/``."""
+    if not isinstance(n_triples, int) or n_triples <= 0:
+        raise ValueError(f"label: n_triples must be a positive integer, got {n_triples!r}")
+    config, inputs = _fingerprint_parts(
+        cfg, n_triples, corpus.fingerprint, queries.fingerprint, negatives.fingerprint, teacher
+    )
+    if (found := reuse(store, STAGE, stage_fingerprint(STAGE, config, inputs, CODE_VERSION))) is not None:
+        return found
+    pool = load_pool(corpus, queries, negatives)
+    tq, neg = draw_triples(np.diff(pool.offsets), n_triples, cfg.seed)
+    neg = pool.negatives[pool.offsets[tq] + neg]
+    pos = pool.positives[tq]
+    pos_score, neg_score, n_pairs = _score(cfg, teacher, corpus, pool, tq, pos, neg)
+    with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+        out.write_part(_batches(pool, tq, pos, neg, pos_score, neg_score), SCHEMA)
+        sizes = np.diff(pool.offsets)
+        counts = np.bincount(tq, minlength=len(sizes))
+        out.count("triples", len(tq))
+        out.count("queries", int(np.count_nonzero(counts)))
+        out.count("queries_without_negatives", int(np.count_nonzero(sizes == 0)))
+        out.count("cycled_queries", int(np.count_nonzero(counts > sizes)))
+        out.count("distinct_pairs", n_pairs)
+        out.count("scored_pairs", n_pairs)
+        out.extra["teacher"] = {"kind": cfg.teacher, "ref": teacher}
+    artifact = store.require(STAGE)
+    logger.info("labelled %d triples over %d distinct pairs (%s)", artifact.rows, n_pairs, artifact.counters)
+    return artifact
+
+
+def load_pool(corpus: Artifact, queries: Artifact, negatives: Artifact) -> Pool:
+    """Map every id to a corpus row and every negatives row to its query; ids that do not resolve are errors."""
+    doc_ids = corpus.read_table(["doc_id"]).column("doc_id").combine_chunks()
+    qtable = queries.read_table(["query_id", "doc_id", "text"]).sort_by("query_id")
+    query_ids = qtable.column("query_id").combine_chunks()
+    if pc.count_distinct(query_ids).as_py() != len(query_ids):
+        dup = pc.filter(query_ids[1:], pc.equal(query_ids[:-1], query_ids[1:]))[0]
+        raise ValueError(f"{queries.url}: query_id {dup} occurs more than once")
+    positives = _rows_of(qtable.column("doc_id"), doc_ids, f"{queries.url}: positive doc_id")
+    offsets, negs = _negatives(negatives, query_ids, doc_ids, positives)
+    return Pool(query_ids, qtable.column("text").to_pylist(), doc_ids, positives, offsets, negs)
+
+
+def _rows_of(values: pa.Array | pa.ChunkedArray, value_set: pa.Array, what: str) -> np.ndarray:
+    """Index of each value in `value_set`; a value it lacks is an error naming `what`."""
+    index = pc.index_in(values, value_set=value_set)
+    if index.null_count:
+        missing = pc.filter(values, pc.is_null(index))[0]
+        raise ValueError(f"{what} {missing} is not known (not in the artifact it refers to)")
+    return index.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _negatives(
+    negatives: Artifact, query_ids: pa.Array, doc_ids: pa.Array, positives: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query union of every miner's negatives, first occurrence kept, positives dropped."""
+    table = negatives.read_table(["query_id", "retriever", "doc_ids"])
+    table = table.sort_by([("query_id", "ascending"), ("retriever", "ascending")])
+    row_query = _rows_of(table.column("query_id"), query_ids, f"{negatives.url}: query_id")
+    lists = table.column("doc_ids").combine_chunks()
+    flat = pc.list_flatten(lists)
+    query = row_query[pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)]
+    doc = _rows_of(flat, doc_ids, f"{negatives.url}: negative doc_id")
+    keep = doc != positives[query]
+    query, doc = query[keep], doc[keep]
+    _, first = np.unique(query * len(doc_ids) + doc, return_index=True)
+    first.sort()  # rows are sorted by query, so this keeps them grouped, in first-occurrence order
+    query, doc = query[first], doc[first]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(query, minlength=len(query_ids)))])
+    return offsets, doc
+
+
+def draw_triples(sizes: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n triples as (query index, position among that query's negatives), spread evenly, seeded.
+
+    Queries with no negatives (size 0) get none. A query that needs more triples than it has negatives
+    cycles through fresh shuffles of them.
+    """
+    rng = np.random.default_rng(seed)
+    eligible = np.flatnonzero(sizes > 0)
+    if eligible.size == 0:
+        raise ValueError("label: no query has any negative; run the mine stage first (or check its output)")
+    base, extra = divmod(n, eligible.size)
+    counts = np.full(eligible.size, base, dtype=np.int64)
+    counts[rng.choice(eligible.size, size=extra, replace=False)] += 1
+    picks = [_pick(rng, int(sizes[q]), int(k)) for q, k in zip(eligible, counts, strict=True) if k]
+    return np.repeat(eligible, counts), np.concatenate(picks)
+
+
+def _pick(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
+    if k <= size:
+        return rng.choice(size, size=k, replace=False)
+    return np.concatenate([rng.permutation(size) for _ in range(math.ceil(k / size))])[:k]
+
+
+def _score(
+    cfg: LabelConfig, teacher: str, corpus: Artifact, pool: Pool, tq: np.ndarray, pos: np.ndarray, neg: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scores of the (q, pos) and (q, neg) pair of every triple, each distinct pair scored once."""
+    n_docs = len(pool.doc_ids)
+    keys, inverse = np.unique(np.concatenate([tq * n_docs + pos, tq * n_docs + neg]), return_inverse=True)
+    pair_q, pair_d = keys // n_docs, keys % n_docs
+    used_docs = np.unique(pair_d)
+    passages = _passages(corpus, used_docs)
+    scorer = load_scorer(
+        cfg.teacher,
+        teacher,
+        max_seq_length=cfg.max_seq_length,
+        batch_size=cfg.batch_size,
+        normalize=cfg.bi_encoder_score == "cos_sim",
+    )
+    logger.info("scoring %d distinct pairs for %d triples with %s", len(keys), len(tq), teacher)
+    scores = scorer.score(pool.query_texts, passages, pair_q, np.searchsorted(used_docs, pair_d))
+    return scores[inverse[: len(tq)]], scores[inverse[len(tq) :]], len(keys)
+
+
+def passage_text(title: str | None, text: str) -> str:
+    """What the teacher reads: ``title + " " + text``, or the text alone when there is no title."""
+    title = (title or "").strip()
+    return f"{title} {text}" if title else text
+
+
+def _passages(corpus: Artifact, rows: np.ndarray) -> list[str]:
+    """Passage texts of the given (sorted) corpus rows, streamed so only these texts are held."""
+    out: list[str] = []
+    start = 0
+    for batch in corpus.iter_batches(["title", "text"]):
+        end = start + batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, end])
+        if hi > lo:
+            taken = batch.take(pa.array(rows[lo:hi] - start))
+            out.extend(
+                passage_text(t, x)
+                for t, x in zip(taken.column("title").to_pylist(), taken.column("text").to_pylist(), strict=True)
+            )
+        start = end
+    return out
+
+
+def _batches(
+    pool: Pool, tq: np.ndarray, pos: np.ndarray, neg: np.ndarray, pos_score: np.ndarray, neg_score: np.ndarray
+) -> Iterator[pa.RecordBatch]:
+    for start in range(0, len(tq), ROW_GROUP_SIZE):
+        part = slice(start, start + ROW_GROUP_SIZE)
+        yield pa.RecordBatch.from_arrays(
+            [
+                pool.query_ids.take(pa.array(tq[part])),
+                pool.doc_ids.take(pa.array(pos[part])),
+                pool.doc_ids.take(pa.array(neg[part])),
+                pa.array(pos_score[part], pa.float32()),
+                pa.array(neg_score[part], pa.float32()),
+                pa.array(pos_score[part] - neg_score[part], pa.float32()),
+            ],
+            schema=SCHEMA,
+        )
+
+
+def _input(store: ArtifactStore, stage: str, fp: str) -> Artifact:
+    artifact = store.load(stage, expect_fingerprint=fp)
+    if artifact is None:
+        raise FileNotFoundError(f"{store.url(stage)}: no valid artifact with fingerprint {fp}; rerun that stage")
+    return artifact
+
+
+@task(
+    name="pseudo-label triples",
+    retries=0,
+    persist_result=True,
+    cache_key_fn=artifact_cache_key(
+        STAGE,
+        lambda p: label_fingerprint(
+            p["cfg"], p["n_triples"], p["corpus_fp"], p["queries_fp"], p["negatives_fp"], p["teacher"]
+        ),
+    ),
+)
+def label_task(
+    cfg: LabelConfig,
+    run_dir: str,
+    n_triples: int,
+    corpus_fp: str,
+    queries_fp: str,
+    negatives_fp: str,
+    teacher: str,
+    queries_stage: str = generate.STAGE,
+) -> str:
+    store = ArtifactStore(run_dir)
+    corpus = _input(store, ingest.STAGE, corpus_fp)
+    queries = _input(store, queries_stage, queries_fp)
+    artifact = run_label(cfg, store, corpus, queries, _input(store, mine.STAGE, negatives_fp), teacher, n_triples)
+    get_run_logger().info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
+    return artifact.fingerprint

@@ -71,7 +71,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("models.retrievers=[{name: a, score: l2}]", "models.retrievers.0.score"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match="demo.yaml: ") as err:
+    with pytest.raises(ConfigError, match=r"demo\.yaml: ") as err:
         PipelineConfig.load(ROOT / "configs" / "demo.yaml", [override])
     assert message in str(err.value)
 
@@ -85,7 +85,7 @@ def test_malformed_override_and_files(tmp_path: Path) -> None:
         PipelineConfig.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("corpus: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         PipelineConfig.load(bad)
     with pytest.raises(ConfigError, match="missing key 'corpus'"):
         PipelineConfig.load(None, [])

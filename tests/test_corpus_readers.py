@@ -11,6 +11,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from gplflow.adapters.corpus_readers import (
     FORMATS,
     CorpusError,
