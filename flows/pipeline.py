@@ -90,7 +90,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         compare = {"base": models["base"], "adapted": ArtifactStore(run_dir).url(train.STAGE)}
         fps["evaluate"] = _call(
             evaluate.evaluate_task, evaluate.STAGE,
-            evaluate.evaluate_fingerprint(cfg.evaluate, fps["corpus"], compare, fps["model"]),
+            evaluate.evaluate_fingerprint(cfg.evaluate, fps["corpus"], models["base"], fps["model"]),
             cfg=cfg.evaluate, run_dir=run_dir, corpus_fp=fps["corpus"], models=compare, adapted_fp=fps["model"],
         )
         metrics = evaluate.read_metrics(ArtifactStore(run_dir))

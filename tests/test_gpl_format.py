@@ -1,0 +1,166 @@
+"""UKPLab gpl folder format: export -> import round trip, the exact bytes written, and named errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from gplflow.adapters import gpl_format
+from gplflow.adapters.gpl_format import GplFormatError, export_gpl, import_gpl
+from gplflow.adapters.store import ArtifactStore
+
+DOCS = [("d1", "Bees", "Honey bees make honey from nectar."),
+        ("d2", "", 'A "quoted" word and café crème.'),
+        ("d3", "Volcanoes", "Magma rises through the crust."),
+        ("d4", "Chess", "Castling moves the king two squares."),
+        ("d5", "Tea", "Green tea is unoxidised.")]
+QUERIES = [("genQ1", "d1", "how do bees make honey"), ("genQ2", "d1", "what do bees collect"),
+           ("genQ3", "d3", "why do volcanoes erupt"), ("genQ4", "d2", "café crème?")]
+# A query's rows are split over two parts (one per miner), as a miner writing per retriever would.
+NEGATIVES = [[("genQ1", "bm25", ["d3", "d5"]), ("genQ3", "bm25", ["d4"]), ("genQ4", "bm25", [])],
+             [("genQ1", "msmarco-MiniLM-L-6-v3", ["d5", "d2", "d4"]), ("genQ2", "msmarco-MiniLM-L-6-v3", ["d2"])]]
+MARGINS = np.array([18.465141, 13.6840515, 0.1, -3.4028235e38, 1e-45, 1 / 3, -0.0, 7.277392], dtype=np.float32)
+
+
+def _write(store: ArtifactStore, stage: str, schema: pa.Schema, parts: list[dict[str, list]]) -> None:
+    with store.writer(stage, config={"test": "gpl"}) as out:
+        for part in parts:
+            out.write_part([pa.table(part, schema=schema)], schema)
+
+
+def _by_hand(store: ArtifactStore) -> None:
+    _write(store, "corpus", gpl_format.CORPUS_SCHEMA,
+           [{"doc_id": [d[0] for d in DOCS], "title": [d[1] for d in DOCS], "text": [d[2] for d in DOCS]}])
+    _write(store, "queries", gpl_format.QUERIES_SCHEMA,
+           [{"query_id": [q[0] for q in QUERIES], "doc_id": [q[1] for q in QUERIES], "text": [q[2] for q in QUERIES]}])
+    _write(store, "negatives", gpl_format.NEGATIVES_SCHEMA,
+           [{"query_id": [r[0] for r in part], "retriever": [r[1] for r in part], "doc_ids": [r[2] for r in part],
+             "scores": [[0.5] * len(r[2]) for r in part]} for part in NEGATIVES])
+    rng = np.random.default_rng(0)
+    margins = np.concatenate([MARGINS, rng.standard_normal(200).astype(np.float32) * 10])
+    triples = [(QUERIES[i % 4][0], QUERIES[i % 4][1], "d5" if i % 2 else "d4") for i in range(len(margins))]
+    _write(store, "triples", gpl_format.TRIPLES_SCHEMA, [{
+        "query_id": [t[0] for t in triples], "pos_doc_id": [t[1] for t in triples],
+        "neg_doc_id": [t[2] for t in triples], "pos_score": margins + 1, "neg_score": np.ones_like(margins),
+        "margin": margins}])
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_is_exact(tmp_path):
+    original, imported = ArtifactStore(tmp_path / "a"), ArtifactStore(tmp_path / "b")
+    _by_hand(original)
+
+    counts = export_gpl(original, str(tmp_path / "gpl"))
+    assert counts == {"corpus.jsonl": 5, "qgen-queries.jsonl": 4, "qgen-qrels/train.tsv": 4,
+                      "hard-negatives.jsonl": 4, "gpl-training-data.tsv": 208}
+    fps = import_gpl(str(tmp_path / "gpl"), imported)
+    assert set(fps) == {"corpus", "queries", "negatives", "triples"}
+    assert all(imported.load(stage, expect_fingerprint=fp) is not None for stage, fp in fps.items())
+
+    def table(store, stage, columns):
+        return store.require(stage).read_table(columns).to_pylist()
+
+    assert table(imported, "corpus", None) == table(original, "corpus", None)
+    cols = ["query_id", "doc_id", "text"]
+    assert table(imported, "queries", cols) == table(original, "queries", cols)
+    cols = ["query_id", "retriever", "doc_ids"]
+    key = lambda row: (row["query_id"], row["retriever"])  # noqa: E731
+    assert sorted(table(imported, "negatives", cols), key=key) == sorted(table(original, "negatives", cols), key=key)
+    new, old = imported.require("triples").read_table(), original.require("triples").read_table()
+    for column in ("query_id", "pos_doc_id", "neg_doc_id"):
+        assert new.column(column).to_pylist() == old.column(column).to_pylist()
+    margins_new = new.column("margin").to_numpy()
+    assert margins_new.dtype == np.float32
+    assert margins_new.view(np.uint32).tolist() == old.column("margin").to_numpy().view(np.uint32).tolist()
+
+    export_gpl(imported, str(tmp_path / "gpl2"))
+    assert _files(tmp_path / "gpl2") == _files(tmp_path / "gpl")
+
+
+def test_exported_files_match_the_reference_layout(tmp_path):
+    store = ArtifactStore(tmp_path / "a")
+    _by_hand(store)
+    export_gpl(store, str(tmp_path / "gpl"))
+    out = tmp_path / "gpl"
+    assert json.loads((out / "corpus.jsonl").read_text().splitlines()[1]) == {
+        "_id": "d2", "title": "", "text": 'A "quoted" word and café crème.'}
+    assert (out / "qgen-queries.jsonl").read_text().splitlines()[0] == \
+        '{"_id": "genQ1", "text": "how do bees make honey", "metadata": {}}'
+    assert (out / "qgen-qrels" / "train.tsv").read_text().splitlines()[:2] == [
+        "query-id\tcorpus-id\tscore", "genQ1\td1\t1"]
+    assert (out / "hard-negatives.jsonl").read_text().splitlines()[0] == (
+        '{"qid": "genQ1", "pos": ["d1"], "neg": {"bm25": ["d3", "d5"], "msmarco-MiniLM-L-6-v3": ["d5", "d2", "d4"]}}')
+    lines = (out / "gpl-training-data.tsv").read_text().splitlines()
+    assert lines[:3] == ["genQ1\td1\td4\t18.465141", "genQ2\td1\td5\t13.6840515", "genQ3\td3\td4\t0.1"]
+    assert [line.split("\t")[3] for line in lines[3:7]] == ["-3.4028235e+38", "1e-45", "0.33333334", "-0.0"]
+
+
+def test_import_marks_unknown_scores_nan_and_drops_positives(tmp_path):
+    folder = tmp_path / "gpl"
+    (folder / "qgen-qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": "", "text": f"passage {d}"}) + "\n"
+                                                 for d in ("1", "2", "3")))
+    (folder / "qgen-queries.jsonl").write_text('{"_id": "q1", "text": "a", "metadata": {}}\n'
+                                               '{"_id": "q2", "text": "b", "metadata": {}}\n')
+    (folder / "qgen-qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\t1\t1\n")
+    (folder / "hard-negatives.jsonl").write_text('{"qid": "q1", "pos": ["1"], "neg": {"bm25": ["2", "1", "3"]}}\n')
+    (folder / "gpl-training-data.tsv").write_text("q1\t1\t2\t5.5\n")
+    store = ArtifactStore(tmp_path / "run")
+    import_gpl(str(folder), store)
+
+    assert store.require("queries").read_table().to_pylist() == [{"query_id": "q1", "doc_id": "1", "text": "a"}]
+    assert store.require("queries").counters == {"queries_without_positive": 1}
+    negatives = store.require("negatives")
+    row = negatives.read_table().to_pylist()[0]
+    assert row["doc_ids"] == ["2", "3"] and len(row["scores"]) == 2 and all(math.isnan(s) for s in row["scores"])
+    assert negatives.counters == {"positives_removed": 1}
+    triple = store.require("triples").read_table().to_pylist()[0]
+    assert triple["margin"] == 5.5 and math.isnan(triple["pos_score"]) and math.isnan(triple["neg_score"])
+
+
+def test_import_only_what_is_present_and_keeps_unchanged_artifacts(tmp_path):
+    folder = tmp_path / "gpl"
+    folder.mkdir()
+    (folder / "gpl-training-data.tsv").write_text("genQ5\t257122\t460230\t18.465141\n")
+    store = ArtifactStore(tmp_path / "run")
+    first = import_gpl(str(folder), store)
+    assert list(first) == ["triples"] and store.load("corpus") is None
+    started = store.require("triples").manifest["timings"]["started"]
+    assert import_gpl(str(folder), store) == first
+    assert store.require("triples").manifest["timings"]["started"] == started
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("gpl-training-data.tsv", "q1\t1\t2\t0.5\nq1\t1\t2\n", r"gpl-training-data\.tsv line 2: expected 4 tab-separated"),
+    ("gpl-training-data.tsv", "q1\t1\t2\tbig\n", r"gpl-training-data\.tsv line 1: margin 'big' is not a number"),
+    ("hard-negatives.jsonl", '{"qid": "q1", "pos": [], "neg": {}}\n{"qid": \n',
+     r"hard-negatives\.jsonl line 2: not valid"),
+    ("hard-negatives.jsonl", '{"qid": "q1", "pos": [], "neg": {"bm25": "1"}}\n',
+     r"hard-negatives\.jsonl line 1: 'neg'.'bm25' must be a list of ids"),
+    ("corpus.jsonl", '{"_id": "1", "text": "x"}\n{"_id": "2"}\n', r"corpus\.jsonl.*line 2"),
+])
+def test_malformed_lines_are_named(tmp_path, name, content, message):
+    folder = tmp_path / "gpl"
+    folder.mkdir()
+    (folder / name).write_text(content)
+    store = ArtifactStore(tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        import_gpl(str(folder), store)
+    stage = {"gpl-training-data.tsv": "triples", "hard-negatives.jsonl": "negatives", "corpus.jsonl": "corpus"}[name]
+    assert store.load(stage) is None and not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_ids_are_checked_across_files(tmp_path):
+    folder = tmp_path / "gpl"
+    folder.mkdir()
+    (folder / "corpus.jsonl").write_text('{"_id": "1", "title": "", "text": "x"}\n')
+    (folder / "gpl-training-data.tsv").write_text("q1\t1\t1\t0.5\nq1\t1\t9\t0.5\n")
+    with pytest.raises(GplFormatError, match=r"gpl-training-data\.tsv line 2: passage id '9' is not in corpus"):
+        import_gpl(str(folder), ArtifactStore(tmp_path / "run"))
