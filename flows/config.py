@@ -55,7 +55,7 @@ class PipelineConfig(_Frozen):
     name: str = "gpl"
     flow: Literal["gpl", "genq"] = "gpl"
     profile: Literal["default", "tiny"] = "default"  # tiny: every model slot not set explicitly is `tiny`
-    corpus: IngestConfig
+    corpus: IngestConfig | None = None  # may be omitted when import.gpl_dir holds a corpus.jsonl
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig = PretrainConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -76,6 +76,14 @@ class PipelineConfig(_Frozen):
             models.setdefault("retrievers", [{"name": "tiny", "score": "cos_sim"}])
             data = {**data, "models": models}
         return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.corpus is None and self.import_.gpl_dir is None:
+            raise ValueError("missing key 'corpus' (or import.gpl_dir with a corpus.jsonl)")
+        if self.flow == "genq" and self.train.loss != "mnrl":
+            raise ValueError("flow 'genq' trains with train.loss=mnrl, not margin_mse")
+        return self
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -129,6 +137,9 @@ def _describe(key: str, errors: list[dict[str, Any]]) -> str:
         return f"unknown key '{key}'"
     if first["type"] == "missing":
         return f"missing key '{key}'"
+    if first["type"] == "value_error":
+        message = first["msg"].removeprefix("Value error, ")
+        return f"'{key}': {message}" if key else message
     expected = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errors))
     return f"'{key}': got {first.get('input')!r}, expected {expected}"
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from gplflow.adapters.gpl_format import import_gpl
 from gplflow.adapters.models import TINY, packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
@@ -53,6 +54,14 @@ def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     return resolved
 
 
+@task(name="import gpl folder", persist_result=False)
+def import_gpl_task(gpl_dir: str, run_dir: str) -> dict[str, str]:
+    """Take the stages a UKPLab gpl folder already holds (corpus, queries, negatives, triples)."""
+    imported = import_gpl(gpl_dir, ArtifactStore(run_dir))
+    get_run_logger().info("imported from %s: %s", gpl_dir, ", ".join(sorted(imported)) or "nothing")
+    return imported
+
+
 def _packaged(ref: str) -> str:
     """The pip-packaged all-MiniLM-L6-v2 stands in for its hub name, so it works offline."""
     if ref.lower() in {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}:
@@ -65,25 +74,29 @@ def _packaged(ref: str) -> str:
 def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     """The stages in order; returns the fingerprints and the evaluation metrics (if any)."""
     started = time.time()
-    fps: dict[str, str] = {}
-    fps["corpus"] = _call(ingest.ingest_task, ingest.STAGE, ingest.ingest_fingerprint(cfg.corpus),
-                          cfg=cfg.corpus, run_dir=run_dir)
+    fps: dict[str, str] = import_gpl_task(cfg.import_.gpl_dir, run_dir) if cfg.import_.gpl_dir else {}
+    if "corpus" not in fps:
+        if cfg.corpus is None:
+            raise ValueError(f"import.gpl_dir {cfg.import_.gpl_dir}: no corpus.jsonl, and no corpus.path given")
+        fps["corpus"] = _call(ingest.ingest_task, ingest.STAGE, ingest.ingest_fingerprint(cfg.corpus),
+                              cfg=cfg.corpus, run_dir=run_dir)
     models = prepare_models(cfg, run_dir)
-    generator = models["generator"] if cfg.generate.method == "t5" else ""
-    fps["queries"] = _call(
-        generate.generate_task, generate.STAGE,
-        generate.generate_fingerprint(cfg.generate, fps["corpus"], generator),
-        cfg=cfg.generate, run_dir=run_dir, corpus_fp=fps["corpus"], generator=generator,
-        shard_size=cfg.execution.shard_size,
-    )
+    if "queries" not in fps:
+        generator = models["generator"] if cfg.generate.method == "t5" else ""
+        fps["queries"] = _call(
+            generate.generate_task, generate.STAGE,
+            generate.generate_fingerprint(cfg.generate, fps["corpus"], generator),
+            cfg=cfg.generate, run_dir=run_dir, corpus_fp=fps["corpus"], generator=generator,
+            shard_size=cfg.execution.shard_size,
+        )
     triples_fp = ""
     if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
-        triples_fp = _mine_and_label(cfg, run_dir, models, fps)
+        triples_fp = fps.get("triples") or _mine_and_label(cfg, run_dir, models, fps)
     fps["model"] = _call(
         train.train_task, train.STAGE,
-        train.train_fingerprint(cfg.train, models["base"], fps["corpus"], fps["queries"], triples_fp),
+        train.train_fingerprint(cfg.train, models["base"], triples_fp or fps["queries"], fps["corpus"]),
         cfg=cfg.train, run_dir=run_dir, base_model=models["base"], corpus_fp=fps["corpus"],
-        queries_fp=fps["queries"], triples_fp=triples_fp,
+        queries_fp=fps["queries"], triples_fp=triples_fp or None,
     )
     metrics = None
     if cfg.evaluate.qrels:
@@ -102,7 +115,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
 
 def _mine_and_label(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str]) -> str:
     retrievers = models["retrievers"]
-    fps["negatives"] = _call(
+    fps["negatives"] = fps.get("negatives") or _call(
         mine.mine_task, mine.STAGE,
         mine.mine_fingerprint(cfg.mine, fps["corpus"], fps["queries"], retrievers),
         cfg=cfg.mine, run_dir=run_dir, corpus_fp=fps["corpus"], queries_fp=fps["queries"], retrievers=retrievers,

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
 
+from prefect import get_run_logger, task
 from pydantic import Field
 
-from gplflow.tasks.base import StageConfig
+from gplflow.adapters import models
+from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
+from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+
+logger = logging.getLogger(__name__)
 
 STAGE = "model"
 CODE_VERSION = "train-1"
+QUERY_STAGES = ("queries", "queries-filtered")  # the mnrl pairs come from either
 
 
 class TrainConfig(StageConfig):
@@ -18,6 +27,104 @@ class TrainConfig(StageConfig):
     batch_size: int = Field(default=32, gt=0)
     max_seq_length: int = 350
     learning_rate: float = 2e-5
-    warmup_steps: int = 1000
-    checkpoint_every: int = 10_000
+    warmup_steps: int = 1000          # clamped to `steps`
+    checkpoint_every: int = Field(default=10_000, gt=0)
     seed: int = 42
+
+
+def _base_signature(base_model: str) -> str:
+    """A local folder is named by its content (a retrained base at the same path is a new input)."""
+    return f"content:{content_signature(base_model)}" if Path(base_model).exists() else f"hub:{base_model}"
+
+
+def _inputs(cfg: TrainConfig, base_model: str, data_fp: str, corpus_fp: str) -> dict[str, str]:
+    data = "triples" if cfg.loss == "margin_mse" else "queries"
+    return {"base_model": _base_signature(base_model), "corpus": corpus_fp, data: data_fp}
+
+
+def train_fingerprint(cfg: TrainConfig, base_model: str, data_fp: str, corpus_fp: str) -> str:
+    """data_fp: the triples' fingerprint for margin_mse, the queries' for mnrl."""
+    return stage_fingerprint(STAGE, cfg, _inputs(cfg, base_model, data_fp, corpus_fp), CODE_VERSION)
+
+
+def run_train(
+    cfg: TrainConfig,
+    store: ArtifactStore,
+    base_model: str,
+    corpus: Artifact,
+    queries: Artifact,
+    triples: Artifact | None,
+    callbacks: Sequence[Any] = (),
+) -> Artifact:
+    """Train from ``base_model`` (resuming from a checkpoint if a crashed run left one) and publish ``model/``.
+
+    ``callbacks`` are ``transformers.TrainerCallback``s (progress reporting, tests).
+    """
+    from gplflow.adapters import trainer  # sentence-transformers' trainer is slow to import: only when training
+
+    data = _training_data(cfg, queries, triples)
+    inputs = _inputs(cfg, base_model, data.fingerprint, corpus.fingerprint)
+    fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
+    if (found := reuse(store, STAGE, fp)) is not None:
+        return found
+    model = models.load_bi_encoder(base_model, max_seq_length=cfg.max_seq_length)
+    dataset = _dataset(cfg, corpus, queries, data)
+    plan = trainer.TrainPlan(loss=cfg.loss, steps=cfg.steps, batch_size=cfg.batch_size,
+                             learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+    checkpoints = trainer.checkpoint_dir(Path(store.root) if store.is_local else None, f"{STAGE}-{fp}")
+    with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
+        report = trainer.fit(model, dataset, plan, checkpoints, models.device(), callbacks)
+        trainer.save_model(model, out.local_dir())
+        out.extra["train"] = info = {"base_model": base_model, "examples": len(dataset), **report.as_dict()}
+    trainer.remove_checkpoints(checkpoints)
+    logger.info("trained %s for %d steps (resumed at %s): loss %s -> %s", cfg.loss, info["steps"],
+                info["resumed_from_step"], info["loss_first"], info["loss_last"])
+    return store.require(STAGE)
+
+
+def _training_data(cfg: TrainConfig, queries: Artifact, triples: Artifact | None) -> Artifact:
+    """The artifact the loss trains on: triples (margin_mse) or queries (mnrl)."""
+    if cfg.loss == "mnrl":
+        return queries
+    if triples is None:
+        raise ValueError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
+    return triples
+
+
+def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, data: Artifact):
+    """Rows for the loss: (query, positive) pairs for mnrl, (query, positive, negative, margin) for margin_mse."""
+    from gplflow.adapters import trainer
+
+    passages = trainer.passage_texts(corpus.read_table(["doc_id", "title", "text"]))
+    query_rows = queries.read_table(["query_id", "doc_id", "text"])
+    if cfg.loss == "mnrl":
+        return trainer.pairs_dataset(query_rows, passages)
+    triples = data.read_table(["query_id", "pos_doc_id", "neg_doc_id", "margin"])
+    return trainer.margin_mse_dataset(triples, trainer.query_texts(query_rows), passages)
+
+
+def _load(store: ArtifactStore, stages: tuple[str, ...], fp: str) -> Artifact:
+    for stage in stages:
+        if (artifact := store.load(stage, expect_fingerprint=fp)) is not None:
+            return artifact
+    raise FileNotFoundError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
+
+
+def _task_fingerprint(p: dict[str, Any]) -> str:
+    data_fp = p["triples_fp"] if p["cfg"].loss == "margin_mse" else p["queries_fp"]
+    return train_fingerprint(p["cfg"], p["base_model"], data_fp, p["corpus_fp"])
+
+
+@task(name="train bi-encoder", retries=1, persist_result=True,  # a retry resumes from the last checkpoint
+      cache_key_fn=artifact_cache_key(STAGE, _task_fingerprint))
+def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, queries_fp: str,
+               triples_fp: str | None) -> str:
+    store = ArtifactStore(run_dir)
+    triples = _load(store, ("triples",), triples_fp) if triples_fp else None
+    artifact = run_train(cfg, store, base_model, _load(store, ("corpus",), corpus_fp),
+                         _load(store, QUERY_STAGES, queries_fp), triples)
+    info = artifact.manifest.get("train", {})
+    get_run_logger().info("model: %s, %s steps in %ss, loss %s -> %s", cfg.loss, info.get("steps"),
+                          info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
+    return artifact.fingerprint

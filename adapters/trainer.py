@@ -1,0 +1,274 @@
+"""Training a bi-encoder with the sentence-transformers (v6) Trainer: datasets, arguments, losses, checkpoints.
+
+The training rows are ids (query_id, positive_id, negative_id, label) resolved to texts lazily, batch by
+batch, with ``sentence_transformers.util.resolve_ids``: GPL's millions of triples reference a few hundred
+thousand passages, so the texts are held once (as Arrow) rather than once per triple. Checkpoints (model,
+optimizer, scheduler, RNG, step) go to a local folder outside the published artifact, and a rerun continues
+from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.base.sampler import BatchSamplers
+from sentence_transformers.sentence_transformer import losses
+from sentence_transformers.util import resolve_ids
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+
+from gplflow.adapters.tiny_models import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("margin_mse", "mnrl")
+# The score each loss teaches: MarginMSE fits dot-product margins (GPL); MNRL ranks by scaled cosine.
+SIMILARITY = {"margin_mse": "dot", "mnrl": "cosine"}
+CHECKPOINTS = ".checkpoints"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_MAX_HISTORY = 100  # loss points kept in the manifest
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What the trainer needs from the stage config (kept free of pydantic so this module stands alone)."""
+
+    loss: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    checkpoint_every: int
+    seed: int
+    save_total_limit: int = 2
+
+
+@dataclass
+class TrainReport:
+    """What a training run did, for the manifest."""
+
+    global_step: int
+    resumed_from_step: int | None
+    seconds: float
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        losses_ = [loss for _, loss in self.loss_history]
+        return {
+            "steps": self.global_step,
+            "resumed_from_step": self.resumed_from_step,
+            "steps_this_run": self.global_step - (self.resumed_from_step or 0),
+            "seconds": round(self.seconds, 3),
+            "loss_first": losses_[0] if losses_ else None,
+            "loss_last": losses_[-1] if losses_ else None,
+            "loss_history": _thin([[step, round(loss, 6)] for step, loss in self.loss_history]),
+        }
+
+
+def _thin(points: list, keep: int = _MAX_HISTORY) -> list:
+    """At most ``keep`` points, evenly spaced, always keeping the last."""
+    if len(points) <= keep:
+        return points
+    stride = -(-len(points) // keep)
+    return points[::stride] if (len(points) - 1) % stride == 0 else [*points[::stride], points[-1]]
+
+
+# --- datasets ---------------------------------------------------------------------------------------------
+
+
+def passage_texts(corpus: pa.Table) -> Dataset:
+    """(doc_id, passage) with passage = title + " " + text when the title is non-empty (as GPL does)."""
+    title = pc.fill_null(corpus["title"], "")
+    joined = pc.binary_join_element_wise(title, corpus["text"], " ")
+    passage = pc.if_else(pc.equal(title, ""), corpus["text"], joined)
+    return Dataset.from_dict({"doc_id": corpus["doc_id"], "passage": passage})
+
+
+def query_texts(queries: pa.Table) -> Dataset:
+    """(query_id, text) of the queries artifact."""
+    return Dataset.from_dict({"query_id": queries["query_id"], "text": queries["text"]})
+
+
+def _check_ids(rows: pa.Table, column: str, known: Dataset, key: str, what: str) -> None:
+    """A one-line error naming the first row whose id is missing from the lookup (before training starts)."""
+    present = pc.is_in(rows[column], value_set=known.data.column(key).combine_chunks())
+    if not pc.all(present).as_py():
+        row = pc.index(present, False).as_py()
+        raise ValueError(f"{what} row {row}: {column} {rows[column][row].as_py()!r} is not in the {key} lookup")
+
+
+def margin_mse_dataset(triples: pa.Table, queries: Dataset, passages: Dataset) -> Dataset:
+    """(query, positive, negative, label=margin) rows, texts resolved lazily from the ids of ``triples``."""
+    for column, known, key in (("query_id", queries, "query_id"), ("pos_doc_id", passages, "doc_id"),
+                               ("neg_doc_id", passages, "doc_id")):
+        _check_ids(triples, column, known, key, "triples")
+    rows = Dataset.from_dict({
+        "query_id": triples["query_id"],
+        "positive_id": triples["pos_doc_id"],
+        "negative_id": triples["neg_doc_id"],
+        "label": pc.cast(triples["margin"], pa.float32()),
+    })
+    rows.set_transform(resolve_ids({
+        "query_id": (queries, "query_id", "text"),
+        "positive_id": (passages, "doc_id", "passage"),
+        "negative_id": (passages, "doc_id", "passage"),
+    }))
+    return rows
+
+
+def pairs_dataset(queries: pa.Table, passages: Dataset) -> Dataset:
+    """(query, positive) rows for MNRL: each generated query with the passage it was generated from."""
+    _check_ids(queries, "doc_id", passages, "doc_id", "queries")
+    rows = Dataset.from_dict({"query_id": queries["query_id"], "positive_id": queries["doc_id"]})
+    rows.set_transform(resolve_ids({
+        "query_id": (query_texts(queries), "query_id", "text"),
+        "positive_id": (passages, "doc_id", "passage"),
+    }))
+    return rows
+
+
+def make_loss(name: str, model: SentenceTransformer) -> torch.nn.Module:
+    """MarginMSE with dot product (GPL), or MultipleNegativesRanking with in-batch negatives (GenQ)."""
+    if name == "margin_mse":
+        return losses.MarginMSELoss(model)  # similarity: pairwise dot product, the default
+    if name == "mnrl":
+        return losses.MultipleNegativesRankingLoss(model)
+    raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
+
+
+# --- model ------------------------------------------------------------------------------------------------
+
+
+def offline_model_card(model: SentenceTransformer) -> SentenceTransformer:
+    """Keep model-card generation off the Hub (it would look up the base model and datasets there)."""
+    model.model_card_data.local_files_only = True
+    return model
+
+
+def save_model(model: SentenceTransformer, folder: Path) -> None:
+    """Save a sentence-transformers folder (``SentenceTransformer(folder)`` loads it)."""
+    offline_model_card(model).save(str(folder))
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(run_root: Path | None, key: str) -> Path:
+    """``<run_dir>/.checkpoints/<key>`` for a local run directory, else in the local cache directory.
+
+    The Trainer writes checkpoints with plain file I/O, so a remote (fsspec) run directory gets a local one
+    (``$GPLFLOW_CACHE_DIR/checkpoints/<key>``, default ``~/.cache/gplflow``).
+    """
+    return (run_root / CHECKPOINTS / key) if run_root is not None else (default_cache_dir() / "checkpoints" / key)
+
+
+def _step(path: Path) -> int:
+    match = _CHECKPOINT.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (killed while saving) are removed.
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint without it is incomplete.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and _step(p) >= 0), key=_step)
+    complete = [p for p in found if (p / TRAINER_STATE_NAME).is_file()]
+    for path in found:
+        if path not in complete:
+            logger.warning("removing incomplete checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Drop a finished training's checkpoints (the published model replaces them)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+def training_args(plan: TrainPlan, output_dir: Path, dev: str) -> SentenceTransformerTrainingArguments:
+    """Trainer arguments: fixed steps, seeded order, checkpoints, no evaluation, no trackers, AMP on CUDA."""
+    bf16 = dev == "cuda" and torch.cuda.is_bf16_supported()
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=plan.steps,
+        per_device_train_batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        warmup_steps=min(plan.warmup_steps, plan.steps),  # an int >= 1 is a step count (a float < 1 a ratio)
+        seed=plan.seed,
+        data_seed=plan.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if plan.loss == "mnrl" else BatchSamplers.BATCH_SAMPLER,
+        save_strategy="steps",
+        save_steps=plan.checkpoint_every,
+        save_total_limit=plan.save_total_limit,
+        eval_strategy="no",
+        logging_steps=max(1, min(100, plan.steps // 100)),
+        report_to="none",
+        bf16=bf16,
+        fp16=dev == "cuda" and not bf16,
+        use_cpu=dev == "cpu",
+        dataloader_num_workers=0,
+    )
+
+
+def fit(
+    model: SentenceTransformer,
+    dataset: Dataset,
+    plan: TrainPlan,
+    checkpoints: Path,
+    dev: str,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainReport:
+    """Train ``model`` in place for ``plan.steps`` steps, resuming from the newest checkpoint if there is one."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    model.similarity_fn_name = SIMILARITY[plan.loss]  # saved with the model, so users score as it was trained
+    resume = latest_checkpoint(checkpoints)
+    if resume is not None and _step(resume) >= plan.steps:
+        return _from_final_checkpoint(model, resume)  # the Trainer would run one step past max_steps
+    if resume is not None:
+        logger.info("resuming training from %s", resume)
+    trainer = SentenceTransformerTrainer(
+        model=offline_model_card(model),
+        args=training_args(plan, checkpoints, dev),
+        train_dataset=dataset,
+        loss=make_loss(plan.loss, model),
+        callbacks=list(callbacks),
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    return TrainReport(
+        global_step=trainer.state.global_step,
+        resumed_from_step=_step(resume) if resume is not None else None,
+        seconds=time.perf_counter() - started,
+        loss_history=_losses(trainer.state),
+    )
+
+
+def _losses(state: TrainerState) -> list[tuple[int, float]]:
+    return [(int(entry["step"]), float(entry["loss"])) for entry in state.log_history if "loss" in entry]
+
+
+def _from_final_checkpoint(model: SentenceTransformer, checkpoint: Path) -> TrainReport:
+    """A run that crashed after its last checkpoint (while saving or publishing): take the weights as they are."""
+    logger.info("training already finished in %s; using its weights", checkpoint)
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    trained = SentenceTransformer(str(checkpoint), device=str(model.device), local_files_only=True)
+    model.load_state_dict(trained.state_dict())
+    return TrainReport(global_step=state.global_step, resumed_from_step=state.global_step, seconds=0.0,
+                       loss_history=_losses(state))
