@@ -1,14 +1,28 @@
-"""Pretrain: optional domain-adaptive pretraining of the base encoder (TSDAE or MLM)."""
+"""Pretrain: optional domain-adaptive pretraining of the base encoder (TSDAE or MLM) on the corpus.
+
+The output ``pretrain/`` is a sentence-transformers folder that the train stage starts from instead of the
+base model: TSDAE keeps the CLS pooling it trained, MLM gets mean pooling. A crashed run continues from its
+last checkpoint (kept under ``<run_dir>/.checkpoints/pretrain-<fingerprint>/`` until the model is published).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
 
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import Field
 
-from gplflow.tasks.base import StageConfig
+from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
+from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+
+logger = logging.getLogger(__name__)
 
 STAGE = "pretrain"
+CORPUS_STAGE = "corpus"
 CODE_VERSION = "pretrain-1"
 
 
@@ -16,6 +30,97 @@ class PretrainConfig(StageConfig):
     method: Literal["none", "tsdae", "mlm"] = "none"
     steps: int = Field(default=10_000, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    learning_rate: float = 3e-5
-    max_seq_length: int = 256
+    learning_rate: float = 3e-5  # TSDAE paper: 3e-5, constant
+    max_seq_length: int = Field(default=256, gt=0)
     seed: int = 42
+    noise_ratio: float = Field(default=0.6, ge=0.0, lt=1.0)  # TSDAE: fraction of words deleted
+    min_sentence_words: int = Field(default=3, gt=0)  # TSDAE: shorter sentences are dropped (and counted)
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)  # MLM: fraction of tokens masked
+    warmup_steps: int = Field(default=0, ge=0)  # linear warm-up, then a constant learning rate
+    checkpoint_every: int = Field(default=1000, gt=0)
+    log_every: int | None = Field(default=None, gt=0)  # loss points and progress; None: about 100 per run
+
+
+def _inputs(corpus_fp: str, base_model: str) -> dict[str, str]:
+    """A local base folder is named by its content (a retrained base at the same path is a new input)."""
+    base = f"content:{content_signature(base_model)}" if Path(base_model).exists() else f"hub:{base_model}"
+    return {"corpus": corpus_fp, "base_model": base}
+
+
+def pretrain_fingerprint(cfg: PretrainConfig, corpus_fp: str, base_model: str) -> str:
+    return stage_fingerprint(STAGE, cfg, _inputs(corpus_fp, base_model), CODE_VERSION)
+
+
+def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, base_model: str,
+                 on_progress=None) -> Artifact:
+    """Pretrain ``base_model`` on the corpus and publish ``pretrain/`` (resuming from a checkpoint if any).
+
+    ``on_progress(step, total_steps, loss)`` is called every ``log_every`` steps.
+    """
+    if cfg.method == "none":
+        raise ValueError("pretrain: method is 'none', nothing to pretrain (the flow skips this stage)")
+    from gplflow.adapters import pretraining  # slow to import (torch, sentence-transformers): only when used
+
+    inputs = _inputs(corpus.fingerprint, base_model)
+    fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
+    if (found := reuse(store, STAGE, fp)) is not None:
+        return found
+    checkpoints = pretraining.checkpoint_dir(Path(store.root) if store.is_local else None, f"{STAGE}-{fp}")
+    config = cfg.model_dump(mode="json")
+    with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+        report = pretraining.pretrain(_plan(cfg), base_model, _texts(corpus, cfg.method), checkpoints,
+                                      out.local_dir(), on_progress)
+        for name, value in report.counters.items():
+            out.count(name, value)
+        out.extra["pretrain"] = {"base_model": base_model, **report.as_dict()}
+    pretraining.remove_checkpoints(checkpoints)
+    info = out.extra["pretrain"]
+    start = f"resumed at step {report.resumed_from_step}" if report.resumed_from_step else "from the start"
+    logger.info("pretrained %s with %s for %d steps on %d examples (%s): loss %s -> %s", base_model,
+                cfg.method, report.steps, report.examples, start, info["loss_first"], info["loss_last"])
+    return store.require(STAGE)
+
+
+def _plan(cfg: PretrainConfig) -> Any:
+    from gplflow.adapters.pretraining import PretrainPlan
+
+    log_every = cfg.log_every or max(1, cfg.steps // 100)
+    return PretrainPlan(method=cfg.method, steps=cfg.steps, batch_size=cfg.batch_size,
+                    learning_rate=cfg.learning_rate, max_seq_length=cfg.max_seq_length, seed=cfg.seed,
+                    checkpoint_every=cfg.checkpoint_every, log_every=log_every, warmup_steps=cfg.warmup_steps,
+                    noise_ratio=cfg.noise_ratio, mlm_probability=cfg.mlm_probability,
+                    min_sentence_words=cfg.min_sentence_words)
+
+
+def _texts(corpus: Artifact, method: str) -> Iterator[str]:
+    """TSDAE splits the passage text into sentences (titles would merge into the first one); MLM reads
+    title + " " + text, the passage as GPL encodes it."""
+    for batch in corpus.iter_batches(["title", "text"]):
+        titles, texts = batch.column("title").to_pylist(), batch.column("text").to_pylist()
+        for title, text in zip(titles, texts, strict=True):
+            yield f"{title} {text}" if method == "mlm" and title else text
+
+
+@task(name="pretrain encoder (TSDAE/MLM)", retries=1, persist_result=True,  # a retry resumes from checkpoint
+      cache_key_fn=artifact_cache_key(STAGE, lambda p: pretrain_fingerprint(p["cfg"], p["corpus_fp"],
+                                                                            p["base_model"])))
+def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model: str) -> str:
+    store = ArtifactStore(run_dir)
+    corpus = store.load(CORPUS_STAGE, expect_fingerprint=corpus_fp)
+    if corpus is None:
+        raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus with fingerprint {corpus_fp}; "
+                                "run ingest first")
+    log = get_run_logger()
+    progress = create_progress_artifact(0.0, key=f"pretrain-{cfg.method}",
+                                        description=f"{cfg.method} pretraining of {base_model}")
+
+    def on_progress(step: int, total: int, loss: float) -> None:
+        update_progress_artifact(progress, 100.0 * step / total)
+        log.info("pretrain %s: step %d/%d, loss %.4f", cfg.method, step, total, loss)
+
+    artifact = run_pretrain(cfg, store, corpus, base_model, on_progress)
+    update_progress_artifact(progress, 100.0)  # also when the artifact was reused
+    info = artifact.manifest.get("pretrain", {})
+    log.info("pretrain: %s, %s steps in %ss, loss %s -> %s", cfg.method, info.get("steps"),
+             info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
+    return artifact.fingerprint

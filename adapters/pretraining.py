@@ -1,0 +1,410 @@
+"""Domain-adaptive pretraining of an encoder before GPL/GenQ: TSDAE or masked-LM, in one small training loop.
+
+TSDAE (Wang et al. 2021) encodes a sentence with words deleted into one vector (CLS pooling) and trains a
+decoder, tied to the encoder, to rebuild the original sentence from that vector alone; it is
+sentence-transformers' ``DenoisingAutoEncoderLoss``, fed by this project's offline deletion noise. MLM
+continues BERT-style masked-LM training on passage chunks; the encoder is then saved with mean pooling.
+
+A plain loop rather than a Trainer, because TSDAE's decoder lives in the loss: a Trainer checkpoint saves
+the model but not the decoder's cross-attention, so a resumed run would restart it from random weights.
+Here a checkpoint holds everything trained (encoder and decoder or MLM head), the optimizer, the scheduler
+and the loss history. The data order, the noise, the masks and dropout are drawn from generators seeded by
+(seed, step), so a resumed run takes exactly the steps the uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
+from sentence_transformers.sentence_transformer.modules import Pooling
+from tqdm.auto import tqdm
+from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
+from transformers import get_constant_schedule_with_warmup as constant_schedule
+from transformers.utils import logging as hf_logging
+
+from gplflow.adapters import models
+from gplflow.adapters.text_noise import delete_words, split_sentences
+from gplflow.adapters.tiny_models import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("tsdae", "mlm")
+POOLING = {"tsdae": "cls", "mlm": "mean"}  # TSDAE trains the CLS vector; MLM has no sentence vector: mean
+CHECKPOINTS = ".checkpoints"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
+_KEEP_CHECKPOINTS = 2
+_MAX_HISTORY = 200  # loss points kept in the manifest
+MIN_CHUNK_TOKENS = 8  # MLM: a passage's last chunk shorter than this (with specials) is dropped
+_TOKENIZE_BATCH = 256
+
+ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, mean loss since the last call)
+Counter = Callable[[str, int], None]  # (counter name, increment)
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """What the loop needs from the stage config (free of pydantic so this module stands alone)."""
+
+    method: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    max_seq_length: int
+    seed: int
+    checkpoint_every: int
+    log_every: int
+    warmup_steps: int = 0
+    noise_ratio: float = 0.6
+    mlm_probability: float = 0.15
+    min_sentence_words: int = 3
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pretraining method {self.method!r}; expected {' or '.join(METHODS)}")
+        if min(self.steps, self.batch_size, self.max_seq_length, self.checkpoint_every, self.log_every) < 1:
+            raise ValueError("steps, batch_size, max_seq_length, checkpoint_every and log_every must be >= 1")
+
+
+@dataclass
+class PretrainReport:
+    """What a pretraining run did, for the manifest."""
+
+    method: str
+    steps: int
+    resumed_from_step: int | None
+    examples: int
+    seconds: float
+    loss_history: list[tuple[int, float]]
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        losses = [loss for _, loss in self.loss_history]
+        return {
+            "method": self.method,
+            "pooling": POOLING[self.method],
+            "steps": self.steps,
+            "resumed_from_step": self.resumed_from_step,
+            "examples": self.examples,
+            "seconds": round(self.seconds, 3),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "loss_history": _thin([[step, round(loss, 6)] for step, loss in self.loss_history]),
+        }
+
+
+def _thin(points: list, keep: int = _MAX_HISTORY) -> list:
+    """At most about ``keep`` points, evenly spaced, always keeping the last."""
+    if len(points) <= keep:
+        return points
+    stride = -(-len(points) // keep)
+    return points[::stride] if (len(points) - 1) % stride == 0 else [*points[::stride], points[-1]]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one training step (its batch, noise, masks and dropout)."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+# --- examples ---------------------------------------------------------------------------------------------
+
+
+def reservoir_sample(items: Iterable[Any], k: int, seed: int) -> tuple[list[Any], int]:
+    """A seeded uniform sample of at most ``k`` items from a stream, and the stream's length.
+
+    Pretraining sees at most steps x batch_size examples, so a corpus of millions of passages is never held.
+    """
+    rng = random.Random(seed)
+    sample: list[Any] = []
+    seen = 0
+    for seen, item in enumerate(items, start=1):
+        if len(sample) < k:
+            sample.append(item)
+        elif (j := rng.randrange(seen)) < k:
+            sample[j] = item
+    return sample, seen
+
+
+def sentences(texts: Iterable[str], min_words: int, count: Counter) -> Iterator[str]:
+    """The sentences of every text with at least ``min_words`` words (shorter ones are counted, not kept)."""
+    for text in texts:
+        for sentence in split_sentences(text):
+            if len(sentence.split()) >= min_words:
+                yield sentence
+            else:
+                count("short_sentences_dropped", 1)
+
+
+def mlm_chunks(tokenizer: Any, passages: list[str], max_length: int, count: Counter) -> list[dict]:
+    """Each passage cut into pieces of ``max_length`` tokens (special tokens included), as collator rows."""
+    chunks = []
+    for start in range(0, len(passages), _TOKENIZE_BATCH):
+        encoded = tokenizer(passages[start : start + _TOKENIZE_BATCH], truncation=True, max_length=max_length,
+                            return_overflowing_tokens=True, return_special_tokens_mask=True)
+        sources = encoded["overflow_to_sample_mapping"]
+        for i, ids in enumerate(encoded["input_ids"]):
+            first = i == 0 or sources[i] != sources[i - 1]
+            if len(ids) < MIN_CHUNK_TOKENS and not first:
+                count("short_chunks_dropped", 1)
+                continue
+            chunks.append({"input_ids": ids, "special_tokens_mask": encoded["special_tokens_mask"][i]})
+    return chunks
+
+
+# --- objectives -------------------------------------------------------------------------------------------
+
+
+class Objective(Protocol):
+    module: torch.nn.Module  # every trained parameter, saved whole in checkpoints
+
+    def loss(self, rows: list[Any], seed: int) -> torch.Tensor: ...
+
+    def save(self, folder: Path) -> None: ...
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report: a decoder or MLM head is expected to start with new weights."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _to(features: dict[str, Any], dev: str) -> dict[str, Any]:
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+def _with_pooling(base: SentenceTransformer, mode: str, dev: str) -> SentenceTransformer:
+    """The base model's transformer module under a new pooling layer."""
+    transformer = base[0]
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=mode)
+    return SentenceTransformer(modules=[transformer, pooling], device=dev)
+
+
+class Tsdae:
+    """Encoder (CLS pooling) + decoder tied to it; the loss is the decoder's reconstruction cross-entropy."""
+
+    def __init__(self, base: SentenceTransformer, noise_ratio: float, dev: str):
+        self.encoder = _with_pooling(base, POOLING["tsdae"], dev)
+        self.noise_ratio = noise_ratio
+        self.dev = dev
+        try:
+            with _quiet_transformers():
+                self.module = DenoisingAutoEncoderLoss(self.encoder, tie_encoder_decoder=True).to(dev)
+        except ValueError as err:
+            arch = type(self.encoder.transformers_model).__name__
+            raise ValueError(f"TSDAE needs an encoder that transformers can also load as a decoder (an "
+                             f"*LMHeadModel: BERT, RoBERTa, ...); {arch} has none. Use pretrain method 'mlm'."
+                             ) from err
+
+    def loss(self, rows: list[str], seed: int) -> torch.Tensor:
+        rng = random.Random(seed)
+        noisy = [delete_words(sentence, self.noise_ratio, rng) for sentence in rows]
+        features = [_to(self.encoder.preprocess(texts), self.dev) for texts in (noisy, rows)]
+        return self.module(features, None)
+
+    def save(self, folder: Path) -> None:
+        save_model(self.encoder, folder)
+
+
+class MaskedLM:
+    """The base encoder's weights under a masked-LM head, trained on masked passage chunks."""
+
+    def __init__(self, base: SentenceTransformer, mlm_probability: float, seed: int, dev: str):
+        self.base = base
+        self.dev = dev
+        with _quiet_transformers():
+            self.module = AutoModelForMaskedLM.from_pretrained(base.transformers_model.config._name_or_path)
+        self.module.to(dev)
+        self.collator = DataCollatorForLanguageModeling(base.tokenizer, mlm_probability=mlm_probability,
+                                                        seed=seed)
+
+    def loss(self, rows: list[dict], seed: int) -> torch.Tensor:
+        self.collator.generator = torch.Generator().manual_seed(seed)  # masks drawn per step: resumable
+        return self.module(**_to(self.collator(rows), self.dev)).loss
+
+    def save(self, folder: Path) -> None:
+        """Copy the trained encoder back into the base's transformer module and save it with mean pooling."""
+        target = self.base.transformers_model
+        missing, unexpected = target.load_state_dict(self.module.base_model.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("pooler.") for key in missing):
+            raise RuntimeError(f"MLM encoder weights do not match the base model (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        save_model(_with_pooling(self.base, POOLING["mlm"], self.dev), folder)
+
+
+def save_model(model: SentenceTransformer, folder: Path) -> None:
+    """A sentence-transformers folder; the model card is written without looking anything up on the Hub."""
+    model.model_card_data.local_files_only = True
+    model.save(str(folder))
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(run_root: Path | None, key: str) -> Path:
+    """``<run_dir>/.checkpoints/<key>`` for a local run directory, else under the local cache directory."""
+    return run_root / CHECKPOINTS / key if run_root is not None else default_cache_dir() / "checkpoints" / key
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    steps = {p: m.group(1) for p in folder.glob("checkpoint-*.pt") if (m := _CHECKPOINT.match(p.name))}
+    return sorted(steps, key=lambda p: int(steps[p]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint (each is renamed into place once fully written, so none is partial)."""
+    found = _checkpoints(folder)
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write ``checkpoint-<step>.pt`` atomically and keep only the newest few."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"checkpoint-{step}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in _checkpoints(folder)[:-_KEEP_CHECKPOINTS]:
+        old.unlink()
+    return path
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Drop a finished run's checkpoints (the published model replaces them)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    step: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # losses since the last history point
+    resumed_from: int | None = None
+
+
+def _batch(n: int, plan: PretrainPlan, step: int, cache: dict[int, np.ndarray]) -> list[int]:
+    """Step ``step``'s example indices: a seeded permutation per epoch, cut into full batches."""
+    per_epoch = max(1, n // plan.batch_size)
+    epoch, k = divmod(step, per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = np.random.default_rng([plan.seed, epoch]).permutation(n)
+    return cache[epoch][k * plan.batch_size : (k + 1) * plan.batch_size].tolist()
+
+
+def _resume(folder: Path, objective: Objective, optimizer, scheduler, dev: str) -> _State:
+    path = latest_checkpoint(folder)
+    if path is None:
+        return _State()
+    saved = torch.load(path, map_location=dev, weights_only=True)
+    objective.module.load_state_dict(saved["module"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    logger.info("resuming pretraining from %s (step %d)", path, saved["step"])
+    history = [(int(s), float(v)) for s, v in saved["history"]]
+    return _State(saved["step"], history, list(saved["window"]), resumed_from=saved["step"])
+
+
+def _checkpoint(folder: Path, state: _State, objective: Objective, optimizer, scheduler) -> None:
+    save_checkpoint(folder, state.step, {
+        "step": state.step, "module": objective.module.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "history": state.history, "window": state.window,
+    })
+
+
+def _train_step(objective: Objective, examples: list, plan: PretrainPlan, step: int, optimizer, scheduler,
+                cache: dict[int, np.ndarray], dev: str) -> float:
+    seed = step_seed(plan.seed, step)
+    torch.manual_seed(seed)  # dropout
+    rows = [examples[i] for i in _batch(len(examples), plan, step, cache)]
+    bf16 = dev == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=bf16):
+        loss = objective.loss(rows, seed)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(objective.module.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def fit(objective: Objective, examples: list, plan: PretrainPlan, checkpoints: Path, dev: str,
+        on_progress: ProgressFn | None = None) -> _State:
+    """Train ``objective`` for ``plan.steps`` steps in all, continuing from the newest checkpoint if any."""
+    params = [p for p in objective.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
+    scheduler = constant_schedule(optimizer, min(plan.warmup_steps, plan.steps))
+    state = _resume(checkpoints, objective, optimizer, scheduler, dev)
+    objective.module.train()
+    cache: dict[int, np.ndarray] = {}
+    with tqdm(total=plan.steps, initial=state.step, desc=f"pretrain ({plan.method})", unit="step") as bar:
+        while state.step < plan.steps:
+            loss = _train_step(objective, examples, plan, state.step, optimizer, scheduler, cache, dev)
+            state.window.append(loss)
+            state.step += 1
+            bar.update(1)
+            logged = state.step % plan.log_every == 0 or state.step == plan.steps
+            if logged:
+                state.history.append((state.step, float(np.mean(state.window))))
+                state.window = []
+                bar.set_postfix(loss=f"{state.history[-1][1]:.4f}")
+            if state.step % plan.checkpoint_every == 0 and state.step < plan.steps:
+                _checkpoint(checkpoints, state, objective, optimizer, scheduler)
+            if logged:
+                logger.debug("pretrain step %d/%d: loss %.4f", state.step, plan.steps, state.history[-1][1])
+                if on_progress is not None:
+                    on_progress(state.step, plan.steps, state.history[-1][1])
+    objective.module.eval()
+    return state
+
+
+def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoints: Path, out_dir: Path,
+             on_progress: ProgressFn | None = None) -> PretrainReport:
+    """Pretrain ``base_model`` on ``texts`` (passages); save the encoder as a sentence-transformers folder."""
+    started = time.perf_counter()
+    counters: dict[str, int] = {}
+
+    def count(name: str, value: int) -> None:
+        counters[name] = counters.get(name, 0) + value
+
+    dev = models.device()
+    base = models.load_bi_encoder(base_model, max_seq_length=plan.max_seq_length)
+    limit = plan.steps * plan.batch_size  # more examples than the run can see are never needed
+    torch.manual_seed(plan.seed)  # the decoder's or MLM head's new weights
+    if plan.method == "tsdae":
+        examples, total = reservoir_sample(sentences(texts, plan.min_sentence_words, count), limit, plan.seed)
+        objective: Objective = Tsdae(base, plan.noise_ratio, dev)
+        count("sentences", total)
+    else:
+        passages, total = reservoir_sample(texts, limit, plan.seed)
+        examples = mlm_chunks(base.tokenizer, passages, plan.max_seq_length, count)
+        objective = MaskedLM(base, plan.mlm_probability, plan.seed, dev)
+        count("passages", total)
+    if not examples:
+        raise ValueError(f"pretrain ({plan.method}): the corpus yields no training example "
+                         f"(sentences need at least {plan.min_sentence_words} words)")
+    count("examples", len(examples))
+    state = fit(objective, examples, plan, checkpoints, dev, on_progress)
+    objective.save(out_dir)
+    return PretrainReport(plan.method, state.step, state.resumed_from, len(examples),
+                          time.perf_counter() - started, state.history, counters)

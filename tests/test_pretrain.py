@@ -1,0 +1,231 @@
+"""Pretraining (TSDAE, MLM) on tiny models: the loss falls, the output loads, a crash resumes, no network."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from prefect.logging import disable_run_logger
+from sentence_transformers import SentenceTransformer
+from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+from gplflow.adapters.corpus_readers import iter_documents
+from gplflow.adapters.store import ArtifactStore
+from gplflow.adapters.tiny_models import TinyModels, build_tiny_models
+from gplflow.tasks import pretrain as pretrain_module
+from gplflow.tasks.ingest import SCHEMA
+from gplflow.tasks.pretrain import PretrainConfig, pretrain_fingerprint, pretrain_task, run_pretrain
+
+DEMO_CORPUS = Path(__file__).resolve().parents[1] / "data" / "demo" / "corpus.jsonl"
+# Fast settings for the tiny model: a high learning rate so a few dozen steps visibly lower the loss.
+FAST = {"steps": 40, "batch_size": 8, "learning_rate": 1e-3, "max_seq_length": 64, "seed": 0, "log_every": 5}
+
+
+def _inline_passages() -> list[tuple[str, str]]:
+    """About 48 sentences in 12 passages, for a checkout without the demo corpus."""
+    subjects = ["The queen", "A worker bee", "The beekeeper", "A drone"]
+    actions = ["inspects the brood frames", "carries nectar to the hive", "seals cells with wax"]
+    places = ["in early spring.", "before the honey flow.", "on warm afternoons.", "after a long winter."]
+    sentences = [f"{s} {a} {p}" for s, a, p in itertools.product(subjects, actions, places)]
+    return [(f"Passage {i}", " ".join(sentences[i * 4 : i * 4 + 4])) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def passages() -> list[tuple[str, str]]:
+    if DEMO_CORPUS.is_file():
+        return [(d.title, d.text) for d in iter_documents(DEMO_CORPUS)]
+    return _inline_passages()
+
+
+@pytest.fixture(scope="module")
+def tiny(passages, tmp_path_factory) -> TinyModels:
+    return build_tiny_models([f"{t} {x}" for t, x in passages], tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and busy-waiting OpenMP threads crawl on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection (the Hugging Face Hub, a model-card lookup) fails the test."""
+
+    def refuse(self, address, *args):
+        raise AssertionError(f"network access attempted: {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+def make_corpus(root: Path, passages: list[tuple[str, str]]):
+    store = ArtifactStore(root)
+    batch = pa.RecordBatch.from_pydict({"doc_id": [f"d{i}" for i in range(len(passages))],
+                                        "title": [t for t, _ in passages], "text": [x for _, x in passages]},
+                                       schema=SCHEMA)
+    with store.writer("corpus", config={"test": True}) as out:
+        out.write_part([batch], SCHEMA)
+    return store, store.require("corpus")
+
+
+def _window_means(history: list, width: int = 2) -> tuple[float, float]:
+    losses = [loss for _, loss in history]
+    return float(np.mean(losses[:width])), float(np.mean(losses[-width:]))
+
+
+def _encode_tokens(model: SentenceTransformer, texts: list[str]) -> list[torch.Tensor]:
+    return model.encode(texts, output_value="token_embeddings", convert_to_numpy=False)
+
+
+TEXTS = ["Bees store honey in wax cells.", "The queen lays eggs.", "Smoke calms a colony before inspection."]
+
+
+def test_tsdae_lowers_its_loss_and_saves_a_cls_pooled_model(tmp_path, passages, tiny):
+    store, corpus = make_corpus(tmp_path, passages)
+    seen = []
+    artifact = run_pretrain(PretrainConfig(method="tsdae", **FAST), store, corpus, str(tiny.bi_encoder),
+                            on_progress=lambda step, total, loss: seen.append((step, total)))
+    info = artifact.manifest["pretrain"]
+    assert (info["method"], info["pooling"], info["steps"]) == ("tsdae", "cls", 40)
+    assert info["resumed_from_step"] is None
+    assert [step for step, _ in info["loss_history"]] == list(range(5, 41, 5))
+    assert seen == [(step, 40) for step in range(5, 41, 5)]
+    first, last = _window_means(info["loss_history"])
+    assert last < first - 0.3, info["loss_history"]
+    assert artifact.counters["examples"] == min(40 * 8, artifact.counters["sentences"])
+
+    model = SentenceTransformer(store.url("pretrain"), device="cpu")
+    assert model[1].pooling_mode == "cls"
+    embeddings = model.encode(TEXTS, convert_to_numpy=True)
+    assert embeddings.shape == (3, 64)
+    cls = np.stack([tokens[0].cpu().numpy() for tokens in _encode_tokens(model, TEXTS)])
+    np.testing.assert_allclose(embeddings, cls, atol=1e-5)
+    base = SentenceTransformer(str(tiny.bi_encoder), device="cpu")
+    base_cls = np.stack([tokens[0].cpu().numpy() for tokens in _encode_tokens(base, TEXTS)])
+    assert not np.allclose(embeddings, base_cls, atol=1e-3)  # the encoder itself was trained
+
+
+def test_mlm_lowers_its_loss_and_saves_a_mean_pooled_model(tmp_path, passages, tiny):
+    store, corpus = make_corpus(tmp_path, passages)
+    artifact = run_pretrain(PretrainConfig(method="mlm", **FAST), store, corpus, str(tiny.bi_encoder))
+    info = artifact.manifest["pretrain"]
+    assert (info["method"], info["pooling"], info["steps"]) == ("mlm", "mean", 40)
+    first, last = _window_means(info["loss_history"])
+    assert last < first - 0.3, info["loss_history"]
+    assert artifact.counters["passages"] == len(passages)
+    assert artifact.counters["examples"] >= min(len(passages), 320)
+
+    model = SentenceTransformer(store.url("pretrain"), device="cpu")
+    assert model[1].pooling_mode == "mean"
+    embeddings = model.encode(TEXTS, convert_to_numpy=True)
+    assert embeddings.shape == (3, 64)
+    means = np.stack([tokens.mean(0).cpu().numpy() for tokens in _encode_tokens(model, TEXTS)])
+    np.testing.assert_allclose(embeddings, means, atol=1e-5)
+    base = SentenceTransformer(str(tiny.bi_encoder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    assert not np.allclose(embeddings, base, atol=1e-3)  # the trained encoder, not the base, was saved
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_steps(tmp_path, passages, tiny):
+    cfg = PretrainConfig(method="tsdae", **{**FAST, "steps": 30}, checkpoint_every=10)
+    store, corpus = make_corpus(tmp_path / "run", passages)
+    fp = pretrain_fingerprint(cfg, corpus.fingerprint, str(tiny.bi_encoder))
+    checkpoints = tmp_path / "run" / ".checkpoints" / f"pretrain-{fp}"
+
+    def crash_at_15(step, total, loss):
+        if step == 15:
+            raise Crash("killed")
+
+    with pytest.raises(Crash):
+        run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), on_progress=crash_at_15)
+    assert store.load("pretrain") is None
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-10.pt"]
+
+    seen = []
+    artifact = run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), lambda s, t, loss: seen.append(s))
+    info = artifact.manifest["pretrain"]
+    assert seen == [15, 20, 25, 30] and info["steps"] == 30 and info["resumed_from_step"] == 10
+    assert not checkpoints.exists()
+
+    # The resumed run took exactly the steps an uninterrupted run takes.
+    store2, corpus2 = make_corpus(tmp_path / "clean", passages)
+    clean = run_pretrain(cfg, store2, corpus2, str(tiny.bi_encoder)).manifest["pretrain"]
+    steps = [5, 10, 15, 20, 25, 30]
+    assert [s for s, _ in info["loss_history"]] == [s for s, _ in clean["loss_history"]] == steps
+    np.testing.assert_allclose([v for _, v in info["loss_history"]], [v for _, v in clean["loss_history"]],
+                               rtol=1e-4)
+
+
+def test_reuse_fingerprint_and_user_errors(tmp_path, passages, tiny):
+    store, corpus = make_corpus(tmp_path, passages)
+    cfg = PretrainConfig(method="mlm", **{**FAST, "steps": 2, "log_every": 1})
+    first = run_pretrain(cfg, store, corpus, str(tiny.bi_encoder))
+    calls = []
+    again = run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), lambda *a: calls.append(a))
+    assert again.fingerprint == first.fingerprint == pretrain_fingerprint(cfg, corpus.fingerprint,
+                                                                           str(tiny.bi_encoder))
+    assert calls == []  # reused, not retrained
+    other = PretrainConfig(method="mlm", **{**FAST, "steps": 3})
+    assert pretrain_fingerprint(other, corpus.fingerprint, str(tiny.bi_encoder)) != first.fingerprint
+    assert pretrain_fingerprint(cfg, "another-corpus", str(tiny.bi_encoder)) != first.fingerprint
+
+    with pytest.raises(ValueError, match="method is 'none'"):
+        run_pretrain(PretrainConfig(), store, corpus, str(tiny.bi_encoder))
+    with pytest.raises(ValueError, match="no training example"):
+        run_pretrain(PretrainConfig(method="tsdae", min_sentence_words=500, **FAST), store, corpus,
+                     str(tiny.bi_encoder))
+
+
+def test_tsdae_on_an_encoder_without_a_decoder_class_says_to_use_mlm(tmp_path, passages, tiny):
+    folder = tmp_path / "distilbert"
+    tokenizer = AutoTokenizer.from_pretrained(tiny.tokenizer)
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                              pad_token_id=tokenizer.pad_token_id)
+    DistilBertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    store, corpus = make_corpus(tmp_path / "run", passages)
+    with pytest.raises(ValueError, match=r"DistilBertModel has none\. Use pretrain method 'mlm'"):
+        run_pretrain(PretrainConfig(method="tsdae", **FAST), store, corpus, str(folder))
+    assert store.load("pretrain") is None
+
+
+def test_tsdae_from_a_plain_hugging_face_encoder_folder(tmp_path, passages, tiny):
+    folder = tmp_path / "bert"
+    SentenceTransformer(str(tiny.bi_encoder), device="cpu").transformers_model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny.tokenizer).save_pretrained(folder)
+    store, corpus = make_corpus(tmp_path / "run", passages)
+    cfg = PretrainConfig(method="tsdae", **{**FAST, "steps": 3})
+    artifact = run_pretrain(cfg, store, corpus, str(folder))
+    assert artifact.manifest["pretrain"]["steps"] == 3
+    model = SentenceTransformer(store.url("pretrain"), device="cpu")
+    assert model[1].pooling_mode == "cls" and model.encode(TEXTS).shape == (3, 64)
+
+
+def test_pretrain_task_reports_progress(tmp_path, passages, tiny, monkeypatch):
+    store, corpus = make_corpus(tmp_path, passages)
+    updates = []
+    monkeypatch.setattr(pretrain_module, "create_progress_artifact", lambda progress, key, description: "id1")
+    monkeypatch.setattr(pretrain_module, "update_progress_artifact",
+                        lambda artifact_id, progress: updates.append((artifact_id, progress)))
+    cfg = PretrainConfig(method="mlm", **{**FAST, "steps": 4, "log_every": 2})
+    with disable_run_logger():
+        fp = pretrain_task.fn(cfg, str(tmp_path), corpus.fingerprint, str(tiny.bi_encoder))
+        with pytest.raises(FileNotFoundError, match="run ingest first"):
+            pretrain_task.fn(cfg, str(tmp_path), "not-the-corpus", str(tiny.bi_encoder))
+    assert fp == store.require("pretrain").fingerprint == pretrain_fingerprint(cfg, corpus.fingerprint,
+                                                                               str(tiny.bi_encoder))
+    assert updates == [("id1", 50.0), ("id1", 100.0), ("id1", 100.0)]
+    params = {"cfg": cfg, "corpus_fp": corpus.fingerprint, "base_model": str(tiny.bi_encoder)}
+    assert pretrain_task.cache_key_fn(None, params) == f"gplflow-pretrain-{fp}"
