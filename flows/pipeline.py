@@ -20,7 +20,7 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.flows.config import PipelineConfig
 from gplflow.flows.report import publish_report
-from gplflow.tasks import evaluate, generate, ingest, label, mine, train
+from gplflow.tasks import evaluate, generate, ingest, label, mine, pretrain, train
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +92,22 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     triples_fp = ""
     if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
         triples_fp = fps.get("triples") or _mine_and_label(cfg, run_dir, models, fps)
+    start = _pretrain(cfg, run_dir, models, fps)
     fps["model"] = _call(
         train.train_task, train.STAGE,
-        train.train_fingerprint(cfg.train, models["base"], triples_fp or fps["queries"], fps["corpus"]),
-        cfg=cfg.train, run_dir=run_dir, base_model=models["base"], corpus_fp=fps["corpus"],
+        train.train_fingerprint(cfg.train, start, triples_fp or fps["queries"], fps["corpus"]),
+        cfg=cfg.train, run_dir=run_dir, base_model=start, corpus_fp=fps["corpus"],
         queries_fp=fps["queries"], triples_fp=triples_fp or None,
     )
     metrics = None
     if cfg.evaluate.qrels:
-        compare = {"base": models["base"], "adapted": ArtifactStore(run_dir).url(train.STAGE)}
+        compare = {"base": models["base"]}
+        if start != models["base"]:
+            compare["pretrained"] = start
+        compare["adapted"] = ArtifactStore(run_dir).url(train.STAGE)
         fps["evaluate"] = _call(
             evaluate.evaluate_task, evaluate.STAGE,
-            evaluate.evaluate_fingerprint(cfg.evaluate, fps["corpus"], models["base"], fps["model"]),
+            evaluate.fingerprint_for(cfg.evaluate, fps["corpus"], compare, fps["model"]),
             cfg=cfg.evaluate, run_dir=run_dir, corpus_fp=fps["corpus"], models=compare, adapted_fp=fps["model"],
         )
         metrics = evaluate.read_metrics(ArtifactStore(run_dir))
@@ -111,6 +115,18 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
                "seconds": round(time.time() - started, 1)}
     publish_report(cfg, ArtifactStore(run_dir), summary)
     return summary
+
+
+def _pretrain(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str]) -> str:
+    """The model training starts from: the pretrain stage's output when pretraining is on, else the base."""
+    if cfg.pretrain.method == "none":
+        return models["base"]
+    fps["pretrain"] = _call(
+        pretrain.pretrain_task, pretrain.STAGE,
+        pretrain.pretrain_fingerprint(cfg.pretrain, fps["corpus"], models["base"]),
+        cfg=cfg.pretrain, run_dir=run_dir, corpus_fp=fps["corpus"], base_model=models["base"],
+    )
+    return str(ArtifactStore(run_dir).require(pretrain.STAGE).local_dir())
 
 
 def _mine_and_label(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str]) -> str:
@@ -135,7 +151,7 @@ def default_run_dir(cfg: PipelineConfig) -> str:
     return str(Path("runs") / cfg.name)
 
 
-@flow(name="gpl-pipeline", log_prints=True)
+@flow(name="gpl-pipeline")
 def gpl_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                  run_dir: str | None = None) -> dict[str, Any]:
     """Adapt a bi-encoder to a corpus: ingest → generate → mine → label → train → evaluate (GPL or GenQ)."""
@@ -143,7 +159,7 @@ def gpl_pipeline(config_path: str | None = None, overrides: list[str] | None = N
     return run_pipeline(cfg, run_dir or default_run_dir(cfg))
 
 
-@flow(name="genq-pipeline", log_prints=True)
+@flow(name="genq-pipeline")
 def genq_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                   run_dir: str | None = None) -> dict[str, Any]:
     """GenQ: ingest → generate → train with MultipleNegativesRankingLoss → evaluate."""
