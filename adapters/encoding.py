@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gplflow.adapters import models
+from gplflow.adapters.oom import halve_on_oom
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +37,32 @@ def encode(
     normalize: bool = False,
     desc: str = "encoding",
     show_progress: bool = True,
+    setting: str = "batch_size",
 ) -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; row i is text i. L2-normalised when ``normalize``.
 
     ``role`` picks ``encode_query`` or ``encode_document``, so a model with query/document prompts gets them.
+    A batch that runs out of GPU memory is retried in halves; ``setting`` names the config key to lower.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     out = np.empty((len(texts), embedding_dim(model)), dtype=np.float32)
     order = np.argsort([-len(t) for t in texts], kind="stable")
     fn = model.encode_query if role == "query" else model.encode_document
+
+    def embed(idx: np.ndarray) -> np.ndarray:
+        emb = fn([texts[i] for i in idx], batch_size=len(idx), convert_to_tensor=True, show_progress_bar=False)
+        emb = emb.float()
+        if normalize:
+            emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        return emb.cpu().numpy()
+
     bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress or not len(texts))
     with models.inference(), bar:
         for start in range(0, len(texts), batch_size):
-            idx = order[start : start + batch_size]
-            emb = fn([texts[i] for i in idx], batch_size=len(idx), convert_to_tensor=True,
-                     show_progress_bar=False).float()
-            if normalize:
-                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-            out[idx] = emb.cpu().numpy()
-            bar.update(len(idx))
+            for idx, emb in halve_on_oom(embed, order[start : start + batch_size], what=setting):
+                out[idx] = emb
+            bar.update(min(batch_size, len(texts) - start))
     return out
 
 

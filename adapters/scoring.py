@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gplflow.adapters import models
+from gplflow.adapters.oom import halve_on_oom
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +59,20 @@ class CrossEncoderScorer:
     def score(
         self, queries: Sequence[str], passages: Sequence[str], pair_q: np.ndarray, pair_p: np.ndarray
     ) -> np.ndarray:
+        def predict(idx: np.ndarray) -> np.ndarray:
+            batch = [(queries[q], passages[p]) for q, p in zip(pair_q[idx], pair_p[idx], strict=True)]
+            # activation_fn passed explicitly: a model saved without one would otherwise get a Sigmoid.
+            return self.model.predict(batch, batch_size=len(batch), show_progress_bar=False,
+                                      activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+
         lengths = _lengths(queries)[pair_q] + _lengths(passages)[pair_p]
         order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows up at once
         scores = np.empty(len(order), dtype=np.float32)
         with models.inference(), tqdm(total=len(order), desc="scoring pairs", unit="pair") as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                batch = [(queries[q], passages[p]) for q, p in zip(pair_q[idx], pair_p[idx], strict=True)]
-                # activation_fn passed explicitly: a model saved without one would otherwise get a Sigmoid.
-                scores[idx] = self.model.predict(
-                    batch,
-                    batch_size=len(batch),
-                    show_progress_bar=False,
-                    activation_fn=torch.nn.Identity(),
-                    convert_to_numpy=True,
-                )
+                for part, found in halve_on_oom(predict, idx, what="label.batch_size"):
+                    scores[part] = found
                 bar.update(len(idx))
         return scores
 
@@ -104,20 +104,18 @@ class BiEncoderScorer:
 
     def encode(self, texts: list[str], desc: str) -> np.ndarray:
         """float32 embeddings of `texts`, computed in length-sorted batches."""
+        def embed(idx: np.ndarray) -> np.ndarray:
+            return self.model.encode([texts[i] for i in idx], batch_size=len(idx), convert_to_numpy=True,
+                                     normalize_embeddings=self.normalize, show_progress_bar=False)
+
         order = np.argsort(-_lengths(texts), kind="stable")
         out: np.ndarray | None = None
         with models.inference(), tqdm(total=len(texts), desc=desc, unit="text") as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                emb = self.model.encode(
-                    [texts[i] for i in idx],
-                    batch_size=len(idx),
-                    convert_to_numpy=True,
-                    normalize_embeddings=self.normalize,
-                    show_progress_bar=False,
-                )
-                if out is None:
-                    out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
-                out[idx] = emb
+                for part, emb in halve_on_oom(embed, idx, what="label.batch_size"):
+                    if out is None:
+                        out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+                    out[part] = emb
                 bar.update(len(idx))
         return out if out is not None else np.empty((0, 0), dtype=np.float32)

@@ -152,19 +152,15 @@ def _verdict(metrics: dict[str, Any]) -> None:
 
 @app.command()
 def status(run_dir: Annotated[str, typer.Argument(help="A run directory.")]) -> None:
-    """Show each stage of a run as complete or missing, with row counts."""
-    from gplflow.flows.report import STAGES
+    """Show each stage of a run as complete, partial (k of n shards), corrupted or missing, and what a rerun does."""
+    from gplflow.flows.status import run_status
 
-    store = ArtifactStore(run_dir)
     table = Table(title=f"run {run_dir}")
-    for column in ("stage", "state", "rows", "fingerprint", "detail"):
+    for column in ("stage", "state", "rows", "shards", "fingerprint", "a rerun would"):
         table.add_column(column)
-    for stage in STAGES:
-        problems = store.problems(stage)
-        manifest = store.read_manifest(stage) or {}
-        state = "complete" if not problems else ("corrupted" if manifest else "missing")
-        table.add_row(stage, state, str(manifest.get("rows", "")), manifest.get("fingerprint", ""),
-                      "" if not problems or not manifest else problems[0])
+    for row in run_status(ArtifactStore(run_dir)):
+        table.add_row(row.stage, row.state, "" if row.rows is None else str(row.rows), row.shards, row.fingerprint,
+                      row.rerun)
     console.print(table)
 
 

@@ -43,8 +43,12 @@ class ModelsConfig(_Frozen):
 
 
 class ExecutionConfig(_Frozen):
+    """How shardable stages run: here (local) or as flow runs on the gpu-pool workers (pool, see flows/shards.py)."""
+
     mode: Literal["local", "pool"] = "local"
-    shard_size: int = Field(default=10_000, gt=0)
+    shard_size: int = Field(default=10_000, gt=0)  # passages (generate, mine) or distinct pairs (label) per shard
+    shard_retries: int = Field(default=2, ge=0)  # pool: times a failed shard is submitted again
+    shard_timeout_s: float | None = Field(default=None, gt=0)  # pool: a shard run not done by then has failed
 
 
 class ImportConfig(_Frozen):

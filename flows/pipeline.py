@@ -18,6 +18,7 @@ from gplflow.adapters.gpl_format import import_gpl
 from gplflow.adapters.models import TINY, packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
+from gplflow.flows import shards
 from gplflow.flows.config import PipelineConfig
 from gplflow.flows.report import publish_report
 from gplflow.tasks import evaluate, generate, ingest, label, mine, pretrain, train
@@ -71,9 +72,15 @@ def _packaged(ref: str) -> str:
     return ref
 
 
-def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
-    """The stages in order; returns the fingerprints and the evaluation metrics (if any)."""
+def run_pipeline(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None = None,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
+    """The stages in order; returns the fingerprints and the evaluation metrics (if any).
+
+    ``config_path`` and ``overrides`` (what ``cfg`` was loaded from) are what pool workers load
+    (``execution.mode: pool``); without them the whole config is passed to the workers as overrides.
+    """
     started = time.time()
+    pool = shards.PoolSource.of(cfg, config_path, overrides) if cfg.execution.mode == "pool" else None
     fps: dict[str, str] = import_gpl_task(cfg.import_.gpl_dir, run_dir) if cfg.import_.gpl_dir else {}
     if "corpus" not in fps:
         if cfg.corpus is None:
@@ -83,15 +90,14 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     models = prepare_models(cfg, run_dir)
     if "queries" not in fps:
         generator = models["generator"] if cfg.generate.method == "t5" else ""
-        fps["queries"] = _call(
-            generate.generate_task, generate.STAGE,
-            generate.generate_fingerprint(cfg.generate, fps["corpus"], generator),
-            cfg=cfg.generate, run_dir=run_dir, corpus_fp=fps["corpus"], generator=generator,
-            shard_size=cfg.execution.shard_size,
-        )
+        params = dict(cfg=cfg.generate, run_dir=run_dir, corpus_fp=fps["corpus"], generator=generator,
+                      shard_size=cfg.execution.shard_size)
+        shards.fan_out(cfg, "generate", params, pool)  # pool mode: the shards run on the workers first
+        fps["queries"] = _call(generate.generate_task, generate.STAGE,
+                               generate.generate_fingerprint(cfg.generate, fps["corpus"], generator), **params)
     triples_fp = ""
     if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
-        triples_fp = fps.get("triples") or _mine_and_label(cfg, run_dir, models, fps)
+        triples_fp = fps.get("triples") or _mine_and_label(cfg, run_dir, models, fps, pool)
     start = _pretrain(cfg, run_dir, models, fps)
     fps["model"] = _call(
         train.train_task, train.STAGE,
@@ -129,20 +135,25 @@ def _pretrain(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: di
     return str(ArtifactStore(run_dir).require(pretrain.STAGE).local_dir())
 
 
-def _mine_and_label(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str]) -> str:
+def _mine_and_label(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str],
+                    pool: shards.PoolSource | None = None) -> str:
     retrievers = models["retrievers"]
-    fps["negatives"] = fps.get("negatives") or _call(
-        mine.mine_task, mine.STAGE,
-        mine.mine_fingerprint(cfg.mine, fps["corpus"], fps["queries"], retrievers),
-        cfg=cfg.mine, run_dir=run_dir, corpus_fp=fps["corpus"], queries_fp=fps["queries"], retrievers=retrievers,
-    )
+    if "negatives" not in fps:
+        params = dict(cfg=cfg.mine, run_dir=run_dir, corpus_fp=fps["corpus"], queries_fp=fps["queries"],
+                      retrievers=retrievers, shard_size=cfg.execution.shard_size)
+        shards.fan_out(cfg, "mine", params, pool)
+        fps["negatives"] = _call(mine.mine_task, mine.STAGE,
+                                 mine.mine_fingerprint(cfg.mine, fps["corpus"], fps["queries"], retrievers), **params)
     teacher = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
     n_triples = label.resolve_triples(cfg.label, cfg.train.steps, cfg.train.batch_size)
+    params = dict(cfg=cfg.label, run_dir=run_dir, n_triples=n_triples, corpus_fp=fps["corpus"],
+                  queries_fp=fps["queries"], negatives_fp=fps["negatives"], teacher=teacher,
+                  shard_size=cfg.execution.shard_size)
+    shards.fan_out(cfg, "label", params, pool)
     fps["triples"] = _call(
         label.label_task, label.STAGE,
         label.label_fingerprint(cfg.label, n_triples, fps["corpus"], fps["queries"], fps["negatives"], teacher),
-        cfg=cfg.label, run_dir=run_dir, n_triples=n_triples, corpus_fp=fps["corpus"], queries_fp=fps["queries"],
-        negatives_fp=fps["negatives"], teacher=teacher,
+        **params,
     )
     return fps["triples"]
 
@@ -156,12 +167,13 @@ def gpl_pipeline(config_path: str | None = None, overrides: list[str] | None = N
                  run_dir: str | None = None) -> dict[str, Any]:
     """Adapt a bi-encoder to a corpus: ingest → generate → mine → label → train → evaluate (GPL or GenQ)."""
     cfg = PipelineConfig.load(config_path, overrides or [])
-    return run_pipeline(cfg, run_dir or default_run_dir(cfg))
+    return run_pipeline(cfg, run_dir or default_run_dir(cfg), config_path, overrides)
 
 
 @flow(name="genq-pipeline")
 def genq_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                   run_dir: str | None = None) -> dict[str, Any]:
     """GenQ: ingest → generate → train with MultipleNegativesRankingLoss → evaluate."""
-    cfg = PipelineConfig.load(config_path, [*(overrides or []), "flow=genq", "train.loss=mnrl"])
-    return run_pipeline(cfg, run_dir or default_run_dir(cfg))
+    overrides = [*(overrides or []), "flow=genq", "train.loss=mnrl"]
+    cfg = PipelineConfig.load(config_path, overrides)
+    return run_pipeline(cfg, run_dir or default_run_dir(cfg), config_path, overrides)

@@ -1,14 +1,17 @@
-"""What every stage shares: the frozen config base, the stage fingerprint, and the artifact-checked cache key."""
+"""What every stage shares: the frozen config base, the stage fingerprint, the artifact-checked cache key, and
+the shard job of the shardable stages (generate, mine, label)."""
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from gplflow.adapters.store import Artifact, ArtifactStore, fingerprint
+from gplflow.adapters.staging import ShardStaging
+from gplflow.adapters.store import Artifact, ArtifactStore, canonical_json, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -43,3 +46,79 @@ def artifact_cache_key(stage: str, fingerprint_of) -> Any:
         return f"gplflow-{stage}-{fingerprint_of(params)}"
 
     return key
+
+
+class ShardJob(ABC):
+    """A shardable stage cut into ``n_shards`` shards, staged in ``staging`` until all are done.
+
+    ``run_shard(k)`` computes and stages shard k (any process, any machine sharing the run directory);
+    ``publish()`` turns the staged shards into the stage's artifact once all are done. ``run()`` does both,
+    skipping the shards a killed run already finished.
+    """
+
+    stage: str
+    fingerprint: str
+    staging: ShardStaging
+
+    @property
+    @abstractmethod
+    def n_shards(self) -> int: ...
+
+    @abstractmethod
+    def plan(self) -> dict[str, Any]:
+        """What decides how the stage is cut and what each shard holds (``n_shards`` and the shard size)."""
+
+    @abstractmethod
+    def run_shard(self, k: int) -> dict[str, Any]:
+        """Compute and stage shard k; returns its done record."""
+
+    @abstractmethod
+    def publish(self) -> Artifact:
+        """Publish the staged shards as the stage's artifact and remove the staging folder."""
+
+    def prepare(self) -> list[int]:
+        """Write (or keep) the staging plan; returns the shards still to compute."""
+        return self.staging.prepare(self.plan())
+
+    def run(self) -> Artifact:
+        for k in self.prepare():
+            self.run_shard(k)
+        return self.publish()
+
+    def check_shard(self, k: int) -> None:
+        """Shard k exists and the staging folder was prepared with this job's plan (by the flow that fans out)."""
+        if not 0 <= k < self.n_shards:
+            raise ValueError(f"{self.stage}: shard {k} does not exist; the stage has {self.n_shards} shards "
+                             f"(0 to {self.n_shards - 1})")
+        found = self.staging.read_plan()
+        if found is None or canonical_json(found) != canonical_json(
+                {**self.plan(), "stage": self.stage, "fingerprint": self.fingerprint}):
+            raise ValueError(f"{self.staging.url}: no staging plan matching this process's config and inputs "
+                             f"(fingerprint {self.fingerprint}); the worker and the flow that fanned out the "
+                             "shards must see the same config file, overrides, models and run directory")
+
+    def done_records(self) -> list[dict[str, Any]]:
+        """Every shard's done record in shard order; an error naming the missing shards if any is not done."""
+        records = self.staging.records(self.n_shards)
+        missing = [k for k in range(self.n_shards) if k not in records]
+        if missing:
+            raise RuntimeError(f"{self.stage}: shards {_ranges(missing)} of {self.n_shards} are not done "
+                               f"(no valid completion record in {self.staging.url})")
+        return [records[k] for k in range(self.n_shards)]
+
+
+def shard_summary(records: list[dict[str, Any]], shard_size: int) -> dict[str, Any]:
+    """What a manifest keeps of its shards: their size, and per shard its rows and who computed it."""
+    keep = ("rows", "host", "pid", "worker", "finished")
+    return {"count": len(records), "size": shard_size, "shards": [{k: r.get(k) for k in keep} for r in records]}
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out)

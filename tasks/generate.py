@@ -23,7 +23,7 @@ import itertools
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -34,8 +34,10 @@ from tqdm.auto import tqdm
 
 from gplflow.adapters import models
 from gplflow.adapters.generation import QueryGenerator, SamplingParams
+from gplflow.adapters.oom import halve_on_oom
+from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import ShardJob, StageConfig, artifact_cache_key, reuse, shard_summary, stage_fingerprint
 from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ SPAN_WORDS = (6, 16)  # extractive: a span of 6-16 words when a passage has fewe
 MIN_SENTENCE_WORDS = 3  # extractive: shorter sentences ("Fig. 3.") are not used as queries …
 MIN_SENTENCE_CHARS = 15  # … unless long in characters (scripts written without spaces)
 _U64 = 2**64
+SHARD_COUNTERS = ("duplicate_queries", "empty_passage", "empty_queries")  # counted per shard, then added up
 
 
 class GenerateConfig(StageConfig):
@@ -116,44 +119,98 @@ def queries_per_passage(cfg: GenerateConfig, n_passages: int) -> tuple[int, int 
 
 def run_generate(cfg: GenerateConfig, store: ArtifactStore, corpus: Artifact, generator: str,
                  shard_size: int = DEFAULT_SHARD_SIZE) -> Artifact:
-    """Generate queries for the corpus (or its seeded sample) shard by shard; reuse a matching artifact."""
-    if shard_size < 1:
-        raise ValueError(f"generate: shard_size must be >= 1, got {shard_size}")
-    if cfg.remove_span:
-        raise ValueError("generate.remove_span is not supported: the queries artifact cannot carry a passage "
-                         "with the span removed; set it to false")
-    fp = generate_fingerprint(cfg, corpus.fingerprint, generator)
-    if (found := reuse(store, STAGE, fp)) is not None:
+    """Generate queries for the corpus (or its seeded sample) shard by shard; reuse a matching artifact.
+
+    Shards a killed run finished are kept (see ``adapters/staging.py``) and not computed again.
+    """
+    job = GenerateJob(cfg, store, corpus, generator, shard_size)
+    if (found := reuse(store, STAGE, job.fingerprint)) is not None:
         return found
-    qpp, sample = queries_per_passage(cfg, corpus.rows)
-    make = _t5_maker(cfg, generator, qpp) if cfg.method == "t5" else _extractive_maker(cfg, qpp)
-    config, inputs = _fingerprint_parts(cfg, corpus.fingerprint, generator)
-    with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
-        out.extra["shard_size"] = shard_size
-        for name, value in [("passages", corpus.rows), ("queries_per_passage", qpp), ("duplicate_queries", 0),
-                            ("empty_passage", 0), ("empty_queries", 0)]:
-            out.count(name, value)
-        keep = None
-        if sample is not None:
-            out.count("sampled_passages", sample)
-            keep = _sample_mask(corpus.rows, sample, cfg.seed)
-        passages = _passages(corpus, keep)
-        rows = _write_shards(out, _shards(passages, shard_size), make, total=sample or corpus.rows)
-        if rows == 0:
-            raise ValueError(f"generate: no queries from {corpus.url} ({out.counters}); every passage was "
-                             "empty after truncation or every generated query was empty")
-    artifact = store.require(STAGE)
-    logger.info("generated %d queries (%s)", artifact.rows, artifact.counters)
-    return artifact
+    return job.run()
 
 
-def _write_shards(out, shards: Iterable[list[Passage]], make: QueryMaker, total: int) -> int:
-    rows = 0
-    with tqdm(total=total, unit="passage", desc="generate queries") as bar:
-        for shard_no, shard in enumerate(shards):
-            batch = _to_batch(shard, make(shard, shard_no, bar.update), out.count)
-            rows += out.write_part([batch], SCHEMA, index=shard_no)
-    return rows
+class GenerateJob(ShardJob):
+    """The generate stage cut into shards of ``shard_size`` passages (of the corpus or its seeded sample)."""
+
+    stage = STAGE
+
+    def __init__(self, cfg: GenerateConfig, store: ArtifactStore, corpus: Artifact, generator: str,
+                 shard_size: int = DEFAULT_SHARD_SIZE):
+        if shard_size < 1:
+            raise ValueError(f"generate: shard_size must be >= 1, got {shard_size}")
+        if cfg.remove_span:
+            raise ValueError("generate.remove_span is not supported: the queries artifact cannot carry a passage "
+                             "with the span removed; set it to false")
+        self.cfg, self.store, self.corpus, self.generator, self.shard_size = cfg, store, corpus, generator, shard_size
+        self.fingerprint = generate_fingerprint(cfg, corpus.fingerprint, generator)
+        self.staging = ShardStaging(store, STAGE, self.fingerprint)
+        self.qpp, self.sample = queries_per_passage(cfg, corpus.rows)
+        self.used = self.sample or corpus.rows
+        self._make: QueryMaker | None = None
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.used / self.shard_size)
+
+    def plan(self) -> dict[str, Any]:
+        return {"n_shards": self.n_shards, "shard_size": self.shard_size, "passages": self.used,
+                "queries_per_passage": self.qpp}
+
+    def run(self) -> Artifact:
+        """All pending shards from one pass over the corpus, then publish."""
+        pending = set(self.prepare())
+        with tqdm(total=self.used, unit="passage", desc="generate queries") as bar:
+            bar.update(sum(len(r) for k, r in enumerate(self._shard_ranges()) if k not in pending))
+            for k, shard in enumerate(_shards(self._passages(), self.shard_size)):
+                if k in pending:
+                    self._run(k, shard, bar.update)
+        return self.publish()
+
+    def run_shard(self, k: int) -> dict[str, Any]:
+        start = k * self.shard_size
+        shard = list(itertools.islice(self._passages(), start, start + self.shard_size))
+        return self._run(k, shard, lambda _n: None)
+
+    def _run(self, k: int, shard: list[Passage], progress: Callable[[int], Any]) -> dict[str, Any]:
+        if self._make is None:
+            self._make = (_t5_maker(self.cfg, self.generator, self.qpp) if self.cfg.method == "t5"
+                          else _extractive_maker(self.cfg, self.qpp))
+        counters = dict.fromkeys(SHARD_COUNTERS, 0)
+
+        def count(name: str, value: int = 1) -> None:
+            counters[name] += value
+
+        batch = _to_batch(shard, self._make(shard, k, progress), count)
+        return self.staging.write_parquet(k, [batch], SCHEMA, counters)
+
+    def publish(self) -> Artifact:
+        records = self.done_records()
+        config, inputs = _fingerprint_parts(self.cfg, self.corpus.fingerprint, self.generator)
+        with self.store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+            out.extra["shard_size"] = self.shard_size
+            out.extra["shards"] = shard_summary(records, self.shard_size)
+            out.count("passages", self.corpus.rows)
+            out.count("queries_per_passage", self.qpp)
+            if self.sample is not None:
+                out.count("sampled_passages", self.sample)
+            for name, value in sum_counters(records).items():
+                out.count(name, value)
+            for k, record in enumerate(records):
+                out.add_part(self.staging.file(k, "parquet"), k, record["rows"])
+            if sum(r["rows"] for r in records) == 0:
+                raise ValueError(f"generate: no queries from {self.corpus.url} ({out.counters}); every passage "
+                                 "was empty after truncation or every generated query was empty")
+        self.staging.remove()
+        artifact = self.store.require(STAGE)
+        logger.info("generated %d queries (%s)", artifact.rows, artifact.counters)
+        return artifact
+
+    def _passages(self) -> Iterator[Passage]:
+        keep = None if self.sample is None else _sample_mask(self.corpus.rows, self.sample, self.cfg.seed)
+        return _passages(self.corpus, keep)
+
+    def _shard_ranges(self) -> list[range]:
+        return [range(s, min(s + self.shard_size, self.used)) for s in range(0, self.used, self.shard_size)]
 
 
 def _to_batch(shard: list[Passage], candidates: list[list[str] | None], count) -> pa.RecordBatch:
@@ -217,8 +274,13 @@ def _t5_maker(cfg: GenerateConfig, generator: str, qpp: int) -> QueryMaker:
         for batch_no, start in enumerate(range(0, len(order), cfg.batch_size)):
             members = order[start : start + cfg.batch_size]
             seed = _derived_seed(cfg.seed, shard_no, batch_no)
-            for i, queries in zip(members, gen.generate([encoded[i] for i in members], qpp, seed), strict=True):
-                found[i] = queries
+
+            def sample(part: list[int], seed: int = seed) -> list[list[str]]:
+                return gen.generate([encoded[i] for i in part], qpp, seed)
+
+            for part, queries_of in halve_on_oom(sample, members, what="generate.batch_size"):
+                for i, queries in zip(part, queries_of, strict=True):
+                    found[i] = queries
             progress(len(members))
         return found
 
@@ -289,11 +351,18 @@ def _extractive_maker(cfg: GenerateConfig, qpp: int) -> QueryMaker:
                                                                             p["generator"])))
 def generate_task(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
                   shard_size: int = DEFAULT_SHARD_SIZE) -> str:
+    job = generate_job(cfg, run_dir, corpus_fp, generator, shard_size)
+    artifact = reuse(job.store, STAGE, job.fingerprint) or job.run()
+    get_run_logger().info("queries: %d from %d passages (%s)", artifact.rows, job.corpus.rows, artifact.counters)
+    return artifact.fingerprint
+
+
+def generate_job(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
+                 shard_size: int = DEFAULT_SHARD_SIZE) -> GenerateJob:
+    """The generate job for ``generate_task``'s parameters (the flow that fans shards out builds it the same way)."""
     store = ArtifactStore(run_dir)
     corpus = store.load(CORPUS_STAGE, expect_fingerprint=corpus_fp)
     if corpus is None:
         raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")
-    artifact = run_generate(cfg, store, corpus, generator, shard_size)
-    get_run_logger().info("queries: %d from %d passages (%s)", artifact.rows, corpus.rows, artifact.counters)
-    return artifact.fingerprint
+    return GenerateJob(cfg, store, corpus, generator, shard_size)

@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,10 +28,11 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from pydantic import Field
 
-from gplflow.adapters.scoring import load_scorer
+from gplflow.adapters.scoring import PairScorer, load_scorer
+from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
 from gplflow.tasks import generate, ingest, mine
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import ShardJob, StageConfig, artifact_cache_key, reuse, shard_summary, stage_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ SCHEMA = pa.schema(
         ("margin", pa.float32()),
     ]
 )
+SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())])
+DEFAULT_SHARD_SIZE = 10_000  # distinct pairs per shard
 
 
 class LabelConfig(StageConfig):
@@ -101,34 +104,127 @@ def run_label(
     negatives: Artifact,
     teacher: str,
     n_triples: int,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> Artifact:
-    """Draw the triples, score their distinct pairs with the teacher, and publish ``triples/``."""
-    if not isinstance(n_triples, int) or n_triples <= 0:
-        raise ValueError(f"label: n_triples must be a positive integer, got {n_triples!r}")
-    config, inputs = _fingerprint_parts(
-        cfg, n_triples, corpus.fingerprint, queries.fingerprint, negatives.fingerprint, teacher
-    )
-    if (found := reuse(store, STAGE, stage_fingerprint(STAGE, config, inputs, CODE_VERSION))) is not None:
+    """Draw the triples, score their distinct pairs with the teacher (shard by shard), publish ``triples/``."""
+    job = LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size)
+    if (found := reuse(store, STAGE, job.fingerprint)) is not None:
         return found
-    pool = load_pool(corpus, queries, negatives)
-    tq, neg = draw_triples(np.diff(pool.offsets), n_triples, cfg.seed)
-    neg = pool.negatives[pool.offsets[tq] + neg]
-    pos = pool.positives[tq]
-    pos_score, neg_score, n_pairs = _score(cfg, teacher, corpus, pool, tq, pos, neg)
-    with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
-        out.write_part(_batches(pool, tq, pos, neg, pos_score, neg_score), SCHEMA)
-        sizes = np.diff(pool.offsets)
-        counts = np.bincount(tq, minlength=len(sizes))
-        out.count("triples", len(tq))
-        out.count("queries", int(np.count_nonzero(counts)))
-        out.count("queries_without_negatives", int(np.count_nonzero(sizes == 0)))
-        out.count("cycled_queries", int(np.count_nonzero(counts > sizes)))
-        out.count("distinct_pairs", n_pairs)
-        out.count("scored_pairs", n_pairs)
-        out.extra["teacher"] = {"kind": cfg.teacher, "ref": teacher}
-    artifact = store.require(STAGE)
-    logger.info("labelled %d triples over %d distinct pairs (%s)", artifact.rows, n_pairs, artifact.counters)
-    return artifact
+    return job.run()
+
+
+class LabelJob(ShardJob):
+    """Labelling cut into shards of ``shard_size`` distinct (query, passage) pairs, in sorted pair order.
+
+    The triples are drawn up front (cheap, seeded); shard k scores pairs [k*size, (k+1)*size) and stages
+    (query_id, doc_id, score). Publishing maps the scores back onto the triples.
+    """
+
+    stage = STAGE
+
+    def __init__(self, cfg: LabelConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
+                 negatives: Artifact, teacher: str, n_triples: int, shard_size: int = DEFAULT_SHARD_SIZE):
+        if not isinstance(n_triples, int) or n_triples <= 0:
+            raise ValueError(f"label: n_triples must be a positive integer, got {n_triples!r}")
+        if shard_size < 1:
+            raise ValueError(f"label: shard_size must be >= 1, got {shard_size}")
+        self.cfg, self.store, self.corpus, self.teacher, self.shard_size = cfg, store, corpus, teacher, shard_size
+        self.config, self.inputs = _fingerprint_parts(
+            cfg, n_triples, corpus.fingerprint, queries.fingerprint, negatives.fingerprint, teacher
+        )
+        self.fingerprint = stage_fingerprint(STAGE, self.config, self.inputs, CODE_VERSION)
+        self.staging = ShardStaging(store, STAGE, self.fingerprint)
+        self._sources = (queries, negatives, n_triples)
+        self._draw: _Draw | None = None
+        self._scorer: PairScorer | None = None
+
+    @property
+    def draw(self) -> _Draw:
+        if self._draw is None:
+            queries, negatives, n_triples = self._sources
+            self._draw = _Draw.make(load_pool(self.corpus, queries, negatives), n_triples, self.cfg.seed)
+        return self._draw
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(len(self.draw.keys) / self.shard_size)
+
+    def plan(self) -> dict[str, Any]:
+        return {"n_shards": self.n_shards, "shard_size": self.shard_size, "distinct_pairs": len(self.draw.keys)}
+
+    def run_shard(self, k: int) -> dict[str, Any]:
+        draw = self.draw
+        keys = draw.keys[k * self.shard_size : (k + 1) * self.shard_size]
+        n_docs = len(draw.pool.doc_ids)
+        pair_q, pair_d = keys // n_docs, keys % n_docs
+        used_docs = np.unique(pair_d)
+        if self._scorer is None:
+            self._scorer = load_scorer(self.cfg.teacher, self.teacher, max_seq_length=self.cfg.max_seq_length,
+                                       batch_size=self.cfg.batch_size, normalize=self.cfg.bi_encoder_score == "cos_sim")
+        logger.info("label shard %d: scoring %d distinct pairs with %s", k, len(keys), self.teacher)
+        scores = self._scorer.score(draw.pool.query_texts, _passages(self.corpus, used_docs), pair_q,
+                                    np.searchsorted(used_docs, pair_d))
+        table = pa.table({"query_id": draw.pool.query_ids.take(pa.array(pair_q)),
+                          "doc_id": draw.pool.doc_ids.take(pa.array(pair_d)),
+                          "score": pa.array(scores, pa.float32())}, schema=SCORE_SCHEMA)
+        return self.staging.write_parquet(k, [table], SCORE_SCHEMA, {"scored_pairs": len(keys)})
+
+    def publish(self) -> Artifact:
+        records = self.done_records()
+        draw, scores = self.draw, self._staged_scores()
+        tq, pos, neg = draw.tq, draw.pos, draw.neg
+        pos_score, neg_score = scores[draw.inverse[: len(tq)]], scores[draw.inverse[len(tq) :]]
+        with self.store.writer(STAGE, config=self.config, inputs=self.inputs, code_version=CODE_VERSION) as out:
+            out.write_part(_batches(draw.pool, tq, pos, neg, pos_score, neg_score), SCHEMA)
+            sizes = np.diff(draw.pool.offsets)
+            counts = np.bincount(tq, minlength=len(sizes))
+            out.count("triples", len(tq))
+            out.count("queries", int(np.count_nonzero(counts)))
+            out.count("queries_without_negatives", int(np.count_nonzero(sizes == 0)))
+            out.count("cycled_queries", int(np.count_nonzero(counts > sizes)))
+            out.count("distinct_pairs", len(draw.keys))
+            out.count("scored_pairs", sum_counters(records).get("scored_pairs", 0))
+            out.extra["teacher"] = {"kind": self.cfg.teacher, "ref": self.teacher}
+            out.extra["shards"] = shard_summary(records, self.shard_size)
+        self.staging.remove()
+        artifact = self.store.require(STAGE)
+        logger.info("labelled %d triples over %d distinct pairs (%s)", artifact.rows, len(draw.keys),
+                    artifact.counters)
+        return artifact
+
+    def _staged_scores(self) -> np.ndarray:
+        """The staged scores in pair order, checked against the pairs this job drew."""
+        table = pa.concat_tables([self.staging.read_table(k) for k in range(self.n_shards)])
+        draw = self.draw
+        n_docs = len(draw.pool.doc_ids)
+        expect_q = draw.pool.query_ids.take(pa.array(draw.keys // n_docs))
+        expect_d = draw.pool.doc_ids.take(pa.array(draw.keys % n_docs))
+        if (table.num_rows != len(draw.keys) or not table.column("query_id").combine_chunks().equals(expect_q)
+                or not table.column("doc_id").combine_chunks().equals(expect_d)):
+            raise RuntimeError(f"{self.staging.url}: the staged scores are not those of this run's pairs; "
+                               "delete the folder and rerun")
+        return table.column("score").to_numpy()
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """The drawn triples (query, positive and negative rows) and their distinct pairs (sorted keys)."""
+
+    pool: Pool
+    tq: np.ndarray
+    pos: np.ndarray
+    neg: np.ndarray
+    keys: np.ndarray  # distinct query * n_docs + doc, sorted
+    inverse: np.ndarray  # keys[inverse] = the (q, pos) pairs of every triple, then its (q, neg) pairs
+
+    @classmethod
+    def make(cls, pool: Pool, n_triples: int, seed: int) -> _Draw:
+        tq, neg = draw_triples(np.diff(pool.offsets), n_triples, seed)
+        neg = pool.negatives[pool.offsets[tq] + neg]
+        pos = pool.positives[tq]
+        n_docs = len(pool.doc_ids)
+        keys, inverse = np.unique(np.concatenate([tq * n_docs + pos, tq * n_docs + neg]), return_inverse=True)
+        return cls(pool, tq, pos, neg, keys, inverse)
 
 
 def load_pool(corpus: Artifact, queries: Artifact, negatives: Artifact) -> Pool:
@@ -194,27 +290,6 @@ def _pick(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
     if k <= size:
         return rng.choice(size, size=k, replace=False)
     return np.concatenate([rng.permutation(size) for _ in range(math.ceil(k / size))])[:k]
-
-
-def _score(
-    cfg: LabelConfig, teacher: str, corpus: Artifact, pool: Pool, tq: np.ndarray, pos: np.ndarray, neg: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Scores of the (q, pos) and (q, neg) pair of every triple, each distinct pair scored once."""
-    n_docs = len(pool.doc_ids)
-    keys, inverse = np.unique(np.concatenate([tq * n_docs + pos, tq * n_docs + neg]), return_inverse=True)
-    pair_q, pair_d = keys // n_docs, keys % n_docs
-    used_docs = np.unique(pair_d)
-    passages = _passages(corpus, used_docs)
-    scorer = load_scorer(
-        cfg.teacher,
-        teacher,
-        max_seq_length=cfg.max_seq_length,
-        batch_size=cfg.batch_size,
-        normalize=cfg.bi_encoder_score == "cos_sim",
-    )
-    logger.info("scoring %d distinct pairs for %d triples with %s", len(keys), len(tq), teacher)
-    scores = scorer.score(pool.query_texts, passages, pair_q, np.searchsorted(used_docs, pair_d))
-    return scores[inverse[: len(tq)]], scores[inverse[len(tq) :]], len(keys)
 
 
 def passage_text(title: str | None, text: str) -> str:
@@ -285,10 +360,28 @@ def label_task(
     negatives_fp: str,
     teacher: str,
     queries_stage: str = generate.STAGE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> str:
+    job = label_job(cfg, run_dir, n_triples, corpus_fp, queries_fp, negatives_fp, teacher, queries_stage, shard_size)
+    artifact = reuse(job.store, STAGE, job.fingerprint) or job.run()
+    get_run_logger().info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
+    return artifact.fingerprint
+
+
+def label_job(
+    cfg: LabelConfig,
+    run_dir: str,
+    n_triples: int,
+    corpus_fp: str,
+    queries_fp: str,
+    negatives_fp: str,
+    teacher: str,
+    queries_stage: str = generate.STAGE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> LabelJob:
+    """The label job for ``label_task``'s parameters (the flow that fans shards out builds it the same way)."""
     store = ArtifactStore(run_dir)
     corpus = _input(store, ingest.STAGE, corpus_fp)
     queries = _input(store, queries_stage, queries_fp)
-    artifact = run_label(cfg, store, corpus, queries, _input(store, mine.STAGE, negatives_fp), teacher, n_triples)
-    get_run_logger().info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
-    return artifact.fingerprint
+    negatives = _input(store, mine.STAGE, negatives_fp)
+    return LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size)

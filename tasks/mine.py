@@ -8,9 +8,10 @@ the queries chunk by chunk, so a large query set never needs all its embeddings 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +22,10 @@ from tqdm.auto import tqdm
 from gplflow.adapters import models
 from gplflow.adapters.bm25 import BM25Index
 from gplflow.adapters.encoding import encode, passage_text, release_memory
+from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.vector_index import VectorIndex
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import ShardJob, StageConfig, artifact_cache_key, reuse, shard_summary, stage_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ STAGE = "negatives"
 CODE_VERSION = "mine-1"
 BM25 = "bm25"
 SCORES = ("cos_sim", "dot")
+DEFAULT_SHARD_SIZE = 10_000  # corpus passages per encoding shard
 QUERY_STAGES = ("queries-filtered", "queries")  # where mine_task looks for the queries fingerprint
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
@@ -90,31 +93,105 @@ class _Corpus:
 
 
 def run_mine(cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
-             retrievers: Sequence[Sequence[str]]) -> Artifact:
+             retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> Artifact:
     """Mine negatives with every dense retriever (and BM25 when asked); publish one artifact."""
-    checked = _checked(retrievers, cfg)
-    fp = mine_fingerprint(cfg, corpus.fingerprint, queries.fingerprint, checked)
-    if (found := reuse(store, STAGE, fp)) is not None:
+    job = MineJob(cfg, store, corpus, queries, retrievers, shard_size)
+    if (found := reuse(store, STAGE, job.fingerprint)) is not None:
         return found
-    if queries.rows == 0:
-        raise ValueError(f"{queries.url}: no queries; nothing to mine")
-    docs = _Corpus.read(corpus)
-    inputs = {"corpus": corpus.fingerprint, "queries": queries.fingerprint}
-    with store.writer(STAGE, config=_config(cfg, checked), inputs=inputs, code_version=CODE_VERSION) as out:
-        out.count("queries", queries.rows)
-        names = []
-        for ref, score in checked:
-            out.write_part(_dense_batches(cfg, ref, score, docs, queries, out.count), SCHEMA)
-            names.append(ref)
-        if cfg.bm25:
-            out.write_part(_bm25_batches(cfg, docs, queries, out.count), SCHEMA)
-            names.append(BM25)
-        out.count("retrievers", len(names))
-        out.extra["retrievers"] = names
-    artifact = store.require(STAGE)
-    logger.info("mined negatives for %d queries with %s (%d short lists)", queries.rows, ", ".join(names),
-                artifact.counters.get("short_lists", 0))
-    return artifact
+    return job.run()
+
+
+class MineJob(ShardJob):
+    """Mining, with the corpus encoding cut into shards: shard k = (dense retriever r, corpus slice c).
+
+    Shard k = r * n_slices + c encodes corpus rows [c*size, (c+1)*size) with retriever r and stages the
+    embeddings as ``.npy`` (never published). Publishing builds each retriever's index from its staged
+    embeddings, searches the queries, and writes one part per retriever (BM25 last).
+    """
+
+    stage = STAGE
+
+    def __init__(self, cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
+                 retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE):
+        if shard_size < 1:
+            raise ValueError(f"mine: shard_size must be >= 1, got {shard_size}")
+        self.cfg, self.store, self.corpus, self.queries, self.shard_size = cfg, store, corpus, queries, shard_size
+        self.retrievers = _checked(retrievers, cfg)
+        self.fingerprint = mine_fingerprint(cfg, corpus.fingerprint, queries.fingerprint, self.retrievers)
+        self.staging = ShardStaging(store, STAGE, self.fingerprint)
+        self.slices = math.ceil(corpus.rows / shard_size)
+        self._docs: _Corpus | None = None
+        self._model: tuple[str, Any] | None = None
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.retrievers) * self.slices
+
+    def plan(self) -> dict[str, Any]:
+        return {"n_shards": self.n_shards, "shard_size": self.shard_size, "passages": self.corpus.rows,
+                "retrievers": [ref for ref, _ in self.retrievers]}
+
+    @property
+    def docs(self) -> _Corpus:
+        if self._docs is None:
+            self._docs = _Corpus.read(self.corpus)
+        return self._docs
+
+    def run(self) -> Artifact:
+        if self.queries.rows == 0:
+            raise ValueError(f"{self.queries.url}: no queries; nothing to mine")
+        try:
+            return super().run()
+        finally:
+            self._drop_model()
+
+    def run_shard(self, k: int) -> dict[str, Any]:
+        r, c = divmod(k, self.slices)
+        ref, score = self.retrievers[r]
+        texts = self.docs.texts[c * self.shard_size : (c + 1) * self.shard_size]
+        emb = encode(self._load(ref), texts, role="document", batch_size=self.cfg.batch_size,
+                     normalize=score == "cos_sim", desc=f"encoding corpus ({_short(ref)}) {c + 1}/{self.slices}",
+                     setting="mine.batch_size")
+        return self.staging.write_array(k, emb, {"encoded_passages": len(texts)})
+
+    def publish(self) -> Artifact:
+        if self.queries.rows == 0:
+            raise ValueError(f"{self.queries.url}: no queries; nothing to mine")
+        records = self.done_records()
+        inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint}
+        config = _config(self.cfg, self.retrievers)
+        with self.store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+            out.count("queries", self.queries.rows)
+            names = []
+            for r, (ref, score) in enumerate(self.retrievers):
+                emb = np.concatenate([self.staging.read_array(r * self.slices + c) for c in range(self.slices)])
+                out.write_part(_dense_batches(self.cfg, ref, score, emb, self._load(ref), self.docs,
+                                              self.queries, out.count), SCHEMA)
+                names.append(ref)
+            self._drop_model()
+            if self.cfg.bm25:
+                out.write_part(_bm25_batches(self.cfg, self.docs, self.queries, out.count), SCHEMA)
+                names.append(BM25)
+            out.count("retrievers", len(names))
+            out.extra["retrievers"] = names
+            out.extra["shards"] = shard_summary(records, self.shard_size)
+        self.staging.remove()
+        artifact = self.store.require(STAGE)
+        logger.info("mined negatives for %d queries with %s (%d short lists)", self.queries.rows, ", ".join(names),
+                    artifact.counters.get("short_lists", 0))
+        return artifact
+
+    def _load(self, ref: str) -> Any:
+        """The retriever ``ref``, kept loaded while consecutive shards use it."""
+        if self._model is None or self._model[0] != ref:
+            self._drop_model()
+            self._model = (ref, models.load_bi_encoder(ref, max_seq_length=self.cfg.max_seq_length))
+        return self._model[1]
+
+    def _drop_model(self) -> None:
+        if self._model is not None:
+            self._model = None
+            release_memory()
 
 
 def _short(ref: str, width: int = 32) -> str:
@@ -129,24 +206,21 @@ def _query_chunks(queries: Artifact, size: int, desc: str) -> Iterator[pa.Record
             bar.update(batch.num_rows)
 
 
-def _dense_batches(cfg: MineConfig, ref: str, score: str, docs: _Corpus, queries: Artifact,
-                   count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
-    """Encode the corpus once, build the index, then encode and search the queries chunk by chunk."""
-    model = models.load_bi_encoder(ref, max_seq_length=cfg.max_seq_length)
+def _dense_batches(cfg: MineConfig, ref: str, score: str, emb: np.ndarray, model: Any, docs: _Corpus,
+                   queries: Artifact, count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
+    """Index the corpus embeddings, then encode and search the queries chunk by chunk."""
     normalize = score == "cos_sim"
+    index = VectorIndex(emb, score=score, kind=cfg.index, copy=False)  # type: ignore[arg-type]
+    del emb  # the index holds its own copy
     try:
-        emb = encode(model, docs.texts, role="document", batch_size=cfg.batch_size, normalize=normalize,
-                     desc=f"encoding corpus ({_short(ref)})")
-        index = VectorIndex(emb, score=score, kind=cfg.index, copy=False)  # type: ignore[arg-type]
-        del emb  # the index holds its own copy
         k = cfg.negatives_per_query + 1 + cfg.extra_k
         for chunk in _query_chunks(queries, cfg.query_chunk, f"mining ({_short(ref)})"):
             q = encode(model, chunk["text"].to_pylist(), role="query", batch_size=cfg.batch_size,
-                       normalize=normalize, desc="encoding queries", show_progress=chunk.num_rows > 1000)
+                       normalize=normalize, desc="encoding queries", show_progress=chunk.num_rows > 1000,
+                       setting="mine.batch_size")
             scores, ids = index.search(q, k)
             yield _ranked(ref, chunk, scores, ids, docs.doc_ids, cfg.negatives_per_query, count)
     finally:
-        del model
         index = None
         release_memory()
 
@@ -190,10 +264,17 @@ def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
       cache_key_fn=artifact_cache_key(STAGE, lambda p: mine_fingerprint(
           p["cfg"], p["corpus_fp"], p["queries_fp"], p["retrievers"])))
 def mine_task(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
-              retrievers: Sequence[Sequence[str]]) -> str:
-    store = ArtifactStore(run_dir)
-    corpus, queries = _find(store, ["corpus"], corpus_fp), _find(store, QUERY_STAGES, queries_fp)
-    artifact = run_mine(cfg, store, corpus, queries, retrievers)
+              retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> str:
+    job = mine_job(cfg, run_dir, corpus_fp, queries_fp, retrievers, shard_size)
+    artifact = reuse(job.store, STAGE, job.fingerprint) or job.run()
     get_run_logger().info("negatives: %d rows from %s (%s)", artifact.rows,
                           ", ".join(artifact.manifest.get("retrievers", [])), artifact.counters)
     return artifact.fingerprint
+
+
+def mine_job(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
+             retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> MineJob:
+    """The mine job for ``mine_task``'s parameters (the flow that fans shards out builds it the same way)."""
+    store = ArtifactStore(run_dir)
+    corpus, queries = _find(store, ["corpus"], corpus_fp), _find(store, QUERY_STAGES, queries_fp)
+    return MineJob(cfg, store, corpus, queries, retrievers, shard_size)

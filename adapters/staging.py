@@ -1,0 +1,201 @@
+"""Shard staging: the finished shards of a stage that is not published yet, kept across crashes.
+
+A shardable stage writes shard k into ``<run_dir>/.<stage>.shards-<fingerprint>/`` as ``part-0000k.<ext>``
+plus ``part-0000k.done.json`` (rows, size, sha256, the shard's counters, who computed it). The file is
+renamed into place before its done record, and the record is renamed into place last, so a shard with a
+valid record is complete, and a process killed mid-stage loses at most the shard it was computing.
+
+``plan.json`` says how the stage is cut into shards (their count and size, and whatever decides their
+content). A staging folder whose plan differs from the one a run asks for is stale and is discarded.
+
+Once every shard has a record the stage publishes the shards as one artifact (``ArtifactStore.writer``) and
+removes its staging folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gplflow.adapters.store import ROW_GROUP_SIZE, ArtifactStore, _sha256, canonical_json
+
+logger = logging.getLogger(__name__)
+
+PLAN = "plan.json"
+_DONE = ".done.json"
+_STAGING = re.compile(r"^\.(?P<stage>.+)\.shards-(?P<fingerprint>[0-9a-f]+)$")
+
+
+def shard_file(k: int, ext: str) -> str:
+    return f"part-{k:05d}.{ext}"
+
+
+def staging_dirs(store: ArtifactStore, stage: str) -> list[str]:
+    """Fingerprints of every staging folder of ``stage`` under the run directory (oldest layout first)."""
+    if not store.fs.exists(store.root):
+        return []
+    found = []
+    for path in store.fs.ls(store.root, detail=False):
+        match = _STAGING.match(path.rstrip("/").rsplit("/", 1)[-1])
+        if match and match["stage"] == stage:
+            found.append(match["fingerprint"])
+    return sorted(found)
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who computed a shard: host, process and, under a Prefect worker, the worker's name."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "worker": os.environ.get("PREFECT__WORKER_NAME")}
+
+
+class ShardStaging:
+    """The staging folder of one stage fingerprint: a plan, shard files and their done records."""
+
+    def __init__(self, store: ArtifactStore, stage: str, fingerprint: str):
+        self.store = store
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.path = f"{store.root}/.{stage}.shards-{fingerprint}"
+        self.url = f"{store.root_url}/.{stage}.shards-{fingerprint}"
+
+    # --- plan -------------------------------------------------------------------------------------------
+
+    def read_plan(self) -> dict[str, Any] | None:
+        try:
+            with self.store.fs.open(f"{self.path}/{PLAN}", "r") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("%s/%s: unreadable; treating the staging folder as stale", self.url, PLAN)
+            return None
+
+    def prepare(self, plan: Mapping[str, Any]) -> list[int]:
+        """Start or continue staging under ``plan`` (which must hold ``n_shards``); returns the shards to do."""
+        plan = {**plan, "stage": self.stage, "fingerprint": self.fingerprint}
+        n = int(plan["n_shards"])
+        found = self.read_plan()
+        if found is not None and canonical_json(found) != canonical_json(plan):
+            logger.warning("%s: staged under another plan (%s); starting over", self.url, _diff(found, plan))
+            self.remove()
+            found = None
+        if found is None:
+            self._write_json(PLAN, plan)
+        pending = self.pending(n)
+        if len(pending) < n:
+            logger.info("%s: resuming, %d of %d shards already done", self.url, n - len(pending), n)
+        return pending
+
+    def n_shards(self) -> int | None:
+        plan = self.read_plan()
+        return None if plan is None else int(plan["n_shards"])
+
+    # --- records ----------------------------------------------------------------------------------------
+
+    def record(self, k: int) -> dict[str, Any] | None:
+        """Shard k's done record if its file is there with the recorded size and sha256, else None."""
+        fs = self.store.fs
+        try:
+            with fs.open(f"{self.path}/part-{k:05d}{_DONE}", "r") as fh:
+                record = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("%s: shard %d has an unreadable done record; recomputing it", self.url, k)
+            return None
+        path = f"{self.path}/{record.get('file')}"
+        if not fs.exists(path) or fs.size(path) != record.get("size") or _sha256(fs, path) != record.get("sha256"):
+            logger.warning("%s: shard %d file %s is missing or changed; recomputing it", self.url, k,
+                           record.get("file"))
+            return None
+        return record
+
+    def records(self, n: int) -> dict[int, dict[str, Any]]:
+        return {k: rec for k in range(n) if (rec := self.record(k)) is not None}
+
+    def pending(self, n: int) -> list[int]:
+        done = self.records(n)
+        return [k for k in range(n) if k not in done]
+
+    def file(self, k: int, ext: str) -> str:
+        return f"{self.path}/{shard_file(k, ext)}"
+
+    # --- writing ----------------------------------------------------------------------------------------
+
+    def write_parquet(self, k: int, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema,
+                      counters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write shard k as a Parquet file, then its done record; returns the record."""
+        tmp = self._tmp(k)
+        rows = 0
+        with self.store.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema) as out:
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                if table.num_rows:
+                    out.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                    rows += table.num_rows
+        return self._commit(k, tmp, shard_file(k, "parquet"), rows, counters)
+
+    def write_array(self, k: int, array: np.ndarray, counters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write shard k as a ``.npy`` array (rows = its first dimension), then its done record."""
+        tmp = self._tmp(k)
+        with self.store.fs.open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        return self._commit(k, tmp, shard_file(k, "npy"), int(array.shape[0]), counters)
+
+    def read_array(self, k: int) -> np.ndarray:
+        with self.store.fs.open(self.file(k, "npy"), "rb") as fh:
+            return np.load(fh, allow_pickle=False)
+
+    def read_table(self, k: int, columns: list[str] | None = None) -> pa.Table:
+        with self.store.fs.open(self.file(k, "parquet"), "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+
+    def remove(self) -> None:
+        if self.store.fs.exists(self.path):
+            self.store.fs.rm(self.path, recursive=True)
+
+    def _tmp(self, k: int) -> str:
+        self.store.fs.makedirs(self.path, exist_ok=True)
+        return f"{self.path}/.part-{k:05d}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def _commit(self, k: int, tmp: str, name: str, rows: int, counters: Mapping[str, Any] | None) -> dict[str, Any]:
+        fs = self.store.fs
+        final = f"{self.path}/{name}"
+        fs.mv(tmp, final)
+        record = {"shard": k, "file": name, "rows": rows, "size": fs.size(final), "sha256": _sha256(fs, final),
+                  "counters": dict(counters or {}), "finished": time.time(), **worker_identity()}
+        self._write_json(f"part-{k:05d}{_DONE}", record)
+        logger.debug("%s: shard %d done (%d rows)", self.url, k, rows)
+        return record
+
+    def _write_json(self, name: str, payload: Mapping[str, Any]) -> None:
+        fs = self.store.fs
+        fs.makedirs(self.path, exist_ok=True)
+        tmp = f"{self.path}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "w") as fh:
+            fh.write(json.dumps(payload, indent=1, sort_keys=True, default=str))
+        fs.mv(tmp, f"{self.path}/{name}")
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
+
+
+def sum_counters(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """The shards' counters added up (what an uninterrupted run would have counted)."""
+    total: dict[str, int] = {}
+    for record in records:
+        for name, value in record.get("counters", {}).items():
+            total[name] = total.get(name, 0) + value
+    return total

@@ -1,0 +1,94 @@
+"""What ``gplflow status RUN_DIR`` reports: per stage complete / partial / corrupted / missing, and what a
+rerun with the same config would do.
+
+Partial means work a killed run left behind that a rerun continues from: the finished shards of a
+shardable stage (``.<stage>.shards-<fingerprint>/``) or the last training checkpoint (``.checkpoints/``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gplflow.adapters.staging import ShardStaging, staging_dirs
+from gplflow.adapters.store import ArtifactStore
+from gplflow.flows.report import STAGES
+
+CHECKPOINTS = ".checkpoints"
+_STEP = re.compile(r"^checkpoint-(\d+)(\.pt)?$")
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage: str
+    state: str  # complete | partial | corrupted | missing
+    rows: int | None
+    shards: str  # "3 of 4" for a partial shardable stage, else ""
+    fingerprint: str
+    rerun: str  # what a rerun with the same config and inputs does
+
+
+@dataclass(frozen=True)
+class _Partial:
+    fingerprint: str
+    done: int
+    total: int
+    rows: int
+
+
+def run_status(store: ArtifactStore) -> list[StageStatus]:
+    return [stage_status(store, stage) for stage in STAGES]
+
+
+def stage_status(store: ArtifactStore, stage: str) -> StageStatus:
+    manifest = store.read_manifest(stage)
+    problems = store.problems(stage)
+    partial = _staged(store, stage)
+    step = _checkpoint_step(store, stage)
+    if not problems and manifest is not None:
+        rerun = "reuse it"
+        if partial is not None and partial.fingerprint != manifest.get("fingerprint"):
+            rerun += (f" (also staged: {partial.done} of {partial.total} shards for fingerprint {partial.fingerprint}, "
+                      "another config or inputs)")
+        return StageStatus(stage, "complete", manifest.get("rows"), "", manifest.get("fingerprint", ""), rerun)
+    if partial is not None:
+        todo = partial.total - partial.done
+        rerun = f"resume: compute the other {todo} shard{'s' * (todo != 1)}, then publish"
+        return StageStatus(stage, "partial", partial.rows, f"{partial.done} of {partial.total}", partial.fingerprint,
+                           rerun)
+    if step is not None:
+        return StageStatus(stage, "partial", None, "", "", f"resume training from the checkpoint at step {step}")
+    if manifest is not None:
+        return StageStatus(stage, "corrupted", manifest.get("rows"), "", manifest.get("fingerprint", ""),
+                           f"recompute ({problems[0]})")
+    return StageStatus(stage, "missing", None, "", "", "compute")
+
+
+def _staged(store: ArtifactStore, stage: str) -> _Partial | None:
+    """The staging folder of ``stage`` with the most finished shards, if any."""
+    best = None
+    for fp in staging_dirs(store, stage):
+        staging = ShardStaging(store, stage, fp)
+        total = staging.n_shards()
+        if total is None:
+            continue
+        records = staging.records(total)
+        found = _Partial(fp, len(records), total, sum(int(r.get("rows", 0)) for r in records.values()))
+        if best is None or found.done > best.done:
+            best = found
+    return best
+
+
+def _checkpoint_step(store: ArtifactStore, stage: str) -> int | None:
+    """The newest training checkpoint step a killed ``model``/``pretrain`` run left, if any."""
+    root = f"{store.root}/{CHECKPOINTS}"
+    if stage not in ("model", "pretrain") or not store.fs.exists(root):
+        return None
+    steps = []
+    for folder in store.fs.ls(root, detail=False):
+        if not folder.rstrip("/").rsplit("/", 1)[-1].startswith(f"{stage}-"):
+            continue
+        for path in store.fs.ls(folder, detail=False):
+            if match := _STEP.match(path.rstrip("/").rsplit("/", 1)[-1]):
+                steps.append(int(match.group(1)))
+    return max(steps) if steps else None

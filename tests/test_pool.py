@@ -1,0 +1,118 @@
+"""Pool mode without a server: shard dispatch and retry, config hand-over to workers, plan checks.
+
+The real thing (a server, a deployment, two workers) is tests/test_pool_server.py.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from gplflow.adapters.store import ArtifactStore
+from gplflow.flows import shards
+from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
+from gplflow.tasks.generate import GenerateConfig, GenerateJob
+from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
+
+DOCS = [(f"d{i}", "", f"Passage number {i} talks about topic {i % 3}. It has a second sentence too.")
+        for i in range(10)]
+
+
+@pytest.fixture()
+def job(tmp_path) -> GenerateJob:
+    store = ArtifactStore(tmp_path / "run")
+    with store.writer("corpus", config={"test": 1}) as out:
+        ids, titles, texts = (list(c) for c in zip(*DOCS, strict=True))
+        out.write_part([pa.table({"doc_id": ids, "title": titles, "text": texts}, schema=CORPUS_SCHEMA)],
+                       CORPUS_SCHEMA)
+    cfg = GenerateConfig(method="extractive", queries_per_passage=2, seed=1)
+    return GenerateJob(cfg, store, store.require("corpus"), "", shard_size=3)
+
+
+class FakeDispatcher:
+    """Runs a shard in-process when submitted, unless told to fail it (``fail[k]`` more times)."""
+
+    def __init__(self, job: GenerateJob, fail: dict[int, int] | None = None, complete_without_record=()):
+        self.job, self.fail, self.silent = job, dict(fail or {}), set(complete_without_record)
+        self.submitted: list[list[int]] = []
+
+    def submit(self, shard: int, parameters: dict) -> shards.Attempt:
+        assert parameters["shard"] == shard and parameters["stage"] == "generate"
+        if not self.submitted or self.submitted[-1] == "wait":
+            self.submitted.append([])
+        self.submitted[-1].append(shard)
+        attempt = shards.Attempt(shard, run_id=None, run_name=f"generate shard {shard}")  # type: ignore[arg-type]
+        if self.fail.get(shard, 0) > 0:
+            self.fail[shard] -= 1
+            attempt.state, attempt.message = "FAILED", "boom"
+        elif shard in self.silent:
+            attempt.state = "COMPLETED"
+        else:
+            self.job.run_shard(shard)
+            attempt.state = "COMPLETED"
+        return attempt
+
+    def wait(self, attempts) -> None:
+        self.submitted.append("wait")
+
+
+def _rounds(dispatcher: FakeDispatcher) -> list[list[int]]:
+    return [r for r in dispatcher.submitted if r != "wait"]
+
+
+def test_failed_shards_are_resubmitted_until_done(job):
+    pending = job.prepare()
+    dispatcher = FakeDispatcher(job, fail={1: 1, 3: 2})
+    shards.run_shards(job, pending, dispatcher, {"stage": "generate"}, ExecutionConfig(shard_retries=2))
+    assert _rounds(dispatcher) == [[0, 1, 2, 3], [1, 3], [3]]
+    assert job.staging.pending(job.n_shards) == []
+    assert job.publish().rows == 20
+
+
+def test_a_shard_that_keeps_failing_fails_the_stage_naming_it(job):
+    dispatcher = FakeDispatcher(job, fail={2: 5})
+    with pytest.raises(RuntimeError, match=r"queries: shards \[2\] failed 2 times on pool gpu-pool: shard 2 "
+                                           r"\(generate shard 2, run None\): FAILED boom"):
+        shards.run_shards(job, job.prepare(), dispatcher, {"stage": "generate"}, ExecutionConfig(shard_retries=1))
+    assert _rounds(dispatcher) == [[0, 1, 2, 3], [2]]
+    assert job.staging.pending(job.n_shards) == [2]  # the others stay done for the next run
+
+
+def test_a_completed_run_without_a_record_points_at_shared_storage(job):
+    dispatcher = FakeDispatcher(job, complete_without_record={0})
+    with pytest.raises(RuntimeError, match=r"left no completion record .* same run directory"):
+        shards.run_shards(job, job.prepare(), dispatcher, {"stage": "generate"}, ExecutionConfig(shard_retries=0))
+
+
+def test_a_worker_with_another_config_refuses_the_shard(job):
+    job.prepare()
+    other = GenerateJob(job.cfg.model_copy(update={"seed": 2}), job.store, job.corpus, "", shard_size=3)
+    with pytest.raises(ValueError, match="no staging plan matching this process's config"):
+        other.check_shard(0)
+    with pytest.raises(ValueError, match="shard 4 does not exist; the stage has 4 shards"):
+        job.check_shard(4)
+    job.check_shard(3)
+
+
+def test_pool_source_hands_workers_the_exact_config(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("name: t\nprofile: tiny\ncorpus: {path: corpus.jsonl}\nexecution: {mode: pool}\n")
+    cfg = PipelineConfig.load(path, ["generate.seed=3"])
+    source = shards.PoolSource.of(cfg, path, ["generate.seed=3"])
+    assert source.config_path == str(path.resolve()) and source.overrides == ["generate.seed=3"]
+    with pytest.raises(ConfigError, match="does not give the config this run uses"):
+        shards.PoolSource.of(cfg, path, [])
+    # Without a file the whole config goes as overrides, and loads back to the same config.
+    inline = shards.PoolSource.of(cfg, None, None)
+    assert inline.config_path is None and PipelineConfig.load(None, inline.overrides) == cfg
+
+
+def test_stage_names_and_missing_server():
+    assert [shards.canonical_stage(s) for s in ("generate", "queries", "triples", "mine")] == [
+        "generate", "generate", "label", "mine"]
+    with pytest.raises(ValueError, match="stage 'train' is not shardable"):
+        shards.canonical_stage("train")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(RuntimeError, match="set PREFECT_API_URL"):
+        shards.DeploymentDispatcher().check()
