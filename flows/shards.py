@@ -52,6 +52,10 @@ JOBS: dict[str, Callable[..., ShardJob]] = {
 _ALIASES = {generate.STAGE: "generate", mine.STAGE: "mine", label.STAGE: "label"}
 
 
+class PoolSetupError(ValueError):
+    """Pool mode cannot start: no server the workers reach, or no shard deployment on it."""
+
+
 def canonical_stage(stage: str) -> str:
     """``generate``, ``mine`` or ``label`` (their artifact names ``queries``, ``negatives``, ``triples`` too)."""
     name = _ALIASES.get(stage, stage)
@@ -194,14 +198,14 @@ class DeploymentDispatcher:
         from prefect.settings import PREFECT_API_URL
 
         if not PREFECT_API_URL.value():
-            raise RuntimeError("execution.mode=pool needs a Prefect server that the workers reach: set "
+            raise PoolSetupError("execution.mode=pool needs a Prefect server that the workers reach: set "
                                "PREFECT_API_URL (for example http://127.0.0.1:4200/api); the temporary local API "
                                "of a run without one is invisible to workers")
         with get_client(sync_client=True) as client:
             try:
                 client.read_deployment_by_name(self.deployment)
             except ObjectNotFound:
-                raise RuntimeError(f"execution.mode=pool: deployment {self.deployment!r} not found on "
+                raise PoolSetupError(f"execution.mode=pool: deployment {self.deployment!r} not found on "
                                    f"{PREFECT_API_URL.value()}; deploy it (prefect deploy --name {DEPLOYMENT}) "
                                    f"and start workers (prefect worker start --pool {POOL})") from None
 

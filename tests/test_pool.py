@@ -114,5 +114,5 @@ def test_stage_names_and_missing_server():
         shards.canonical_stage("train")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(RuntimeError, match="set PREFECT_API_URL"):
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(shards.PoolSetupError, match="PREFECT_API_URL"):
         shards.DeploymentDispatcher().check()

@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
+from gplflow.flows.status import stage_status
 from gplflow.tasks import generate, train
 from gplflow.tasks.generate import GenerateConfig, GenerateJob, run_generate
 from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
@@ -145,6 +146,9 @@ def test_generate_killed_mid_stage_resumes_only_unfinished_shards(tmp_path, tiny
     assert child.returncode == -signal.SIGKILL
     assert store.load(generate.STAGE) is None  # nothing published
     assert job.staging.pending(job.n_shards) == [2, 3, 4]  # shard 2 was in flight: lost, and only it
+    status = stage_status(store, generate.STAGE)
+    assert (status.state, status.shards, status.rerun) == ("partial", "2 of 5",
+                                                           "resume: compute the other 3 shards, then publish")
 
     ran = _spy(monkeypatch, GenerateJob, "_run")
     resumed = run_generate(cfg, store, store.require("corpus"), generator, SHARD_SIZE)
