@@ -124,3 +124,43 @@ def load_seq2seq(ref: str, tiny_path: Path | None = None):
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSeq2SeqLM.from_pretrained(name)
     return tokenizer, model.to(device()).eval()
+
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "num_layers")
+
+
+def truncated_copy(ref: str, layers: int, cache_dir: Path) -> Path:
+    """A copy of bi-encoder ``ref`` that keeps only its first ``layers`` transformer layers.
+
+    A shallower student initialised from its teacher's lower layers is the usual start for distilling a large
+    bi-encoder into a small one. Built once into ``cache_dir`` (keyed by the source's content) and reused.
+    """
+    from gplflow.adapters.store import content_signature
+
+    name = resolve(ref)
+    key = content_signature(name) if Path(name).exists() else name.replace("/", "--")
+    target = cache_dir / f"truncated-{key}-{layers}l"
+    if (target / "modules.json").exists():
+        return target
+    model = load_bi_encoder(name)
+    encoder = model[0].auto_model
+    stacks = [(path, mod) for path, mod in encoder.named_modules()
+              if isinstance(mod, torch.nn.ModuleList) and path.rsplit(".", 1)[-1] in ("layer", "layers")]
+    if len(stacks) != 1:
+        raise ValueError(f"models.base_layers: cannot find the layer stack of {ref!r} "
+                         f"({type(encoder).__name__}); leave base_layers unset for this model")
+    path, stack = stacks[0]
+    if not 0 < layers <= len(stack):
+        raise ValueError(f"models.base_layers: {layers} is not between 1 and the {len(stack)} layers of {ref!r}")
+    parent = encoder.get_submodule(path.rsplit(".", 1)[0]) if "." in path else encoder
+    setattr(parent, path.rsplit(".", 1)[-1], stack[:layers])
+    for attr in _LAYER_COUNT_KEYS:
+        if hasattr(encoder.config, attr):
+            setattr(encoder.config, attr, layers)
+    model.model_card_data.local_files_only = True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{target.name}.tmp-{os.getpid()}"
+    model.save(str(tmp))
+    os.replace(tmp, target)
+    logger.info("kept the first %d layers of %s in %s", layers, ref, target)
+    return target

@@ -20,8 +20,12 @@ import logging
 import math
 from typing import Literal
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError as err:  # faiss-cpu and faiss-gpu are extras: exactly one of them must be installed
+    raise ImportError("faiss is not installed: pip install 'gplflow[cpu]', or 'gplflow[gpu]' on CUDA hosts") from err
 
 logger = logging.getLogger(__name__)
 
