@@ -106,28 +106,43 @@ def _run(config: Path, overrides: list[str], run_dir: str | None) -> None:
     print_summary(cfg, summary)
 
 
+def _ref(ref: str, path: str) -> str:
+    """A model as configured, and the folder it resolved to when that differs."""
+    return ref if ref == path else f"{ref} ({path})"
+
+
 def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
-    models = summary["models"]
+    models, m = summary["models"], cfg.models
     console.rule(f"gplflow run '{cfg.name}' finished in {summary['seconds']} s")
-    console.print(f"generator: {models['generator'] if cfg.generate.method == 't5' else 'extractive (no model)'}")
-    for name, score in models["retrievers"]:
-        console.print(f"miner: {name} ({score})")
-    teacher = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
-    console.print(f"teacher ({cfg.label.teacher}): {teacher}")
-    console.print(f"base model: {models['base']}")
+    console.print("generator: " + (_ref(m.generator, models["generator"]) if cfg.generate.method == "t5"
+                                    else "extractive pseudo-queries (no model)"))
+    if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
+        for (name, score), (path, _) in zip(((r.name, r.score) for r in m.retrievers), models["retrievers"],
+                                            strict=True):
+            console.print(f"miner: {_ref(name, path)}, {score}")
+        ref = m.cross_encoder if cfg.label.teacher == "cross_encoder" else (m.bi_encoder_teacher or "")
+        path = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
+        console.print(f"teacher ({cfg.label.teacher}): {_ref(ref or path, path)}")
+    layers = f", first {m.base_layers} layer(s)" if m.base_layers else ""
+    console.print(f"base model: {m.base}{layers} ({models['base']})")
+    if cfg.pretrain.method != "none":
+        console.print(f"pretraining: {cfg.pretrain.method}, {cfg.pretrain.steps} steps")
     metrics = summary.get("metrics")
     if metrics:
         console.print(metrics_table(metrics))
         _verdict(metrics)
     store = ArtifactStore(summary["run_dir"])
     console.print(f"adapted model: {store.url('model')}  (SentenceTransformer(path) loads it)")
-    console.print(f"artifacts: {summary['run_dir']}/{{corpus,queries,negatives,triples,model,evaluate}}")
+    stages = [s for s in ("corpus", "queries", "negatives", "triples", "pretrain", "model", "evaluate")
+              if store.read_manifest(s) is not None]
+    console.print(f"artifacts: {summary['run_dir']}/{{{','.join(stages)}}}")
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
     from gplflow.flows.report import METRICS
 
-    models = list(metrics["models"])
+    order = ["base", "pretrained", "adapted"]
+    models = sorted(metrics["models"], key=lambda name: (order.index(name) if name in order else len(order), name))
     table = Table(title="retrieval on the judged queries")
     table.add_column("metric")
     for name in models:

@@ -26,12 +26,16 @@ def _get(data: dict, dotted: str):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "gpl-paper.yaml", "demo-tsdae.yaml"])
 def test_shipped_configs_load_and_have_the_interface_keys(name: str) -> None:
-    path = ROOT / "configs" / name
-    if not path.exists():
-        pytest.skip(f"{name} is added with pretraining")
-    data = PipelineConfig.load(path).to_dict()
+    data = PipelineConfig.load(ROOT / "configs" / name).to_dict()
     for key in INTERFACE_KEYS:
         _get(data, key)  # KeyError if the interface lost a key
+
+
+def test_demo_tsdae_is_the_demo_with_tsdae_pretraining() -> None:
+    demo, tsdae = (PipelineConfig.load(ROOT / "configs" / n) for n in ("demo.yaml", "demo-tsdae.yaml"))
+    assert tsdae.pretrain.method == "tsdae" and demo.pretrain.method == "none"
+    for section in ("models", "generate", "mine", "label", "train", "evaluate"):
+        assert getattr(tsdae, section) == getattr(demo, section), section
 
 
 def test_paper_defaults() -> None:
