@@ -40,6 +40,7 @@ class ModelsConfig(_Frozen):
         RetrieverRef(name="sentence-transformers/msmarco-MiniLM-L-6-v3", score="cos_sim"),
     )
     tiny_seed: int = 0
+    base_layers: int | None = Field(default=None, gt=0)  # keep only the first N layers of `base` (a smaller student)
 
 
 class ExecutionConfig(_Frozen):
