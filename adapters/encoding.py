@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,11 +38,13 @@ def encode(
     desc: str = "encoding",
     show_progress: bool = True,
     setting: str = "batch_size",
+    on_progress: Callable[[int], Any] | None = None,
 ) -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; row i is text i. L2-normalised when ``normalize``.
 
     ``role`` picks ``encode_query`` or ``encode_document``, so a model with query/document prompts gets them.
     A batch that runs out of GPU memory is retried in halves; ``setting`` names the config key to lower.
+    ``on_progress(n)`` is told of each batch of ``n`` texts encoded.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -62,7 +64,10 @@ def encode(
         for start in range(0, len(texts), batch_size):
             for idx, emb in halve_on_oom(embed, order[start : start + batch_size], what=setting):
                 out[idx] = emb
-            bar.update(min(batch_size, len(texts) - start))
+            done = min(batch_size, len(texts) - start)
+            bar.update(done)
+            if on_progress is not None:
+                on_progress(done)
     return out
 
 

@@ -133,8 +133,11 @@ class ShardStaging:
     # --- writing ----------------------------------------------------------------------------------------
 
     def write_parquet(self, k: int, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema,
-                      counters: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write shard k as a Parquet file, then its done record; returns the record."""
+                      counters: Mapping[str, Any] | None = None, started: float | None = None) -> dict[str, Any]:
+        """Write shard k as a Parquet file, then its done record; returns the record.
+
+        ``started`` (a ``time.time()``) is when the shard's computation began: the record keeps its seconds.
+        """
         tmp = self._tmp(k)
         rows = 0
         with self.store.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema) as out:
@@ -143,14 +146,15 @@ class ShardStaging:
                 if table.num_rows:
                     out.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
                     rows += table.num_rows
-        return self._commit(k, tmp, shard_file(k, "parquet"), rows, counters)
+        return self._commit(k, tmp, shard_file(k, "parquet"), rows, counters, started)
 
-    def write_array(self, k: int, array: np.ndarray, counters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def write_array(self, k: int, array: np.ndarray, counters: Mapping[str, Any] | None = None,
+                    started: float | None = None) -> dict[str, Any]:
         """Write shard k as a ``.npy`` array (rows = its first dimension), then its done record."""
         tmp = self._tmp(k)
         with self.store.fs.open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-        return self._commit(k, tmp, shard_file(k, "npy"), int(array.shape[0]), counters)
+        return self._commit(k, tmp, shard_file(k, "npy"), int(array.shape[0]), counters, started)
 
     def read_array(self, k: int) -> np.ndarray:
         with self.store.fs.open(self.file(k, "npy"), "rb") as fh:
@@ -168,12 +172,15 @@ class ShardStaging:
         self.store.fs.makedirs(self.path, exist_ok=True)
         return f"{self.path}/.part-{k:05d}.tmp-{uuid.uuid4().hex[:8]}"
 
-    def _commit(self, k: int, tmp: str, name: str, rows: int, counters: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _commit(self, k: int, tmp: str, name: str, rows: int, counters: Mapping[str, Any] | None,
+                started: float | None) -> dict[str, Any]:
         fs = self.store.fs
         final = f"{self.path}/{name}"
         fs.mv(tmp, final)
+        finished = time.time()
         record = {"shard": k, "file": name, "rows": rows, "size": fs.size(final), "sha256": _sha256(fs, final),
-                  "counters": dict(counters or {}), "finished": time.time(), **worker_identity()}
+                  "counters": dict(counters or {}), "finished": finished,
+                  "seconds": None if started is None else round(finished - started, 3), **worker_identity()}
         self._write_json(f"part-{k:05d}{_DONE}", record)
         logger.debug("%s: shard %d done (%d rows)", self.url, k, rows)
         return record

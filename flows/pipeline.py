@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 
 from gplflow.adapters.gpl_format import import_gpl
 from gplflow.adapters.models import TINY, packaged_minilm_path
@@ -20,7 +21,7 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.flows import shards
 from gplflow.flows.config import PipelineConfig
-from gplflow.flows.report import publish_report
+from gplflow.flows.report import artifact_key, publish_report
 from gplflow.tasks import evaluate, generate, ingest, label, mine, pretrain, train
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _call(stage_task: Any, stage: str, fp: str, **params: Any) -> str:
     return stage_task.with_options(refresh_cache=fresh)(**params)
 
 
-@task(name="prepare models", persist_result=False)
+@task(name="prepare models", task_run_name="prepare models", persist_result=False)
 def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     """Resolve every model slot; ``tiny`` slots get tiny models built offline from the corpus (cached)."""
     slots = {
@@ -55,7 +56,7 @@ def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     return resolved
 
 
-@task(name="import gpl folder", persist_result=False)
+@task(name="import gpl folder", task_run_name="import gpl folder", persist_result=False)
 def import_gpl_task(gpl_dir: str, run_dir: str) -> dict[str, str]:
     """Take the stages a UKPLab gpl folder already holds (corpus, queries, negatives, triples)."""
     imported = import_gpl(gpl_dir, ArtifactStore(run_dir))
@@ -118,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, config_path: str | Path | No
         )
         metrics = evaluate.read_metrics(ArtifactStore(run_dir))
     summary = {"run_dir": run_dir, "fingerprints": fps, "models": models, "metrics": metrics,
-               "seconds": round(time.time() - started, 1)}
+               "started": started, "seconds": round(time.time() - started, 1)}
     publish_report(cfg, ArtifactStore(run_dir), summary)
     return summary
 
@@ -162,7 +163,18 @@ def default_run_dir(cfg: PipelineConfig) -> str:
     return str(Path("runs") / cfg.name)
 
 
-@flow(name="gpl-pipeline")
+def flow_run_name() -> str:
+    """``<config name>-<date>-<time>`` (demo-2026-11-05-1432): a run the UI lists by what it ran."""
+    params = runtime.flow_run.parameters
+    config_path = params.get("config_path")
+    try:
+        name = PipelineConfig.load(config_path, params.get("overrides") or []).name
+    except ValueError:  # a config error: the flow itself fails with the message
+        name = Path(config_path).stem if config_path else "gplflow"
+    return f"{artifact_key(name)}-{datetime.now():%Y-%m-%d-%H%M}"
+
+
+@flow(name="gpl-pipeline", flow_run_name=flow_run_name)
 def gpl_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                  run_dir: str | None = None) -> dict[str, Any]:
     """Adapt a bi-encoder to a corpus: ingest → generate → mine → label → train → evaluate (GPL or GenQ)."""
@@ -170,7 +182,7 @@ def gpl_pipeline(config_path: str | None = None, overrides: list[str] | None = N
     return run_pipeline(cfg, run_dir or default_run_dir(cfg), config_path, overrides)
 
 
-@flow(name="genq-pipeline")
+@flow(name="genq-pipeline", flow_run_name=flow_run_name)
 def genq_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                   run_dir: str | None = None) -> dict[str, Any]:
     """GenQ: ingest → generate → train with MultipleNegativesRankingLoss → evaluate."""

@@ -1,94 +1,241 @@
-"""The run report: a markdown artifact in the Prefect UI and the same summary for the terminal."""
+"""The run report: a markdown artifact and a per-stage table artifact in the Prefect UI.
+
+The report says what ran (a short config summary, the models as configured and what they resolved to), what
+each stage produced and how long it took, a sample of generated queries beside their passages, and the
+retrieval metrics of the base, pretrained and adapted models.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
+import time
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.config import PipelineConfig
+from gplflow.tasks import label
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("corpus", "pretrain", "queries", "negatives", "triples", "model", "evaluate")
+STAGES = ("corpus", "pretrain", "queries", "negatives", "triples", "model", "evaluate")  # the artifacts, in order
+MADE_BY = {"corpus": "ingest", "queries": "generate", "negatives": "mine", "triples": "label", "model": "train"}
 METRICS = ("ndcg@10", "map@100", "recall@100", "mrr@10")
+MODEL_ORDER = ("base", "pretrained", "adapted")  # metrics columns; other labels follow, sorted
+SAMPLE_QUERIES = 6
 
 
-def stage_rows(store: ArtifactStore) -> list[dict[str, Any]]:
-    """One row per published stage: rows, seconds and what it counted (dropped duplicates, …)."""
+def artifact_key(*parts: str) -> str:
+    """A valid Prefect artifact key (lowercase letters, digits, dashes) made of ``parts``."""
+    key = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+    return key or "gplflow"
+
+
+def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """The settings that shape a run, one line per stage (only the stages this run uses)."""
+    gpl = cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
+    g, t, p = cfg.generate, cfg.train, cfg.pretrain
+    rows = [("flow", f"{cfg.flow}, loss {t.loss}" + (f", profile {cfg.profile}" if cfg.profile != "default" else ""))]
+    if cfg.corpus is not None:
+        rows.append(("corpus", f"`{cfg.corpus.path}`" + (f" ({cfg.corpus.format})" if cfg.corpus.format else "")))
+    if cfg.import_.gpl_dir:
+        rows.append(("import", f"UKPLab gpl folder `{cfg.import_.gpl_dir}`"))
+    if cfg.pretrain.method != "none":
+        rows.append(("pretrain", f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"))
+    rows.append(("generate", f"{g.method}, queries per passage: {g.queries_per_passage}, seed {g.seed}"))
+    if gpl:
+        m, lb = cfg.mine, cfg.label
+        bm25 = ", and BM25" if m.bm25 else ""
+        rows.append(("mine", f"{m.negatives_per_query} negatives per query from each retriever{bm25}"))
+        n = label.resolve_triples(lb, t.steps, t.batch_size)
+        rows.append(("label", f"{n} triples ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"))
+    rows.append(("train", f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, "
+                          f"max length {t.max_seq_length}, seed {t.seed}"))
+    rows.append(("evaluate", f"`{cfg.evaluate.qrels}`" if cfg.evaluate.qrels else "off (no `evaluate.qrels`)"))
+    rows.append(("execution", f"{cfg.execution.mode}, shards of {cfg.execution.shard_size}"))
+    return rows
+
+
+def model_rows(cfg: PipelineConfig, resolved: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(role, as configured, what it resolved to) for each model this run uses."""
+    m = cfg.models
+    gpl = cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
+    rows = []
+    if cfg.generate.method == "t5":
+        rows.append(("query generator", m.generator, resolved.get("generator", "")))
+    if gpl:
+        for ref, (path, score) in zip(m.retrievers, resolved.get("retrievers", []), strict=False):
+            rows.append((f"miner ({score})", ref.name, path))
+        if cfg.label.teacher == "cross_encoder":
+            rows.append(("teacher (cross-encoder)", m.cross_encoder, resolved.get("cross_encoder", "")))
+        else:
+            teacher = m.bi_encoder_teacher or (m.retrievers[0].name if m.retrievers else "")
+            rows.append(("teacher (bi-encoder)", teacher, resolved.get("bi_encoder_teacher", "")))
+    layers = f", its first {m.base_layers} layer{'s' if m.base_layers > 1 else ''}" if m.base_layers else ""
+    rows.append((f"base (student{layers})", m.base, resolved.get("base", "")))
+    return rows
+
+
+def stage_rows(store: ArtifactStore, run_started: float | None = None) -> list[dict[str, Any]]:
+    """One row per published stage: rows, seconds, whether this run made it, and what it counted.
+
+    Seconds of a sharded stage are the shards' compute time (summed over workers) plus publishing. A stage
+    published before ``run_started`` was reused from an earlier run. Model stages (pretrain, train) have no
+    rows; they show their steps, examples and loss instead of counters.
+    """
     rows = []
     for stage in STAGES:
         manifest = store.read_manifest(stage)
         if manifest is None:
             continue
+        timings = manifest.get("timings", {})
+        seconds = timings.get("seconds")
+        shard_seconds = [s.get("seconds") for s in manifest.get("shards", {}).get("shards", [])]
+        if seconds is not None and shard_seconds and None not in shard_seconds:
+            seconds += sum(shard_seconds)
+        reused = run_started is not None and timings.get("started", run_started) < run_started
+        training = manifest.get("train") or manifest.get("pretrain")
         rows.append({
-            "stage": stage,
-            "rows": manifest.get("rows", 0),
-            "seconds": manifest.get("timings", {}).get("seconds"),
-            "counters": ", ".join(f"{k}={v}" for k, v in sorted(manifest.get("counters", {}).items())),
+            "stage": f"{MADE_BY[stage]} → {stage}" if stage in MADE_BY else stage,
+            "rows": None if training else manifest.get("rows", 0),
+            "seconds": round(seconds, 1) if seconds is not None else None,
+            "this run": "reused" if reused else "computed",
+            "counters": _training(training) if training else
+            ", ".join(f"{k}={v}" for k, v in sorted(manifest.get("counters", {}).items())),
         })
     return rows
 
 
-def sample_queries(store: ArtifactStore, n: int = 5) -> list[tuple[str, str]]:
-    """A few generated queries beside the passage they came from."""
+def _training(info: dict[str, Any]) -> str:
+    """steps, examples and the first and last logged loss of a training stage's manifest."""
+    parts = [f"steps={info.get('steps')}", f"examples={info.get('examples')}"]
+    first, last = info.get("loss_first"), info.get("loss_last")
+    if first is not None and last is not None:
+        parts.append(f"loss {first:.4f} → {last:.4f}")
+    if info.get("resumed_from_step"):
+        parts.append(f"resumed at step {info['resumed_from_step']}")
+    return ", ".join(parts)
+
+
+def sample_queries(store: ArtifactStore, n: int = SAMPLE_QUERIES) -> list[tuple[str, str, str, str]]:
+    """``n`` generated queries spread evenly over the queries artifact: (query, doc id, title, passage text)."""
     queries, corpus = store.load("queries"), store.load("corpus")
-    if queries is None or corpus is None:
+    if queries is None or corpus is None or queries.rows == 0:
         return []
-    picked = queries.read_table(["doc_id", "text"]).slice(0, 200).to_pylist()[:: max(1, 200 // n)][:n]
-    wanted = {q["doc_id"] for q in picked}
-    texts: dict[str, str] = {}
-    for batch in corpus.iter_batches(["doc_id", "text"]):
+    wanted = {round(i * queries.rows / n) for i in range(min(n, queries.rows))}
+    picked, start = [], 0
+    for batch in queries.iter_batches(["doc_id", "text"]):
+        picked += [row for i, row in enumerate(batch.to_pylist()) if start + i in wanted]
+        start += batch.num_rows
+    docs = {q["doc_id"] for q in picked}
+    passages: dict[str, tuple[str, str]] = {}
+    for batch in corpus.iter_batches(["doc_id", "title", "text"]):
         for row in batch.to_pylist():
-            if row["doc_id"] in wanted:
-                texts[row["doc_id"]] = row["text"]
-    return [(q["text"], texts.get(q["doc_id"], "")) for q in picked]
+            if row["doc_id"] in docs:
+                passages[row["doc_id"]] = (row["title"] or "", row["text"] or "")
+    return [(q["text"], q["doc_id"], *passages.get(q["doc_id"], ("", ""))) for q in picked]
+
+
+def ordered_models(metrics: dict[str, Any]) -> list[str]:
+    """Metric columns: base, pretrained, adapted, then any other label (sorted)."""
+    return sorted(metrics.get("models", {}), key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else 9, m))
 
 
 def metrics_markdown(metrics: dict[str, Any] | None) -> str:
     if not metrics:
         return "_No evaluation (set `evaluate.qrels`)._"
-    models = [m for m in metrics.get("models", {})]
-    lines = ["| metric | " + " | ".join(models) + " | adapted − base |", "|---" * (len(models) + 2) + "|"]
+    models = ordered_models(metrics)
+    lines = ["| metric | " + " | ".join(models) + " | adapted − base |", "|---" + "|--:" * (len(models) + 1) + "|"]
     for metric in METRICS:
         values = [metrics["models"][m].get(metric) for m in models]
         delta = metrics.get("delta", {}).get(metric)
         cells = " | ".join(f"{v:.4f}" if v is not None else "–" for v in values)
-        lines.append(f"| {metric} | {cells} | {delta:+.4f} |" if delta is not None else f"| {metric} | {cells} | – |")
+        lines.append(f"| {metric} | {cells} | {f'{delta:+.4f}' if delta is not None else '–'} |")
+    counts = metrics.get("counts", {})
+    if counts:
+        lines.append(f"\n{counts.get('queries', '?')} judged queries over {counts.get('docs', '?')} passages; "
+                     f"primary metric {metrics.get('primary_metric', METRICS[0])}.")
     return "\n".join(lines)
 
 
 def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str, Any]) -> str:
-    models = summary.get("models", {})
+    stages = stage_rows(store, _run_started(summary))
     parts = [
-        f"# gplflow run `{cfg.name}` ({cfg.flow}, loss {cfg.train.loss})",
-        f"Run directory: `{summary['run_dir']}` · {summary.get('seconds', '?')} s",
-        "## Models",
-        *(f"- **{k}**: `{v}`" for k, v in models.items() if k != "retrievers"),
-        *(f"- **retriever**: `{n}` ({s})" for n, s in models.get("retrievers", [])),
-        "## Stages",
-        "| stage | rows | seconds | counters |",
-        "|---|---|---|---|",
-        *(f"| {r['stage']} | {r['rows']} | {r['seconds']} | {r['counters']} |" for r in stage_rows(store)),
+        f"# gplflow run `{cfg.name}`",
+        f"{_headline(cfg)}. Finished in {_duration(summary.get('seconds'))}; run directory `{summary['run_dir']}`.",
+        _verdict(summary.get("metrics")),
         "## Metrics",
         metrics_markdown(summary.get("metrics")),
         "## Sample of generated queries",
-        "| query | passage |",
+        "Each query, and below it the passage it was generated from (its positive).",
+        *(f"{i}. **{_inline(q, 200)}**\n   > {_passage(d, title, text)}"
+          for i, (q, d, title, text) in enumerate(sample_queries(store), 1)),
+        "## Stages",
+        "| stage | rows | seconds | this run |",
+        "|---|--:|--:|---|",
+        *(f"| {r['stage']} | {_num(r['rows'])} | {_num(r['seconds'])} | {r['this run']} |" for r in stages),
+        "",
+        *(f"- {r['stage']}: {_inline(r['counters'], 400)}" for r in stages if r["counters"]),
+        "## Models",
+        *(f"- **{role}**: `{ref}`" + ("" if path == ref else f" → `{path}`")
+          for role, ref, path in model_rows(cfg, summary.get("models", {}))),
+        "## Configuration",
+        "| stage | settings |",
         "|---|---|",
-        *(f"| {_cell(q)} | {_cell(p, 240)} |" for q, p in sample_queries(store)),
+        *(f"| {name} | {value} |" for name, value in config_rows(cfg)),
     ]
     return "\n".join(parts)
 
 
-def _cell(text: str, limit: int = 120) -> str:
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _headline(cfg: PipelineConfig) -> str:
+    """One line: the method, what the queries are, and how long training is."""
+    method = "GPL (MarginMSE on pseudo-labelled triples)" if cfg.train.loss == "margin_mse" else "GenQ (MNRL)"
+    pretrain = f", after {cfg.pretrain.method.upper()} pretraining" if cfg.pretrain.method != "none" else ""
+    return (f"{method}{pretrain}: {cfg.generate.method} queries, {cfg.train.steps} training steps of batch "
+            f"{cfg.train.batch_size}")
+
+
+def _verdict(metrics: dict[str, Any] | None) -> str:
+    delta = (metrics or {}).get("delta", {}).get("ndcg@10")
+    if delta is None:
+        return "_Not evaluated._"
+    word = "beats" if delta > 0 else "does NOT beat"
+    return f"**The adapted model {word} its base on nDCG@10 ({delta:+.4f}).**"
+
+
+def _run_started(summary: dict[str, Any]) -> float:
+    return summary.get("started") or time.time() - (summary.get("seconds") or 0)
+
+
+def _passage(doc_id: str, title: str, text: str) -> str:
+    title = f"**{_inline(title, 80)}** · " if title else ""
+    return f"{title}{_inline(text, 300)} (`{doc_id.replace('`', '')}`)"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def _inline(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters, with markdown's special characters escaped."""
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", text)
 
 
 def publish_report(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str, Any]) -> None:
-    """Publish the markdown report artifact for the Prefect UI (key: gplflow-report-<run name>)."""
-    key = "gplflow-report-" + "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
-    create_markdown_artifact(markdown=report_markdown(cfg, store, summary), key=key,
-                             description=f"gplflow run {cfg.name}")
+    """Publish the report (key ``gplflow-report-<run name>``) and the stage table (``gplflow-stages-<run name>``)."""
+    create_markdown_artifact(markdown=report_markdown(cfg, store, summary),
+                             key=artifact_key("gplflow-report", cfg.name),
+                             description=f"gplflow run {cfg.name}: metrics, sample queries, stages, models, config")
+    create_table_artifact(table=stage_rows(store, _run_started(summary)),
+                          key=artifact_key("gplflow-stages", cfg.name),
+                          description=f"gplflow run {cfg.name}: rows, seconds and counters of each stage")

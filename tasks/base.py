@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -14,6 +14,8 @@ from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore, canonical_json, fingerprint
 
 logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], Any]  # told how many more units of a stage's work are done (see tasks/progress.py)
 
 
 class StageConfig(BaseModel):
@@ -53,16 +55,26 @@ class ShardJob(ABC):
 
     ``run_shard(k)`` computes and stages shard k (any process, any machine sharing the run directory);
     ``publish()`` turns the staged shards into the stage's artifact once all are done. ``run()`` does both,
-    skipping the shards a killed run already finished.
+    skipping the shards a killed run already finished, and reports progress in units of ``work``.
     """
 
     stage: str
     fingerprint: str
     staging: ShardStaging
+    _on_progress: Progress | None = None
 
     @property
     @abstractmethod
     def n_shards(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def work(self) -> int:
+        """The stage's work in the units its progress counts (passages, pairs, texts encoded)."""
+
+    @abstractmethod
+    def shard_work(self, k: int) -> int:
+        """The part of ``work`` shard k does (counted as done when a rerun skips the shard)."""
 
     @abstractmethod
     def plan(self) -> dict[str, Any]:
@@ -80,10 +92,18 @@ class ShardJob(ABC):
         """Write (or keep) the staging plan; returns the shards still to compute."""
         return self.staging.prepare(self.plan())
 
-    def run(self) -> Artifact:
-        for k in self.prepare():
+    def run(self, on_progress: Progress | None = None) -> Artifact:
+        self._on_progress = on_progress
+        pending = self.prepare()
+        self.advance(sum(self.shard_work(k) for k in sorted(set(range(self.n_shards)) - set(pending))))
+        for k in pending:
             self.run_shard(k)
         return self.publish()
+
+    def advance(self, n: int) -> None:
+        """Tell ``run``'s progress callback, if any, that ``n`` more units of work are done."""
+        if self._on_progress is not None and n:
+            self._on_progress(n)
 
     def check_shard(self, k: int) -> None:
         """Shard k exists and the staging folder was prepared with this job's plan (by the flow that fans out)."""
@@ -108,8 +128,8 @@ class ShardJob(ABC):
 
 
 def shard_summary(records: list[dict[str, Any]], shard_size: int) -> dict[str, Any]:
-    """What a manifest keeps of its shards: their size, and per shard its rows and who computed it."""
-    keep = ("rows", "host", "pid", "worker", "finished")
+    """What a manifest keeps of its shards: their size, and per shard its rows, seconds and who computed it."""
+    keep = ("rows", "seconds", "host", "pid", "worker", "finished")
     return {"count": len(records), "size": shard_size, "shards": [{k: r.get(k) for k in keep} for r in records]}
 
 

@@ -138,18 +138,19 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
     if (found := reuse(store, STAGE, stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION))) is not None:
         return found
     qrels_path, queries_path = _paths(cfg)
-    evalset = beir_io.load_eval_set(qrels_path, queries_path)
-    table = corpus.read_table(["doc_id", "title", "text"])
-    doc_ids = table.column("doc_id").to_pylist()
-    passages = [encoding.passage_text(t, x) for t, x in zip(table.column("title").to_pylist(),
-                                                            table.column("text").to_pylist(), strict=True)]
-    del table
-    counts = _counts(evalset, doc_ids)
-    per_model, similarity = {}, {}
-    for label, ref in models.items():
-        per_model[label], similarity[label] = _evaluate_model(cfg, ref, label, evalset, doc_ids, passages)
-    summary = _summary(per_model, counts, models, similarity)
+    # The writer is opened first so that the manifest's timings cover the evaluation, not only the writing.
     with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
+        evalset = beir_io.load_eval_set(qrels_path, queries_path)
+        table = corpus.read_table(["doc_id", "title", "text"])
+        doc_ids = table.column("doc_id").to_pylist()
+        passages = [encoding.passage_text(t, x) for t, x in zip(table.column("title").to_pylist(),
+                                                                table.column("text").to_pylist(), strict=True)]
+        del table
+        counts = _counts(evalset, doc_ids)
+        per_model, similarity = {}, {}
+        for label, ref in models.items():
+            per_model[label], similarity[label] = _evaluate_model(cfg, ref, label, evalset, doc_ids, passages)
+        summary = _summary(per_model, counts, models, similarity)
         out.write_part([_per_query_table(per_model)], SCHEMA)
         beir_io.save_metrics(out.local_dir(), summary)
         for name, value in counts.items():
@@ -238,7 +239,7 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return trec.table_rows(ordered, extra)
 
 
-@task(name="evaluate retrieval", retries=0, persist_result=True,
+@task(name="evaluate retrieval", task_run_name="evaluate retrieval", retries=0, persist_result=True,
       cache_key_fn=artifact_cache_key(STAGE, lambda p: fingerprint_for(p["cfg"], p["corpus_fp"], p["models"],
                                                                         p.get("adapted_fp"))))
 def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dict[str, str],

@@ -23,6 +23,7 @@ import itertools
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -37,8 +38,17 @@ from gplflow.adapters.generation import QueryGenerator, SamplingParams
 from gplflow.adapters.oom import halve_on_oom
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
-from gplflow.tasks.base import ShardJob, StageConfig, artifact_cache_key, reuse, shard_summary, stage_fingerprint
+from gplflow.tasks.base import (
+    Progress,
+    ShardJob,
+    StageConfig,
+    artifact_cache_key,
+    reuse,
+    shard_summary,
+    stage_fingerprint,
+)
 from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
+from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +128,16 @@ def queries_per_passage(cfg: GenerateConfig, n_passages: int) -> tuple[int, int 
 
 
 def run_generate(cfg: GenerateConfig, store: ArtifactStore, corpus: Artifact, generator: str,
-                 shard_size: int = DEFAULT_SHARD_SIZE) -> Artifact:
+                 shard_size: int = DEFAULT_SHARD_SIZE, on_progress: Progress | None = None) -> Artifact:
     """Generate queries for the corpus (or its seeded sample) shard by shard; reuse a matching artifact.
 
     Shards a killed run finished are kept (see ``adapters/staging.py``) and not computed again.
+    ``on_progress(n)`` is told of passages done, ``n`` at a time.
     """
     job = GenerateJob(cfg, store, corpus, generator, shard_size)
     if (found := reuse(store, STAGE, job.fingerprint)) is not None:
         return found
-    return job.run()
+    return job.run(on_progress)
 
 
 class GenerateJob(ShardJob):
@@ -152,18 +163,32 @@ class GenerateJob(ShardJob):
     def n_shards(self) -> int:
         return math.ceil(self.used / self.shard_size)
 
+    @property
+    def work(self) -> int:
+        """Passages (of the corpus or its sample)."""
+        return self.used
+
+    def shard_work(self, k: int) -> int:
+        return len(self._shard_ranges()[k])
+
     def plan(self) -> dict[str, Any]:
         return {"n_shards": self.n_shards, "shard_size": self.shard_size, "passages": self.used,
                 "queries_per_passage": self.qpp}
 
-    def run(self) -> Artifact:
+    def run(self, on_progress: Progress | None = None) -> Artifact:
         """All pending shards from one pass over the corpus, then publish."""
+        self._on_progress = on_progress
         pending = set(self.prepare())
         with tqdm(total=self.used, unit="passage", desc="generate queries") as bar:
-            bar.update(sum(len(r) for k, r in enumerate(self._shard_ranges()) if k not in pending))
+
+            def advance(n: int) -> None:
+                bar.update(n)
+                self.advance(n)
+
+            advance(sum(self.shard_work(k) for k in range(self.n_shards) if k not in pending))
             for k, shard in enumerate(_shards(self._passages(), self.shard_size)):
                 if k in pending:
-                    self._run(k, shard, bar.update)
+                    self._run(k, shard, advance)
         return self.publish()
 
     def run_shard(self, k: int) -> dict[str, Any]:
@@ -172,6 +197,7 @@ class GenerateJob(ShardJob):
         return self._run(k, shard, lambda _n: None)
 
     def _run(self, k: int, shard: list[Passage], progress: Callable[[int], Any]) -> dict[str, Any]:
+        started = time.time()
         if self._make is None:
             self._make = (_t5_maker(self.cfg, self.generator, self.qpp) if self.cfg.method == "t5"
                           else _extractive_maker(self.cfg, self.qpp))
@@ -181,7 +207,7 @@ class GenerateJob(ShardJob):
             counters[name] += value
 
         batch = _to_batch(shard, self._make(shard, k, progress), count)
-        return self.staging.write_parquet(k, [batch], SCHEMA, counters)
+        return self.staging.write_parquet(k, [batch], SCHEMA, counters, started)
 
     def publish(self) -> Artifact:
         records = self.done_records()
@@ -346,13 +372,18 @@ def _extractive_maker(cfg: GenerateConfig, qpp: int) -> QueryMaker:
 
 # --- Prefect ----------------------------------------------------------------------------------------------
 
-@task(name="generate queries", retries=0, persist_result=True,
+@task(name="generate queries", task_run_name="generate queries", retries=0, persist_result=True,
       cache_key_fn=artifact_cache_key(STAGE, lambda p: generate_fingerprint(p["cfg"], p["corpus_fp"],
                                                                             p["generator"])))
 def generate_task(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
                   shard_size: int = DEFAULT_SHARD_SIZE) -> str:
     job = generate_job(cfg, run_dir, corpus_fp, generator, shard_size)
-    artifact = reuse(job.store, STAGE, job.fingerprint) or job.run()
+    artifact = reuse(job.store, STAGE, job.fingerprint)
+    if artifact is None:
+        progress = ProgressArtifact.start("generate-queries", job.work, f"Generating {cfg.method} queries for "
+                                          f"{job.used} passages, {job.qpp} per passage")
+        artifact = job.run(progress.advance)
+        progress.finish()
     get_run_logger().info("queries: %d from %d passages (%s)", artifact.rows, job.corpus.rows, artifact.counters)
     return artifact.fingerprint
 

@@ -81,7 +81,7 @@ def _to_batch(docs: list[Document]) -> pa.RecordBatch:
     )
 
 
-@task(name="ingest corpus", retries=0, persist_result=True,
+@task(name="ingest corpus", task_run_name="ingest corpus", retries=0, persist_result=True,
       cache_key_fn=artifact_cache_key(STAGE, lambda p: ingest_fingerprint(p["cfg"])))
 def ingest_task(cfg: IngestConfig, run_dir: str) -> str:
     artifact = run_ingest(cfg, ArtifactStore(run_dir))

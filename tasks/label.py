@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,7 +33,16 @@ from gplflow.adapters.scoring import PairScorer, load_scorer
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
 from gplflow.tasks import generate, ingest, mine
-from gplflow.tasks.base import ShardJob, StageConfig, artifact_cache_key, reuse, shard_summary, stage_fingerprint
+from gplflow.tasks.base import (
+    Progress,
+    ShardJob,
+    StageConfig,
+    artifact_cache_key,
+    reuse,
+    shard_summary,
+    stage_fingerprint,
+)
+from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +115,16 @@ def run_label(
     teacher: str,
     n_triples: int,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    on_progress: Progress | None = None,
 ) -> Artifact:
-    """Draw the triples, score their distinct pairs with the teacher (shard by shard), publish ``triples/``."""
+    """Draw the triples, score their distinct pairs with the teacher (shard by shard), publish ``triples/``.
+
+    ``on_progress(n)`` is told of pairs scored, a shard at a time.
+    """
     job = LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size)
     if (found := reuse(store, STAGE, job.fingerprint)) is not None:
         return found
-    return job.run()
+    return job.run(on_progress)
 
 
 class LabelJob(ShardJob):
@@ -149,10 +163,19 @@ class LabelJob(ShardJob):
     def n_shards(self) -> int:
         return math.ceil(len(self.draw.keys) / self.shard_size)
 
+    @property
+    def work(self) -> int:
+        """Distinct (query, passage) pairs to score."""
+        return len(self.draw.keys)
+
+    def shard_work(self, k: int) -> int:
+        return len(self.draw.keys[k * self.shard_size : (k + 1) * self.shard_size])
+
     def plan(self) -> dict[str, Any]:
         return {"n_shards": self.n_shards, "shard_size": self.shard_size, "distinct_pairs": len(self.draw.keys)}
 
     def run_shard(self, k: int) -> dict[str, Any]:
+        started = time.time()
         draw = self.draw
         keys = draw.keys[k * self.shard_size : (k + 1) * self.shard_size]
         n_docs = len(draw.pool.doc_ids)
@@ -167,7 +190,9 @@ class LabelJob(ShardJob):
         table = pa.table({"query_id": draw.pool.query_ids.take(pa.array(pair_q)),
                           "doc_id": draw.pool.doc_ids.take(pa.array(pair_d)),
                           "score": pa.array(scores, pa.float32())}, schema=SCORE_SCHEMA)
-        return self.staging.write_parquet(k, [table], SCORE_SCHEMA, {"scored_pairs": len(keys)})
+        record = self.staging.write_parquet(k, [table], SCORE_SCHEMA, {"scored_pairs": len(keys)}, started)
+        self.advance(len(keys))
+        return record
 
     def publish(self) -> Artifact:
         records = self.done_records()
@@ -341,7 +366,7 @@ def _input(store: ArtifactStore, stage: str, fp: str) -> Artifact:
 
 
 @task(
-    name="pseudo-label triples",
+    name="pseudo-label triples", task_run_name="pseudo-label triples",
     retries=0,
     persist_result=True,
     cache_key_fn=artifact_cache_key(
@@ -363,7 +388,13 @@ def label_task(
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> str:
     job = label_job(cfg, run_dir, n_triples, corpus_fp, queries_fp, negatives_fp, teacher, queries_stage, shard_size)
-    artifact = reuse(job.store, STAGE, job.fingerprint) or job.run()
+    artifact = reuse(job.store, STAGE, job.fingerprint)
+    if artifact is None:
+        progress = ProgressArtifact.start("pseudo-label-triples", job.work, f"Scoring {job.work} distinct "
+                                          f"(query, passage) pairs of {n_triples} triples with the {cfg.teacher} "
+                                          "teacher")
+        artifact = job.run(progress.advance)
+        progress.finish()
     get_run_logger().info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
     return artifact.fingerprint
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,7 +26,16 @@ from gplflow.adapters.encoding import encode, passage_text, release_memory
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.vector_index import VectorIndex
-from gplflow.tasks.base import ShardJob, StageConfig, artifact_cache_key, reuse, shard_summary, stage_fingerprint
+from gplflow.tasks.base import (
+    Progress,
+    ShardJob,
+    StageConfig,
+    artifact_cache_key,
+    reuse,
+    shard_summary,
+    stage_fingerprint,
+)
+from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +103,16 @@ class _Corpus:
 
 
 def run_mine(cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
-             retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> Artifact:
-    """Mine negatives with every dense retriever (and BM25 when asked); publish one artifact."""
+             retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE,
+             on_progress: Progress | None = None) -> Artifact:
+    """Mine negatives with every dense retriever (and BM25 when asked); publish one artifact.
+
+    ``on_progress(n)`` is told of texts done: passages encoded, then queries encoded and searched.
+    """
     job = MineJob(cfg, store, corpus, queries, retrievers, shard_size)
     if (found := reuse(store, STAGE, job.fingerprint)) is not None:
         return found
-    return job.run()
+    return job.run(on_progress)
 
 
 class MineJob(ShardJob):
@@ -127,6 +141,16 @@ class MineJob(ShardJob):
     def n_shards(self) -> int:
         return len(self.retrievers) * self.slices
 
+    @property
+    def work(self) -> int:
+        """Passages each dense retriever encodes, then queries each retriever (BM25 too) searches with."""
+        miners = len(self.retrievers) + (1 if self.cfg.bm25 else 0)
+        return len(self.retrievers) * self.corpus.rows + miners * self.queries.rows
+
+    def shard_work(self, k: int) -> int:
+        c = k % self.slices
+        return min(self.shard_size, self.corpus.rows - c * self.shard_size)
+
     def plan(self) -> dict[str, Any]:
         return {"n_shards": self.n_shards, "shard_size": self.shard_size, "passages": self.corpus.rows,
                 "retrievers": [ref for ref, _ in self.retrievers]}
@@ -137,22 +161,23 @@ class MineJob(ShardJob):
             self._docs = _Corpus.read(self.corpus)
         return self._docs
 
-    def run(self) -> Artifact:
+    def run(self, on_progress: Progress | None = None) -> Artifact:
         if self.queries.rows == 0:
             raise ValueError(f"{self.queries.url}: no queries; nothing to mine")
         try:
-            return super().run()
+            return super().run(on_progress)
         finally:
             self._drop_model()
 
     def run_shard(self, k: int) -> dict[str, Any]:
+        started = time.time()
         r, c = divmod(k, self.slices)
         ref, score = self.retrievers[r]
         texts = self.docs.texts[c * self.shard_size : (c + 1) * self.shard_size]
         emb = encode(self._load(ref), texts, role="document", batch_size=self.cfg.batch_size,
                      normalize=score == "cos_sim", desc=f"encoding corpus ({_short(ref)}) {c + 1}/{self.slices}",
-                     setting="mine.batch_size")
-        return self.staging.write_array(k, emb, {"encoded_passages": len(texts)})
+                     setting="mine.batch_size", on_progress=self.advance)
+        return self.staging.write_array(k, emb, {"encoded_passages": len(texts)}, started)
 
     def publish(self) -> Artifact:
         if self.queries.rows == 0:
@@ -166,11 +191,11 @@ class MineJob(ShardJob):
             for r, (ref, score) in enumerate(self.retrievers):
                 emb = np.concatenate([self.staging.read_array(r * self.slices + c) for c in range(self.slices)])
                 out.write_part(_dense_batches(self.cfg, ref, score, emb, self._load(ref), self.docs,
-                                              self.queries, out.count), SCHEMA)
+                                              self._query_chunks(_short(ref)), out.count), SCHEMA)
                 names.append(ref)
             self._drop_model()
             if self.cfg.bm25:
-                out.write_part(_bm25_batches(self.cfg, self.docs, self.queries, out.count), SCHEMA)
+                out.write_part(_bm25_batches(self.cfg, self.docs, self._query_chunks(BM25), out.count), SCHEMA)
                 names.append(BM25)
             out.count("retrievers", len(names))
             out.extra["retrievers"] = names
@@ -180,6 +205,14 @@ class MineJob(ShardJob):
         logger.info("mined negatives for %d queries with %s (%d short lists)", self.queries.rows, ", ".join(names),
                     artifact.counters.get("short_lists", 0))
         return artifact
+
+    def _query_chunks(self, name: str) -> Iterator[pa.RecordBatch]:
+        """The queries ``query_chunk`` at a time; each chunk counts as done once the next is asked for."""
+        with tqdm(total=self.queries.rows, desc=f"mining ({name})", unit="query") as bar:
+            for batch in self.queries.iter_batches(["query_id", "doc_id", "text"], batch_size=self.cfg.query_chunk):
+                yield batch
+                bar.update(batch.num_rows)
+                self.advance(batch.num_rows)
 
     def _load(self, ref: str) -> Any:
         """The retriever ``ref``, kept loaded while consecutive shards use it."""
@@ -199,22 +232,15 @@ def _short(ref: str, width: int = 32) -> str:
     return ref if len(ref) <= width else "…" + ref[-(width - 1):]
 
 
-def _query_chunks(queries: Artifact, size: int, desc: str) -> Iterator[pa.RecordBatch]:
-    with tqdm(total=queries.rows, desc=desc, unit="query") as bar:
-        for batch in queries.iter_batches(["query_id", "doc_id", "text"], batch_size=size):
-            yield batch
-            bar.update(batch.num_rows)
-
-
 def _dense_batches(cfg: MineConfig, ref: str, score: str, emb: np.ndarray, model: Any, docs: _Corpus,
-                   queries: Artifact, count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
+                   chunks: Iterator[pa.RecordBatch], count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
     """Index the corpus embeddings, then encode and search the queries chunk by chunk."""
     normalize = score == "cos_sim"
     index = VectorIndex(emb, score=score, kind=cfg.index, copy=False)  # type: ignore[arg-type]
     del emb  # the index holds its own copy
     try:
         k = cfg.negatives_per_query + 1 + cfg.extra_k
-        for chunk in _query_chunks(queries, cfg.query_chunk, f"mining ({_short(ref)})"):
+        for chunk in chunks:
             q = encode(model, chunk["text"].to_pylist(), role="query", batch_size=cfg.batch_size,
                        normalize=normalize, desc="encoding queries", show_progress=chunk.num_rows > 1000,
                        setting="mine.batch_size")
@@ -225,11 +251,11 @@ def _dense_batches(cfg: MineConfig, ref: str, score: str, emb: np.ndarray, model
         release_memory()
 
 
-def _bm25_batches(cfg: MineConfig, docs: _Corpus, queries: Artifact,
+def _bm25_batches(cfg: MineConfig, docs: _Corpus, chunks: Iterator[pa.RecordBatch],
                   count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
     index = BM25Index(docs.texts)
     k = cfg.negatives_per_query + 1 + cfg.extra_k
-    for chunk in _query_chunks(queries, cfg.query_chunk, "mining (bm25)"):
+    for chunk in chunks:
         scores, ids = index.search(chunk["text"].to_pylist(), k)
         ids[scores <= 0] = -1  # a passage sharing no term with the query is no hard negative
         yield _ranked(BM25, chunk, scores, ids, docs.doc_ids, cfg.negatives_per_query, count)
@@ -260,13 +286,20 @@ def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
     raise FileNotFoundError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
 
 
-@task(name="mine hard negatives", retries=0, persist_result=True,
+@task(name="mine hard negatives", task_run_name="mine hard negatives", retries=0, persist_result=True,
       cache_key_fn=artifact_cache_key(STAGE, lambda p: mine_fingerprint(
           p["cfg"], p["corpus_fp"], p["queries_fp"], p["retrievers"])))
 def mine_task(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
               retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> str:
     job = mine_job(cfg, run_dir, corpus_fp, queries_fp, retrievers, shard_size)
-    artifact = reuse(job.store, STAGE, job.fingerprint) or job.run()
+    artifact = reuse(job.store, STAGE, job.fingerprint)
+    if artifact is None:
+        miners = len(job.retrievers) + (1 if cfg.bm25 else 0)
+        progress = ProgressArtifact.start("mine-hard-negatives", job.work, f"Encoding {job.corpus.rows} passages "
+                                          f"and mining {cfg.negatives_per_query} negatives for {job.queries.rows} "
+                                          f"queries with {miners} retriever(s)")
+        artifact = job.run(progress.advance)
+        progress.finish()
     get_run_logger().info("negatives: %d rows from %s (%s)", artifact.rows,
                           ", ".join(artifact.manifest.get("retrievers", [])), artifact.counters)
     return artifact.fingerprint

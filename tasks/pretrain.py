@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import Field
 
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def _texts(corpus: Artifact, method: str) -> Iterator[str]:
             yield f"{title} {text}" if method == "mlm" and title else text
 
 
-@task(name="pretrain encoder (TSDAE/MLM)", retries=1, persist_result=True,  # a retry resumes from checkpoint
+@task(name="pretrain encoder (TSDAE/MLM)", task_run_name="pretrain encoder ({cfg.method})", retries=1,
+      persist_result=True,  # a retry resumes from checkpoint
       cache_key_fn=artifact_cache_key(STAGE, lambda p: pretrain_fingerprint(p["cfg"], p["corpus_fp"],
                                                                             p["base_model"])))
 def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model: str) -> str:
@@ -111,15 +112,15 @@ def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model:
         raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")
     log = get_run_logger()
-    progress = create_progress_artifact(0.0, key=f"pretrain-{cfg.method}",
-                                        description=f"{cfg.method} pretraining of {base_model}")
+    progress = ProgressArtifact.start(f"pretrain-{cfg.method}", cfg.steps,
+                                      f"{cfg.method.upper()} pretraining of {base_model} for {cfg.steps} steps")
 
     def on_progress(step: int, total: int, loss: float) -> None:
-        update_progress_artifact(progress, 100.0 * step / total)
+        progress.set(step)
         log.info("pretrain %s: step %d/%d, loss %.4f", cfg.method, step, total, loss)
 
     artifact = run_pretrain(cfg, store, corpus, base_model, on_progress)
-    update_progress_artifact(progress, 100.0)  # also when the artifact was reused
+    progress.finish()  # also when the artifact was reused
     info = artifact.manifest.get("pretrain", {})
     log.info("pretrain: %s, %s steps in %ss, loss %s -> %s", cfg.method, info.get("steps"),
              info.get("seconds"), info.get("loss_first"), info.get("loss_last"))

@@ -13,6 +13,7 @@ from pydantic import Field
 from gplflow.adapters import models
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,24 @@ def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, data: Artifa
     return trainer.margin_mse_dataset(triples, trainer.query_texts(query_rows), passages)
 
 
+def progress_callback(progress: ProgressArtifact) -> Any:
+    """A ``transformers.TrainerCallback`` that moves ``progress`` to the trainer's global step.
+
+    ``progress`` limits how often the UI is updated, so calling it every step is cheap. A resumed run starts
+    at its checkpoint's step.
+    """
+    from transformers import TrainerCallback  # slow to import: only when training
+
+    class TrainProgress(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            progress.set(state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            progress.set(state.global_step)
+
+    return TrainProgress()
+
+
 def _load(store: ArtifactStore, stages: tuple[str, ...], fp: str) -> Artifact:
     for stage in stages:
         if (artifact := store.load(stage, expect_fingerprint=fp)) is not None:
@@ -116,14 +135,18 @@ def _task_fingerprint(p: dict[str, Any]) -> str:
     return train_fingerprint(p["cfg"], p["base_model"], data_fp, p["corpus_fp"])
 
 
-@task(name="train bi-encoder", retries=1, persist_result=True,  # a retry resumes from the last checkpoint
+@task(name="train bi-encoder", task_run_name="train bi-encoder", retries=1,
+      persist_result=True,  # a retry resumes from the last checkpoint
       cache_key_fn=artifact_cache_key(STAGE, _task_fingerprint))
 def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, queries_fp: str,
                triples_fp: str | None) -> str:
     store = ArtifactStore(run_dir)
     triples = _load(store, ("triples",), triples_fp) if triples_fp else None
+    progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} for {cfg.steps} "
+                                      f"steps of batch {cfg.batch_size}")
     artifact = run_train(cfg, store, base_model, _load(store, ("corpus",), corpus_fp),
-                         _load(store, QUERY_STAGES, queries_fp), triples)
+                         _load(store, QUERY_STAGES, queries_fp), triples, callbacks=[progress_callback(progress)])
+    progress.finish()
     info = artifact.manifest.get("train", {})
     get_run_logger().info("model: %s, %s steps in %ss, loss %s -> %s", cfg.loss, info.get("steps"),
                           info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
