@@ -71,10 +71,13 @@ class PretrainPlan:
     noise_ratio: float = 0.6
     mlm_probability: float = 0.15
     min_sentence_words: int = 3
+    pooling: str | None = None  # the output's pooling; None: the method's own (TSDAE cls, MLM mean)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown pretraining method {self.method!r}; expected {' or '.join(METHODS)}")
+        if self.pooling not in (None, "cls", "mean"):
+            raise ValueError(f"pretrain pooling {self.pooling!r}: expected cls or mean")
         if min(self.steps, self.batch_size, self.max_seq_length, self.checkpoint_every, self.log_every) < 1:
             raise ValueError("steps, batch_size, max_seq_length, checkpoint_every and log_every must be >= 1")
 
@@ -84,6 +87,7 @@ class PretrainReport:
     """What a pretraining run did, for the manifest."""
 
     method: str
+    pooling: str
     steps: int
     resumed_from_step: int | None
     examples: int
@@ -95,7 +99,7 @@ class PretrainReport:
         losses = [loss for _, loss in self.loss_history]
         return {
             "method": self.method,
-            "pooling": POOLING[self.method],
+            "pooling": self.pooling,
             "steps": self.steps,
             "resumed_from_step": self.resumed_from_step,
             "examples": self.examples,
@@ -200,8 +204,8 @@ def _with_pooling(base: SentenceTransformer, mode: str, dev: str) -> SentenceTra
 class Tsdae:
     """Encoder (CLS pooling) + decoder tied to it; the loss is the decoder's reconstruction cross-entropy."""
 
-    def __init__(self, base: SentenceTransformer, noise_ratio: float, dev: str):
-        self.encoder = _with_pooling(base, POOLING["tsdae"], dev)
+    def __init__(self, base: SentenceTransformer, noise_ratio: float, dev: str, pooling: str = POOLING["tsdae"]):
+        self.encoder = _with_pooling(base, pooling, dev)
         self.noise_ratio = noise_ratio
         self.dev = dev
         try:
@@ -226,9 +230,11 @@ class Tsdae:
 class MaskedLM:
     """The base encoder's weights under a masked-LM head, trained on masked passage chunks."""
 
-    def __init__(self, base: SentenceTransformer, mlm_probability: float, seed: int, dev: str):
+    def __init__(self, base: SentenceTransformer, mlm_probability: float, seed: int, dev: str,
+                 pooling: str = POOLING["mlm"]):
         self.base = base
         self.dev = dev
+        self.pooling = pooling
         with _quiet_transformers():
             self.module = AutoModelForMaskedLM.from_pretrained(base.transformers_model.config._name_or_path)
         self.module.to(dev)
@@ -246,7 +252,7 @@ class MaskedLM:
         if unexpected or any(not key.startswith("pooler.") for key in missing):
             raise RuntimeError(f"MLM encoder weights do not match the base model (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
-        save_model(_with_pooling(self.base, POOLING["mlm"], self.dev), folder)
+        save_model(_with_pooling(self.base, self.pooling, self.dev), folder)
 
 
 def save_model(model: SentenceTransformer, folder: Path) -> None:
@@ -388,17 +394,18 @@ def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoi
         counters[name] = counters.get(name, 0) + value
 
     dev = models.device()
+    pooling = plan.pooling or POOLING[plan.method]
     base = models.load_bi_encoder(base_model, max_seq_length=plan.max_seq_length)
     limit = plan.steps * plan.batch_size  # more examples than the run can see are never needed
     torch.manual_seed(plan.seed)  # the decoder's or MLM head's new weights
     if plan.method == "tsdae":
         examples, total = reservoir_sample(sentences(texts, plan.min_sentence_words, count), limit, plan.seed)
-        objective: Objective = Tsdae(base, plan.noise_ratio, dev)
+        objective: Objective = Tsdae(base, plan.noise_ratio, dev, pooling)
         count("sentences", total)
     else:
         passages, total = reservoir_sample(texts, limit, plan.seed)
         examples = mlm_chunks(base.tokenizer, passages, plan.max_seq_length, count)
-        objective = MaskedLM(base, plan.mlm_probability, plan.seed, dev)
+        objective = MaskedLM(base, plan.mlm_probability, plan.seed, dev, pooling)
         count("passages", total)
     if not examples:
         raise ValueError(f"pretrain ({plan.method}): the corpus yields no training example "
@@ -406,5 +413,5 @@ def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoi
     count("examples", len(examples))
     state = fit(objective, examples, plan, checkpoints, dev, on_progress)
     objective.save(out_dir)
-    return PretrainReport(plan.method, state.step, state.resumed_from, len(examples),
+    return PretrainReport(plan.method, pooling, state.step, state.resumed_from, len(examples),
                           time.perf_counter() - started, state.history, counters)

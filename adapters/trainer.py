@@ -21,7 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers import (
+    SentenceTransformer,
+    SentenceTransformerTrainer,
+    SentenceTransformerTrainingArguments,
+    util,
+)
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.sentence_transformer import losses
 from sentence_transformers.util import resolve_ids
@@ -34,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("margin_mse", "mnrl")
 # The score each loss teaches: MarginMSE fits dot-product margins (GPL); MNRL ranks by scaled cosine.
-SIMILARITY = {"margin_mse": "dot", "mnrl": "cosine"}
+SIMILARITY = {"dot": "dot", "cos_sim": "cosine"}  # train.similarity -> the similarity saved with the model
 CHECKPOINTS = ".checkpoints"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _MAX_HISTORY = 100  # loss points kept in the manifest
@@ -51,6 +56,7 @@ class TrainPlan:
     warmup_steps: int
     checkpoint_every: int
     seed: int
+    similarity: str = "dot"  # margin_mse: the student's score (mnrl always uses cosine)
     save_total_limit: int = 2
 
 
@@ -138,10 +144,14 @@ def pairs_dataset(queries: pa.Table, passages: Dataset) -> Dataset:
     return rows
 
 
-def make_loss(name: str, model: SentenceTransformer) -> torch.nn.Module:
-    """MarginMSE with dot product (GPL), or MultipleNegativesRanking with in-batch negatives (GenQ)."""
+def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot") -> torch.nn.Module:
+    """MarginMSE (GPL) with the student scoring by dot product (the paper) or cosine similarity, or
+    MultipleNegativesRanking with in-batch negatives (GenQ, cosine)."""
     if name == "margin_mse":
-        return losses.MarginMSELoss(model)  # similarity: pairwise dot product, the default
+        if similarity not in SIMILARITY:
+            raise ValueError(f"train.similarity {similarity!r}: expected one of {', '.join(SIMILARITY)}")
+        score = util.pairwise_dot_score if similarity == "dot" else util.pairwise_cos_sim
+        return losses.MarginMSELoss(model, similarity_fct=score)
     if name == "mnrl":
         return losses.MultipleNegativesRankingLoss(model)
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
@@ -237,7 +247,8 @@ def fit(
 ) -> TrainReport:
     """Train ``model`` in place for ``plan.steps`` steps, resuming from the newest checkpoint if there is one."""
     checkpoints.mkdir(parents=True, exist_ok=True)
-    model.similarity_fn_name = SIMILARITY[plan.loss]  # saved with the model, so users score as it was trained
+    # saved with the model, so users (and the evaluate stage) score as it was trained
+    model.similarity_fn_name = SIMILARITY[plan.similarity] if plan.loss == "margin_mse" else "cosine"
     resume = latest_checkpoint(checkpoints)
     if resume is not None and _step(resume) >= plan.steps:
         return _from_final_checkpoint(model, resume)  # the Trainer would run one step past max_steps
@@ -247,7 +258,7 @@ def fit(
         model=offline_model_card(model),
         args=training_args(plan, checkpoints, dev),
         train_dataset=dataset,
-        loss=make_loss(plan.loss, model),
+        loss=make_loss(plan.loss, model, plan.similarity),
         callbacks=list(callbacks),
     )
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, runtime, task
 
 from gplflow.adapters.gpl_format import import_gpl
-from gplflow.adapters.models import TINY, packaged_minilm_path
+from gplflow.adapters.models import TINY, packaged_minilm_path, truncated_copy
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.flows import shards
@@ -52,6 +52,8 @@ def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
              "bi_encoder_teacher": "bi_encoder"}
     resolved = {k: str(getattr(tiny, paths[k])) if v == TINY else _packaged(v) for k, v in slots.items()}
     resolved["retrievers"] = [(str(tiny.bi_encoder) if n == TINY else _packaged(n), s) for n, s in retrievers]
+    if cfg.models.base_layers:
+        resolved["base"] = str(truncated_copy(resolved["base"], cfg.models.base_layers, default_cache_dir()))
     get_run_logger().info("models: %s", resolved)
     return resolved
 

@@ -35,6 +35,9 @@ class PretrainConfig(StageConfig):
     seed: int = 42
     noise_ratio: float = Field(default=0.6, ge=0.0, lt=1.0)  # TSDAE: fraction of words deleted
     min_sentence_words: int = Field(default=3, gt=0)  # TSDAE: shorter sentences are dropped (and counted)
+    # the output's pooling; None: the method's own (TSDAE cls, as the paper; MLM mean). `mean` keeps a base
+    # that was trained with mean pooling (most sentence-transformers models) on the pooling it knows.
+    pooling: Literal["cls", "mean"] | None = None
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)  # MLM: fraction of tokens masked
     warmup_steps: int = Field(default=0, ge=0)  # linear warm-up, then a constant learning rate
     checkpoint_every: int = Field(default=1000, gt=0)
@@ -89,7 +92,7 @@ def _plan(cfg: PretrainConfig) -> Any:
                     learning_rate=cfg.learning_rate, max_seq_length=cfg.max_seq_length, seed=cfg.seed,
                     checkpoint_every=cfg.checkpoint_every, log_every=log_every, warmup_steps=cfg.warmup_steps,
                     noise_ratio=cfg.noise_ratio, mlm_probability=cfg.mlm_probability,
-                    min_sentence_words=cfg.min_sentence_words)
+                    min_sentence_words=cfg.min_sentence_words, pooling=cfg.pooling)
 
 
 def _texts(corpus: Artifact, method: str) -> Iterator[str]:

@@ -24,6 +24,9 @@ QUERY_STAGES = ("queries", "queries-filtered")  # the mnrl pairs come from eithe
 
 class TrainConfig(StageConfig):
     loss: Literal["margin_mse", "mnrl"] = "margin_mse"
+    # margin_mse: how the student scores a pair. dot (the paper) suits a cross-encoder's logit margins;
+    # cos_sim suits a bi-encoder teacher's cosine margins (a dot-product student would shrink its vectors)
+    similarity: Literal["dot", "cos_sim"] = "dot"
     steps: int = Field(default=140_000, gt=0)
     batch_size: int = Field(default=32, gt=0)
     max_seq_length: int = 350
@@ -72,7 +75,7 @@ def run_train(
     dataset = _dataset(cfg, corpus, queries, data)
     plan = trainer.TrainPlan(loss=cfg.loss, steps=cfg.steps, batch_size=cfg.batch_size,
                              learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, similarity=cfg.similarity)
     checkpoints = trainer.checkpoint_dir(Path(store.root) if store.is_local else None, f"{STAGE}-{fp}")
     with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
         report = trainer.fit(model, dataset, plan, checkpoints, models.device(), callbacks)

@@ -230,3 +230,15 @@ def test_pretrain_task_reports_progress(tmp_path, passages, tiny, monkeypatch):
     assert updates == [("id1", 50.0), ("id1", 100.0)]  # at most every 5 %; 100 % once
     params = {"cfg": cfg, "corpus_fp": corpus.fingerprint, "base_model": str(tiny.bi_encoder)}
     assert pretrain_task.cache_key_fn(None, params) == f"gplflow-pretrain-{fp}"
+
+
+def test_tsdae_can_keep_mean_pooling(tmp_path, passages, tiny):
+    store, corpus = make_corpus(tmp_path, passages)
+    artifact = run_pretrain(PretrainConfig(method="tsdae", pooling="mean", **{**FAST, "steps": 3}), store, corpus,
+                            str(tiny.bi_encoder))
+    assert artifact.manifest["pretrain"]["pooling"] == "mean"
+    model = SentenceTransformer(store.url("pretrain"), device="cpu")
+    assert model[1].pooling_mode == "mean"
+    tokens = _encode_tokens(model, TEXTS)
+    means = np.stack([t.cpu().numpy().mean(axis=0) for t in tokens])
+    np.testing.assert_allclose(model.encode(TEXTS), means, atol=1e-5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from sentence_transformers import SentenceTransformer
+from sentence_transformers import SentenceTransformer, util
 from sentence_transformers.sentence_transformer import losses
 from transformers import TrainerCallback
 
@@ -107,15 +107,15 @@ def _train(store, base, callbacks=(), **overrides):
                           callbacks=callbacks)
 
 
-def _loss(model_path, loss_name: str) -> float:
+def _loss(model_path, loss_name: str, score=None, margin_scale: float = 1.0) -> float:
     """The loss of a saved model on every training row as one batch, computed independently: eval, no grad."""
     model = SentenceTransformer(str(model_path), device="cpu").eval()
     if loss_name == "margin_mse":
         rows = _triples()
         query_text = {qid: text for qid, _, text in QUERIES}
         columns = [[query_text[r[0]] for r in rows], [_passage(r[1]) for r in rows], [_passage(r[2]) for r in rows]]
-        labels = torch.tensor([r[5] for r in rows])
-        loss_fn = losses.MarginMSELoss(model)
+        labels = torch.tensor([r[5] * margin_scale for r in rows])
+        loss_fn = losses.MarginMSELoss(model, **({"similarity_fct": score} if score else {}))
     else:  # one query per passage, so no in-batch duplicate positives
         firsts = QUERIES[::2]
         columns, labels = [[q for _, _, q in firsts], [_passage(d) for _, d, _ in firsts]], None
@@ -192,6 +192,18 @@ def test_margin_mse_training_lowers_loss_and_changes_weights(store, tiny):
     assert trained.similarity_fn_name == "dot"  # MarginMSE fits dot-product margins
     assert not (Path(store.root) / ".checkpoints" / f"model-{model.fingerprint}").exists()  # cleaned up
     assert _train(store, tiny.bi_encoder)[1].manifest == model.manifest  # same inputs: reused, not retrained
+
+
+def test_margin_mse_with_cosine_similarity_fits_cosine_margins(store, tiny):
+    """A bi-encoder teacher's margins are cosine differences (within ±2): a cosine student can fit them."""
+    scaled = [(*row[:3], row[3] / 10, row[4] / 10, row[5] / 10) for row in _triples()]
+    _write(store, "triples", TRIPLE_SCHEMA, scaled)
+    _, model = _train(store, tiny.bi_encoder, similarity="cos_sim", steps=30)
+    assert model.manifest["inputs"]["triples"] == store.require("triples").fingerprint
+    before, after = (_loss(m, "margin_mse", util.pairwise_cos_sim, 0.1) for m in (tiny.bi_encoder, store.url("model")))
+    assert after < 0.85 * before
+    assert SentenceTransformer(store.url("model"), device="cpu").similarity_fn_name == "cosine"
+    assert model.manifest["config"]["similarity"] == "cos_sim"
 
 
 def test_mnrl_training_lowers_mnrl_loss(store, tiny):
