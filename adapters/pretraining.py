@@ -39,6 +39,7 @@ from transformers.utils import logging as hf_logging
 from gplflow.adapters import models
 from gplflow.adapters.text_noise import delete_words, split_sentences
 from gplflow.adapters.tiny_models import default_cache_dir
+from gplflow.adapters.trainer import loss_summary
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ class PretrainReport:
     counters: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        losses = [loss for _, loss in self.loss_history]
         return {
             "method": self.method,
             "pooling": self.pooling,
@@ -104,18 +104,8 @@ class PretrainReport:
             "resumed_from_step": self.resumed_from_step,
             "examples": self.examples,
             "seconds": round(self.seconds, 3),
-            "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None,
-            "loss_history": _thin([[step, round(loss, 6)] for step, loss in self.loss_history]),
+            **loss_summary(self.loss_history, _MAX_HISTORY),
         }
-
-
-def _thin(points: list, keep: int = _MAX_HISTORY) -> list:
-    """At most about ``keep`` points, evenly spaced, always keeping the last."""
-    if len(points) <= keep:
-        return points
-    stride = -(-len(points) // keep)
-    return points[::stride] if (len(points) - 1) % stride == 0 else [*points[::stride], points[-1]]
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -70,24 +70,23 @@ class TrainReport:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        losses_ = [loss for _, loss in self.loss_history]
         return {
             "steps": self.global_step,
             "resumed_from_step": self.resumed_from_step,
             "steps_this_run": self.global_step - (self.resumed_from_step or 0),
             "seconds": round(self.seconds, 3),
-            "loss_first": losses_[0] if losses_ else None,
-            "loss_last": losses_[-1] if losses_ else None,
-            "loss_history": _thin([[step, round(loss, 6)] for step, loss in self.loss_history]),
+            **loss_summary(self.loss_history),
         }
 
 
-def _thin(points: list, keep: int = _MAX_HISTORY) -> list:
-    """At most ``keep`` points, evenly spaced, always keeping the last."""
-    if len(points) <= keep:
-        return points
-    stride = -(-len(points) // keep)
-    return points[::stride] if (len(points) - 1) % stride == 0 else [*points[::stride], points[-1]]
+def loss_summary(history: list[tuple[int, float]], keep: int = _MAX_HISTORY) -> dict:
+    """First and last loss, and at most about ``keep`` (step, loss) points, evenly spaced, the last kept."""
+    points = [[step, round(loss, 6)] for step, loss in history]
+    if len(points) > keep:
+        stride = -(-len(points) // keep)
+        points = points[::stride] if (len(points) - 1) % stride == 0 else [*points[::stride], points[-1]]
+    return {"loss_first": history[0][1] if history else None, "loss_last": history[-1][1] if history else None,
+            "loss_history": points}
 
 
 # --- datasets ---------------------------------------------------------------------------------------------

@@ -17,3 +17,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Tiny models built by tests go to a temporary cache, never the user's ~/.cache."""
     os.environ["GPLFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("gplflow-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The tests' tiny models gain nothing from threads, and busy-waiting OpenMP threads crawl on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,14 +29,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def _prefect_api():
-    """One temporary Prefect API for the module (its own database), and one torch thread per test run."""
+    """One temporary Prefect API for the module, with its own database."""
     from prefect.testing.utilities import prefect_test_harness
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with prefect_test_harness(server_startup_timeout=60):
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

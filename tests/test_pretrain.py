@@ -47,15 +47,6 @@ def tiny(passages, tmp_path_factory) -> TinyModels:
     return build_tiny_models([f"{t} {x}" for t, x in passages], tmp_path_factory.mktemp("tiny"), seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and busy-waiting OpenMP threads crawl on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any attempt to open a connection (the Hugging Face Hub, a model-card lookup) fails the test."""

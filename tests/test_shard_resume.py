@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from gplflow.adapters.staging import ShardStaging
@@ -72,14 +71,6 @@ gen.GenerateJob._run = stalling
 store = ArtifactStore(run_dir)
 gen.run_generate(gen.GenerateConfig(**json.loads(cfg)), store, store.require("corpus"), generator, int(shard_size))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -69,15 +69,6 @@ def _triples() -> list[tuple[str, str, str, float, float, float]]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and oversubscribed cores make threaded matmuls crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     texts = [f"{title} {text}" for _, title, text in PASSAGES] + [q for _, _, q in QUERIES]
