@@ -36,6 +36,11 @@ class _Partial:
     rows: int
 
 
+# Stages that only some configs run: a missing one is computed only when the config asks for it.
+OPTIONAL = {"pretrain": "pretrain.method is not none", "negatives": "the flow is gpl (margin_mse)",
+            "triples": "the flow is gpl (margin_mse)", "evaluate": "evaluate.qrels is set"}
+
+
 def run_status(store: ArtifactStore) -> list[StageStatus]:
     return [stage_status(store, stage) for stage in STAGES]
 
@@ -61,7 +66,8 @@ def stage_status(store: ArtifactStore, stage: str) -> StageStatus:
     if manifest is not None:
         return StageStatus(stage, "corrupted", manifest.get("rows"), "", manifest.get("fingerprint", ""),
                            f"recompute ({problems[0]})")
-    return StageStatus(stage, "missing", None, "", "", "compute")
+    return StageStatus(stage, "missing", None, "", "",
+                       f"compute, if {OPTIONAL[stage]}" if stage in OPTIONAL else "compute")
 
 
 def _staged(store: ArtifactStore, stage: str) -> _Partial | None:
