@@ -98,11 +98,12 @@ def demo(run_dir: RunDirOption = None, overrides: SetOption = None) -> None:
 
 
 def _run(config: Path, overrides: list[str], run_dir: str | None) -> None:
-    from gplflow.flows.pipeline import default_run_dir, gpl_pipeline
+    from gplflow.flows.pipeline import default_run_dir, genq_pipeline, gpl_pipeline
 
     cfg = PipelineConfig.load(config, overrides)  # fail fast, before Prefect starts
     run_dir = run_dir or default_run_dir(cfg)
-    summary = gpl_pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
+    pipeline = genq_pipeline if cfg.flow == "genq" else gpl_pipeline  # the name the Prefect UI lists it under
+    summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
     print_summary(cfg, summary)
 
 

@@ -125,6 +125,17 @@ def test_genq_flow_trains_with_mnrl_without_mining(config, tmp_path):
     assert set(result["metrics"]["models"]) == {"base", "adapted"}
 
 
+def test_cli_run_of_a_genq_config_prints_the_summary(config, tmp_path):
+    run_dir = tmp_path / "genq-cli"
+    result = CliRunner().invoke(app, ["run", str(config), "--set", "flow=genq", "--set", "train.loss=mnrl",
+                                      "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "miner:" not in result.output and "teacher" not in result.output  # GenQ neither mines nor labels
+    ndcg = json.loads((run_dir / "evaluate" / "metrics.json").read_text())["models"]
+    assert f"{ndcg['base']['ndcg@10']:.4f}" in result.output and f"{ndcg['adapted']['ndcg@10']:.4f}" in result.output
+    assert f"artifacts: {run_dir}/{{corpus,queries,model,evaluate}}" in result.output.replace("\n", "")  # wrapped
+
+
 def test_gpl_export_then_import_reuses_the_exported_stages(config, tmp_path):
     run_dir, out, second = tmp_path / "run", tmp_path / "gpl", tmp_path / "imported"
     gpl_pipeline(str(config), [], str(run_dir))
