@@ -31,7 +31,11 @@ def device() -> str:
 
 
 def bf16_supported(dev: str | None = None) -> bool:
-    """bf16 autocast helps on GPUs and on CPUs with AVX512-BF16/AMX (about 2.5x faster matmuls here)."""
+    """bf16 autocast helps on GPUs and on CPUs with AVX512-BF16/AMX, for models wide enough to be matmul-bound.
+
+    Measured here (2 cores with AMX, benchmarks/README.md): MiniLM-L6 encodes ~2.6x faster and a MiniLM-sized
+    cross-encoder scores ~2.2x faster; the 64-wide tiny models gain nothing (and lose nothing).
+    """
     dev = dev or device()
     if os.environ.get("GPLFLOW_NO_BF16"):
         return False
