@@ -23,14 +23,14 @@ The machine is shared and noisy: read the ratios, not the seconds, and rerun whe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -51,18 +51,9 @@ def load_texts(path: Path) -> list[str]:
     return [encoding.passage_text(r.get("title"), r["text"]) for r in rows]
 
 
-@contextlib.contextmanager
-def no_bf16() -> Iterator[None]:
+def no_bf16():
     """Switch the project's bf16 autocast off (``models.bf16_supported`` reads GPLFLOW_NO_BF16 per call)."""
-    old = os.environ.get("GPLFLOW_NO_BF16")
-    os.environ["GPLFLOW_NO_BF16"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["GPLFLOW_NO_BF16"]
-        else:
-            os.environ["GPLFLOW_NO_BF16"] = old
+    return mock.patch.dict(os.environ, {"GPLFLOW_NO_BF16": "1"})
 
 
 def variants(model, texts: list[str], bf16: bool) -> dict[str, Callable[[], np.ndarray]]:

@@ -47,9 +47,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -114,17 +115,9 @@ def build_triples(run_dir: Path | None, n: int, n_queries: int | None, seed: int
     return Triples(pool.query_texts, passages, tq, pool.positives[tq], pool.negatives[pool.offsets[tq] + slot])
 
 
-@contextlib.contextmanager
-def no_bf16() -> Iterator[None]:
-    old = os.environ.get("GPLFLOW_NO_BF16")
-    os.environ["GPLFLOW_NO_BF16"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["GPLFLOW_NO_BF16"]
-        else:
-            os.environ["GPLFLOW_NO_BF16"] = old
+def no_bf16():
+    """Switch the project's bf16 autocast off (``models.bf16_supported`` reads GPLFLOW_NO_BF16 per call)."""
+    return mock.patch.dict(os.environ, {"GPLFLOW_NO_BF16": "1"})
 
 
 def project(scorer: CrossEncoderScorer | BiEncoderScorer, t: Triples) -> tuple[np.ndarray, np.ndarray]:

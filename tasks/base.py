@@ -60,6 +60,7 @@ class ShardJob(ABC):
 
     stage: str
     fingerprint: str
+    store: ArtifactStore
     staging: ShardStaging
     _on_progress: Progress | None = None
 
@@ -99,6 +100,17 @@ class ShardJob(ABC):
         for k in pending:
             self.run_shard(k)
         return self.publish()
+
+    def run_reported(self, key: str, description: str) -> Artifact:
+        """The stage's artifact: reused while it validates, else computed under a Prefect progress artifact."""
+        from gplflow.tasks.progress import ProgressArtifact
+
+        artifact = reuse(self.store, self.stage, self.fingerprint)
+        if artifact is None:
+            progress = ProgressArtifact.start(key, self.work, description)
+            artifact = self.run(progress.advance)
+            progress.finish()
+        return artifact
 
     def advance(self, n: int) -> None:
         """Tell ``run``'s progress callback, if any, that ``n`` more units of work are done."""

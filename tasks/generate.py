@@ -48,7 +48,6 @@ from gplflow.tasks.base import (
     stage_fingerprint,
 )
 from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
-from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -378,12 +377,8 @@ def _extractive_maker(cfg: GenerateConfig, qpp: int) -> QueryMaker:
 def generate_task(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
                   shard_size: int = DEFAULT_SHARD_SIZE) -> str:
     job = generate_job(cfg, run_dir, corpus_fp, generator, shard_size)
-    artifact = reuse(job.store, STAGE, job.fingerprint)
-    if artifact is None:
-        progress = ProgressArtifact.start("generate-queries", job.work, f"Generating {cfg.method} queries for "
-                                          f"{job.used} passages, {job.qpp} per passage")
-        artifact = job.run(progress.advance)
-        progress.finish()
+    artifact = job.run_reported("generate-queries", f"Generating {cfg.method} queries for {job.used} passages, "
+                                f"{job.qpp} per passage")
     get_run_logger().info("queries: %d from %d passages (%s)", artifact.rows, job.corpus.rows, artifact.counters)
     return artifact.fingerprint
 

@@ -42,7 +42,6 @@ from gplflow.tasks.base import (
     shard_summary,
     stage_fingerprint,
 )
-from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -388,13 +387,8 @@ def label_task(
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> str:
     job = label_job(cfg, run_dir, n_triples, corpus_fp, queries_fp, negatives_fp, teacher, queries_stage, shard_size)
-    artifact = reuse(job.store, STAGE, job.fingerprint)
-    if artifact is None:
-        progress = ProgressArtifact.start("pseudo-label-triples", job.work, f"Scoring {job.work} distinct "
-                                          f"(query, passage) pairs of {n_triples} triples with the {cfg.teacher} "
-                                          "teacher")
-        artifact = job.run(progress.advance)
-        progress.finish()
+    artifact = job.run_reported("pseudo-label-triples", f"Scoring {job.work} distinct (query, passage) pairs of "
+                                f"{n_triples} triples with the {cfg.teacher} teacher")
     get_run_logger().info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
     return artifact.fingerprint
 

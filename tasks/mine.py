@@ -35,7 +35,6 @@ from gplflow.tasks.base import (
     shard_summary,
     stage_fingerprint,
 )
-from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
@@ -292,14 +291,10 @@ def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
 def mine_task(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
               retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> str:
     job = mine_job(cfg, run_dir, corpus_fp, queries_fp, retrievers, shard_size)
-    artifact = reuse(job.store, STAGE, job.fingerprint)
-    if artifact is None:
-        miners = len(job.retrievers) + (1 if cfg.bm25 else 0)
-        progress = ProgressArtifact.start("mine-hard-negatives", job.work, f"Encoding {job.corpus.rows} passages "
-                                          f"and mining {cfg.negatives_per_query} negatives for {job.queries.rows} "
-                                          f"queries with {miners} retriever(s)")
-        artifact = job.run(progress.advance)
-        progress.finish()
+    miners = len(job.retrievers) + (1 if cfg.bm25 else 0)
+    artifact = job.run_reported("mine-hard-negatives", f"Encoding {job.corpus.rows} passages and mining "
+                                f"{cfg.negatives_per_query} negatives for {job.queries.rows} queries with "
+                                f"{miners} retriever(s)")
     get_run_logger().info("negatives: %d rows from %s (%s)", artifact.rows,
                           ", ".join(artifact.manifest.get("retrievers", [])), artifact.counters)
     return artifact.fingerprint
