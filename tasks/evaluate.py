@@ -64,19 +64,6 @@ def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str]) -
     return inputs
 
 
-def evaluate_fingerprint(cfg: EvaluateConfig, corpus_fp: str, base_model: str, adapted_fp: str,
-                         extra_models: dict[str, str] | None = None) -> str:
-    """hash(config, corpus, qrels and queries content, models).
-
-    ``base_model`` and ``extra_models`` (label -> reference) are model references, recorded by
-    ``model_identity``; ``adapted_fp`` is the adapted model artifact's fingerprint (what ``model_identity``
-    gives for that folder).
-    """
-    model_ids = {"base": model_identity(base_model), "adapted": adapted_fp,
-                 **{label: model_identity(ref) for label, ref in (extra_models or {}).items()}}
-    return stage_fingerprint(STAGE, cfg, _inputs(cfg, corpus_fp, model_ids), CODE_VERSION)
-
-
 def model_identity(ref: str) -> str:
     """What a fingerprint records for a model: the artifact fingerprint of a published model folder
     (``<run>/model``, local or fsspec URL), else the hash of a local folder's files, else the hub name."""

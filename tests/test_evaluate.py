@@ -14,7 +14,6 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.tasks import ingest
 from gplflow.tasks.evaluate import (
     EvaluateConfig,
-    evaluate_fingerprint,
     fingerprint_for,
     metrics_table,
     read_metrics,
@@ -131,15 +130,17 @@ def test_run_evaluate_end_to_end_with_minilm(tmp_path):
 def test_fingerprint_follows_qrels_content_and_models(tmp_path):
     qrels = _beir(tmp_path)
     cfg = EvaluateConfig(qrels=qrels)
-    first = evaluate_fingerprint(cfg, "c1", "hub/base", "fp-adapted")
-    assert first == evaluate_fingerprint(cfg, "c1", "hub/base", "fp-adapted")
-    assert first != evaluate_fingerprint(cfg, "c1", "hub/other", "fp-adapted")
-    assert first != evaluate_fingerprint(cfg, "c1", "hub/base", "fp-adapted", {"teacher": "hub/t"})
-    # What the flow computes up front equals what the task publishes under.
-    assert first == fingerprint_for(cfg, "c1", {"base": "hub/base", "adapted": "runs/x/model"}, "fp-adapted")
+    refs = {"base": "hub/base", "adapted": "runs/x/model"}
+    first = fingerprint_for(cfg, "c1", refs, "fp-adapted")
+    assert first == fingerprint_for(cfg, "c1", dict(refs), "fp-adapted")
+    assert first != fingerprint_for(cfg, "c1", {**refs, "base": "hub/other"}, "fp-adapted")
+    assert first != fingerprint_for(cfg, "c1", {**refs, "teacher": "hub/t"}, "fp-adapted")
+    # the adapted model is named by its artifact's fingerprint, not by where it lies
+    assert first == fingerprint_for(cfg, "c1", {**refs, "adapted": "elsewhere/model"}, "fp-adapted")
+    assert first != fingerprint_for(cfg, "c1", refs, "fp-other")
     with open(qrels, "a") as fh:
         fh.write("q1\tvolcano\t0\n")
-    assert first != evaluate_fingerprint(cfg, "c1", "hub/base", "fp-adapted")
+    assert first != fingerprint_for(cfg, "c1", refs, "fp-adapted")
 
 
 @pytest.mark.parametrize(("line", "message"), [
