@@ -15,7 +15,8 @@ Decisions:
   title = the file stem (`a`), text = the content. Files come in sorted relative-path order; hidden files and
   folders (a name starting with `.`) are skipped; the field mapping does not apply.
 - TSV follows the IANA text/tab-separated-values convention: no quoting, a `"` is text like any other
-  character, and fields cannot hold tabs or newlines. CSV uses the `csv` module's standard quoting.
+  character, and fields cannot hold tabs or newlines. CSV uses the `csv` module's standard quoting, strictly:
+  a quote left open is an error naming the line it was opened on, not a field that swallows the file.
 - Ids are kept exactly as written (`"007"` stays `"007"`); integer ids (JSON numbers, integer Parquet
   columns) become their decimal string. Title and text are whitespace-normalised and otherwise untouched.
 - A missing title is `""`. Empty text is yielded: whether it is an error is the ingest stage's decision.
@@ -215,11 +216,54 @@ def _delimited_records(
 ) -> Iterator[tuple[int, dict[str, str]]]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     with fsspec.open(path, "rb", compression="infer") as f:
-        reader = csv.reader(_decoded_lines(f, path), **dialect)
+        # strict: a quote left open must not swallow the rest of the file into one field
+        reader = csv.reader(_decoded_lines(f, path), strict=True, **dialect)
+        row_start = [1]  # the line where the row being read began
         try:
-            yield from _delimited_rows(reader, path, fields)
+            yield from _delimited_rows(_tracked_rows(reader, row_start), path, fields)
         except csv.Error as err:
+            if reader.dialect.quoting != csv.QUOTE_NONE and "unexpected end of data" in str(err):
+                line = _unclosed_quote_line(path, row_start[0], reader.dialect.delimiter)
+                raise CorpusError(
+                    f"{path} line {line}: quoted field never closed (its opening quote is on this line); "
+                    'close it, or double a quote inside a quoted field ("")'
+                ) from err
             raise CorpusError(f"{path} line {reader.line_num}: malformed delimited text ({err})") from err
+
+
+def _tracked_rows(reader: Any, row_start: list[int]) -> Iterator[list[str]]:
+    """The reader's rows; ``row_start[0]`` is kept at the line where the row being read begins."""
+    while True:
+        row_start[0] = reader.line_num + 1
+        row = next(reader, None)
+        if row is None:
+            return
+        yield row
+
+
+def _unclosed_quote_line(path: str, start: int, delimiter: str) -> int:
+    """The line of the quote that is still open at the end of the file (its row begins at line ``start``).
+
+    Read again only on this error path: the csv module says the data ended, not where the field began.
+    """
+    opened, in_quote, field_start = start, False, True
+    with fsspec.open(path, "rb", compression="infer") as f:
+        for lineno, line in enumerate(_decoded_lines(f, path), 1):
+            if lineno < start:
+                continue
+            i = 0
+            while i < len(line):
+                c = line[i]
+                if in_quote:
+                    if c == '"' and line[i + 1 : i + 2] == '"':
+                        i += 1  # a doubled quote inside the field
+                    elif c == '"':
+                        in_quote = False
+                elif c == '"' and field_start:
+                    in_quote, opened = True, lineno
+                field_start = not in_quote and c in (delimiter, "\r", "\n")
+                i += 1
+    return opened
 
 
 def _delimited_rows(
