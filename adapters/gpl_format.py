@@ -31,12 +31,15 @@ import json
 import logging
 import math
 import posixpath
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gplflow.adapters.beir_io import BeirFormatError, id_field, iter_jsonl, iter_lines, read_qrels, text_field
 from gplflow.adapters.corpus_readers import FieldMap, iter_documents
@@ -77,32 +80,92 @@ def format_margin(value: float) -> str:
 # ---------------------------------------------------------------------------------------------- export
 
 
-def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen",
-               queries_stage: str = "queries") -> dict[str, int]:
-    """Write the reference's files for the artifacts the run has; returns lines written per file."""
+class ExportTargetError(ValueError):
+    """An export target that cannot be written: a file, or a folder with content and no ``force``."""
+
+
+def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries_stage: str = "queries",
+               force: bool = False) -> dict[str, int]:
+    """Write the reference's files for the artifacts the run has; returns lines written per file.
+
+    The files are written into a temporary sibling folder that is renamed into place once complete, so a
+    failed export leaves nothing behind. A folder with content is refused unless ``force`` (its content is
+    then replaced as a whole: no stale file of an earlier export survives).
+    """
     fs, root = fsspec.core.url_to_fs(str(out_dir))
-    fs.makedirs(root, exist_ok=True)
+    root = root.rstrip("/") or "/"
+    _check_target(fs, root, str(out_dir), force, store)
     corpus, queries = store.load("corpus"), store.load(queries_stage)
     negatives, triples = store.load("negatives"), store.load("triples")
     if not any((corpus, queries, negatives, triples)):
         raise FileNotFoundError(f"{store.root_url}: none of corpus/, {queries_stage}/, negatives/, triples/ "
                                 "is a valid artifact; nothing to export")
+    if queries is not None:  # ids the TSV files cannot carry are found before anything is written
+        _check_tsv_ids(queries, ["query_id", "doc_id"])
+    if triples is not None:
+        _check_tsv_ids(triples, ["query_id", "pos_doc_id", "neg_doc_id"])
+    parent, name = posixpath.split(root)
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        counts = _write_all(fs, tmp, prefix, corpus, queries, negatives, triples)
+        _move_into_place(fs, tmp, root)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+    logger.info("exported %s to %s", counts, out_dir)
+    return counts
+
+
+def _check_target(fs, root: str, out_dir: str, force: bool, store: ArtifactStore) -> None:
+    if fs.exists(root) and not fs.isdir(root):
+        raise ExportTargetError(f"{out_dir}: is a file; the export writes a folder")
+    if not fs.isdir(root):
+        return
+    if store.is_local and "file" in _protocols(fs):
+        target, run = Path(root).resolve(), Path(store.root).resolve()
+        if run == target or target in run.parents:
+            raise ExportTargetError(f"{out_dir}: holds the run directory {store.root_url}; export elsewhere")
+    entries = fs.ls(root, detail=False)
+    if entries and not force:
+        raise ExportTargetError(f"{out_dir}: folder not empty ({len(entries)} entries); export into a new or "
+                                "empty folder, or pass --force to replace its content")
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _write_all(fs, root: str, prefix: str, corpus, queries, negatives, triples) -> dict[str, int]:
+    fs.makedirs(root, exist_ok=True)
     counts: dict[str, int] = {}
     if corpus is not None:
         counts[CORPUS] = _write_lines(fs, root, CORPUS, (_corpus_line(r) for r in _rows(corpus)))
     positives: dict[str, list[str]] = {}
     if queries is not None:
-        rows = list(_rows(queries, ["query_id", "doc_id", "text"]))
-        for row in rows:
+        query_rows = list(_rows(queries, ["query_id", "doc_id", "text"]))
+        for row in query_rows:
             positives.setdefault(row["query_id"], []).append(row["doc_id"])
-        counts[queries_file(prefix)] = _write_lines(fs, root, queries_file(prefix), _query_lines(rows))
-        counts[qrels_file(prefix)] = _write_lines(fs, root, qrels_file(prefix), _qrels_lines(rows), QRELS_HEADER)
+        counts[queries_file(prefix)] = _write_lines(fs, root, queries_file(prefix), _query_lines(query_rows))
+        counts[qrels_file(prefix)] = _write_lines(fs, root, qrels_file(prefix), _qrels_lines(query_rows),
+                                                  QRELS_HEADER)
     if negatives is not None:
         counts[NEGATIVES] = _write_lines(fs, root, NEGATIVES, _negative_lines(negatives, positives))
     if triples is not None:
         counts[TRAINING] = _write_lines(fs, root, TRAINING, _training_lines(triples))
-    logger.info("exported %s to %s", counts, out_dir)
     return counts
+
+
+def _move_into_place(fs, tmp: str, root: str) -> None:
+    """Rename the finished folder to ``root``; a folder already there is moved aside first, then removed."""
+    if not fs.exists(root):
+        fs.makedirs(posixpath.dirname(root), exist_ok=True)
+        fs.mv(tmp, root, recursive=True)
+        return
+    parent, name = posixpath.split(root)
+    old = f"{parent}/.{name}.old-{uuid.uuid4().hex[:8]}"
+    fs.mv(root, old, recursive=True)
+    fs.mv(tmp, root, recursive=True)
+    fs.rm(old, recursive=True)
 
 
 def _rows(artifact, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -111,21 +174,15 @@ def _rows(artifact, columns: list[str] | None = None) -> Iterator[dict[str, Any]
 
 
 def _write_lines(fs, root: str, name: str, lines: Iterable[str], header: str | None = None) -> int:
-    """Write under a temporary name, then rename: a failed export leaves no half-written file."""
-    path, tmp = f"{root}/{name}", f"{root}/{name}.tmp"
+    path = f"{root}/{name}"
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     count = 0
-    try:
-        with fs.open(tmp, "wb") as fh:
-            if header is not None:
-                fh.write((header + "\n").encode())
-            for line in lines:
-                fh.write((line + "\n").encode("utf-8"))
-                count += 1
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+    with fs.open(path, "wb") as fh:
+        if header is not None:
+            fh.write((header + "\n").encode())
+        for line in lines:
+            fh.write((line + "\n").encode("utf-8"))
+            count += 1
     return count
 
 
@@ -143,14 +200,18 @@ def _query_lines(rows: list[dict[str, Any]]) -> Iterator[str]:
 
 def _qrels_lines(rows: list[dict[str, Any]]) -> Iterator[str]:
     for row in rows:
-        yield "\t".join(_tsv_ids(row["query_id"], row["doc_id"])) + "\t1"
+        yield f"{row['query_id']}\t{row['doc_id']}\t1"
 
 
-def _tsv_ids(*ids: str) -> tuple[str, ...]:
-    for value in ids:
-        if any(c in value for c in "\t\r\n"):
-            raise ValueError(f"id {value!r} holds a tab or line break; the reference's TSV files cannot carry it")
-    return ids
+def _check_tsv_ids(artifact: Artifact, columns: list[str]) -> None:
+    """The reference's TSV files cannot carry an id holding a tab or a line break: refuse before writing."""
+    for batch in artifact.iter_batches(columns):
+        for column in columns:
+            bad = pc.match_substring_regex(batch.column(column), r"[\t\r\n]")
+            if pc.any(bad).as_py():
+                value = batch.column(column)[pc.index(bad, True).as_py()].as_py()
+                raise GplFormatError(f"{artifact.url}: {column} {value!r} holds a tab or line break; the "
+                                     "reference's TSV files cannot carry it; nothing was exported")
 
 
 def _negative_lines(negatives, positives: dict[str, list[str]]) -> Iterator[str]:
@@ -164,7 +225,7 @@ def _negative_lines(negatives, positives: dict[str, list[str]]) -> Iterator[str]
 
 def _training_lines(triples) -> Iterator[str]:
     for row in _rows(triples, ["query_id", "pos_doc_id", "neg_doc_id", "margin"]):
-        ids = _tsv_ids(row["query_id"], row["pos_doc_id"], row["neg_doc_id"])
+        ids = (row["query_id"], row["pos_doc_id"], row["neg_doc_id"])
         yield "\t".join(ids) + "\t" + format_margin(row["margin"])
 
 

@@ -185,14 +185,19 @@ def export(
     run_dir: Annotated[str, typer.Argument(help="A run directory.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write.")],
     fmt: Annotated[str, typer.Option("--format", help="Only 'gpl' (UKPLab gpl's folder format).")] = "gpl",
+    force: Annotated[bool, typer.Option("--force", help="Replace the content of a non-empty --out folder "
+                                        "(all of it: no stale file is left).")] = False,
 ) -> None:
-    """Export a run's artifacts in UKPLab gpl's folder format (corpus.jsonl, qgen-queries.jsonl, …)."""
+    """Export a run's artifacts in UKPLab gpl's folder format (corpus.jsonl, qgen-queries.jsonl, …).
+
+    The folder is written beside --out under a temporary name and renamed into place when complete.
+    """
     from gplflow.adapters.gpl_format import export_gpl
 
     with user_errors():
         if fmt != "gpl":
             raise ValueError(f"--format {fmt!r}: only 'gpl' is supported")
-        counts = export_gpl(ArtifactStore(run_dir), out)
+        counts = export_gpl(ArtifactStore(run_dir), str(out), force=force)
     for name, count in counts.items():
         console.print(f"{out / name}: {count}")
 

@@ -7,9 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from gplflow.adapters import gpl_format
+from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.cli import app
 
 runner = CliRunner()
@@ -22,6 +25,7 @@ class Case:
     exit_code: int
     words: tuple[str, ...]  # in the message ("{tmp}" is replaced by tmp_path)
     absent: tuple[str, ...] = field(default=())  # paths under tmp_path that must not exist afterwards
+    check: Callable[[Path], None] | None = None  # anything else that must hold afterwards
 
 
 def _write(path: Path, text: str) -> Path:
@@ -54,6 +58,70 @@ def _csv_text_after_quote(tmp: Path) -> list[str]:
     return _ingest(_write(tmp / "docs.csv", '_id,text\nd1,"x"y\n'), tmp)
 
 
+# --- 2. export: never over a user's files, never half-written ------------------------------------------------
+
+def _run_with(tmp: Path, query_id: str = "q1") -> Path:
+    """A run directory with a corpus and queries (the artifacts export reads)."""
+    store = ArtifactStore(tmp / "run")
+    tables = {"corpus": pa.table({"doc_id": ["d1", "d2"], "title": ["", ""], "text": ["bees", "wasps"]},
+                                 schema=gpl_format.CORPUS_SCHEMA),
+              "queries": pa.table({"query_id": [query_id], "doc_id": ["d1"], "text": ["what are bees"]},
+                                  schema=gpl_format.QUERIES_SCHEMA)}
+    for stage, table in tables.items():
+        with store.writer(stage, config={"test": stage}) as out:
+            out.write_part([table], table.schema)
+    return tmp / "run"
+
+
+def _export(tmp: Path, *extra: str, query_id: str = "q1") -> list[str]:
+    return ["export", str(_run_with(tmp, query_id)), "--out", str(tmp / "out"), *extra]
+
+
+def _export_into_users_folder(tmp: Path) -> list[str]:
+    _write(tmp / "out" / "notes.txt", "mine")
+    return _export(tmp)
+
+
+def _export_force_over_old_export(tmp: Path) -> list[str]:
+    _write(tmp / "out" / "stale-queries.jsonl", "{}")
+    _write(tmp / "out" / "corpus.jsonl", "old")
+    return _export(tmp, "--force")
+
+
+def _export_into_empty_folder(tmp: Path) -> list[str]:
+    (tmp / "out").mkdir()
+    return _export(tmp)
+
+
+def _export_onto_file(tmp: Path) -> list[str]:
+    _write(tmp / "out", "a file")
+    return _export(tmp, "--force")
+
+
+def _export_tab_in_id(tmp: Path) -> list[str]:
+    return _export(tmp, query_id="q\t1")
+
+
+def _users_file_kept(tmp: Path) -> None:
+    assert [p.name for p in (tmp / "out").iterdir()] == ["notes.txt"]
+    assert (tmp / "out" / "notes.txt").read_text() == "mine"
+
+
+def _only_the_new_export(tmp: Path) -> None:
+    assert {p.name for p in (tmp / "out").iterdir()} == {"corpus.jsonl", "qgen-queries.jsonl", "qgen-qrels"}
+    assert (tmp / "out" / "corpus.jsonl").read_text().count("\n") == 2
+    assert sorted(p.name for p in tmp.iterdir()) == ["out", "run"]  # no temporary folder left beside it
+
+
+def _file_kept(tmp: Path) -> None:
+    assert (tmp / "out").read_text() == "a file"
+    assert sorted(p.name for p in tmp.iterdir()) == ["out", "run"]
+
+
+def _nothing_beside_run(tmp: Path) -> None:
+    assert sorted(p.name for p in tmp.iterdir()) == ["run"]
+
+
 CASES = [
     Case("csv-unclosed-quote", _csv_unclosed, 2, ("{tmp}/docs.csv line 3", "quoted field never closed"),
          ("run/corpus",)),
@@ -63,6 +131,15 @@ CASES = [
          ("run/corpus",)),
     Case("csv-text-after-quote", _csv_text_after_quote, 2, ("{tmp}/docs.csv line 2", "malformed"),
          ("run/corpus",)),
+    Case("export-into-users-folder", _export_into_users_folder, 2, ("{tmp}/out", "not empty", "--force"),
+         check=_users_file_kept),
+    Case("export-force-replaces-old-export", _export_force_over_old_export, 0, ("corpus.jsonl: 2",),
+         check=_only_the_new_export),
+    Case("export-into-empty-folder", _export_into_empty_folder, 0, ("qgen-queries.jsonl: 1",),
+         check=_only_the_new_export),
+    Case("export-onto-a-file", _export_onto_file, 2, ("{tmp}/out", "is a file"), check=_file_kept),
+    Case("export-tab-in-id", _export_tab_in_id, 2, ("query_id 'q\\t1'", "tab or line break"), ("out",),
+         check=_nothing_beside_run),
 ]
 
 
@@ -78,3 +155,21 @@ def test_cli_case(case: Case, tmp_path: Path) -> None:
         assert word.replace("{tmp}", str(tmp_path)) in result.output, (word, result.output)
     for rel in case.absent:
         assert not (tmp_path / rel).exists(), rel
+    if case.check is not None:
+        case.check(tmp_path)
+
+
+def test_export_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = _run_with(tmp_path)
+    _write(tmp_path / "out" / "corpus.jsonl", "the previous export")
+
+    def broken(rows):
+        yield "{}"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gpl_format, "_query_lines", broken)
+    with pytest.raises(OSError, match="disk full"):
+        gpl_format.export_gpl(ArtifactStore(run_dir), str(tmp_path / "out"), force=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["corpus.jsonl"]
+    assert (tmp_path / "out" / "corpus.jsonl").read_text() == "the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
