@@ -98,10 +98,12 @@ def demo(run_dir: RunDirOption = None, overrides: SetOption = None) -> None:
 
 
 def _run(config: Path, overrides: list[str], run_dir: str | None) -> None:
+    from gplflow.adapters.runlock import check_free
     from gplflow.flows.pipeline import default_run_dir, genq_pipeline, gpl_pipeline
 
     cfg = PipelineConfig.load(config, overrides)  # fail fast, before Prefect starts
     run_dir = run_dir or default_run_dir(cfg)
+    check_free(run_dir)  # likewise a run directory another run holds (the flow takes the lock itself)
     pipeline = genq_pipeline if cfg.flow == "genq" else gpl_pipeline  # the name the Prefect UI lists it under
     summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
     print_summary(cfg, summary)

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, runtime, task
 
 from gplflow.adapters.gpl_format import import_gpl
 from gplflow.adapters.models import TINY, packaged_minilm_path, truncated_copy
+from gplflow.adapters.runlock import run_lock
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.flows import shards
@@ -77,11 +78,17 @@ def _packaged(ref: str) -> str:
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
-    """The stages in order; returns the fingerprints and the evaluation metrics (if any).
+    """The stages in order, holding the run directory's lock; returns the fingerprints and the metrics (if any).
 
     ``config_path`` and ``overrides`` (what ``cfg`` was loaded from) are what pool workers load
     (``execution.mode: pool``); without them the whole config is passed to the workers as overrides.
     """
+    with run_lock(run_dir):  # a second run on this run directory fails here, before any stage
+        return _run_stages(cfg, run_dir, config_path, overrides)
+
+
+def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None,
+                overrides: list[str] | None) -> dict[str, Any]:
     started = time.time()
     pool = shards.PoolSource.of(cfg, config_path, overrides) if cfg.execution.mode == "pool" else None
     fps: dict[str, str] = import_gpl_task(cfg.import_.gpl_dir, run_dir) if cfg.import_.gpl_dir else {}

@@ -3,8 +3,13 @@ hold, and what must not be left half-written (issue 11)."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -122,6 +127,24 @@ def _nothing_beside_run(tmp: Path) -> None:
     assert sorted(p.name for p in tmp.iterdir()) == ["run"]
 
 
+# --- 3. one run per run directory ------------------------------------------------------------------------------
+
+def _run_on_locked_dir(tmp: Path) -> list[str]:
+    _write(tmp / "docs.jsonl", '{"_id": "a", "text": "bees"}\n')
+    config = _write(tmp / "c.yaml", "name: t\nprofile: tiny\ncorpus:\n  path: docs.jsonl\n")
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": STARTED, "token": "x"}  # alive
+    _write(tmp / "run" / ".lock", json.dumps(holder))
+    return ["run", str(config), "--run-dir", str(tmp / "run")]
+
+
+STARTED = time.time()
+
+
+def _lock_kept(tmp: Path) -> None:
+    assert [p.name for p in (tmp / "run").iterdir()] == [".lock"]
+    assert json.loads((tmp / "run" / ".lock").read_text())["token"] == "x"
+
+
 CASES = [
     Case("csv-unclosed-quote", _csv_unclosed, 2, ("{tmp}/docs.csv line 3", "quoted field never closed"),
          ("run/corpus",)),
@@ -140,9 +163,14 @@ CASES = [
     Case("export-onto-a-file", _export_onto_file, 2, ("{tmp}/out", "is a file"), check=_file_kept),
     Case("export-tab-in-id", _export_tab_in_id, 2, ("query_id 'q\\t1'", "tab or line break"), ("out",),
          check=_nothing_beside_run),
+    Case("run-on-a-locked-run-dir", _run_on_locked_dir, 2,
+         ("another run holds this run directory", f"host {socket.gethostname()}", f"pid {os.getpid()}",
+          f"started {datetime.fromtimestamp(STARTED).isoformat(' ', 'seconds')}", "{tmp}/run/.lock"),
+         check=_lock_kept),
 ]
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_cli_case(case: Case, tmp_path: Path) -> None:
     args = case.setup(tmp_path)

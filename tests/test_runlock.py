@@ -1,0 +1,126 @@
+"""The run directory lock: one holder at a time, stale locks taken over, released on success and on error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gplflow.adapters.runlock import LOCK, RunLockedError, run_lock
+from gplflow.flows import pipeline
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(run_dir: Path, **holder) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                                "token": "other", **holder}))
+    return path
+
+
+def test_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
+    with run_lock(str(tmp_path / "run")):
+        held = json.loads((tmp_path / "run" / LOCK).read_text())
+        assert (held["host"], held["pid"]) == (socket.gethostname(), os.getpid())
+        with pytest.raises(RunLockedError) as err, run_lock(str(tmp_path / "run")):
+            pass
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"host {socket.gethostname()}" in message and f"pid {os.getpid()}" in message
+    assert "started 20" in message and str(tmp_path / "run" / LOCK) in message
+    assert not (tmp_path / "run" / LOCK).exists()  # the first holder released it
+
+
+def test_released_when_the_block_fails(tmp_path: Path) -> None:
+    with pytest.raises(KeyError), run_lock(str(tmp_path / "run")):
+        raise KeyError("boom")
+    assert list((tmp_path / "run").iterdir()) == []
+    with run_lock(str(tmp_path / "run")):  # free again
+        pass
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pid = _dead_pid()
+    _write_lock(tmp_path / "run", pid=pid)
+    with caplog.at_level(logging.WARNING, logger="gplflow.adapters.runlock"), run_lock(str(tmp_path / "run")):
+        assert json.loads((tmp_path / "run" / LOCK).read_text())["pid"] == os.getpid()
+    assert "taking over a stale lock" in caplog.text and f"pid {pid} is not running" in caplog.text
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_reused_pid_does_not_keep_a_lock(tmp_path: Path) -> None:
+    _write_lock(tmp_path / "run", pid=os.getpid(), started=time.time() - 30 * 86400)  # before we started
+    with run_lock(str(tmp_path / "run")):
+        assert json.loads((tmp_path / "run" / LOCK).read_text())["token"] != "other"
+
+
+@pytest.mark.parametrize("holder", [{"host": "elsewhere.example", "pid": 1}, {}], ids=["other-host", "live-pid"])
+def test_a_holder_that_may_be_alive_keeps_the_lock(tmp_path: Path, holder: dict) -> None:
+    path = _write_lock(tmp_path / "run", **holder)
+    before = path.read_text()
+    with pytest.raises(RunLockedError, match="another run holds this run directory"), \
+            run_lock(str(tmp_path / "run")):
+        pass
+    assert path.read_text() == before  # not removed by the refused run
+
+
+def test_an_unreadable_lock_is_kept_while_fresh_and_taken_over_when_old(tmp_path: Path) -> None:
+    path = tmp_path / "run" / LOCK
+    path.parent.mkdir()
+    path.write_text("")
+    with pytest.raises(RunLockedError, match="unreadable lock file"), run_lock(str(tmp_path / "run")):
+        pass
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    with run_lock(str(tmp_path / "run")):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+_RACER = """
+import sys, time
+from gplflow.adapters.runlock import RunLockedError, run_lock
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+try:
+    with run_lock(sys.argv[1]):
+        print("won", flush=True)
+        time.sleep(1.5)
+except RunLockedError:
+    print("refused", flush=True)
+"""
+
+
+def test_racing_runs_have_one_winner(tmp_path: Path) -> None:
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path / "run"), str(start)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outcomes == ["refused", "refused", "refused", "won"]
+    assert not (tmp_path / "run" / LOCK).exists()
+
+
+def test_the_pipeline_runs_its_stages_under_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def stages(cfg, run_dir, config_path, overrides):
+        seen.append(json.loads((Path(run_dir) / LOCK).read_text())["pid"])
+        raise RuntimeError("a stage failed")
+
+    monkeypatch.setattr(pipeline, "_run_stages", stages)
+    with pytest.raises(RuntimeError, match="a stage failed"):
+        pipeline.run_pipeline(None, str(tmp_path / "run"))  # type: ignore[arg-type]
+    assert seen == [os.getpid()]
+    assert not (tmp_path / "run" / LOCK).exists()
