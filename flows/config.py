@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gplflow.tasks.base import Seed
 from gplflow.tasks.evaluate import EvaluateConfig
 from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.ingest import IngestConfig
@@ -39,7 +40,7 @@ class ModelsConfig(_Frozen):
         RetrieverRef(name="sentence-transformers/msmarco-distilbert-base-v3", score="cos_sim"),
         RetrieverRef(name="sentence-transformers/msmarco-MiniLM-L-6-v3", score="cos_sim"),
     )
-    tiny_seed: int = 0
+    tiny_seed: Seed = 0
     base_layers: int | None = Field(default=None, gt=0)  # keep only the first N layers of `base` (a smaller student)
 
 
@@ -49,7 +50,8 @@ class ExecutionConfig(_Frozen):
     mode: Literal["local", "pool"] = "local"
     shard_size: int = Field(default=10_000, gt=0)  # passages (generate, mine) or distinct pairs (label) per shard
     shard_retries: int = Field(default=2, ge=0)  # pool: times a failed shard is submitted again
-    shard_timeout_s: float | None = Field(default=None, gt=0)  # pool: a shard run not done by then has failed
+    # pool: a shard run not done by then has failed
+    shard_timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class ImportConfig(_Frozen):

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore, canonical_json, fingerprint
 
 logger = logging.getLogger(__name__)
 
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy's legacy seeding (transformers' set_seed) accepts
 Progress = Callable[[int], Any]  # told how many more units of a stage's work are done (see tasks/progress.py)
 
 

@@ -47,7 +47,7 @@ class EvaluateConfig(StageConfig):
     qrels: str | None = None     # a BEIR qrels TSV (query-id, corpus-id, score); None skips evaluation
     queries: str | None = None   # BEIR queries.jsonl; default: queries.jsonl in the qrels folder's parent
     batch_size: int = Field(default=64, gt=0)
-    max_seq_length: int = 350
+    max_seq_length: int = Field(default=350, gt=0)
     ignore_identical_ids: bool = True  # as BEIR: a retrieved passage whose id is the query's id is skipped
 
 

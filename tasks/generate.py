@@ -40,6 +40,7 @@ from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.tasks.base import (
     Progress,
+    Seed,
     ShardJob,
     StageConfig,
     artifact_cache_key,
@@ -70,11 +71,11 @@ class GenerateConfig(StageConfig):
     target_queries: int = Field(default=250_000, gt=0)   # the paper's |corpus| x QPP budget for `auto`
     max_passages: int = Field(default=83_334, gt=0)      # above this, `auto` samples passages and uses QPP 3
     batch_size: int = Field(default=32, gt=0)
-    seed: int = 42
-    top_k: int = 25
-    top_p: float = 0.95
-    max_query_length: int = 64        # tokens of a generated query
-    max_passage_length: int = 350     # tokens of the passage given to the generator (extractive: words)
+    seed: Seed = 42
+    top_k: int = Field(default=25, ge=0)  # 0: no top-k cut (transformers' meaning)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_query_length: int = Field(default=64, gt=0)     # tokens of a generated query
+    max_passage_length: int = Field(default=350, gt=0)  # passage tokens given to the generator (extractive: words)
     prefix: str = ""                  # an optional prompt prefix put before every passage
     remove_span: bool = False         # extractive: remove the chosen sentence from the passage (ICT)
 

@@ -56,7 +56,7 @@ class MineConfig(StageConfig):
     negatives_per_query: int = Field(default=50, gt=0)
     bm25: bool = False
     batch_size: int = Field(default=64, gt=0)
-    max_seq_length: int = 350
+    max_seq_length: int = Field(default=350, gt=0)
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # auto: see adapters/vector_index.py
     query_chunk: int = Field(default=50_000, gt=0)           # queries encoded and searched at a time
     extra_k: int = Field(default=4, ge=0)  # retrieve negatives_per_query + 1 + extra_k, then drop the positive

@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import Seed, StageConfig, artifact_cache_key, reuse, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
@@ -30,9 +30,9 @@ class PretrainConfig(StageConfig):
     method: Literal["none", "tsdae", "mlm"] = "none"
     steps: int = Field(default=10_000, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    learning_rate: float = 3e-5  # TSDAE paper: 3e-5, constant
+    learning_rate: float = Field(default=3e-5, gt=0.0, allow_inf_nan=False)  # TSDAE paper: 3e-5, constant
     max_seq_length: int = Field(default=256, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     noise_ratio: float = Field(default=0.6, ge=0.0, lt=1.0)  # TSDAE: fraction of words deleted
     min_sentence_words: int = Field(default=3, gt=0)  # TSDAE: shorter sentences are dropped (and counted)
     # the output's pooling; None: the method's own (TSDAE cls, as the paper; MLM mean). `mean` keeps a base

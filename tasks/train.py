@@ -12,7 +12,7 @@ from pydantic import Field
 
 from gplflow.adapters import models
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import Seed, StageConfig, artifact_cache_key, reuse, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
@@ -29,11 +29,11 @@ class TrainConfig(StageConfig):
     similarity: Literal["dot", "cos_sim"] = "dot"
     steps: int = Field(default=140_000, gt=0)
     batch_size: int = Field(default=32, gt=0)
-    max_seq_length: int = 350
-    learning_rate: float = 2e-5
-    warmup_steps: int = 1000          # clamped to `steps`
+    max_seq_length: int = Field(default=350, gt=0)
+    learning_rate: float = Field(default=2e-5, gt=0.0, allow_inf_nan=False)
+    warmup_steps: int = Field(default=1000, ge=0)  # clamped to `steps`
     checkpoint_every: int = Field(default=10_000, gt=0)
-    seed: int = 42
+    seed: Seed = 42
 
 
 def _base_signature(base_model: str) -> str:

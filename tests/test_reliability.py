@@ -201,3 +201,75 @@ def test_export_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytes
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["corpus.jsonl"]
     assert (tmp_path / "out" / "corpus.jsonl").read_text() == "the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+# --- 4. every numeric config key is bounded; a bad value is a ConfigError naming the key ---------------------
+
+BAD_VALUES = [
+    ("train.max_seq_length", "0"), ("train.max_seq_length", "-1"), ("train.learning_rate", "-1.0e-5"),
+    ("train.learning_rate", "0"), ("train.learning_rate", ".inf"), ("train.learning_rate", ".nan"),
+    ("train.warmup_steps", "-1"), ("train.seed", "-1"), ("train.seed", str(2**32)), ("train.steps", "0"),
+    ("pretrain.learning_rate", "-3.0e-5"), ("pretrain.seed", "-2"), ("generate.top_k", "-1"),
+    ("generate.top_p", "0"), ("generate.top_p", "1.5"), ("generate.max_query_length", "0"),
+    ("generate.max_passage_length", "-3"), ("generate.queries_per_passage", "0"), ("generate.seed", "-1"),
+    ("label.triples", "0"), ("label.max_seq_length", "0"), ("label.seed", "-1"), ("mine.max_seq_length", "0"),
+    ("evaluate.max_seq_length", "-1"), ("models.tiny_seed", "-1"), ("execution.shard_timeout_s", ".inf"),
+    ("execution.shard_timeout_s", "0"), ("execution.shard_size", "0"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_bad_config_value_names_the_key(key: str, value: str) -> None:
+    from gplflow.flows.config import ConfigError, PipelineConfig, apply_override
+
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.load(None, ["corpus.path=docs.jsonl", f"{key}={value}"])
+    assert f"'{key}'" in str(err.value) and "\n" not in str(err.value)
+    data: dict = {"corpus": {"path": "docs.jsonl"}}
+    apply_override(data, f"{key}={value}")
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        PipelineConfig.from_dict(data)
+
+
+def test_every_numeric_config_field_has_bounds() -> None:
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    from gplflow.flows.config import PipelineConfig
+
+    validated = {"generate.queries_per_passage", "label.triples"}  # int | 'auto': checked by a field validator
+    unbounded = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{info.alias or name}"
+            union = typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+            args = typing.get_args(info.annotation) if union else ()
+            kinds = [a for a in (args or (info.annotation,)) if a is not type(None)]
+            for kind in kinds:
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    walk(kind, f"{key}.")
+            numeric = any(kind in (int, float) for kind in kinds)
+            bounded = any(type(m).__name__ in ("Gt", "Ge") for m in info.metadata)
+            if numeric and not bounded and key not in validated:
+                unbounded.append(key)
+
+    walk(PipelineConfig, "")
+    assert unbounded == []
+    assert {"train.max_seq_length", "label.seed", "execution.shard_size"} <= _numeric_keys(PipelineConfig)
+
+
+def _numeric_keys(model, prefix: str = "") -> set[str]:
+    """The numeric keys the walk above must have seen (a check that it looks where it should)."""
+    from pydantic import BaseModel
+
+    found = set()
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{info.alias or name}"
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            found |= _numeric_keys(info.annotation, f"{key}.")
+        elif info.annotation in (int, float) or any(type(m).__name__ in ("Gt", "Ge") for m in info.metadata):
+            found.add(key)
+    return found
