@@ -71,24 +71,38 @@ class ShardStaging:
     # --- plan -------------------------------------------------------------------------------------------
 
     def read_plan(self) -> dict[str, Any] | None:
+        """The staging plan; None when there is none or it is unreadable (see ``plan_problem``)."""
+        return self._plan()[0]
+
+    def plan_problem(self) -> str | None:
+        """Why the plan.json, which exists, cannot be used (the staging folder is then stale); else None."""
+        return self._plan()[1]
+
+    def _plan(self) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            with self.store.fs.open(f"{self.path}/{PLAN}", "r") as fh:
-                return json.load(fh)
+            plan = _read_json(self.store, f"{self.path}/{PLAN}")
         except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            logger.warning("%s/%s: unreadable; treating the staging folder as stale", self.url, PLAN)
-            return None
+            return None, None
+        except ValueError as err:
+            problem = f"unreadable {PLAN} ({err})"
+        else:
+            if isinstance(plan, dict) and _is_count(plan.get("n_shards")):
+                return plan, None
+            problem = f"{PLAN} is not an object with an integer n_shards >= 0"
+        logger.warning("%s: %s; treating the staging folder as stale", self.url, problem)
+        return None, problem
 
     def prepare(self, plan: Mapping[str, Any]) -> list[int]:
         """Start or continue staging under ``plan`` (which must hold ``n_shards``); returns the shards to do."""
         plan = {**plan, "stage": self.stage, "fingerprint": self.fingerprint}
         n = int(plan["n_shards"])
-        found = self.read_plan()
+        found, problem = self._plan()
         if found is not None and canonical_json(found) != canonical_json(plan):
             logger.warning("%s: staged under another plan (%s); starting over", self.url, _diff(found, plan))
             self.remove()
             found = None
+        elif problem is not None:  # which shards the records describe is unknown: start over
+            self.remove()
         if found is None:
             self._write_json(PLAN, plan)
         pending = self.pending(n)
@@ -106,14 +120,15 @@ class ShardStaging:
         """Shard k's done record if its file is there with the recorded size and sha256, else None."""
         fs = self.store.fs
         try:
-            with fs.open(f"{self.path}/part-{k:05d}{_DONE}", "r") as fh:
-                record = json.load(fh)
+            record = _read_json(self.store, f"{self.path}/part-{k:05d}{_DONE}")
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:
+            record = None
+        if not _valid_record(record, k):
             logger.warning("%s: shard %d has an unreadable done record; recomputing it", self.url, k)
             return None
-        path = f"{self.path}/{record.get('file')}"
+        path = f"{self.path}/{record['file']}"
         if not fs.exists(path) or fs.size(path) != record.get("size") or _sha256(fs, path) != record.get("sha256"):
             logger.warning("%s: shard %d file %s is missing or changed; recomputing it", self.url, k,
                            record.get("file"))
@@ -192,6 +207,29 @@ class ShardStaging:
         with fs.open(tmp, "w") as fh:
             fh.write(json.dumps(payload, indent=1, sort_keys=True, default=str))
         fs.mv(tmp, f"{self.path}/{name}")
+
+
+def _read_json(store: ArtifactStore, path: str) -> Any:
+    """Parsed JSON; FileNotFoundError when absent, ValueError when it is not JSON text."""
+    with store.fs.open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(str(err)) from err
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_record(record: Any, k: int) -> bool:
+    """A done record with the types ``record`` and the status rely on, naming shard k's own file."""
+    return (isinstance(record, dict) and record.get("file") in (shard_file(k, "parquet"), shard_file(k, "npy"))
+            and _is_count(record.get("size")) and isinstance(record.get("sha256"), str)
+            and _is_count(record.get("rows")) and isinstance(record.get("counters", {}), dict)
+            and all(isinstance(v, int | float) and not isinstance(v, bool)
+                    for v in record.get("counters", {}).values()))
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

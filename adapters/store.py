@@ -146,19 +146,34 @@ class ArtifactStore:
         return f"{self.root_url}/{stage}"
 
     def read_manifest(self, stage: str) -> dict[str, Any] | None:
+        """The stage's manifest; None when there is none or it is unreadable (see ``manifest_problem``)."""
+        return self._manifest(stage)[0]
+
+    def manifest_problem(self, stage: str) -> str | None:
+        """Why the stage's manifest.json, which exists, cannot be used; None when it is fine or absent."""
+        return self._manifest(stage)[1]
+
+    def _manifest(self, stage: str) -> tuple[dict[str, Any] | None, str | None]:
         path = f"{self.path(stage)}/{MANIFEST}"
         try:
             with self.fs.open(path, "r") as fh:
-                return json.load(fh)
+                manifest = json.load(fh)
         except FileNotFoundError:
-            return None
+            return None, None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            logger.warning("%s: unreadable manifest (%s); treating the artifact as absent", path, err)
-            return None
+            problem = f"unreadable {MANIFEST} ({err})"
+        else:
+            problem = manifest_shape_problem(manifest)
+            if problem is None:
+                return manifest, None
+        logger.warning("%s: %s; treating the artifact as absent", path, problem)
+        return None, problem
 
     def problems(self, stage: str, expect_fingerprint: str | None = None) -> list[str]:
         """Why the stage folder is not a valid artifact ([] when it is)."""
-        manifest = self.read_manifest(stage)
+        manifest, problem = self._manifest(stage)
+        if problem is not None:
+            return [f"{self.url(stage)}: {problem}"]
         if manifest is None:
             return [f"{self.url(stage)}: no valid {MANIFEST}"]
         if expect_fingerprint and manifest.get("fingerprint") != expect_fingerprint:
@@ -207,6 +222,29 @@ class ArtifactStore:
     def remove(self, stage: str) -> None:
         if self.fs.exists(self.path(stage)):
             self.fs.rm(self.path(stage), recursive=True)
+
+
+def manifest_shape_problem(manifest: Any) -> str | None:
+    """What is wrong with the types of a parsed manifest (valid JSON need not be a manifest), or None."""
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST} holds {type(manifest).__name__}, expected an object"
+    if not isinstance(manifest.get("fingerprint"), str):
+        return f"{MANIFEST}: 'fingerprint' is not a string"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"{MANIFEST}: 'files' is not an object"
+    for name, meta in files.items():
+        if not isinstance(meta, dict) or not _is_int(meta.get("size")) or not isinstance(meta.get("sha256"), str):
+            return f"{MANIFEST}: files[{name!r}] is not {{size: integer, sha256: string}}"
+        if name.startswith("/") or ".." in name.split("/"):
+            return f"{MANIFEST}: file name {name!r} leaves the stage folder"
+    if not _is_int(manifest.get("rows", 0)) or not isinstance(manifest.get("counters", {}), dict):
+        return f"{MANIFEST}: 'rows' is not an integer or 'counters' not an object"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

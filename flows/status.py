@@ -66,6 +66,11 @@ def stage_status(store: ArtifactStore, stage: str) -> StageStatus:
     if manifest is not None:
         return StageStatus(stage, "corrupted", manifest.get("rows"), "", manifest.get("fingerprint", ""),
                            f"recompute ({problems[0]})")
+    if store.manifest_problem(stage) is not None:  # a manifest.json that is not one: the artifact is damaged
+        return StageStatus(stage, "corrupted", None, "", "", f"recompute ({problems[0]})")
+    for fp in staging_dirs(store, stage):
+        if (problem := ShardStaging(store, stage, fp).plan_problem()) is not None:
+            return StageStatus(stage, "corrupted", None, "", fp, f"recompute, discarding the staged shards ({problem})")
     return StageStatus(stage, "missing", None, "", "",
                        f"compute, if {OPTIONAL[stage]}" if stage in OPTIONAL else "compute")
 

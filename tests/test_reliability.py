@@ -145,6 +145,20 @@ def _lock_kept(tmp: Path) -> None:
     assert json.loads((tmp / "run" / ".lock").read_text())["token"] == "x"
 
 
+# --- 5. garbage in the run directory: status says corrupted, a rerun recomputes -----------------------------
+
+def _status_with(rel: str, text: str, plan: str | None = None) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        _run_with(tmp)
+        if plan is not None:
+            _write(tmp / "run" / ".triples.shards-ab12" / "plan.json", plan)
+        _write(tmp / "run" / rel, text)
+        return ["status", str(tmp / "run")]
+    return setup
+
+
+GOOD_PLAN = '{"n_shards": 2, "shard_size": 1, "stage": "triples", "fingerprint": "ab12"}'
+
 CASES = [
     Case("csv-unclosed-quote", _csv_unclosed, 2, ("{tmp}/docs.csv line 3", "quoted field never closed"),
          ("run/corpus",)),
@@ -167,6 +181,25 @@ CASES = [
          ("another run holds this run directory", f"host {socket.gethostname()}", f"pid {os.getpid()}",
           f"started {datetime.fromtimestamp(STARTED).isoformat(' ', 'seconds')}", "{tmp}/run/.lock"),
          check=_lock_kept),
+    Case("status-manifest-is-a-list", _status_with("corpus/manifest.json", "[]"), 0,
+         ("corpus corrupted", "holds list, expected an object")),
+    Case("status-manifest-is-a-number", _status_with("queries/manifest.json", "3"), 0,
+         ("queries corrupted", "holds int")),
+    Case("status-manifest-files-wrong-type", _status_with("corpus/manifest.json", '{"fingerprint": "f", "files": []}'),
+         0, ("corpus corrupted", "'files' is not an object")),
+    Case("status-manifest-size-wrong-type", _status_with(
+        "corpus/manifest.json", '{"fingerprint": "f", "files": {"part-00000.parquet": {"size": "9", "sha256": "x"}}}'),
+         0, ("corpus corrupted", "is not {size: integer")),
+    Case("status-manifest-not-json", _status_with("corpus/manifest.json", "{oops"), 0,
+         ("corpus corrupted", "unreadable manifest.json")),
+    Case("status-plan-wrong-type", _status_with(".triples.shards-ab12/plan.json", '{"n_shards": "2"}'), 0,
+         ("triples corrupted", "recompute, discarding the staged shards", "integer n_shards")),
+    Case("status-plan-is-a-list", _status_with(".triples.shards-ab12/plan.json", "[]"), 0, ("triples corrupted",)),
+    Case("status-record-wrong-types", _status_with(".triples.shards-ab12/part-00000.done.json",
+                                                   '{"file": 3, "rows": "x"}', plan=GOOD_PLAN), 0,
+         ("triples partial", "0 of 2")),
+    Case("status-record-is-a-list", _status_with(".triples.shards-ab12/part-00001.done.json", "[1]",
+                                                 plan=GOOD_PLAN), 0, ("triples partial", "0 of 2")),
 ]
 
 
@@ -179,8 +212,9 @@ def test_cli_case(case: Case, tmp_path: Path) -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     if case.exit_code == 2:
         assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    output = " ".join(result.output.replace("│", " ").split())  # a status table row as plain words
     for word in case.words:
-        assert word.replace("{tmp}", str(tmp_path)) in result.output, (word, result.output)
+        assert word.replace("{tmp}", str(tmp_path)) in output, (word, result.output)
     for rel in case.absent:
         assert not (tmp_path / rel).exists(), rel
     if case.check is not None:
@@ -273,3 +307,46 @@ def _numeric_keys(model, prefix: str = "") -> set[str]:
         elif info.annotation in (int, float) or any(type(m).__name__ in ("Gt", "Ge") for m in info.metadata):
             found.add(key)
     return found
+
+
+# --- 5 (cont.). a rerun recomputes what is unreadable ---------------------------------------------------------
+
+@pytest.mark.parametrize("manifest", ["[]", "3", '"x"', '{"fingerprint": 1, "files": {}}', '{"files": {"a": 1}}'])
+def test_rerun_recomputes_a_stage_whose_manifest_is_not_one(tmp_path: Path, manifest: str) -> None:
+    from gplflow.tasks.ingest import IngestConfig, run_ingest
+
+    cfg = IngestConfig(path=str(_write(tmp_path / "docs.jsonl", '{"_id": "a", "text": "bees"}\n')))
+    store = ArtifactStore(tmp_path / "run")
+    first = run_ingest(cfg, store)
+    _write(tmp_path / "run" / "corpus" / "manifest.json", manifest)
+    assert store.load("corpus") is None and store.problems("corpus")[0].startswith(f"{store.url('corpus')}: ")
+    again = run_ingest(cfg, store)
+    assert again.fingerprint == first.fingerprint and again.rows == 1
+    assert store.load("corpus") is not None
+
+
+@pytest.mark.parametrize("plan", ["[]", '{"n_shards": "2"}', '{"n_shards": -1}', '{"n_shards": true}', "{bad"])
+def test_staging_under_an_unreadable_plan_starts_over(tmp_path: Path, plan: str) -> None:
+    from gplflow.adapters.staging import ShardStaging
+
+    store = ArtifactStore(tmp_path / "run")
+    staging = ShardStaging(store, "triples", "ab12")
+    staging.prepare({"n_shards": 2})
+    staging.write_parquet(0, [pa.table({"x": [1]})], pa.schema([("x", pa.int64())]))
+    _write(Path(staging.path) / "plan.json", plan)
+    assert staging.read_plan() is None and staging.n_shards() is None and staging.plan_problem()
+    assert staging.prepare({"n_shards": 2}) == [0, 1]  # the shard staged under the unreadable plan is redone
+    assert sorted(p.name for p in Path(staging.path).iterdir()) == ["plan.json"]
+
+
+@pytest.mark.parametrize("record", ["[]", '{"file": 3}', '{"file": "part-00000.parquet", "size": "1"}',
+                                    '{"file": "../corpus/part-00000.parquet", "size": 1, "sha256": "x", "rows": 1}'])
+def test_a_shard_with_an_unreadable_record_is_recomputed(tmp_path: Path, record: str) -> None:
+    from gplflow.adapters.staging import ShardStaging
+
+    staging = ShardStaging(ArtifactStore(tmp_path / "run"), "triples", "ab12")
+    staging.prepare({"n_shards": 2})
+    staging.write_parquet(0, [pa.table({"x": [1]})], pa.schema([("x", pa.int64())]))
+    staging.write_parquet(1, [pa.table({"x": [2]})], pa.schema([("x", pa.int64())]))
+    _write(Path(staging.path) / "part-00000.done.json", record)
+    assert staging.prepare({"n_shards": 2}) == [0]
