@@ -30,7 +30,7 @@ import json
 import logging
 import posixpath
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,15 @@ class FieldMap:
 
 @dataclass(frozen=True)
 class Document:
-    """One corpus passage, the row the ingest stage writes (`doc_id`, `title`, `text`)."""
+    """One corpus passage, the row the ingest stage writes (`doc_id`, `title`, `text`).
+
+    `where` is where it was read (`corpus.jsonl line 7`, `docs.csv row 3`, a text file's path), for messages.
+    """
 
     doc_id: str
     title: str
     text: str
+    where: str = field(default="", compare=False, repr=False)
 
 
 class _RecordError(Exception):
@@ -98,7 +102,7 @@ def detect_format(path: str | Path) -> str:
     fs, fs_path = fsspec.core.url_to_fs(str(path))
     if fs.isdir(fs_path):
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(fs_path, detail=False)}
-        if "corpus.jsonl" in names:
+        if _beir_corpus_name(names) is not None:
             return "beir"
         return "hf" if names & _HF_MARKERS else "textdir"
     if not fs.exists(fs_path):
@@ -141,13 +145,25 @@ def _check_path_kind(path: str, fmt: str) -> None:
 
 
 def _read_beir(path: str, fields: FieldMap) -> Iterator[Document]:
-    """A BEIR folder, or its corpus.jsonl itself: JSONL with (by default) BEIR's `_id`/`title`/`text`."""
+    """A BEIR folder, or its corpus.jsonl itself: JSONL with (by default) BEIR's `_id`/`title`/`text`.
+
+    The folder's corpus may be compressed (`corpus.jsonl.gz`), as it may be when named directly.
+    """
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.isdir(fs_path):
-        if not fs.exists(posixpath.join(fs_path, "corpus.jsonl")):
-            raise CorpusError(f"{path}: not a BEIR folder, expected a corpus.jsonl in it")
-        path = _join(path, "corpus.jsonl")
+        name = _beir_corpus_name({posixpath.basename(p.rstrip("/")) for p in fs.ls(fs_path, detail=False)})
+        if name is None:
+            raise CorpusError(f"{path}: not a BEIR folder, expected a corpus.jsonl in it (or corpus.jsonl.gz)")
+        path = _join(path, name)
     return _read_jsonl(path, fields)
+
+
+def _beir_corpus_name(names: set[str]) -> str | None:
+    """`corpus.jsonl`, else the one compressed `corpus.jsonl.<gz|bz2|xz|...>` among a folder's file names."""
+    if "corpus.jsonl" in names:
+        return "corpus.jsonl"
+    compressed = sorted(n for n in names if n.startswith("corpus.jsonl.") and infer_compression(n) is not None)
+    return compressed[0] if compressed else None
 
 
 def _read_jsonl(path: str, fields: FieldMap) -> Iterator[Document]:
@@ -355,10 +371,11 @@ def _validated(
     duplicates: dict[str, tuple[int, int]] = {}  # the first few duplicate ids: (first, second) position
     n_duplicates = 0
     for pos, record in records:
+        where = f"{source} {unit} {pos}" if unit != "file" else _join(source, str(record.get("_id")))
         try:
-            doc = _to_document(record, fields)
+            doc = _to_document(record, fields, where)
         except _RecordError as err:
-            raise CorpusError(f"{source} {unit} {pos}: {err}") from err
+            raise CorpusError(f"{where}: {err}") from err
         first = first_seen.setdefault(doc.doc_id, pos)
         if first == pos:
             yield doc
@@ -377,10 +394,10 @@ def _duplicates_message(source: str, unit: str, duplicates: dict[str, tuple[int,
     return f"{source}: duplicate doc ids: {listed}; {total} duplicate {unit}(s) in all, ids must be unique"
 
 
-def _to_document(record: Mapping[str, Any], fields: FieldMap) -> Document:
+def _to_document(record: Mapping[str, Any], fields: FieldMap, where: str = "") -> Document:
     title = _string_field(record, fields.title, required=False) if fields.title is not None else ""
     text = _string_field(record, fields.text, required=True)
-    return Document(_id_field(record, fields.id), normalize_whitespace(title), normalize_whitespace(text))
+    return Document(_id_field(record, fields.id), normalize_whitespace(title), normalize_whitespace(text), where)
 
 
 def _id_field(record: Mapping[str, Any], key: str) -> str:

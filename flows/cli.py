@@ -173,10 +173,12 @@ def status(run_dir: Annotated[str, typer.Argument(help="A run directory.")]) -> 
     """Show each stage of a run as complete, partial (k of n shards), corrupted or missing, and what a rerun does."""
     from gplflow.flows.status import run_status
 
+    with user_errors():
+        rows = run_status(ArtifactStore(run_dir))
     table = Table(title=f"run {run_dir}")
     for column in ("stage", "state", "rows", "shards", "fingerprint", "a rerun would"):
         table.add_column(column)
-    for row in run_status(ArtifactStore(run_dir)):
+    for row in rows:
         table.add_row(row.stage, row.state, "" if row.rows is None else str(row.rows), row.shards, row.fingerprint,
                       row.rerun)
     console.print(table)

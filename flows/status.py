@@ -42,6 +42,9 @@ OPTIONAL = {"pretrain": "pretrain.method is not none", "negatives": "the flow is
 
 
 def run_status(store: ArtifactStore) -> list[StageStatus]:
+    if not store.fs.isdir(store.root):
+        what = "is a file, not a run folder" if store.fs.exists(store.root) else "no such run folder"
+        raise FileNotFoundError(f"{store.root_url}: {what}")
     return [stage_status(store, stage) for stage in STAGES]
 
 

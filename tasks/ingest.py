@@ -53,10 +53,10 @@ def run_ingest(cfg: IngestConfig, store: ArtifactStore) -> Artifact:
 
 
 def _checked(docs: Iterator[Document], cfg: IngestConfig, count) -> Iterator[Document]:
-    for index, doc in enumerate(docs, start=1):
+    for doc in docs:
         if not doc.text:
             if not cfg.skip_empty:
-                raise CorpusError(f"{cfg.path}: document {doc.doc_id!r} (record {index}) has empty text; "
+                raise CorpusError(f"{doc.where or cfg.path}: document {doc.doc_id!r} has empty text; "
                                   "fix it or pass --skip-empty to drop such documents")
             count("empty_text")
             continue

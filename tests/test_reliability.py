@@ -3,6 +3,7 @@ hold, and what must not be left half-written (issue 11)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
@@ -159,6 +160,34 @@ def _status_with(rel: str, text: str, plan: str | None = None) -> Callable[[Path
 
 GOOD_PLAN = '{"n_shards": 2, "shard_size": 1, "stage": "triples", "fingerprint": "ab12"}'
 
+# --- 6. messages that say what is wrong ---------------------------------------------------------------------
+
+def _status_of_missing_folder(tmp: Path) -> list[str]:
+    return ["status", str(tmp / "nope")]
+
+
+def _status_of_a_file(tmp: Path) -> list[str]:
+    return ["status", str(_write(tmp / "run.txt", "x"))]
+
+
+def _beir_gz_only(tmp: Path) -> list[str]:
+    (tmp / "beir").mkdir()
+    with gzip.open(tmp / "beir" / "corpus.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write('{"_id": "a", "title": "", "text": "bees"}\n{"_id": "b", "title": "", "text": "wasps"}\n')
+    return _ingest(tmp / "beir", tmp)
+
+
+def _empty_text_after_blank_lines(tmp: Path) -> list[str]:
+    text = '\n\n{"_id": "a", "text": "bees"}\n\n{"_id": "b", "text": "  "}\n'
+    return _ingest(_write(tmp / "docs.jsonl", text), tmp)
+
+
+def _empty_text_in_a_text_folder(tmp: Path) -> list[str]:
+    _write(tmp / "texts" / "a.txt", "bees")
+    _write(tmp / "texts" / "sub" / "b.txt", "\n \n")
+    return _ingest(tmp / "texts", tmp)
+
+
 CASES = [
     Case("csv-unclosed-quote", _csv_unclosed, 2, ("{tmp}/docs.csv line 3", "quoted field never closed"),
          ("run/corpus",)),
@@ -200,6 +229,14 @@ CASES = [
          ("triples partial", "0 of 2")),
     Case("status-record-is-a-list", _status_with(".triples.shards-ab12/part-00001.done.json", "[1]",
                                                  plan=GOOD_PLAN), 0, ("triples partial", "0 of 2")),
+    Case("status-of-a-missing-folder", _status_of_missing_folder, 2, ("{tmp}/nope: no such run folder",),
+         ("nope",)),
+    Case("status-of-a-file", _status_of_a_file, 2, ("{tmp}/run.txt: is a file, not a run folder",)),
+    Case("beir-folder-with-only-corpus-jsonl-gz", _beir_gz_only, 0, ("corpus: 2 documents",)),
+    Case("empty-text-after-blank-lines", _empty_text_after_blank_lines, 2,
+         ("{tmp}/docs.jsonl line 5: document 'b' has empty text", "--skip-empty"), ("run/corpus",)),
+    Case("empty-text-in-a-text-folder", _empty_text_in_a_text_folder, 2,
+         ("{tmp}/texts/sub/b.txt: document 'sub/b.txt' has empty text",), ("run/corpus",)),
 ]
 
 
