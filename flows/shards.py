@@ -183,6 +183,28 @@ class Attempt:
     run_name: str
     state: str = "SCHEDULED"
     message: str = ""
+    worker: str = ""  # the worker that took the run (its prefect.worker.name label) and its host
+    setup_error: str = ""  # the run crashed before it started: the worker could not even load the shard flow
+
+
+PROJECT_DIR_VAR = "GPLFLOW_PROJECT_DIR"
+_LOAD_FAILED = "trying to load flow"  # what Prefect's engine logs when a flow run cannot load its entrypoint
+
+
+def load_failure(messages: list[str]) -> str:
+    """The exception line of a flow run's "could not load the flow" log record, or "" when it has none."""
+    for message in messages:
+        if _LOAD_FAILED in message:
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            return lines[-1] if len(lines) > 1 else message.strip()
+    return ""
+
+
+def setup_error_message(stage: str, attempt: Attempt) -> str:
+    """One line for a worker that cannot load the shard flow: a setup error, the same on every retry."""
+    return (f"{stage}: worker {attempt.worker or '(unknown)'} could not load the shard flow "
+            f"({attempt.setup_error}); set {PROJECT_DIR_VAR} in that worker's environment to its gplflow "
+            f"checkout (prefect.yaml's pull step starts every flow run there) and restart it; not retried")
 
 
 class DeploymentDispatcher:
@@ -232,8 +254,15 @@ class DeploymentDispatcher:
                     attempt = by_id[run.id]
                     attempt.state = run.state.type.value if run.state else "UNKNOWN"
                     attempt.message = (run.state.message or "") if run.state else ""
+                    attempt.worker = _worker(run)
                     if run.state is not None and run.state.is_final():
                         open_ids.discard(run.id)
+                        if attempt.state == "CRASHED" and run.start_time is None:  # it never ran a line
+                            attempt.setup_error = self._load_failure(client, run.id)
+                if any(a.setup_error for a in attempts):  # every other run on that worker would crash alike
+                    for run_id in open_ids:
+                        client.set_flow_run_state(run_id, Cancelling(), force=True)
+                    return
                 if open_ids and deadline is not None and time.monotonic() > deadline:
                     for run_id in open_ids:
                         client.set_flow_run_state(run_id, Cancelling(), force=True)
@@ -242,6 +271,26 @@ class DeploymentDispatcher:
                     return
                 if open_ids:
                     time.sleep(self.poll_s)
+
+
+    def _load_failure(self, client: Any, run_id: UUID, tries: int = 3) -> str:
+        """The load error the crashed run logged (logs may trail the state by a moment: a few tries)."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        for attempt in range(tries):
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            if found := load_failure([log.message for log in logs]):
+                return found
+            if attempt + 1 < tries:
+                time.sleep(self.poll_s)
+        return ""
+
+
+def _worker(run: Any) -> str:
+    """``NAME on HOST`` of the worker that took a flow run, from its labels and infrastructure pid."""
+    name = (getattr(run, "labels", None) or {}).get("prefect.worker.name", "")
+    host = str(getattr(run, "infrastructure_pid", None) or "").rsplit(":", 1)[0]
+    return f"{name} on {host}" if name and host else name or host
 
 
 def fan_out(cfg: PipelineConfig, stage: str, params: dict[str, Any], source: PoolSource | None,
@@ -276,6 +325,8 @@ def run_shards(job: ShardJob, pending: list[int], dispatcher: Any, parameters: d
                  attempt_no + 1)
         attempts = [dispatcher.submit(k, {**parameters, "shard": k}) for k in pending]
         dispatcher.wait(attempts)
+        if setup := next((a for a in attempts if a.setup_error), None):
+            raise PoolSetupError(setup_error_message(job.stage, setup))
         failed = {}
         for attempt in attempts:
             if job.staging.record(attempt.shard) is None:

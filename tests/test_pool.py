@@ -116,3 +116,98 @@ def test_stage_names_and_missing_server():
 
     with temporary_settings({PREFECT_API_URL: None}), pytest.raises(shards.PoolSetupError, match="PREFECT_API_URL"):
         shards.DeploymentDispatcher().check()
+
+
+# --- a worker that cannot load the shard flow (no GPLFLOW_PROJECT_DIR): one line, not retried (issue 11) ----
+
+LOAD_LOG = ("Unexpected exception encountered when trying to load flow\nTraceback (most recent call last):\n"
+            '  File "/venv/lib/prefect/flows.py", line 2400, in load_flow_from_entrypoint\n'
+            "FileNotFoundError: [Errno 2] No such file or directory: '/tmp/tmpab12cd/flows/shards.py'")
+
+
+class SetupBrokenDispatcher(FakeDispatcher):
+    """Every run crashes on the worker before it starts, as on a worker without GPLFLOW_PROJECT_DIR."""
+
+    def submit(self, shard: int, parameters: dict) -> shards.Attempt:
+        self.submitted.append([shard])
+        return shards.Attempt(shard, run_id=None, run_name=f"generate shard {shard}")  # type: ignore[arg-type]
+
+    def wait(self, attempts) -> None:
+        self.submitted.append("wait")
+        attempts[0].state, attempts[0].worker = "CRASHED", "gpu-worker-1 on host-a"
+        attempts[0].setup_error = shards.load_failure([LOAD_LOG])
+
+
+def test_a_worker_that_cannot_load_the_shard_flow_ends_the_stage_at_once(job):
+    dispatcher = SetupBrokenDispatcher(job)
+    with pytest.raises(shards.PoolSetupError) as err:
+        shards.run_shards(job, job.prepare(), dispatcher, {"stage": "generate"}, ExecutionConfig(shard_retries=2))
+    message = str(err.value)
+    assert "\n" not in message and "GPLFLOW_PROJECT_DIR" in message and "gpu-worker-1 on host-a" in message
+    assert "No such file or directory: '/tmp/tmpab12cd/flows/shards.py'" in message
+    assert dispatcher.submitted.count("wait") == 1  # no second round of submissions
+
+
+class _Run:
+    def __init__(self, run_id, state_type, start_time=None, message=""):
+        from types import SimpleNamespace
+
+        self.id, self.start_time = run_id, start_time
+        self.labels = {"prefect.worker.name": "gpu-worker-1"}
+        self.infrastructure_pid = "host-a:4242"
+        self.state = SimpleNamespace(type=SimpleNamespace(value=state_type), message=message,
+                                     is_final=lambda: state_type in ("CRASHED", "COMPLETED", "FAILED"))
+
+
+class _Client:
+    """The three calls DeploymentDispatcher.wait makes, answered from memory."""
+
+    def __init__(self, runs, logs):
+        self.runs, self.logs, self.cancelled = runs, logs, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read_flow_runs(self, flow_run_filter):
+        return self.runs
+
+    def read_logs(self, log_filter):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(message=m) for m in self.logs.get(log_filter.flow_run_id.any_[0], [])]
+
+    def set_flow_run_state(self, run_id, state, force=False):
+        self.cancelled.append(run_id)
+
+
+def test_the_dispatcher_reads_why_a_run_crashed_before_it_started(monkeypatch):
+    from uuid import uuid4
+
+    import prefect.client.orchestration as orchestration
+
+    crashed, running = uuid4(), uuid4()
+    client = _Client([_Run(crashed, "CRASHED", message="Flow run infrastructure exited with non-zero status "
+                                                        "code 1."), _Run(running, "RUNNING", start_time=1.0)],
+                     {crashed: ["Downloading flow code", LOAD_LOG]})
+    monkeypatch.setattr(orchestration, "get_client", lambda sync_client: client)
+    attempts = [shards.Attempt(0, crashed, "generate shard 0"), shards.Attempt(1, running, "generate shard 1")]
+    shards.DeploymentDispatcher(poll_s=0.01).wait(attempts)
+    assert attempts[0].setup_error.startswith("FileNotFoundError: [Errno 2]")
+    assert attempts[0].worker == "gpu-worker-1 on host-a"
+    assert client.cancelled == [running]  # the stage ends at the first such crash
+
+
+def test_a_run_that_crashed_while_running_is_not_a_setup_error(monkeypatch):
+    from uuid import uuid4
+
+    import prefect.client.orchestration as orchestration
+
+    run_id = uuid4()
+    client = _Client([_Run(run_id, "CRASHED", start_time=1.0)], {run_id: [LOAD_LOG]})
+    monkeypatch.setattr(orchestration, "get_client", lambda sync_client: client)
+    attempts = [shards.Attempt(0, run_id, "generate shard 0")]
+    shards.DeploymentDispatcher(poll_s=0.01).wait(attempts)
+    assert attempts[0].state == "CRASHED" and attempts[0].setup_error == ""  # retried as before
