@@ -317,6 +317,10 @@ def _hf_records(path: str, fields: FieldMap) -> Iterator[tuple[int, dict[str, An
         loaded = datasets.load_from_disk(path)
     except (FileNotFoundError, ValueError) as err:
         raise CorpusError(f"{path}: not a datasets save_to_disk folder ({_first_line(err)})") from err
+    except (KeyError, TypeError) as err:  # a dataset_dict.json or dataset_info.json of the wrong shape
+        detail = f"lacks the key {err}" if isinstance(err, KeyError) else f"has the wrong shape: {err}"
+        raise CorpusError(f"{path}: not a datasets save_to_disk folder (its dataset_dict.json or "
+                          f"dataset_info.json {detail})") from err
     dataset = _single_split(loaded, path)
     columns = _columns_to_read(dataset.column_names, fields, path)
     batches = dataset.select_columns(columns).with_format("arrow").iter(batch_size=_BATCH_ROWS)
@@ -347,6 +351,9 @@ def _text_files(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, str
         rel = posixpath.relpath(file, root)
         hidden = any(part.startswith(".") for part in rel.split("/"))
         if not hidden and rel.lower().endswith(_TEXT_SUFFIXES):
+            if fs.isdir(file):  # find() lists a link to a folder as a file
+                raise CorpusError(f"{file}: a link to a folder, not a text file; links to folders are not "
+                                  "followed: copy the folder in, or remove the link")
             found.append((rel, file))
     return sorted(found)
 

@@ -26,6 +26,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gplflow.adapters.disk import NoSpaceError, is_no_space, no_space, run_dir_error
 from gplflow.adapters.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ def content_signature(url: str | os.PathLike[str]) -> str:
     paths = sorted(fs.find(root)) if fs.isdir(root) else [root]
     digest = hashlib.sha256()
     for path in paths:
+        if len(paths) > 1 and fs.isdir(path):  # find() lists a link to a folder as a file; it is not followed
+            raise ValueError(f"{path}: a link to a folder inside {url}; links to folders are not followed: copy "
+                             "the folder in, or remove the link")
         digest.update(path[len(root) :].encode() + b"\0" + _sha256(fs, path).encode())
     return digest.hexdigest()[:20]
 
@@ -158,7 +162,7 @@ class ArtifactStore:
         try:
             with self.fs.open(path, "r") as fh:
                 manifest = json.load(fh)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: the run directory is a file
             return None, None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             problem = f"unreadable {MANIFEST} ({err})"
@@ -211,11 +215,18 @@ class ArtifactStore:
         inputs: Mapping[str, str] | None = None,
         code_version: str = __version__,
     ) -> Iterator[StageWriter]:
-        """Write a stage folder; published only if the block completes, else nothing is left behind."""
+        """Write a stage folder; published only if the block completes, else nothing is left behind.
+
+        A full disk is a one-line ``NoSpaceError`` naming the stage folder (after the partial folder is removed).
+        """
         writer = StageWriter(self, stage, dict(config), dict(inputs or {}), code_version)
         try:
             yield writer
             writer._publish()
+        except Exception as err:
+            if isinstance(err, NoSpaceError) or not (self.is_local and is_no_space(err, self.root)):
+                raise
+            raise no_space(err, self.url(stage)) from err
         finally:
             writer._cleanup()
 
@@ -267,7 +278,12 @@ class StageWriter:
     def __post_init__(self) -> None:
         self.fingerprint = fingerprint(self.stage, self.config, self.inputs, self.code_version)
         self.tmp = f"{self.store.root}/.{self.stage}.tmp-{uuid.uuid4().hex[:8]}"
-        self.store.fs.makedirs(self.tmp, exist_ok=True)
+        try:
+            self.store.fs.makedirs(self.tmp, exist_ok=True)
+        except OSError as err:
+            if not self.store.is_local or (unusable := run_dir_error(err, self.store.root_url)) is None:
+                raise
+            raise unusable from err
         self._rows: dict[str, int] = {}
         self._local: Path | None = None
         self._started = time.time()

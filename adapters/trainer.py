@@ -261,7 +261,11 @@ def fit(
         callbacks=list(callbacks),
     )
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except BaseException:
+        latest_checkpoint(checkpoints)  # removes a checkpoint the failure left half-written (a full disk)
+        raise
     return TrainReport(
         global_step=trainer.state.global_step,
         resumed_from_step=_step(resume) if resume is not None else None,

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from gplflow.adapters.store import ArtifactStore
-from gplflow.flows.config import PipelineConfig
+
+if TYPE_CHECKING:  # the config imports every stage (torch, Prefect): --help and status do without it
+    from gplflow.flows.config import PipelineConfig
 
 app = typer.Typer(help="Adapt a dense retriever to your corpus without labels (GPL / GenQ) with Prefect flows.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -31,16 +34,31 @@ RunDirOption = Annotated[str | None, typer.Option("--run-dir", help="Where the s
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Errors a user can cause become one line on stderr and exit code 2 (GPLFLOW_DEBUG=1 shows tracebacks)."""
-    from gplflow.adapters.models import ModelUnavailableError
-
     try:
         yield
-    except (ValueError, FileNotFoundError, ModelUnavailableError) as err:
-        if os.environ.get("GPLFLOW_DEBUG"):
+    except Exception as err:
+        message = user_message(err)
+        if message is None or os.environ.get("GPLFLOW_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+
+
+def user_message(err: Exception) -> str | None:
+    """The one line for an error a user can fix (bad input, a full disk, a path that cannot be used), else None."""
+    from gplflow.adapters.disk import NoSpaceError
+
+    user_types: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, NoSpaceError)
+    if (models := sys.modules.get("gplflow.adapters.models")) is not None:  # imported only when models were used
+        user_types += (models.ModelUnavailableError,)
+    if isinstance(err, user_types):
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, OSError) and err.errno in _PATH_ERRNOS and err.filename:
+        return f"{err.filename}: {err.strerror or type(err).__name__}"
+    return None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -99,11 +117,15 @@ def demo(run_dir: RunDirOption = None, overrides: SetOption = None) -> None:
 
 def _run(config: Path, overrides: list[str], run_dir: str | None) -> None:
     from gplflow.adapters.runlock import check_free
-    from gplflow.flows.pipeline import default_run_dir, genq_pipeline, gpl_pipeline
+    from gplflow.flows.config import PipelineConfig, default_run_dir
+    from gplflow.flows.validate import validate_run
 
     cfg = PipelineConfig.load(config, overrides)  # fail fast, before Prefect starts
     run_dir = run_dir or default_run_dir(cfg)
+    validate_run(cfg, run_dir, config, overrides)  # models, qrels, run directory: before hours of compute
     check_free(run_dir)  # likewise a run directory another run holds (the flow takes the lock itself)
+    from gplflow.flows.pipeline import genq_pipeline, gpl_pipeline
+
     pipeline = genq_pipeline if cfg.flow == "genq" else gpl_pipeline  # the name the Prefect UI lists it under
     summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
     print_summary(cfg, summary)

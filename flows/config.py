@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,16 +110,22 @@ class PipelineConfig(_Frozen):
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping at the top level")
             _resolve_paths(data, path.parent)
+        origins = KeyOrigins(str(path) if path is not None else None, copy.deepcopy(data), tuple(overrides))
         for item in overrides:
             apply_override(data, item)
-        return cls.from_dict(data, source=str(path) if path else "--set")
+        return cls.from_dict(data, source=str(path) if path else "--set", origins=origins)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = "config",
+                  origins: KeyOrigins | None = None) -> PipelineConfig:
+        """Validate ``data``; each error is prefixed by where its key came from (``origins``), else ``source``."""
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ConfigError(f"{source}: " + "; ".join(_describe_all(err.errors()))) from err
+            if origins is None:
+                raise ConfigError(f"{source}: " + "; ".join(_describe_all(err.errors()))) from err
+            raise ConfigError("; ".join(f"{origins.prefix(key)}: {text}"
+                                        for key, text in _describe_keys(err.errors()))) from err
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -131,11 +140,63 @@ _BRANCHES = ("int", "str", "float", "bool", "none", "literal[", "list[", "tuple[
 
 def _describe_all(errors: list[dict[str, Any]]) -> list[str]:
     """One message per key: a union's failed branches ('int', "literal['auto']") are merged."""
+    return [text for _, text in _describe_keys(errors)]
+
+
+def _describe_keys(errors: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, message) per key; a missing key is reported as ('', message): it comes from nowhere."""
     merged: dict[str, list[dict[str, Any]]] = {}
     for error in errors:
         loc = [str(p) for p in error["loc"] if not str(p).startswith(_BRANCHES)]
         merged.setdefault(".".join(loc), []).append(error)
-    return [_describe(key, errs) for key, errs in merged.items()]
+    return [("" if errs[0]["type"] == "missing" else key, _describe(key, errs)) for key, errs in merged.items()]
+
+
+@dataclass(frozen=True)
+class KeyOrigins:
+    """Where each key of a loaded config came from, for messages: a ``--set`` override, the file, or a default."""
+
+    path: str | None = None
+    file_data: Mapping[str, Any] = field(default_factory=dict)  # the file as read, before the overrides
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> KeyOrigins:
+        """Read the file again (it was valid when the config loaded; unreadable now means no file keys)."""
+        data: Any = {}
+        if path is not None:
+            try:
+                data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                data = {}
+        return cls(str(path) if path is not None else None, data if isinstance(data, dict) else {},
+                   tuple(overrides))
+
+    def prefix(self, key: str) -> str:
+        """``--set KEY=VALUE`` (the last override touching ``key``), the config file, or ``default (...)``."""
+        parts = key.split(".") if key else []
+        for item in reversed(self.overrides):
+            set_parts = item.split("=", 1)[0].strip().split(".")
+            shared = min(len(parts), len(set_parts))
+            if shared and parts[:shared] == set_parts[:shared]:
+                return f"--set {item}"
+        if self.path is None:
+            return "--set" if not parts else "default"
+        if not parts or _holds(self.file_data, parts):
+            return self.path
+        return f"default (not set in {self.path})"
+
+
+def _holds(data: Any, parts: list[str]) -> bool:
+    """Whether nested mappings/lists ``data`` hold the dotted path ``parts`` (``models.retrievers.0.name``)."""
+    for part in parts:
+        if isinstance(data, Mapping) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return False
+    return True
 
 
 def _describe(key: str, errors: list[dict[str, Any]]) -> str:
@@ -149,6 +210,11 @@ def _describe(key: str, errors: list[dict[str, Any]]) -> str:
         return f"'{key}': {message}" if key else message
     expected = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errors))
     return f"'{key}': got {first.get('input')!r}, expected {expected}"
+
+
+def default_run_dir(cfg: PipelineConfig) -> str:
+    """``runs/<name>``, where a run goes without ``--run-dir``."""
+    return str(Path("runs") / cfg.name)
 
 
 _PATH_KEYS = (("corpus", "path"), ("evaluate", "qrels"), ("evaluate", "queries"), ("import", "gpl_dir"))

@@ -21,9 +21,11 @@ from gplflow.adapters.runlock import run_lock
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.flows import shards
-from gplflow.flows.config import PipelineConfig
+from gplflow.flows.config import PipelineConfig, default_run_dir
 from gplflow.flows.report import artifact_key, publish_report
+from gplflow.flows.validate import validate_run
 from gplflow.tasks import evaluate, generate, ingest, label, mine, pretrain, train
+from gplflow.tasks.base import retry_unless_deterministic
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 def _call(stage_task: Any, stage: str, fp: str, **params: Any) -> str:
     """Run a stage task, bypassing Prefect's cache when the artifact it would point to is not valid."""
     fresh = ArtifactStore(params["run_dir"]).load(stage, expect_fingerprint=fp) is None
-    return stage_task.with_options(refresh_cache=fresh)(**params)
+    return stage_task.with_options(refresh_cache=fresh, retry_condition_fn=retry_unless_deterministic)(**params)
 
 
 @task(name="prepare models", task_run_name="prepare models", persist_result=False)
@@ -41,7 +43,9 @@ def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
         "generator": cfg.models.generator,
         "cross_encoder": cfg.models.cross_encoder,
         "base": cfg.models.base,
-        "bi_encoder_teacher": cfg.models.bi_encoder_teacher or cfg.models.retrievers[0].name,
+        # unused then: with BM25-only mining (no retrievers) validate_run wants a teacher named or a cross-encoder
+        "bi_encoder_teacher": cfg.models.bi_encoder_teacher or next((r.name for r in cfg.models.retrievers),
+                                                                    cfg.models.base),
     }
     retrievers = [(r.name, r.score) for r in cfg.models.retrievers]
     tiny = None
@@ -83,6 +87,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, config_path: str | Path | No
     ``config_path`` and ``overrides`` (what ``cfg`` was loaded from) are what pool workers load
     (``execution.mode: pool``); without them the whole config is passed to the workers as overrides.
     """
+    validate_run(cfg, run_dir, config_path, overrides or ())  # models, qrels, run directory: before any stage
     with run_lock(run_dir):  # a second run on this run directory fails here, before any stage
         return _run_stages(cfg, run_dir, config_path, overrides)
 
@@ -166,10 +171,6 @@ def _mine_and_label(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], f
         **params,
     )
     return fps["triples"]
-
-
-def default_run_dir(cfg: PipelineConfig) -> str:
-    return str(Path("runs") / cfg.name)
 
 
 def flow_run_name() -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gplflow.adapters.store import ArtifactStore
-from gplflow.flows.config import PipelineConfig
-from gplflow.tasks import label
+
+if TYPE_CHECKING:  # the config imports every stage (torch): `gplflow status` reads STAGES from here without it
+    from gplflow.flows.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def artifact_key(*parts: str) -> str:
 
 def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """The settings that shape a run, one line per stage (only the stages this run uses)."""
+    from gplflow.tasks import label
     gpl = cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
     g, t, p = cfg.generate, cfg.train, cfg.pretrain
     rows = [("flow", f"{cfg.flow}, loss {t.loss}" + (f", profile {cfg.profile}" if cfg.profile != "default" else ""))]

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gplflow.adapters.disk import NoSpaceError, is_no_space
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore, canonical_json, fingerprint
 
@@ -49,6 +50,13 @@ def artifact_cache_key(stage: str, fingerprint_of) -> Any:
         return f"gplflow-{stage}-{fingerprint_of(params)}"
 
     return key
+
+
+def retry_unless_deterministic(_task: Any, _task_run: Any, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn``: a full disk fails the same way after the same work, so it is not retried
+    (a stage's ``retries`` are for crashes a second try can get past)."""
+    error = getattr(state, "data", None)
+    return not (isinstance(error, BaseException) and (isinstance(error, NoSpaceError) or is_no_space(error)))
 
 
 class ShardJob(ABC):

@@ -75,9 +75,19 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("models.retrievers=[{name: a, score: l2}]", "models.retrievers.0.score"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=r"demo\.yaml: ") as err:
+    with pytest.raises(ConfigError) as err:
         PipelineConfig.load(ROOT / "configs" / "demo.yaml", [override])
+    assert str(err.value).startswith(f"--set {override}: ")  # the key came from --set, not from demo.yaml
     assert message in str(err.value)
+
+
+def test_bad_values_from_the_file_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("corpus: {path: x}\ntrain: {steps: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.load(path, ["train.loss=triplet"])
+    assert f"{path}: 'train.steps': got 0" in str(err.value)
+    assert "--set train.loss=triplet: 'train.loss': got 'triplet'" in str(err.value)
 
 
 def test_malformed_override_and_files(tmp_path: Path) -> None:

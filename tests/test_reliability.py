@@ -188,6 +188,62 @@ def _empty_text_in_a_text_folder(tmp: Path) -> list[str]:
     return _ingest(tmp / "texts", tmp)
 
 
+# --- 7. the whole run validated before its first stage (and before Prefect starts) --------------------------
+
+def _run_config(text: str = "", *extra: str) -> Callable[[Path], list[str]]:
+    """``gplflow run`` of a tiny config (plus ``text``) with ``extra`` arguments ("{tmp}" is tmp_path)."""
+    def setup(tmp: Path) -> list[str]:
+        _write(tmp / "docs.jsonl", '{"_id": "a", "text": "bees"}\n{"_id": "b", "text": "wasps"}\n')
+        config = _write(tmp / "c.yaml", "name: t\nprofile: tiny\ncorpus:\n  path: docs.jsonl\n"
+                        + text.replace("{tmp}", str(tmp)))
+        return ["run", str(config), "--run-dir", str(tmp / "run"), *(e.replace("{tmp}", str(tmp)) for e in extra)]
+    return setup
+
+
+def _with_files(files: dict[str, str], setup: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
+    """Write ``files`` (relative path -> text; a text of None makes a folder) first."""
+    def with_files(tmp: Path) -> list[str]:
+        for rel, text in files.items():
+            (tmp / rel).mkdir(parents=True) if text is None else _write(tmp / rel, text)
+        return setup(tmp)
+    return with_files
+
+
+QRELS = "query-id\tcorpus-id\tscore\nq1\ta\t1\n"
+QUERIES = '{"_id": "q1", "text": "what are bees"}\n'
+EVAL = "evaluate: {qrels: data/qrels/test.tsv}\n"
+
+
+def _run_dir_kept_as_file(tmp: Path) -> None:
+    assert (tmp / "run").read_text() == "a file"
+
+
+# --- 8. paths that cannot be used: one line naming the path ------------------------------------------------
+
+def _textdir_with_link(name: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        _write(tmp / "texts" / "a.txt", "bees")
+        _write(tmp / "elsewhere" / "b.txt", "wasps")
+        (tmp / "texts" / name).symlink_to(tmp / "elsewhere", target_is_directory=True)
+        return _ingest(tmp / "texts", tmp)
+    return setup
+
+
+def _datasets_dict(text: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        _write(tmp / "hf" / "dataset_dict.json", text)
+        return [*_ingest(tmp / "hf", tmp), "--format", "hf"]
+    return setup
+
+
+def _ingest_into(rel: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        _write(tmp / "run", "a file")
+        return ["ingest", str(_write(tmp / "docs.jsonl", '{"_id": "a", "text": "bees"}\n')), "--run-dir",
+                str(tmp / rel)]
+    return setup
+
+
 CASES = [
     Case("csv-unclosed-quote", _csv_unclosed, 2, ("{tmp}/docs.csv line 3", "quoted field never closed"),
          ("run/corpus",)),
@@ -237,6 +293,65 @@ CASES = [
          ("{tmp}/docs.jsonl line 5: document 'b' has empty text", "--skip-empty"), ("run/corpus",)),
     Case("empty-text-in-a-text-folder", _empty_text_in_a_text_folder, 2,
          ("{tmp}/texts/sub/b.txt: document 'sub/b.txt' has empty text",), ("run/corpus",)),
+    Case("run-base-folder-missing", _run_config("", "--set", "models.base={tmp}/nope"), 2,
+         ("--set models.base={tmp}/nope: 'models.base': model folder '{tmp}/nope' does not exist",), ("run",)),
+    Case("run-base-folder-without-config", _with_files({"model": None}, _run_config("models: {base: {tmp}/model}\n")),
+         2, ("{tmp}/c.yaml: 'models.base': {tmp}/model: no config.json or modules.json",), ("run",)),
+    Case("run-base-model-config-not-json", _with_files({"model/config.json": "{oops"},
+                                                        _run_config("models: {base: {tmp}/model}\n")),
+         2, ("'models.base': {tmp}/model/config.json: unreadable model config",), ("run",)),
+    Case("run-hub-model-not-cached-offline", _run_config("models: {base: some-org/not-a-cached-model}\n"), 2,
+         ("{tmp}/c.yaml: 'models.base': 'some-org/not-a-cached-model' is not a local folder and not in the "
+          "Hugging Face cache", "HF_HUB_OFFLINE=1"), ("run",)),
+    Case("run-default-hub-model-offline", _run_config("profile: default\ngenerate: {method: extractive}\n"
+                                                      "models: {cross_encoder: tiny, retrievers: [{name: tiny}]}\n"),
+         2, ("default (not set in {tmp}/c.yaml): 'models.base': 'GPL/msmarco-distilbert-margin-mse'",), ("run",)),
+    Case("run-qrels-missing", _run_config(EVAL), 2,
+         ("{tmp}/c.yaml: 'evaluate.qrels': {tmp}/data/qrels/test.tsv: no such qrels TSV file",), ("run",)),
+    Case("run-qrels-is-a-folder", _with_files({"data/qrels/test.tsv": None, "data/queries.jsonl": QUERIES},
+                                              _run_config(EVAL)), 2,
+         ("'evaluate.qrels': {tmp}/data/qrels/test.tsv: is a folder, expected a qrels TSV file",), ("run",)),
+    Case("run-qrels-bad-line", _with_files({"data/qrels/test.tsv": QRELS + "q1\tb\n", "data/queries.jsonl": QUERIES},
+                                           _run_config(EVAL)), 2,
+         ("'evaluate.qrels': {tmp}/data/qrels/test.tsv line 3: expected 3 tab-separated fields",), ("run",)),
+    Case("run-queries-missing", _with_files({"data/qrels/test.tsv": QRELS}, _run_config(EVAL)), 2,
+         ("default (not set in {tmp}/c.yaml): 'evaluate.queries': {tmp}/data/queries.jsonl: no such queries.jsonl",),
+         ("run",)),
+    Case("run-judged-query-without-text", _with_files({"data/qrels/test.tsv": QRELS + "q2\ta\t1\n",
+                                                       "data/queries.jsonl": QUERIES}, _run_config(EVAL)), 2,
+         ("'evaluate.qrels': {tmp}/data/qrels/test.tsv line 3: query id 'q2' is not in",), ("run",)),
+    Case("run-queries-given-as-folder", _with_files({"data/qrels/test.tsv": QRELS, "qs": None},
+                                                    _run_config(EVAL, "--set", "evaluate.queries={tmp}/qs")), 2,
+         ("--set evaluate.queries={tmp}/qs: 'evaluate.queries': {tmp}/qs: is a folder",), ("run",)),
+    Case("run-no-retrievers-without-bm25", _run_config("", "--set", "models.retrievers=[]"), 2,
+         ("--set models.retrievers=[]: 'models.retrievers': empty", "mine.bm25: true"), ("run",)),
+    Case("run-bm25-only-with-unnamed-teacher", _run_config("label: {teacher: bi_encoder}\nmine: {bm25: true}\n",
+                                                           "--set", "models.retrievers=[]"), 2,
+         ("'models.bi_encoder_teacher': not set, and models.retrievers is empty",), ("run",)),
+    Case("run-name-with-a-slash", _run_config("", "--set", "name=a/b"), 2,
+         ("--set name=a/b: 'name': 'a/b' must be a plain folder name",), ("run",)),
+    Case("run-name-dot-dot", _run_config("", "--set", "name=.."), 2, ("'name': '..' must be a plain folder",),
+         ("run",)),
+    Case("run-corpus-missing", _run_config("", "--set", "corpus.path={tmp}/none.jsonl"), 2,
+         ("--set corpus.path={tmp}/none.jsonl: 'corpus.path': {tmp}/none.jsonl: no such file or folder",), ("run",)),
+    Case("run-dir-is-a-file", _with_files({"run": "a file"}, _run_config()), 2,
+         ("run directory {tmp}/run: is a file, not a folder",), check=_run_dir_kept_as_file),
+    Case("run-dir-under-a-file", _with_files({"run": "a file"}, _run_config("", "--run-dir", "{tmp}/run/sub")), 2,
+         ("run directory {tmp}/run/sub: cannot be created: {tmp}/run is a file",), check=_run_dir_kept_as_file),
+    Case("run-all-problems-in-one-line", _run_config(EVAL, "--set", "models.base=/nope", "--set", "name=a/b"), 2,
+         ("'name'", "'models.base'", "'evaluate.qrels'"), ("run",)),
+    Case("ingest-into-a-file", _ingest_into("run"), 2, ("run directory {tmp}/run: is a file, not a folder",),
+         check=_run_dir_kept_as_file),
+    Case("ingest-under-a-file", _ingest_into("run/sub"), 2, ("run directory {tmp}/run/sub: lies under {tmp}/run",),
+         check=_run_dir_kept_as_file),
+    Case("textdir-with-a-txt-named-link-to-a-folder", _textdir_with_link("link.md"), 2,
+         ("{tmp}/texts/link.md: a link to a folder", "copy the folder in"), ("run/corpus",)),
+    Case("textdir-with-a-link-to-a-folder", _textdir_with_link("sub"), 2,
+         ("{tmp}/texts/sub: a link to a folder",), ("run/corpus",)),
+    Case("datasets-dict-json-empty", _datasets_dict("{}"), 2,
+         ("{tmp}/hf: not a datasets save_to_disk folder", "lacks the key 'splits'"), ("run/corpus",)),
+    Case("datasets-dict-json-a-list", _datasets_dict("[]"), 2,
+         ("{tmp}/hf: not a datasets save_to_disk folder", "wrong shape"), ("run/corpus",)),
 ]
 
 
@@ -387,3 +502,155 @@ def test_a_shard_with_an_unreadable_record_is_recomputed(tmp_path: Path, record:
     staging.write_parquet(1, [pa.table({"x": [2]})], pa.schema([("x", pa.int64())]))
     _write(Path(staging.path) / "part-00000.done.json", record)
     assert staging.prepare({"n_shards": 2}) == [0]
+
+
+# --- 7 (cont.). the CLI starts fast: --help and status import neither torch nor the config ------------------
+
+_PROBE = """
+import sys, time
+started = time.perf_counter()
+from gplflow.flows.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print("PROBE", code, round(time.perf_counter() - started, 2),
+      *(name for name in ("torch", "gplflow.flows.config", "gplflow.flows.pipeline", "prefect.server.api.server")
+        if name in sys.modules))
+"""
+
+
+def _probe(*args: str) -> tuple[int, float, set[str], str]:
+    """Run gplflow in a fresh interpreter: exit code, seconds, which heavy modules it imported, stderr."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "400"})
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("PROBE"))
+    _, code, seconds, *modules = line.split()
+    return int(code), float(seconds), set(modules), done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_help_and_status_do_not_import_torch_or_the_config(tmp_path: Path) -> None:
+    code, _, modules, _ = _probe("--help")
+    assert code == 0 and modules == set(), modules
+    code, _, modules, _ = _probe("status", str(_run_with(tmp_path)))
+    assert code == 0 and modules == set(), modules
+
+
+@pytest.mark.timeout(300)
+def test_config_errors_come_before_the_pipeline_and_prefect(tmp_path: Path) -> None:
+    args = _run_config(EVAL, "--set", "models.base={tmp}/nope")(tmp_path)
+    code, seconds, modules, stderr = _probe(*args)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "'models.base'" in lines[0] and "'evaluate.qrels'" in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert "gplflow.flows.pipeline" not in modules and "prefect.server.api.server" not in modules
+    assert not (tmp_path / "run").exists()
+    print(f"config error after {seconds} s")  # the stage configs still import torch: see issue 11, item 6
+
+
+# --- 8 (cont.). a run directory that cannot be written: a read-only mount (tests run as root) ---------------
+
+@pytest.fixture()
+def mount_tmpfs(tmp_path: Path):
+    """Mount a small tmpfs (root with CAP_SYS_ADMIN only; skipped elsewhere), unmounted afterwards."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str, read_only: bool = False) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                              text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()[:80]}); needs root with CAP_SYS_ADMIN")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_a_read_only_run_dir_is_one_line(tmp_path: Path, mount_tmpfs) -> None:
+    read_only = mount_tmpfs("ro", "1m", read_only=True)
+    docs = _write(tmp_path / "docs.jsonl", '{"_id": "a", "text": "bees"}\n')
+    line = _one_error_line(runner.invoke(app, ["ingest", str(docs), "--run-dir", str(read_only / "run")]))
+    assert f"run directory {read_only}/run: not writable" in line
+    args = _run_config()(tmp_path)
+    line = _one_error_line(runner.invoke(app, [*args, "--run-dir", str(read_only / "run")]))
+    assert f"run directory {read_only}/run: cannot be created: {read_only} not writable" in line
+
+
+# --- 9. a full disk: one line naming where, nothing half-written, never retried ----------------------------
+
+def _big_corpus(path: Path, docs: int = 3000) -> Path:
+    """About 1.5 MB of text Parquet cannot compress much (random words)."""
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=8)) for _ in range(5000)]
+    lines = (json.dumps({"_id": f"d{i}", "text": " ".join(rng.choices(words, k=60))}) for i in range(docs))
+    return _write(path, "\n".join(lines) + "\n")
+
+
+def _nothing_half_written(run_dir: Path) -> None:
+    assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] == []  # no corpus/, no .corpus.tmp-*
+
+
+def test_ingest_onto_a_full_disk_is_one_line(tmp_path: Path, mount_tmpfs) -> None:
+    small = mount_tmpfs("small", "256k")
+    docs = _big_corpus(tmp_path / "docs.jsonl")
+    line = _one_error_line(runner.invoke(app, ["ingest", str(docs), "--run-dir", str(small / "run")]))
+    assert f"no space left on {small}: writing {small}/run/corpus failed" in line
+    _nothing_half_written(small / "run")
+
+
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+from gplflow.flows.cli import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_ingest_past_a_file_size_limit_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    docs = _big_corpus(tmp_path / "docs.jsonl")
+    done = subprocess.run([sys.executable, "-c", _LIMITED, "ingest", str(docs), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "400"})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "no space left on " in errors[0] and f"writing {tmp_path}/run/corpus failed" in errors[0]
+    assert "size limit (ulimit -f)" in errors[0]
+    _nothing_half_written(tmp_path / "run")
+
+
+def test_a_full_disk_is_not_retried() -> None:
+    import errno as errnos
+
+    from prefect.states import Failed
+
+    from gplflow.adapters.disk import NoSpaceError
+    from gplflow.tasks.base import retry_unless_deterministic
+
+    assert not retry_unless_deterministic(None, None, Failed(data=NoSpaceError(errnos.ENOSPC, "no space left on /")))
+    assert not retry_unless_deterministic(None, None, Failed(data=OSError(errnos.EFBIG, "File too large")))
+    wrapped = RuntimeError("[enforce fail] Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    assert not retry_unless_deterministic(None, None, Failed(data=wrapped))
+    assert retry_unless_deterministic(None, None, Failed(data=RuntimeError("CUDA error: an illegal memory access")))

@@ -15,6 +15,7 @@ import pytest
 
 from gplflow.adapters.runlock import LOCK, RunLockedError, run_lock
 from gplflow.flows import pipeline
+from gplflow.flows.config import PipelineConfig
 
 
 def _dead_pid() -> int:
@@ -120,7 +121,9 @@ def test_the_pipeline_runs_its_stages_under_the_lock(tmp_path: Path, monkeypatch
         raise RuntimeError("a stage failed")
 
     monkeypatch.setattr(pipeline, "_run_stages", stages)
+    (tmp_path / "docs.jsonl").write_text('{"_id": "a", "text": "bees"}\n')
+    cfg = PipelineConfig.from_dict({"profile": "tiny", "corpus": {"path": str(tmp_path / "docs.jsonl")}})
     with pytest.raises(RuntimeError, match="a stage failed"):
-        pipeline.run_pipeline(None, str(tmp_path / "run"))  # type: ignore[arg-type]
+        pipeline.run_pipeline(cfg, str(tmp_path / "run"))
     assert seen == [os.getpid()]
     assert not (tmp_path / "run" / LOCK).exists()

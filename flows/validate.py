@@ -1,0 +1,197 @@
+"""Checks of a whole run before its first stage: what would otherwise fail hours later, after the GPU work.
+
+A missing qrels file is otherwise found after training and a missing base model after labelling. Every check
+here is cheap (file names, a model folder's config, the qrels and queries parsed, the Hugging Face cache
+looked up) and runs before any Prefect server starts. Problems are reported together in one ``ConfigError``
+line, each prefixed by where its key came from: ``--set KEY=VALUE``, the config file, or a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import fsspec
+
+from gplflow.flows.config import ConfigError, KeyOrigins, PipelineConfig
+
+_TRUE = {"1", "on", "yes", "true"}
+_CONFIG_FILES = ("config.json", "modules.json")  # a transformers or a sentence-transformers model folder
+
+
+def validate_run(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None = None,
+                 overrides: Sequence[str] = ()) -> None:
+    """Raise a one-line ``ConfigError`` naming every problem of the run ``cfg`` would start in ``run_dir``."""
+    origins = KeyOrigins.of(config_path, overrides)
+    problems = [f"{origins.prefix(key)}: '{key}': {problem}" for key, problem in _problems(cfg)]
+    if (problem := run_dir_problem(run_dir)) is not None:
+        problems.append(problem)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
+    yield from _name(cfg.name)
+    if cfg.corpus is not None and (problem := _missing(cfg.corpus.path, "file or folder")) is not None:
+        yield "corpus.path", problem
+    if cfg.import_.gpl_dir and (problem := _missing(cfg.import_.gpl_dir, "folder")) is not None:
+        yield "import.gpl_dir", problem
+    yield from _retrievers(cfg)
+    for key, ref in _model_slots(cfg):
+        if (problem := model_problem(ref)) is not None:
+            yield key, problem
+    yield from _evaluation(cfg)
+
+
+def _name(name: str) -> Iterator[tuple[str, str]]:
+    """The name makes the default run directory runs/<name>: it must stay one folder inside runs/."""
+    if not name.strip() or name in (".", "..") or ".." in name or any(sep in name for sep in ("/", "\\", "\0")):
+        yield "name", f"{name!r} must be a plain folder name (no '/', '\\' or '..'): it names runs/<name>"
+
+
+def _gpl(cfg: PipelineConfig) -> bool:
+    return cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
+
+
+def _retrievers(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
+    if not _gpl(cfg) or cfg.models.retrievers or cfg.import_.gpl_dir:
+        return
+    if not cfg.mine.bm25:
+        yield "models.retrievers", "empty: list at least one dense retriever, or set mine.bm25: true to mine " \
+                                   "with BM25 only"
+    if cfg.label.teacher == "bi_encoder" and not cfg.models.bi_encoder_teacher:
+        yield "models.bi_encoder_teacher", "not set, and models.retrievers is empty (its default is the first " \
+                                           "retriever): name the bi-encoder teacher, or use label.teacher: " \
+                                           "cross_encoder"
+
+
+def _model_slots(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """The model references this run loads, by key (a gpl import may bring queries and triples: base only)."""
+    models = cfg.models
+    slots = [("models.base", models.base)]
+    if cfg.import_.gpl_dir:
+        return slots
+    if cfg.generate.method == "t5":
+        slots.append(("models.generator", models.generator))
+    if _gpl(cfg):
+        slots += [(f"models.retrievers.{i}.name", r.name) for i, r in enumerate(models.retrievers)]
+        if cfg.label.teacher == "cross_encoder":
+            slots.append(("models.cross_encoder", models.cross_encoder))
+        elif models.bi_encoder_teacher:
+            slots.append(("models.bi_encoder_teacher", models.bi_encoder_teacher))
+    return slots
+
+
+def model_problem(ref: str) -> str | None:
+    """Why ``ref`` cannot be loaded here, or None: a local folder needs a model config; a hub name that is not
+    a local folder must be in the Hugging Face cache when the hub is off (``HF_HUB_OFFLINE=1``)."""
+    from gplflow.adapters.models import TINY, ModelUnavailableError, resolve
+
+    if ref == TINY:
+        return None
+    try:
+        name = resolve(ref)
+    except ModelUnavailableError as err:
+        return str(err)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _folder_problem(path)
+    if name.count("/") > 1 or name.startswith(("/", ".", "~")):  # not a hub id (org/name) either
+        return f"{name}: no such model folder"
+    if offline() and not _cached(name):
+        return (f"{name!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 keeps "
+                "the hub off: pass a saved model folder, or download it once where the hub is reachable")
+    return None
+
+
+def _folder_problem(path: Path) -> str | None:
+    if not path.is_dir():
+        return f"{path}: is a file, expected a model folder"
+    found = [path / name for name in _CONFIG_FILES if (path / name).is_file()]
+    if not found:
+        return f"{path}: no {' or '.join(_CONFIG_FILES)} in this folder; it is not a saved model"
+    for file in found:
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"{file}: unreadable model config ({str(err).splitlines()[0]})"
+        if not isinstance(config, dict | list):
+            return f"{file}: not a model config (holds {type(config).__name__})"
+    return None
+
+
+def offline() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _cached(name: str) -> bool:
+    """Whether the Hugging Face cache holds a config of ``name`` (sentence-transformers' short names too)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repos = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
+    for repo in repos:
+        for file in _CONFIG_FILES:
+            try:
+                if isinstance(try_to_load_from_cache(repo, file), str):
+                    return True
+            except ValueError:  # not a valid repo id
+                return False
+    return False
+
+
+def _evaluation(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
+    """The qrels and queries files exist, are files, and parse (every judged query has a text)."""
+    from gplflow.adapters.beir_io import BeirFormatError, default_queries_path, load_eval_set
+
+    qrels = cfg.evaluate.qrels
+    if not qrels:
+        return
+    queries = cfg.evaluate.queries or default_queries_path(qrels)
+    missing = [(key, problem) for key, path, what in (("evaluate.qrels", qrels, "qrels TSV file"),
+                                                      ("evaluate.queries", queries, "queries.jsonl file"))
+               if (problem := _missing(path, what, folder_ok=False)) is not None]
+    if missing:
+        yield from missing
+        return
+    try:
+        load_eval_set(qrels, queries)
+    except (BeirFormatError, OSError) as err:
+        key = "evaluate.queries" if str(err).startswith(queries) else "evaluate.qrels"
+        yield key, str(err).splitlines()[0]
+
+
+def _missing(path: str, what: str, folder_ok: bool = True) -> str | None:
+    """Why ``path`` (local or fsspec URL) is not there as ``what``, or None."""
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        if not fs.exists(root):
+            return f"{path}: no such {what}"
+        if not folder_ok and fs.isdir(root):
+            return f"{path}: is a folder, expected a {what}"
+    except (OSError, ValueError, ImportError) as err:  # an unknown protocol, unreachable storage
+        return f"{path}: cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+def run_dir_problem(run_dir: str) -> str | None:
+    """Why a local run directory cannot be written (a file, or no write permission), or None.
+
+    A directory that does not exist yet must be creatable: its nearest existing parent is a writable folder.
+    Remote (fsspec URL) run directories are not checked here.
+    """
+    fs, root = fsspec.core.url_to_fs(str(run_dir))
+    if "file" not in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
+        return None
+    path = Path(root)
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        return f"run directory {run_dir}: {where}, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f"cannot be created: {existing} "
+        return f"run directory {run_dir}: {where}not writable (permission denied)"
+    return None
