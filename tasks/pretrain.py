@@ -30,7 +30,7 @@ class PretrainConfig(StageConfig):
     method: Literal["none", "tsdae", "mlm"] = "none"
     steps: int = Field(default=10_000, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    learning_rate: float = Field(default=3e-5, gt=0.0, allow_inf_nan=False)  # TSDAE paper: 3e-5, constant
+    learning_rate: float = Field(default=3e-5, ge=0.0, allow_inf_nan=False)  # TSDAE paper: 3e-5, constant; 0 freezes
     max_seq_length: int = Field(default=256, gt=0)
     seed: Seed = 42
     noise_ratio: float = Field(default=0.6, ge=0.0, lt=1.0)  # TSDAE: fraction of words deleted
@@ -71,7 +71,7 @@ def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, ba
     checkpoints = pretraining.checkpoint_dir(Path(store.root) if store.is_local else None, f"{STAGE}-{fp}")
     config = cfg.model_dump(mode="json")
     with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
-        report = pretraining.pretrain(_plan(cfg), base_model, _texts(corpus, cfg.method), checkpoints,
+        report = pretraining.pretrain(pretrain_plan(cfg), base_model, _texts(corpus, cfg.method), checkpoints,
                                       out.local_dir(), on_progress)
         for name, value in report.counters.items():
             out.count(name, value)
@@ -84,7 +84,7 @@ def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, ba
     return store.require(STAGE)
 
 
-def _plan(cfg: PretrainConfig) -> Any:
+def pretrain_plan(cfg: PretrainConfig) -> Any:
     from gplflow.adapters.pretraining import PretrainPlan
 
     log_every = cfg.log_every or max(1, cfg.steps // 100)

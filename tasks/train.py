@@ -30,7 +30,7 @@ class TrainConfig(StageConfig):
     steps: int = Field(default=140_000, gt=0)
     batch_size: int = Field(default=32, gt=0)
     max_seq_length: int = Field(default=350, gt=0)
-    learning_rate: float = Field(default=2e-5, gt=0.0, allow_inf_nan=False)
+    learning_rate: float = Field(default=2e-5, ge=0.0, allow_inf_nan=False)  # 0 freezes the weights (a test)
     warmup_steps: int = Field(default=1000, ge=0)  # clamped to `steps`
     checkpoint_every: int = Field(default=10_000, gt=0)
     seed: Seed = 42

@@ -134,7 +134,7 @@ def test_worker_starts_a_run_in_the_project_checkout(
     finally:
         worker.stop()
     assert state.is_failed(), f"{state.type}: {state.message}\n{worker.tail()}"
-    assert "configs/demo.yaml: 'train.steps': got 'not-a-number'" in state.message, worker.tail()
+    assert "--set train.steps=not-a-number: 'train.steps': got 'not-a-number'" in state.message, worker.tail()
     assert [w.name for w in workers] == ["test-gpu-0"]
 
 

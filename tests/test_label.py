@@ -248,8 +248,10 @@ def test_bad_inputs_fail_with_a_message_and_publish_nothing(tmp_path, tiny):
 def test_resolve_triples():
     assert resolve_triples(LabelConfig(), train_steps=100, train_batch_size=8) == 800
     assert resolve_triples(LabelConfig(triples=5), train_steps=100, train_batch_size=8) == 5
-    with pytest.raises(ValueError, match=r"label\.triples"):
-        resolve_triples(LabelConfig(triples=0), 1, 1)
+    with pytest.raises(ValueError, match=r"triples must be 'auto' or an integer >= 1, got 0"):
+        LabelConfig(triples=0)
+    with pytest.raises(ValueError, match=r"label\.triples"):  # auto with no training steps
+        resolve_triples(LabelConfig(), 0, 32)
 
 
 def test_bi_encoder_cos_sim_normalises_embeddings(tmp_path, tiny):
