@@ -1,4 +1,4 @@
-"""Dense encoding: texts -> a float32 numpy matrix, in length-sorted batches, under ``models.inference()``.
+"""Dense encoding: texts -> a float32 numpy matrix, in length-sorted batches, under ``models.inference``.
 
 Used by mine (corpus and queries) and evaluate. Sorting by length means a batch pads to its own longest
 text, not to the longest text of the whole set; the rows come back in the caller's order.
@@ -60,7 +60,7 @@ def encode(
         return emb.cpu().numpy()
 
     bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress or not len(texts))
-    with models.inference(), bar:
+    with models.inference(bf16=models.bf16_pays(model)), bar:
         for start in range(0, len(texts), batch_size):
             for idx, emb in halve_on_oom(embed, order[start : start + batch_size], what=setting):
                 out[idx] = emb

@@ -64,7 +64,7 @@ class QueryGenerator:
         forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(seed)
-            with models.inference(dev.type):
+            with models.inference(dev.type, bf16=models.bf16_pays(self.model, dev.type)):
                 out = self.model.generate(
                     input_ids=padded["input_ids"].to(dev),
                     attention_mask=padded["attention_mask"].to(dev),

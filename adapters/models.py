@@ -25,17 +25,21 @@ class ModelUnavailableError(RuntimeError):
     """A model reference that cannot be resolved to weights on this machine."""
 
 
+# Narrower models are not matmul-bound: bf16 only costs them accuracy (the 64-wide tiny models gained nothing).
+BF16_MIN_WIDTH = 256
+
+
 def device() -> str:
-    """CUDA when present, else CPU."""
+    """CUDA when present, else CPU; ``GPLFLOW_DEVICE=cpu`` keeps a CUDA host on the CPU."""
+    forced = os.environ.get("GPLFLOW_DEVICE", "").strip().lower()
+    if forced in ("cpu", "cuda"):
+        return forced if forced == "cpu" or torch.cuda.is_available() else "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def bf16_supported(dev: str | None = None) -> bool:
-    """bf16 autocast helps on GPUs and on CPUs with AVX512-BF16/AMX, for models wide enough to be matmul-bound.
-
-    Measured here (2 cores with AMX, benchmarks/README.md): MiniLM-L6 encodes ~2.6x faster and a MiniLM-sized
-    cross-encoder scores ~2.2x faster; the 64-wide tiny models gain nothing (and lose nothing).
-    """
+    """Whether the device computes in bf16 natively: GPUs, and CPUs with AVX512-BF16/AMX (``GPLFLOW_NO_BF16``
+    switches it off)."""
     dev = dev or device()
     if os.environ.get("GPLFLOW_NO_BF16"):
         return False
@@ -47,9 +51,39 @@ def bf16_supported(dev: str | None = None) -> bool:
         return False
 
 
+def width(model: torch.nn.Module) -> int:
+    """The hidden size of the first Hugging Face model inside ``model`` (0 when there is none)."""
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+        config = getattr(module, "config", None)
+        size = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+        if isinstance(size, int):
+            return size
+    return 0
+
+
+def bf16_pays(model: torch.nn.Module, dev: str | None = None) -> bool:
+    """bf16 for ``model`` on ``dev``: the device supports it and the model is wide enough to be matmul-bound.
+
+    Measured (benchmarks/README.md, 2 CPU cores with AMX): MiniLM-L6 encodes ~2.6x faster, a MiniLM-sized
+    cross-encoder scores ~2.2x faster; the 64-wide tiny models gained nothing, so they stay in fp32.
+    """
+    return bf16_supported(dev) and width(model) >= BF16_MIN_WIDTH
+
+
+def for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, with the weights in bf16 where that pays: half the memory, and no per-call weight casts."""
+    model.eval()
+    if bf16_pays(model):
+        model.to(torch.bfloat16)
+    return model
+
+
 @contextlib.contextmanager
 def inference(dev: str | None = None, bf16: bool | None = None) -> Iterator[None]:
-    """``torch.inference_mode`` plus bf16 autocast where it pays off."""
+    """``torch.inference_mode`` plus bf16 autocast (on by default where the device supports it).
+
+    Autocast stays on around bf16 weights: it keeps softmax, norms and reductions in fp32.
+    """
     dev = dev or device()
     use_bf16 = bf16_supported(dev) if bf16 is None else bf16
     with torch.inference_mode(), torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=use_bf16):
@@ -96,8 +130,13 @@ def _explain_offline(ref: str) -> Iterator[None]:
         ) from err
 
 
-def load_bi_encoder(ref: str, tiny_path: Path | None = None, max_seq_length: int | None = None):
-    """A SentenceTransformer; a plain Hugging Face encoder folder gets mean pooling added."""
+def load_bi_encoder(ref: str, tiny_path: Path | None = None, max_seq_length: int | None = None,
+                    inference: bool = False):
+    """A SentenceTransformer; a plain Hugging Face encoder folder gets mean pooling added.
+
+    ``inference=True`` (encoding, scoring, evaluation): bf16 weights where that pays (see ``for_inference``);
+    training keeps fp32 weights.
+    """
     from sentence_transformers import SentenceTransformer
 
     name = resolve(ref, tiny_path)
@@ -105,29 +144,30 @@ def load_bi_encoder(ref: str, tiny_path: Path | None = None, max_seq_length: int
         model = SentenceTransformer(name, device=device())
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    return model
+    return for_inference(model) if inference else model
 
 
 def load_cross_encoder(ref: str, tiny_path: Path | None = None, max_length: int | None = None):
-    """A CrossEncoder that returns raw logits (identity activation: margins need logits, not sigmoids)."""
+    """A CrossEncoder that returns raw logits (identity activation: margins need logits, not sigmoids),
+    ready for inference (bf16 weights where that pays)."""
     from sentence_transformers import CrossEncoder
 
     name = resolve(ref, tiny_path)
     with _explain_offline(ref):
         model = CrossEncoder(name, device=device(), max_length=max_length,
                              activation_fn=torch.nn.Identity())
-    return model
+    return for_inference(model)
 
 
 def load_seq2seq(ref: str, tiny_path: Path | None = None):
-    """A (tokenizer, model) pair for query generation, in eval mode on the chosen device."""
+    """A (tokenizer, model) pair for query generation, on the chosen device, ready for inference."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     name = resolve(ref, tiny_path)
     with _explain_offline(ref):
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSeq2SeqLM.from_pretrained(name)
-    return tokenizer, model.to(device()).eval()
+    return tokenizer, for_inference(model.to(device()))
 
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "num_layers")

@@ -329,11 +329,10 @@ def _checkpoint(folder: Path, state: _State, objective: Objective, optimizer, sc
 
 
 def _train_step(objective: Objective, examples: list, plan: PretrainPlan, step: int, optimizer, scheduler,
-                cache: dict[int, np.ndarray], dev: str) -> float:
+                cache: dict[int, np.ndarray], dev: str, bf16: bool) -> float:
     seed = step_seed(plan.seed, step)
     torch.manual_seed(seed)  # dropout
     rows = [examples[i] for i in _batch(len(examples), plan, step, cache)]
-    bf16 = dev == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=bf16):
         loss = objective.loss(rows, seed)
     loss.backward()
@@ -352,10 +351,11 @@ def fit(objective: Objective, examples: list, plan: PretrainPlan, checkpoints: P
     scheduler = constant_schedule(optimizer, min(plan.warmup_steps, plan.steps))
     state = _resume(checkpoints, objective, optimizer, scheduler, dev)
     objective.module.train()
+    bf16 = models.bf16_pays(objective.module, dev)  # autocast: the weights and the optimizer stay fp32
     cache: dict[int, np.ndarray] = {}
     with tqdm(total=plan.steps, initial=state.step, desc=f"pretrain ({plan.method})", unit="step") as bar:
         while state.step < plan.steps:
-            loss = _train_step(objective, examples, plan, state.step, optimizer, scheduler, cache, dev)
+            loss = _train_step(objective, examples, plan, state.step, optimizer, scheduler, cache, dev, bf16)
             state.window.append(loss)
             state.step += 1
             bar.update(1)

@@ -39,7 +39,7 @@ def load_scorer(
     if kind == "cross_encoder":
         return CrossEncoderScorer(models.load_cross_encoder(ref, max_length=max_seq_length), batch_size)
     if kind == "bi_encoder":
-        model = models.load_bi_encoder(ref, max_seq_length=max_seq_length)
+        model = models.load_bi_encoder(ref, max_seq_length=max_seq_length, inference=True)
         return BiEncoderScorer(model, batch_size, normalize)
     raise ValueError(f"unknown teacher {kind!r}; expected 'cross_encoder' or 'bi_encoder'")
 
@@ -68,7 +68,8 @@ class CrossEncoderScorer:
         lengths = _lengths(queries)[pair_q] + _lengths(passages)[pair_p]
         order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows up at once
         scores = np.empty(len(order), dtype=np.float32)
-        with models.inference(), tqdm(total=len(order), desc="scoring pairs", unit="pair") as bar:
+        with models.inference(bf16=models.bf16_pays(self.model)), \
+                tqdm(total=len(order), desc="scoring pairs", unit="pair") as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 for part, found in halve_on_oom(predict, idx, what="label.batch_size"):
@@ -110,7 +111,7 @@ class BiEncoderScorer:
 
         order = np.argsort(-_lengths(texts), kind="stable")
         out: np.ndarray | None = None
-        with models.inference(), tqdm(total=len(texts), desc=desc, unit="text") as bar:
+        with models.inference(bf16=models.bf16_pays(self.model)), tqdm(total=len(texts), desc=desc, unit="text") as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 for part, emb in halve_on_oom(embed, idx, what="label.batch_size"):

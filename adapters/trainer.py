@@ -33,6 +33,7 @@ from sentence_transformers.util import resolve_ids
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
+from gplflow.adapters import models
 from gplflow.adapters.tiny_models import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -211,9 +212,13 @@ def remove_checkpoints(folder: Path) -> None:
 # --- training ---------------------------------------------------------------------------------------------
 
 
-def training_args(plan: TrainPlan, output_dir: Path, dev: str) -> SentenceTransformerTrainingArguments:
-    """Trainer arguments: fixed steps, seeded order, checkpoints, no evaluation, no trackers, AMP on CUDA."""
-    bf16 = dev == "cuda" and torch.cuda.is_bf16_supported()
+def training_args(plan: TrainPlan, output_dir: Path, dev: str,
+                  bf16: bool = False) -> SentenceTransformerTrainingArguments:
+    """Trainer arguments: fixed steps, seeded order, checkpoints, no evaluation, no trackers.
+
+    ``bf16``: bf16 autocast (fp32 master weights), on GPUs and on CPUs with AMX alike; a GPU without bf16 gets
+    fp16 instead.
+    """
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
         max_steps=plan.steps,
@@ -230,7 +235,7 @@ def training_args(plan: TrainPlan, output_dir: Path, dev: str) -> SentenceTransf
         logging_steps=max(1, min(100, plan.steps // 100)),
         report_to="none",
         bf16=bf16,
-        fp16=dev == "cuda" and not bf16,
+        fp16=dev == "cuda" and not models.bf16_supported(dev),
         use_cpu=dev == "cpu",
         dataloader_num_workers=0,
     )
@@ -255,7 +260,7 @@ def fit(
         logger.info("resuming training from %s", resume)
     trainer = SentenceTransformerTrainer(
         model=offline_model_card(model),
-        args=training_args(plan, checkpoints, dev),
+        args=training_args(plan, checkpoints, dev, bf16=models.bf16_pays(model, dev)),
         train_dataset=dataset,
         loss=make_loss(plan.loss, model, plan.similarity),
         callbacks=list(callbacks),

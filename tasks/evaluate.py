@@ -164,7 +164,7 @@ def _counts(evalset: beir_io.EvalSet, doc_ids: list[str]) -> dict[str, int]:
 def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, evalset: beir_io.EvalSet, doc_ids: list[str],
                     passages: list[str]) -> tuple[dict[str, dict[str, float]], str]:
     """Per-query metrics of one model, and the similarity it was scored with."""
-    model = model_io.load_bi_encoder(_loadable(ref), max_seq_length=cfg.max_seq_length)
+    model = model_io.load_bi_encoder(_loadable(ref), max_seq_length=cfg.max_seq_length, inference=True)
     name = str(getattr(model, "similarity_fn_name", None) or "cosine")
     if name not in _SIMILARITY:
         raise ValueError(f"model {label} ({ref}): similarity {name!r} is not supported for retrieval; "

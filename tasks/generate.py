@@ -10,9 +10,10 @@ Determinism:
 - extractive: each passage draws from its own RNG seeded by (seed, hash of its doc id), so the rows depend
   neither on the shard size nor on the corpus order, and a passage keeps its queries when the corpus grows.
 - t5: within a shard, passages are sorted by (token length, doc id) and cut into batches; batch b of shard s
-  samples with a seed derived from (seed, s, b). Same seed + same shard size (+ same batch size, which is in
-  the fingerprint) give the same rows, whatever the corpus order inside a shard. The shard size is not in the
-  fingerprint: a run with another shard size draws other, equally valid, samples and reuses the artifact.
+  samples with a seed derived from (seed, s, b). Same seed + same shard size + same batch size (a number is in
+  the fingerprint; ``auto`` is a per-device size, and CPU and CUDA sample differently anyway) give the
+  same rows, whatever the corpus order inside a shard. The shard size is not in the fingerprint: a run with
+  another shard size draws other, equally valid, samples and reuses the artifact.
 - output order is always corpus order, then k.
 """
 
@@ -62,6 +63,10 @@ SPAN_WORDS = (6, 16)  # extractive: a span of 6-16 words when a passage has fewe
 MIN_SENTENCE_WORDS = 3  # extractive: shorter sentences ("Fig. 3.") are not used as queries …
 MIN_SENTENCE_CHARS = 15  # … unless long in characters (scripts written without spaces)
 _U64 = 2**64
+# Sampling is latency-bound (one decoder step per token for the whole batch), so the rate grows with the batch:
+# on 2 CPU cores (T5-base, bf16) 64 passages per call ran 1.4x the rate of 32; on an H200, 32 / 128 / 256 gave
+# 21 / 74 / 150 passages/s (benchmarks/README.md). A batch that does not fit is retried in halves.
+AUTO_BATCH = {"cpu": 64, "cuda": 256}
 SHARD_COUNTERS = ("duplicate_queries", "empty_passage", "empty_queries")  # counted per shard, then added up
 
 
@@ -70,7 +75,7 @@ class GenerateConfig(StageConfig):
     queries_per_passage: int | Literal["auto"] = "auto"
     target_queries: int = Field(default=250_000, gt=0)   # the paper's |corpus| x QPP budget for `auto`
     max_passages: int = Field(default=83_334, gt=0)      # above this, `auto` samples passages and uses QPP 3
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: int | Literal["auto"] = "auto"  # passages per generate call; auto: see AUTO_BATCH
     seed: Seed = 42
     top_k: int = Field(default=25, ge=0)  # 0: no top-k cut (transformers' meaning)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
@@ -78,6 +83,17 @@ class GenerateConfig(StageConfig):
     max_passage_length: int = Field(default=350, gt=0)  # passage tokens given to the generator (extractive: words)
     prefix: str = ""                  # an optional prompt prefix put before every passage
     remove_span: bool = False         # extractive: remove the chosen sentence from the passage (ICT)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {value}")
+        return value
+
+    def batch_for(self, device: str) -> int:
+        """Passages per ``generate`` call on ``device`` (``auto``: AUTO_BATCH)."""
+        return AUTO_BATCH[device] if self.batch_size == "auto" else int(self.batch_size)
 
     @field_validator("queries_per_passage")
     @classmethod
@@ -284,31 +300,43 @@ def _derived_seed(*parts: int) -> int:
 
 # --- t5 ---------------------------------------------------------------------------------------------------
 
-def _t5_maker(cfg: GenerateConfig, generator: str, qpp: int) -> QueryMaker:
+def load_t5(cfg: GenerateConfig, generator: str) -> QueryGenerator:
+    """The generator model with the stage's sampling settings (loaded once per process and stage)."""
     tokenizer, model = models.load_seq2seq(generator)
     params = SamplingParams(top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_query_length,
                             max_input_length=cfg.max_passage_length, prefix=cfg.prefix)
-    gen = QueryGenerator(tokenizer, model, params)
+    return QueryGenerator(tokenizer, model, params)
+
+
+def t5_queries(gen: QueryGenerator, cfg: GenerateConfig, qpp: int, shard: list[Passage], shard_no: int,
+               progress: Callable[[int], Any]) -> list[list[str] | None]:
+    """``qpp`` sampled queries per passage of one shard (None for a passage with no tokens)."""
+    encoded = gen.encode([f"{p.title} {p.text}" if p.title.strip() else p.text for p in shard])
+    found: list[list[str] | None] = [None] * len(shard)
+    # Length-sorted batches pay for little padding; ties broken by doc id, not by corpus position.
+    order = sorted((i for i, ids in enumerate(encoded) if ids is not None),
+                   key=lambda i: (len(encoded[i]), shard[i].doc_id))
+    progress(len(shard) - len(order))
+    size = cfg.batch_for(gen.model.device.type)
+    for batch_no, start in enumerate(range(0, len(order), size)):
+        members = order[start : start + size]
+        seed = _derived_seed(cfg.seed, shard_no, batch_no)
+
+        def sample(part: list[int], seed: int = seed) -> list[list[str]]:
+            return gen.generate([encoded[i] for i in part], qpp, seed)
+
+        for part, queries_of in halve_on_oom(sample, members, what="generate.batch_size"):
+            for i, queries in zip(part, queries_of, strict=True):
+                found[i] = queries
+        progress(len(members))
+    return found
+
+
+def _t5_maker(cfg: GenerateConfig, generator: str, qpp: int) -> QueryMaker:
+    gen = load_t5(cfg, generator)
 
     def make(shard: list[Passage], shard_no: int, progress: Callable[[int], Any]) -> list[list[str] | None]:
-        encoded = gen.encode([f"{p.title} {p.text}" if p.title.strip() else p.text for p in shard])
-        found: list[list[str] | None] = [None] * len(shard)
-        # Length-sorted batches pay for little padding; ties broken by doc id, not by corpus position.
-        order = sorted((i for i, ids in enumerate(encoded) if ids is not None),
-                       key=lambda i: (len(encoded[i]), shard[i].doc_id))
-        progress(len(shard) - len(order))
-        for batch_no, start in enumerate(range(0, len(order), cfg.batch_size)):
-            members = order[start : start + cfg.batch_size]
-            seed = _derived_seed(cfg.seed, shard_no, batch_no)
-
-            def sample(part: list[int], seed: int = seed) -> list[list[str]]:
-                return gen.generate([encoded[i] for i in part], qpp, seed)
-
-            for part, queries_of in halve_on_oom(sample, members, what="generate.batch_size"):
-                for i, queries in zip(part, queries_of, strict=True):
-                    found[i] = queries
-            progress(len(members))
-        return found
+        return t5_queries(gen, cfg, qpp, shard, shard_no, progress)
 
     return make
 

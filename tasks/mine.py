@@ -217,7 +217,8 @@ class MineJob(ShardJob):
         """The retriever ``ref``, kept loaded while consecutive shards use it."""
         if self._model is None or self._model[0] != ref:
             self._drop_model()
-            self._model = (ref, models.load_bi_encoder(ref, max_seq_length=self.cfg.max_seq_length))
+            self._model = (ref, models.load_bi_encoder(ref, max_seq_length=self.cfg.max_seq_length,
+                                                            inference=True))
         return self._model[1]
 
     def _drop_model(self) -> None:
