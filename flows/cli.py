@@ -27,6 +27,8 @@ err_console = Console(stderr=True)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value.")]
+PlanOption = Annotated[bool, typer.Option("--plan", help="Print what the config will do and each stage's estimated "
+                                          "time on this device (a few seconds of calibration); run nothing.")]
 RunDirOption = Annotated[str | None, typer.Option("--run-dir", help="Where the stage artifacts go "
                                                   "(default runs/<name>); a local path or an fsspec URL.")]
 
@@ -102,20 +104,21 @@ def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
     overrides: SetOption = None,
     run_dir: RunDirOption = None,
+    plan: PlanOption = False,
 ) -> None:
     """Run the GPL (or GenQ, with train.loss=mnrl / flow=genq) pipeline described by CONFIG."""
     with user_errors():
-        _run(config, overrides or [], run_dir)
+        _run(config, overrides or [], run_dir, plan)
 
 
 @app.command()
-def demo(run_dir: RunDirOption = None, overrides: SetOption = None) -> None:
+def demo(run_dir: RunDirOption = None, overrides: SetOption = None, plan: PlanOption = False) -> None:
     """Run configs/demo.yaml: the whole GPL pipeline on the bundled demo corpus, offline, in a few minutes."""
     with user_errors():
-        _run(PROJECT_ROOT / "configs" / "demo.yaml", overrides or [], run_dir)
+        _run(PROJECT_ROOT / "configs" / "demo.yaml", overrides or [], run_dir, plan)
 
 
-def _run(config: Path, overrides: list[str], run_dir: str | None) -> None:
+def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = False) -> None:
     from gplflow.adapters.runlock import check_free
     from gplflow.flows.config import PipelineConfig, default_run_dir
     from gplflow.flows.validate import validate_run
@@ -123,12 +126,32 @@ def _run(config: Path, overrides: list[str], run_dir: str | None) -> None:
     cfg = PipelineConfig.load(config, overrides)  # fail fast, before Prefect starts
     run_dir = run_dir or default_run_dir(cfg)
     validate_run(cfg, run_dir, config, overrides)  # models, qrels, run directory: before hours of compute
+    if plan:
+        print_plan(cfg, run_dir)
+        return
     check_free(run_dir)  # likewise a run directory another run holds (the flow takes the lock itself)
     from gplflow.flows.pipeline import genq_pipeline, gpl_pipeline
 
     pipeline = genq_pipeline if cfg.flow == "genq" else gpl_pipeline  # the name the Prefect UI lists it under
     summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
     print_summary(cfg, summary)
+
+
+def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
+    """The stages, their work and their estimated time on this device; nothing is run or written."""
+    from gplflow.flows.plan import duration, make_plan
+
+    console.print(f"calibrating each stage on this device for a few seconds (models of '{cfg.name}')…")
+    found = make_plan(cfg, run_dir)
+    table = Table(title=f"plan for '{cfg.name}' on {found.device}: {found.passages} passages")
+    for column in ("stage", "work", "rate", "estimated time"):
+        table.add_column(column, justify="right" if column in ("rate", "estimated time") else "left")
+    for stage in found.stages:
+        rate = f"{stage.rate:.3g} {stage.unit}/s" if stage.rate else (stage.note or "?")
+        table.add_row(stage.stage, stage.detail, rate, duration(stage.seconds))
+    table.add_row("total", "", "", duration(found.seconds))
+    console.print(table)
+    console.print("Estimates assume nothing is reused from an earlier run; model loading is not included.")
 
 
 def _ref(ref: str, path: str) -> str:

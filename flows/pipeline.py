@@ -39,6 +39,13 @@ def _call(stage_task: Any, stage: str, fp: str, **params: Any) -> str:
 @task(name="prepare models", task_run_name="prepare models", persist_result=False)
 def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     """Resolve every model slot; ``tiny`` slots get tiny models built offline from the corpus (cached)."""
+    resolved = resolve_models(cfg, ArtifactStore(run_dir))
+    get_run_logger().info("models: %s", resolved)
+    return resolved
+
+
+def resolve_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, Any]:
+    """Each model slot as a loadable reference; ``tiny`` ones are built from the corpus in ``store`` (cached)."""
     slots = {
         "generator": cfg.models.generator,
         "cross_encoder": cfg.models.cross_encoder,
@@ -50,7 +57,7 @@ def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     retrievers = [(r.name, r.score) for r in cfg.models.retrievers]
     tiny = None
     if TINY in slots.values() or any(name == TINY for name, _ in retrievers):
-        corpus = ArtifactStore(run_dir).require(ingest.STAGE)
+        corpus = store.require(ingest.STAGE)
         texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
         tiny = build_tiny_models(texts, default_cache_dir(), seed=cfg.models.tiny_seed)
     paths = {"generator": "generator", "cross_encoder": "cross_encoder", "base": "bi_encoder",
@@ -59,7 +66,6 @@ def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
     resolved["retrievers"] = [(str(tiny.bi_encoder) if n == TINY else _packaged(n), s) for n, s in retrievers]
     if cfg.models.base_layers:
         resolved["base"] = str(truncated_copy(resolved["base"], cfg.models.base_layers, default_cache_dir()))
-    get_run_logger().info("models: %s", resolved)
     return resolved
 
 

@@ -1,0 +1,267 @@
+"""``gplflow run --plan``: what a config will do, and how long each stage should take on this device.
+
+Counts come from the config and the corpus (ingested into a temporary folder unless the run directory already
+holds it). Rates come from a few seconds of calibration per stage: each configured model is loaded and runs
+the stage's own compute path (``tasks.generate.t5_queries``, ``adapters.encoding.encode``, the label scorer,
+the trainer) on a small batch of the corpus, after one warm-up call. Nothing is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.flows.config import PipelineConfig
+from gplflow.tasks import generate, ingest, label
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_TEXTS = 128  # texts encoded or pairs scored to measure a rate
+CALIBRATION_STEPS = 3  # training steps; the first one (setup) is not counted
+CALIBRATION_PASSAGES = 16  # passages given to the generator (at most one batch)
+
+
+@dataclass
+class StagePlan:
+    """One stage: how much work, in which unit, and the calibrated rate (None when it could not be measured)."""
+
+    stage: str
+    work: float
+    unit: str
+    detail: str
+    rate: float | None = None
+    note: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        return self.work / self.rate if self.rate else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    passages: int
+    stages: list[StagePlan]
+
+    @property
+    def seconds(self) -> float | None:
+        found = [s.seconds for s in self.stages]
+        return None if any(s is None for s in found) else sum(found)  # type: ignore[misc]
+
+
+def make_plan(cfg: PipelineConfig, run_dir: str, calibrate: bool = True) -> Plan:
+    """The stages ``cfg`` runs, with their work and (when ``calibrate``) the estimated time on this device."""
+    from gplflow.adapters import models
+
+    if cfg.corpus is None:
+        raise ValueError("--plan needs corpus.path (a plan for an import.gpl_dir run is not supported)")
+    with tempfile.TemporaryDirectory(prefix="gplflow-plan-") as scratch:
+        corpus = _corpus(cfg.corpus, run_dir, Path(scratch))
+        stages = _stages(cfg, corpus)
+        if calibrate:
+            _calibrate(cfg, corpus, stages)
+    return Plan(models.device(), corpus.rows, stages)
+
+
+def _corpus(cfg: ingest.IngestConfig, run_dir: str, scratch: Path) -> Artifact:
+    """The run directory's corpus when it matches the config, else one ingested into ``scratch``."""
+    found = ArtifactStore(run_dir).load(ingest.STAGE, expect_fingerprint=ingest.ingest_fingerprint(cfg))
+    return found or ingest.run_ingest(cfg, ArtifactStore(str(scratch)))
+
+
+def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
+    n = corpus.rows
+    qpp, sample = generate.queries_per_passage(cfg.generate, n)
+    used = sample or n
+    queries = used * qpp
+    sampled = f" (a seeded sample of {used} of {n})" if sample else ""
+    out = [StagePlan("generate", used, "passages", f"{used} passages{sampled} x {qpp} = {queries} queries "
+                     f"({cfg.generate.method})")]
+    if cfg.pretrain.method != "none":
+        out.append(StagePlan("pretrain", cfg.pretrain.steps, "steps", f"{cfg.pretrain.method}, {cfg.pretrain.steps} "
+                             f"steps of batch {cfg.pretrain.batch_size}"))
+    if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
+        dense = len(cfg.models.retrievers)
+        miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
+        out.append(StagePlan("mine", dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages "
+                             f"+ {queries} queries), {cfg.mine.negatives_per_query} negatives from "
+                             f"{', '.join(miners)}"))
+        triples = label.resolve_triples(cfg.label, cfg.train.steps, cfg.train.batch_size)
+        pairs = triples + min(triples, queries)  # each triple's negative pair; a query's positive pair once
+        detail = f"{triples} triples, about {pairs} distinct pairs for the {cfg.label.teacher} teacher"
+        if cfg.label.teacher == "cross_encoder":
+            out.append(StagePlan("label", pairs, "pairs", detail))
+        else:  # each distinct text is encoded once: at most the queries with triples and every passage
+            texts = min(triples, queries) + n
+            out.append(StagePlan("label", texts, "texts", f"{detail}: at most {texts} texts encoded"))
+    examples = cfg.train.steps * cfg.train.batch_size
+    out.append(StagePlan("train", cfg.train.steps, "steps", f"{cfg.train.loss}, {cfg.train.steps} steps of batch "
+                         f"{cfg.train.batch_size} ({examples} examples)"))
+    if cfg.evaluate.qrels:
+        compared = 3 if cfg.pretrain.method != "none" else 2
+        out.append(StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the "
+                             "judged queries)"))
+    return out
+
+
+def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -> None:
+    """Measure each stage's rate; a model that cannot be loaded here leaves its stage without an estimate."""
+    from gplflow.flows.pipeline import resolve_models
+
+    try:
+        resolved = resolve_models(cfg, corpus.store)
+    except Exception as err:  # no model, no estimate: said in the table
+        for stage in stages:
+            stage.note = f"not calibrated: {_first_line(err)}"
+        return
+    passages = _passage_sample(corpus, max(CALIBRATION_TEXTS, CALIBRATION_STEPS * 3 * cfg.train.batch_size))
+    measure: dict[str, Callable[[], float]] = {
+        "generate": lambda: _generate_rate(cfg, resolved, passages),
+        "pretrain": lambda: _pretrain_rate(cfg, resolved, passages),
+        "mine": lambda: _mine_rate(cfg, resolved, passages),
+        "label": lambda: _label_rate(cfg, resolved, passages),
+        "train": lambda: _train_rate(cfg, resolved, passages),
+        "evaluate": lambda: _encode_rate(resolved["base"], passages, cfg.evaluate.max_seq_length,
+                                         cfg.evaluate.batch_size),
+    }
+    for stage in stages:
+        try:
+            stage.rate = measure[stage.stage]()
+        except Exception as err:  # the stage keeps its counts; the note says why
+            logger.debug("calibrating %s failed", stage.stage, exc_info=True)
+            stage.note = f"not calibrated: {_first_line(err)}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]
+
+
+def _passage_sample(corpus: Artifact, n: int) -> list[str]:
+    from gplflow.adapters.encoding import passage_text
+
+    table = corpus.read_table(["title", "text"]).slice(0, n)
+    texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist(), strict=True)]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def _pseudo_query(passage: str) -> str:
+    return " ".join(passage.split()[:12])
+
+
+def _clock(fn: Callable[[], Any]) -> float:
+    """Seconds of the second of two calls: the first pays for one-off work (kernels chosen per shape, caches)."""
+    fn()
+    started = time.perf_counter()
+    fn()
+    return max(time.perf_counter() - started, 1e-9)
+
+
+def _generate_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    import numpy as np
+
+    g = cfg.generate
+    if g.method == "extractive":
+        rng = np.random.default_rng(0)
+        return len(passages) / _clock(lambda: [generate.extractive_queries(p, 3, rng, g.max_passage_length)
+                                               for p in passages])
+    gen = generate.load_t5(g, resolved["generator"])
+    size = min(g.batch_for(gen.model.device.type), CALIBRATION_PASSAGES)
+    shard = [generate.Passage(i, f"d{i}", "", p) for i, p in enumerate(passages[:size])]
+    qpp = 3 if g.queries_per_passage == "auto" else g.queries_per_passage
+    return len(shard) / _clock(lambda: generate.t5_queries(gen, g, qpp, shard, 0, lambda _n: None))
+
+
+def _encode_rate(ref: str, texts: list[str], max_seq_length: int, batch_size: int) -> float:
+    from gplflow.adapters import encoding, models
+
+    model = models.load_bi_encoder(ref, max_seq_length=max_seq_length, inference=True)
+    texts = texts[:CALIBRATION_TEXTS]
+    return len(texts) / _clock(lambda: encoding.encode(model, texts, batch_size=batch_size, show_progress=False))
+
+
+def _mine_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Texts per second over all dense retrievers (the stage encodes the same texts with each)."""
+    seconds_per_text = sum(1 / _encode_rate(ref, passages, cfg.mine.max_seq_length, cfg.mine.batch_size)
+                           for ref, _score in resolved["retrievers"]) / max(1, len(resolved["retrievers"]))
+    return 1 / seconds_per_text
+
+
+def _label_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    import numpy as np
+
+    from gplflow.adapters.scoring import load_scorer
+
+    teacher = resolved["cross_encoder"] if cfg.label.teacher == "cross_encoder" else resolved["bi_encoder_teacher"]
+    scorer = load_scorer(cfg.label.teacher, teacher, max_seq_length=cfg.label.max_seq_length,
+                         batch_size=cfg.label.batch_size, normalize=cfg.label.bi_encoder_score == "cos_sim")
+    n = CALIBRATION_TEXTS
+    texts = passages[:n]
+    queries = [_pseudo_query(p) for p in texts]
+    pair_q, pair_p = np.arange(n), np.roll(np.arange(n), 1)
+    # a bi-encoder teacher encodes each distinct text once: its work is counted in texts (n queries + n passages)
+    work = n if cfg.label.teacher == "cross_encoder" else 2 * n
+    return work / _clock(lambda: scorer.score(queries, texts, pair_q, pair_p))
+
+
+def _train_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Steps per second of the trainer on corpus passages (steps after the first)."""
+    import pyarrow as pa
+    from transformers import TrainerCallback
+
+    from gplflow.adapters import models, trainer
+
+    b = cfg.train.batch_size
+    n = CALIBRATION_STEPS * b
+    docs = pa.table({"doc_id": [f"d{i}" for i in range(n)], "title": [""] * n, "text": passages[:n]})
+    queries = pa.table({"query_id": [f"q{i}" for i in range(n)], "doc_id": docs["doc_id"],
+                        "text": [_pseudo_query(p) for p in passages[:n]]})
+    lookup = trainer.passage_texts(docs)
+    if cfg.train.loss == "mnrl":
+        dataset = trainer.pairs_dataset(queries, lookup)
+    else:
+        triples = pa.table({"query_id": queries["query_id"], "pos_doc_id": docs["doc_id"],
+                            "neg_doc_id": [f"d{(i + 1) % n}" for i in range(n)], "margin": [0.0] * n})
+        dataset = trainer.margin_mse_dataset(triples, trainer.query_texts(queries), lookup)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    plan = trainer.TrainPlan(loss=cfg.train.loss, steps=CALIBRATION_STEPS, batch_size=b,
+                             learning_rate=cfg.train.learning_rate, warmup_steps=0, checkpoint_every=10**9,
+                             seed=cfg.train.seed, similarity=cfg.train.similarity)
+    model = models.load_bi_encoder(resolved["base"], max_seq_length=cfg.train.max_seq_length)
+    with tempfile.TemporaryDirectory(prefix="gplflow-plan-train-") as out:
+        trainer.fit(model, dataset, plan, Path(out), models.device(), [Clock()])
+    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
+def _pretrain_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    from gplflow.adapters import pretraining
+    from gplflow.tasks.pretrain import pretrain_plan
+
+    stamps: list[float] = []
+    plan = pretrain_plan(cfg.pretrain.model_copy(update={"steps": CALIBRATION_STEPS, "log_every": 1,
+                                                 "checkpoint_every": 10**9, "warmup_steps": 0}))
+    with tempfile.TemporaryDirectory(prefix="gplflow-plan-pretrain-") as out:
+        pretraining.pretrain(plan, resolved["base"], passages, Path(out) / "ckpt", Path(out) / "model",
+                             on_progress=lambda _step, _total, _loss: stamps.append(time.perf_counter()))
+    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
+def duration(seconds: float | None) -> str:
+    """``42 s``, ``12.5 min``, ``17.3 h`` (``?`` when unknown)."""
+    if seconds is None or math.isnan(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"

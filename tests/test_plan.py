@@ -1,0 +1,88 @@
+"""``gplflow run --plan``: the counts a config implies, a calibrated rate per stage, and nothing run or written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gplflow.flows.cli import app
+from gplflow.flows.config import PipelineConfig
+from gplflow.flows.plan import duration, make_plan
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+N_DOCS = 24
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("plan")
+    lines = (DEMO / "corpus.jsonl").read_text().splitlines()[:N_DOCS]
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {
+        "name": "plan-test",
+        "profile": "tiny",
+        "corpus": {"path": "corpus.jsonl"},
+        "generate": {"queries_per_passage": 3, "batch_size": 4},
+        "mine": {"negatives_per_query": 4, "batch_size": 16},
+        "label": {"triples": 40},
+        "train": {"steps": 7, "batch_size": 4, "max_seq_length": 64},
+    }
+    path = root / "plan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_plan_counts_follow_the_config_and_every_stage_gets_a_rate(config_file, tmp_path):
+    cfg = PipelineConfig.load(config_file)
+    plan = make_plan(cfg, str(tmp_path / "run"))
+    stages = {s.stage: s for s in plan.stages}
+    assert plan.passages == N_DOCS
+    assert list(stages) == ["generate", "mine", "label", "train"]  # no pretrain, no qrels: no evaluate
+    assert stages["generate"].work == N_DOCS and f"= {N_DOCS * 3} queries" in stages["generate"].detail
+    assert stages["mine"].work == N_DOCS + N_DOCS * 3  # one retriever: passages + queries
+    # 40 triples over 72 queries: 40 negative pairs + at most 40 positive pairs
+    assert stages["label"].work == 80 and "40 triples" in stages["label"].detail
+    assert stages["train"].work == 7 and stages["train"].unit == "steps"
+    for stage in plan.stages:
+        assert stage.rate is not None and stage.rate > 0, (stage.stage, stage.note)
+        assert stage.seconds == pytest.approx(stage.work / stage.rate)
+    assert plan.seconds == pytest.approx(sum(s.seconds for s in plan.stages))
+    assert not (tmp_path / "run").exists()  # a plan writes nothing into the run directory
+
+
+def test_a_model_that_cannot_load_leaves_its_stage_without_an_estimate(config_file, tmp_path):
+    missing = tmp_path / "no-such-model"
+    cfg = PipelineConfig.load(config_file, [f"models.cross_encoder={missing}"])
+    stages = {s.stage: s for s in make_plan(cfg, str(tmp_path / "run")).stages}
+    assert stages["label"].rate is None and "not calibrated" in stages["label"].note
+    assert str(missing) in stages["label"].note
+    assert stages["train"].rate is not None  # the other stages still calibrate
+    assert duration(stages["label"].seconds) == "?"
+
+
+def test_cli_plan_prints_the_table_and_runs_nothing(config_file, tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(config_file), "--plan", "--run-dir", str(run_dir),
+                                      "--set", "train.steps=5"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0, result.output
+    for words in ("plan for 'plan-test'", "generate", "mine", "label", "train", "total", "5 steps of batch 4"):
+        assert words in result.output
+    assert not run_dir.exists()
+
+
+def test_gpl_paper_config_counts(tmp_path):
+    """The paper's recipe: 140k steps x 32 = 4.48M triples; QPP 3 above 83,334 passages (counted, not run)."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"passage {i} about bees"}) + "\n"
+                              for i in range(10)))
+    cfg = PipelineConfig.from_dict({"corpus": {"path": str(corpus)}})
+    plan = make_plan(cfg, str(tmp_path / "run"), calibrate=False)
+    stages = {s.stage: s for s in plan.stages}
+    assert stages["train"].work == 140_000
+    assert "4480000 triples" in stages["label"].detail
+    assert stages["generate"].detail.startswith("10 passages x 25000 = 250000 queries")
+    assert plan.seconds is None and duration(None) == "?"
