@@ -1,0 +1,602 @@
+"""Every compute stage, gplflow's own path against the reference pattern, side by side in one process.
+
+For each stage the two variants get identical inputs, run interleaved (the order alternates each round), and
+each loads its own model inside the measurement (load seconds are reported apart):
+
+- generate: ``tasks.generate.t5_queries`` (length-sorted batches, bf16 weights where they pay) against fp32,
+  corpus order, 32 passages per ``generate`` call, ``max_length=64``;
+- mine: ``adapters.encoding.encode`` + ``VectorIndex`` (FAISS) against ``model.encode`` in fp32, batch 128, to
+  tensors, and an exact ``topk`` of the full score matrix;
+- label: each distinct pair scored once (``adapters.scoring``) against ``predict`` on both pairs of every
+  triple, per batch of 32 triples, fp32;
+- train: ``adapters.trainer.fit`` (MarginMSE, bf16 autocast where it pays) against the sentence-transformers
+  Trainer in fp32 on the same rows, batch 32, 350 tokens;
+- pretrain: ``adapters.pretraining.pretrain`` (MLM, bf16 autocast where it pays) against the same objective in
+  a plain fp32 loop.
+
+Rates: passages/s (generate), texts/s encoded and searched (mine), triples/s and scored pairs/s (label),
+steps/s (train, pretrain; the first step is setup and is not counted). "ratio" is gplflow's rate over the
+reference's (>1 = faster). Peak memory is the RSS high-water mark above the level before the variant loaded its
+model (CPU), or CUDA's max allocated (GPU); "mem ratio" is gplflow's over the reference's. The last table
+extrapolates the paper's recipe (83,334 passages x QPP 3 = 250k queries, two miners, 140k steps x 32 triples)
+from the measured rates.
+
+    .venv/bin/python benchmarks/stages.py --scale tiny            # a quick look, ~2 min on 2 CPU cores
+    .venv/bin/python benchmarks/stages.py --scale paper           # the paper's model shapes, ~15 min on 2 cores
+    .venv/bin/python benchmarks/stages.py --scale paper --device cuda --work 8   # on a GPU: 8x the CPU work
+
+Outputs are checked, not only timed: generated queries per passage, overlap of the mined top-k lists, the
+largest score difference against the fp32 reference (as a share of the reference scores' span), and the loss
+both trainers reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import standins
+
+from gplflow.adapters import encoding, models, scoring
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "demo" / "corpus.jsonl"
+QPP, NEGATIVES, TOP_K, TOP_P, MAX_QUERY, MAX_SEQ, BATCH = 3, 50, 25, 0.95, 64, 350, 32
+PAPER = {"passages": 83_334, "queries": 250_000, "miners": 2, "steps": 140_000, "triples": 140_000 * 32}
+# work per variant and round, on CPU; --work multiplies it (a GPU takes --work 8 or more)
+WORK = {
+    "tiny": {"generate": 337, "mine_passages": 337, "mine_queries": 1011, "label": 1600, "train": 30,
+             "pretrain": 30},
+    "paper": {"generate": 32, "mine_passages": 337, "mine_queries": 1011, "label": 360, "train": 4,
+              "pretrain": 4},
+}
+TRIPLES_PER_QUERY = PAPER["triples"] / PAPER["queries"]  # 17.9: how often a positive pair recurs in the paper
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inputs:
+    titles: list[str]
+    texts: list[str]
+    passages: list[str]  # title + " " + text
+    queries: list[str]  # pseudo-queries: a sentence of each passage, QPP per passage
+    query_doc: np.ndarray  # the passage each query came from
+
+
+def load_inputs(n_passages: int) -> Inputs:
+    """The demo corpus, repeated (with a marker, so texts stay distinct) until there are ``n_passages``."""
+    rows = [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    titles, texts = [], []
+    for i in range(max(n_passages, len(rows))):
+        row = rows[i % len(rows)]
+        suffix = f" ({i // len(rows)})" if i >= len(rows) else ""
+        titles.append(row.get("title") or "")
+        texts.append(row["text"] + suffix)
+    passages = [encoding.passage_text(t, x) for t, x in zip(titles, texts, strict=True)]
+    queries, query_doc = [], []
+    for d, text in enumerate(texts):
+        sentences = [s for s in text.split(". ") if len(s.split()) >= 3] or [text]
+        for k in range(QPP):
+            queries.append(" ".join(sentences[k % len(sentences)].split()[:16]))
+            query_doc.append(d)
+    return Inputs(titles, texts, passages, queries, np.array(query_doc))
+
+
+def draw_triples(inputs: Inputs, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n (query, positive, negative) index triples, TRIPLES_PER_QUERY per query as in the paper's recipe."""
+    rng = np.random.default_rng(seed)
+    n_queries = max(1, min(len(inputs.queries), round(n / TRIPLES_PER_QUERY)))
+    q = np.sort(rng.choice(len(inputs.queries), size=n_queries, replace=False))[np.arange(n) % n_queries]
+    pos = inputs.query_doc[q]
+    neg = rng.integers(0, len(inputs.passages) - 1, size=n)
+    neg = neg + (neg >= pos)  # never the positive
+    return q, pos, neg
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """RSS high-water mark above the starting level (CPU, sampled every 5 ms) or CUDA max allocated."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        _release()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = _rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss() - self.start)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss() - self.start)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError):  # give freed heap back to the OS: the next variant starts from the floor
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Run:
+    """One variant's measurement in one round."""
+
+    load_s: float
+    run_s: float
+    peak: int
+    work: float  # units of work done in run_s (passages, texts, triples, steps)
+    output: Any = None
+
+
+@dataclass
+class Variant:
+    load: Callable[[], Any]
+    run: Callable[[Any], tuple[float, float, Any]]  # model -> (seconds, work, output); its own timing
+
+
+@dataclass
+class StageResult:
+    name: str
+    unit: str
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    check: str = ""
+    extra: str = ""
+
+    def rate(self, variant: str) -> float:
+        return statistics.median(r.work / r.run_s for r in self.runs[variant])
+
+    def load(self, variant: str) -> float:
+        return statistics.median(r.load_s for r in self.runs[variant])
+
+    def peak(self, variant: str) -> int:
+        return max(r.peak for r in self.runs[variant])
+
+
+def measure(name: str, unit: str, variants: dict[str, Variant], rounds: int, device: str) -> StageResult:
+    """Interleave the variants for ``rounds`` rounds (order alternating), each loading its own model."""
+    result = StageResult(name, unit, {v: [] for v in variants})
+    for round_ in range(rounds):
+        order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+        for label in order:
+            variant = variants[label]
+            with PeakMemory(device) as mem:
+                started = time.perf_counter()
+                model = variant.load()
+                _sync(device)
+                load_s = time.perf_counter() - started
+                run_s, work, output = variant.run(model)
+                del model
+            result.runs[label].append(Run(load_s, run_s, mem.peak, work, output))
+            print(f"  {name:<9} round {round_ + 1}/{rounds} {label:<9} load {load_s:6.2f} s  run {run_s:7.2f} s  "
+                  f"{work / run_s:10.2f} {unit}  peak {mem.peak / 2**20:8.0f} MiB", flush=True)
+    return result
+
+
+def timed(device: str, fn: Callable[[], Any]) -> tuple[float, Any]:
+    _sync(device)
+    started = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - started, out
+
+
+# --- generate ---------------------------------------------------------------------------------------------
+
+
+def bench_generate(m: standins.StandIns, inputs: Inputs, n: int, rounds: int, device: str) -> StageResult:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from gplflow.tasks import generate
+
+    passages = [generate.Passage(i, f"d{i}", inputs.titles[i], inputs.texts[i]) for i in range(n)]
+    cfg = generate.GenerateConfig(queries_per_passage=QPP)
+
+    def reference(loaded: Any) -> tuple[float, float, Any]:
+        tokenizer, model = loaded
+        texts = [inputs.passages[i] for i in range(n)]
+
+        def go() -> list[str]:
+            out: list[str] = []
+            for start in range(0, n, BATCH):
+                enc = tokenizer(texts[start : start + BATCH], truncation=True, max_length=MAX_SEQ, padding=True,
+                                return_tensors="pt").to(device)
+                with torch.no_grad():
+                    ids = model.generate(**enc, do_sample=True, top_k=TOP_K, top_p=TOP_P, max_length=MAX_QUERY,
+                                         num_return_sequences=QPP)
+                out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+            return out
+
+        secs, out = timed(device, go)
+        return secs, n, len(out) / n
+
+    def load_reference() -> Any:
+        tokenizer = AutoTokenizer.from_pretrained(m.generator)
+        return tokenizer, AutoModelForSeq2SeqLM.from_pretrained(m.generator).to(device).eval()
+
+    def project(gen: Any) -> tuple[float, float, Any]:
+        secs, found = timed(device, lambda: generate.t5_queries(gen, cfg, QPP, passages, 0, lambda _n: None))
+        return secs, n, sum(len(q or []) for q in found) / n
+
+    result = measure("generate", "passages/s", {
+        "reference": Variant(load_reference, reference),
+        "gplflow": Variant(lambda: generate.load_t5(cfg, m.generator), project),
+    }, rounds, device)
+    per = {v: result.runs[v][-1].output for v in result.runs}
+    result.check = f"queries per passage: gplflow {per['gplflow']:.2f}, reference {per['reference']:.2f}"
+    return result
+
+
+# --- mine -------------------------------------------------------------------------------------------------
+
+
+def bench_mine(m: standins.StandIns, inputs: Inputs, n_passages: int, n_queries: int, rounds: int,
+               device: str) -> StageResult:
+    from sentence_transformers import SentenceTransformer, util
+
+    from gplflow.adapters.vector_index import VectorIndex
+
+    corpus, queries = inputs.passages[:n_passages], inputs.queries[:n_queries]
+    k = min(NEGATIVES + 1, n_passages)
+
+    def reference(model: Any) -> tuple[float, float, Any]:
+        def go() -> np.ndarray:
+            c = model.encode(corpus, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
+            q = model.encode(queries, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
+            return torch.topk(util.cos_sim(q, c), k, dim=1).indices.cpu().numpy()
+
+        secs, top = timed(device, go)
+        return secs, len(corpus) + len(queries), top
+
+    def project(model: Any) -> tuple[float, float, Any]:
+        def go() -> np.ndarray:
+            c = encoding.encode(model, corpus, role="document", normalize=True, show_progress=False)
+            q = encoding.encode(model, queries, role="query", normalize=True, show_progress=False)
+            return VectorIndex(c, score="cos_sim", kind="auto", copy=False).search(q, k)[1]
+
+        secs, top = timed(device, go)
+        return secs, len(corpus) + len(queries), top
+
+    result = measure("mine", "texts/s", {
+        "reference": Variant(lambda: SentenceTransformer(m.retriever, device=device), reference),
+        "gplflow": Variant(lambda: models.load_bi_encoder(m.retriever, max_seq_length=MAX_SEQ, inference=True),
+                           project),
+    }, rounds, device)
+    a, b = result.runs["gplflow"][-1].output, result.runs["reference"][-1].output
+    overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)])
+    result.check = f"top-{k} overlap with the fp32 reference: {overlap:.4f}"
+    return result
+
+
+# --- label ------------------------------------------------------------------------------------------------
+
+
+def bench_label(m: standins.StandIns, inputs: Inputs, n: int, rounds: int, device: str) -> StageResult:
+    from sentence_transformers import CrossEncoder
+
+    q, pos, neg = draw_triples(inputs, n)
+    keys, inverse = np.unique(np.concatenate([q * len(inputs.passages) + pos, q * len(inputs.passages) + neg]),
+                              return_inverse=True)
+    pair_q, pair_p = keys // len(inputs.passages), keys % len(inputs.passages)
+
+    def reference(model: Any) -> tuple[float, float, Any]:
+        def go() -> np.ndarray:
+            margins = []
+            for start in range(0, n, BATCH):
+                b = slice(start, start + BATCH)
+                qs = [inputs.queries[i] for i in q[b]]
+                pairs = list(zip(qs, [inputs.passages[i] for i in pos[b]], strict=True))
+                pairs += list(zip(qs, [inputs.passages[i] for i in neg[b]], strict=True))
+                scores = model.predict(pairs, batch_size=BATCH, show_progress_bar=False,
+                                       activation_fn=torch.nn.Identity())
+                margins.append(scores[: len(qs)] - scores[len(qs) :])
+            return np.concatenate(margins)
+
+        secs, margins = timed(device, go)
+        return secs, n, margins
+
+    def project(scorer: Any) -> tuple[float, float, Any]:
+        def go() -> np.ndarray:
+            scores = scorer.score(inputs.queries, inputs.passages, pair_q, pair_p)[inverse]
+            return scores[:n] - scores[n:]
+
+        secs, margins = timed(device, go)
+        return secs, n, margins
+
+    result = measure("label", "triples/s", {
+        "reference": Variant(lambda: CrossEncoder(m.cross_encoder, device=device, max_length=MAX_SEQ,
+                                                  activation_fn=torch.nn.Identity()), reference),
+        "gplflow": Variant(lambda: scoring.load_scorer("cross_encoder", m.cross_encoder, max_seq_length=MAX_SEQ,
+                                                       batch_size=BATCH), project),
+    }, rounds, device)
+    a, b = result.runs["gplflow"][-1].output, result.runs["reference"][-1].output
+    span = float(b.max() - b.min()) or 1.0
+    result.check = (f"margins: max |gplflow - fp32 reference| = {np.abs(a - b).max():.2e} = "
+                    f"{np.abs(a - b).max() / span:.2%} of the reference's span {span:.3g}")
+    result.extra = f"{n} triples over {len(np.unique(q))} queries: {2 * n} pairs scored by the reference, " \
+                   f"{len(keys)} distinct pairs by gplflow"
+    return result
+
+
+# --- train ------------------------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Times optimizer steps; the first one (setup, warm-up) is left out of the rate."""
+
+    def __init__(self, device: str):
+        self.device, self.stamps, self.losses = device, [], []
+
+    def tick(self, loss: float | None = None) -> None:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        if loss is not None:
+            self.losses.append(loss)
+
+    def result(self) -> tuple[float, float]:
+        return self.stamps[-1] - self.stamps[0], len(self.stamps) - 1
+
+
+def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, device: str) -> StageResult:
+    import pyarrow as pa
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer import losses
+    from transformers import TrainerCallback
+
+    from gplflow.adapters import trainer
+
+    n = (steps + 1) * BATCH
+    q, pos, neg = draw_triples(inputs, n, seed=1)
+    margins = np.random.default_rng(2).normal(0, 3, size=n).astype(np.float32)
+    rows = {"query": [inputs.queries[i] for i in q], "positive": [inputs.passages[i] for i in pos],
+            "negative": [inputs.passages[i] for i in neg], "label": margins.tolist()}
+    ids = [f"d{i}" for i in range(len(inputs.passages))]
+    corpus = pa.table({"doc_id": ids, "title": inputs.titles, "text": inputs.texts})
+    qtable = trainer.query_texts(pa.table({"query_id": [f"q{i}" for i in range(len(inputs.queries))],
+                                           "text": inputs.queries}))
+    triples = pa.table({"query_id": [f"q{i}" for i in q], "pos_doc_id": [ids[i] for i in pos],
+                        "neg_doc_id": [ids[i] for i in neg], "margin": margins})
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.clock = StepClock(device)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 1:
+                self.clock.tick()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step > 1:
+                self.clock.tick()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.clock.losses.append(float(logs["loss"]))
+
+    def reference(model: Any) -> tuple[float, float, Any]:
+        clock = Clock()
+        with tempfile.TemporaryDirectory() as out:
+            args = SentenceTransformerTrainingArguments(
+                output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=2e-5,
+                warmup_steps=min(1000, steps), save_strategy="no", report_to="none", logging_steps=1, seed=0,
+                use_cpu=device == "cpu", disable_tqdm=True)
+            SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
+                                       loss=losses.MarginMSELoss(model), callbacks=[clock]).train()
+        secs, done = clock.clock.result()
+        return secs, done, clock.clock.losses
+
+    def project(model: Any) -> tuple[float, float, Any]:
+        clock = Clock()
+        plan = trainer.TrainPlan(loss="margin_mse", steps=steps, batch_size=BATCH, learning_rate=2e-5,
+                                 warmup_steps=1000, checkpoint_every=10**9, seed=0)
+        dataset = trainer.margin_mse_dataset(triples, qtable, trainer.passage_texts(corpus))
+        with tempfile.TemporaryDirectory() as out:
+            trainer.fit(model, dataset, plan, Path(out) / "ckpt", device, [clock])
+        secs, done = clock.clock.result()
+        return secs, done, clock.clock.losses
+
+    def load_reference() -> Any:
+        model = SentenceTransformer(m.student, device=device)
+        model.max_seq_length = MAX_SEQ
+        return model
+
+    result = measure("train", "steps/s", {
+        "reference": Variant(load_reference, reference),
+        "gplflow": Variant(lambda: models.load_bi_encoder(m.student, max_seq_length=MAX_SEQ), project),
+    }, rounds, device)
+    a, b = result.runs["gplflow"][-1].output, result.runs["reference"][-1].output
+    result.check = (f"MarginMSE loss, first -> last step: gplflow {a[0]:.4g} -> {a[-1]:.4g}, "
+                    f"reference {b[0]:.4g} -> {b[-1]:.4g}")
+    return result
+
+
+# --- pretrain ---------------------------------------------------------------------------------------------
+
+
+def bench_pretrain(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, device: str) -> StageResult:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+    from gplflow.adapters import pretraining
+
+    batch = 8  # the TSDAE / MLM recipes' batch
+    plan = pretraining.PretrainPlan(method="mlm", steps=steps, batch_size=batch, learning_rate=3e-5,
+                                    warmup_steps=0, max_seq_length=MAX_SEQ, checkpoint_every=10**9, seed=0,
+                                    log_every=1)
+    texts = inputs.passages[: (steps + 1) * batch]
+
+    def reference(loaded: Any) -> tuple[float, float, Any]:
+        tokenizer, model = loaded
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0)
+        chunks = [tokenizer(t, truncation=True, max_length=MAX_SEQ) for t in texts]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5)
+        clock = StepClock(device)
+        model.train()
+        for step in range(steps):
+            features = {k: v.to(device) for k, v in collator(chunks[step * batch : (step + 1) * batch]).items()}
+            loss = model(**features).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            clock.tick(loss.item())
+        secs, done = clock.result()
+        return secs, done, clock.losses
+
+    def load_reference() -> Any:
+        return AutoTokenizer.from_pretrained(m.student), AutoModelForMaskedLM.from_pretrained(m.student).to(device)
+
+    def project(_: Any) -> tuple[float, float, Any]:
+        clock = StepClock(device)
+        with tempfile.TemporaryDirectory() as out:
+            pretraining.pretrain(plan, m.student, texts, Path(out) / "ckpt", Path(out) / "model",
+                                 on_progress=lambda _step, _total, loss: clock.tick(loss))
+        secs, done = clock.result()
+        return secs, done, clock.losses
+
+    result = measure("pretrain", "steps/s", {
+        "reference": Variant(load_reference, reference),
+        "gplflow": Variant(lambda: None, project),  # pretraining.pretrain loads (and saves) the model itself
+    }, rounds, device)
+    a, b = result.runs["gplflow"][-1].output, result.runs["reference"][-1].output
+    result.check = (f"MLM loss, first -> last step: gplflow {a[0]:.4g} -> {a[-1]:.4g}, "
+                    f"reference {b[0]:.4g} -> {b[-1]:.4g}")
+    return result
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+
+def report(results: list[StageResult], device: str) -> None:
+    print(f"\n{'stage':<9} {'unit':<11} {'gplflow':>10} {'reference':>10} {'ratio':>7} {'peak MiB g/r':>15} "
+          f"{'mem ratio':>9} {'load s g/r':>12}")
+    for r in results:
+        g, ref = r.rate("gplflow"), r.rate("reference")
+        pg, pr = r.peak("gplflow"), r.peak("reference")
+        print(f"{r.name:<9} {r.unit:<11} {g:>10.2f} {ref:>10.2f} {g / ref:>6.2f}x "
+              f"{pg / 2**20:>7.0f}/{pr / 2**20:<7.0f} {pg / max(pr, 1):>8.2f}x "
+              f"{r.load('gplflow'):>5.1f}/{r.load('reference'):<5.1f}")
+    print()
+    for r in results:
+        print(f"{r.name}: {r.check}" + (f"; {r.extra}" if r.extra else ""))
+    by = {r.name: r for r in results}
+    seconds: dict[str, dict[str, float]] = {"gplflow": {}, "reference": {}}
+    for v in seconds:
+        if "generate" in by:
+            seconds[v]["generate"] = PAPER["passages"] / by["generate"].rate(v)
+        if "mine" in by:
+            seconds[v]["mine"] = PAPER["miners"] * (PAPER["passages"] + PAPER["queries"]) / by["mine"].rate(v)
+        if "label" in by:
+            seconds[v]["label"] = PAPER["triples"] / by["label"].rate(v)
+        if "train" in by:
+            seconds[v]["train"] = PAPER["steps"] / by["train"].rate(v)
+    if seconds["gplflow"]:
+        print(f"\nthe paper's recipe on this device ({device}), extrapolated from these rates "
+              "(both miners at the measured miner's rate):")
+        for stage in seconds["gplflow"]:
+            g, ref = seconds["gplflow"][stage], seconds["reference"][stage]
+            print(f"  {stage:<9} gplflow {_hours(g):>10}   reference {_hours(ref):>10}")
+        g, ref = sum(seconds["gplflow"].values()), sum(seconds["reference"].values())
+        print(f"  {'total':<9} gplflow {_hours(g):>10}   reference {_hours(ref):>10}   ({ref / g:.2f}x)")
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+STAGES = ("generate", "mine", "label", "train", "pretrain")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=("tiny", "paper"), default="paper")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=models.device())
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per stage (default 2)")
+    parser.add_argument("--work", type=float, default=1.0, help="multiply each stage's work (default 1)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if unknown := set(stages) - set(STAGES):
+        raise SystemExit(f"--stages: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(STAGES)}")
+    os.environ["GPLFLOW_DEVICE"] = args.device
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # new heads on random stand-ins are expected: no load reports
+    work = {k: max(1, round(v * args.work)) for k, v in WORK[args.scale].items()}
+    inputs = load_inputs(max(work["generate"], work["mine_passages"]))
+    loading = time.perf_counter()
+    m = standins.build(args.scale, inputs.texts)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"bf16 supported: {models.bf16_supported(args.device)}; scale {args.scale} "
+          f"(stand-ins ready in {time.perf_counter() - loading:.0f} s); work {work}")
+    runs: dict[str, Callable[[], StageResult]] = {
+        "generate": lambda: bench_generate(m, inputs, work["generate"], args.rounds, args.device),
+        "mine": lambda: bench_mine(m, inputs, work["mine_passages"], work["mine_queries"], args.rounds, args.device),
+        "label": lambda: bench_label(m, inputs, work["label"], args.rounds, args.device),
+        "train": lambda: bench_train(m, inputs, work["train"], args.rounds, args.device),
+        "pretrain": lambda: bench_pretrain(m, inputs, work["pretrain"], args.rounds, args.device),
+    }
+    report([runs[s]() for s in stages], args.device)
+
+
+if __name__ == "__main__":
+    main()
