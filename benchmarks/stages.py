@@ -69,7 +69,7 @@ PAPER = {"passages": 83_334, "queries": 250_000, "miners": 2, "steps": 140_000, 
 WORK = {
     "tiny": {"generate": 337, "mine_passages": 337, "mine_queries": 1011, "label": 1600, "train": 30,
              "pretrain": 30},
-    "paper": {"generate": 32, "mine_passages": 337, "mine_queries": 1011, "label": 360, "train": 4,
+    "paper": {"generate": 128, "mine_passages": 337, "mine_queries": 1011, "label": 360, "train": 4,
               "pretrain": 4},
 }
 TRIPLES_PER_QUERY = PAPER["triples"] / PAPER["queries"]  # 17.9: how often a positive pair recurs in the paper
@@ -234,45 +234,97 @@ def timed(device: str, fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
+# --- the reference pattern (BEIR / UKPLab gpl, written from their documented behaviour) ----------------------
+
+
+def ref_load_generator(path: str, device: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path), AutoModelForSeq2SeqLM.from_pretrained(path).to(device).eval()
+
+
+def ref_generate(tokenizer: Any, model: Any, texts: list[str], device: str) -> list[list[str]]:
+    """fp32, corpus order, 32 passages per call, ``max_length=64``: QPP queries per passage."""
+    out: list[list[str]] = []
+    for start in range(0, len(texts), BATCH):
+        enc = tokenizer(texts[start : start + BATCH], truncation=True, max_length=MAX_SEQ, padding=True,
+                        return_tensors="pt").to(device)
+        with torch.no_grad():
+            ids = model.generate(**enc, do_sample=True, top_k=TOP_K, top_p=TOP_P, max_length=MAX_QUERY,
+                                 num_return_sequences=QPP)
+        found = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        out += [found[i : i + QPP] for i in range(0, len(found), QPP)]
+    return out
+
+
+def ref_load_encoder(path: str, device: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device=device)
+    model.max_seq_length = MAX_SEQ
+    return model
+
+
+def ref_mine(model: Any, corpus: list[str], queries: list[str], k: int) -> np.ndarray:
+    """``model.encode`` in fp32 (batch 128, to tensors), then an exact top-k of the full cosine matrix."""
+    from sentence_transformers import util
+
+    c = model.encode(corpus, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
+    q = model.encode(queries, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
+    return torch.topk(util.cos_sim(q, c), k, dim=1).indices.cpu().numpy()
+
+
+def ref_load_cross_encoder(path: str, device: str) -> Any:
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(path, device=device, max_length=MAX_SEQ, activation_fn=torch.nn.Identity())
+
+
+def ref_label(model: Any, queries: list[str], positives: list[str], negatives: list[str]) -> np.ndarray:
+    """Per batch of 32 triples, ``predict`` on both pairs of every triple (fp32); the margins."""
+    margins = []
+    for start in range(0, len(queries), BATCH):
+        b = slice(start, start + BATCH)
+        pairs = list(zip(queries[b], positives[b], strict=True)) + list(zip(queries[b], negatives[b], strict=True))
+        scores = model.predict(pairs, batch_size=BATCH, show_progress_bar=False, activation_fn=torch.nn.Identity())
+        margins.append(scores[: len(pairs) // 2] - scores[len(pairs) // 2 :])
+    return np.concatenate(margins)
+
+
+def ref_train(model: Any, rows: dict[str, list], steps: int, device: str, callbacks: list[Any]) -> None:
+    """The sentence-transformers Trainer in fp32: MarginMSE (dot), batch 32, warm-up 1000, lr 2e-5."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=2e-5,
+            warmup_steps=min(1000, steps), save_strategy="no", report_to="none", logging_steps=1, seed=0,
+            use_cpu=device == "cpu", disable_tqdm=True)
+        SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
+                                   loss=losses.MarginMSELoss(model), callbacks=callbacks).train()
+
+
 # --- generate ---------------------------------------------------------------------------------------------
 
 
 def bench_generate(m: standins.StandIns, inputs: Inputs, n: int, rounds: int, device: str) -> StageResult:
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
     from gplflow.tasks import generate
 
     passages = [generate.Passage(i, f"d{i}", inputs.titles[i], inputs.texts[i]) for i in range(n)]
     cfg = generate.GenerateConfig(queries_per_passage=QPP)
 
     def reference(loaded: Any) -> tuple[float, float, Any]:
-        tokenizer, model = loaded
-        texts = [inputs.passages[i] for i in range(n)]
-
-        def go() -> list[str]:
-            out: list[str] = []
-            for start in range(0, n, BATCH):
-                enc = tokenizer(texts[start : start + BATCH], truncation=True, max_length=MAX_SEQ, padding=True,
-                                return_tensors="pt").to(device)
-                with torch.no_grad():
-                    ids = model.generate(**enc, do_sample=True, top_k=TOP_K, top_p=TOP_P, max_length=MAX_QUERY,
-                                         num_return_sequences=QPP)
-                out += tokenizer.batch_decode(ids, skip_special_tokens=True)
-            return out
-
-        secs, out = timed(device, go)
-        return secs, n, len(out) / n
-
-    def load_reference() -> Any:
-        tokenizer = AutoTokenizer.from_pretrained(m.generator)
-        return tokenizer, AutoModelForSeq2SeqLM.from_pretrained(m.generator).to(device).eval()
+        secs, out = timed(device, lambda: ref_generate(*loaded, inputs.passages[:n], device))
+        return secs, n, sum(len(q) for q in out) / n
 
     def project(gen: Any) -> tuple[float, float, Any]:
         secs, found = timed(device, lambda: generate.t5_queries(gen, cfg, QPP, passages, 0, lambda _n: None))
         return secs, n, sum(len(q or []) for q in found) / n
 
     result = measure("generate", "passages/s", {
-        "reference": Variant(load_reference, reference),
+        "reference": Variant(lambda: ref_load_generator(m.generator, device), reference),
         "gplflow": Variant(lambda: generate.load_t5(cfg, m.generator), project),
     }, rounds, device)
     per = {v: result.runs[v][-1].output for v in result.runs}
@@ -285,20 +337,13 @@ def bench_generate(m: standins.StandIns, inputs: Inputs, n: int, rounds: int, de
 
 def bench_mine(m: standins.StandIns, inputs: Inputs, n_passages: int, n_queries: int, rounds: int,
                device: str) -> StageResult:
-    from sentence_transformers import SentenceTransformer, util
-
     from gplflow.adapters.vector_index import VectorIndex
 
     corpus, queries = inputs.passages[:n_passages], inputs.queries[:n_queries]
     k = min(NEGATIVES + 1, n_passages)
 
     def reference(model: Any) -> tuple[float, float, Any]:
-        def go() -> np.ndarray:
-            c = model.encode(corpus, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
-            q = model.encode(queries, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
-            return torch.topk(util.cos_sim(q, c), k, dim=1).indices.cpu().numpy()
-
-        secs, top = timed(device, go)
+        secs, top = timed(device, lambda: ref_mine(model, corpus, queries, k))
         return secs, len(corpus) + len(queries), top
 
     def project(model: Any) -> tuple[float, float, Any]:
@@ -311,7 +356,7 @@ def bench_mine(m: standins.StandIns, inputs: Inputs, n_passages: int, n_queries:
         return secs, len(corpus) + len(queries), top
 
     result = measure("mine", "texts/s", {
-        "reference": Variant(lambda: SentenceTransformer(m.retriever, device=device), reference),
+        "reference": Variant(lambda: ref_load_encoder(m.retriever, device), reference),
         "gplflow": Variant(lambda: models.load_bi_encoder(m.retriever, max_seq_length=MAX_SEQ, inference=True),
                            project),
     }, rounds, device)
@@ -325,27 +370,15 @@ def bench_mine(m: standins.StandIns, inputs: Inputs, n_passages: int, n_queries:
 
 
 def bench_label(m: standins.StandIns, inputs: Inputs, n: int, rounds: int, device: str) -> StageResult:
-    from sentence_transformers import CrossEncoder
-
     q, pos, neg = draw_triples(inputs, n)
     keys, inverse = np.unique(np.concatenate([q * len(inputs.passages) + pos, q * len(inputs.passages) + neg]),
                               return_inverse=True)
     pair_q, pair_p = keys // len(inputs.passages), keys % len(inputs.passages)
 
     def reference(model: Any) -> tuple[float, float, Any]:
-        def go() -> np.ndarray:
-            margins = []
-            for start in range(0, n, BATCH):
-                b = slice(start, start + BATCH)
-                qs = [inputs.queries[i] for i in q[b]]
-                pairs = list(zip(qs, [inputs.passages[i] for i in pos[b]], strict=True))
-                pairs += list(zip(qs, [inputs.passages[i] for i in neg[b]], strict=True))
-                scores = model.predict(pairs, batch_size=BATCH, show_progress_bar=False,
-                                       activation_fn=torch.nn.Identity())
-                margins.append(scores[: len(qs)] - scores[len(qs) :])
-            return np.concatenate(margins)
-
-        secs, margins = timed(device, go)
+        secs, margins = timed(device, lambda: ref_label(model, [inputs.queries[i] for i in q],
+                                                        [inputs.passages[i] for i in pos],
+                                                        [inputs.passages[i] for i in neg]))
         return secs, n, margins
 
     def project(scorer: Any) -> tuple[float, float, Any]:
@@ -357,8 +390,7 @@ def bench_label(m: standins.StandIns, inputs: Inputs, n: int, rounds: int, devic
         return secs, n, margins
 
     result = measure("label", "triples/s", {
-        "reference": Variant(lambda: CrossEncoder(m.cross_encoder, device=device, max_length=MAX_SEQ,
-                                                  activation_fn=torch.nn.Identity()), reference),
+        "reference": Variant(lambda: ref_load_cross_encoder(m.cross_encoder, device), reference),
         "gplflow": Variant(lambda: scoring.load_scorer("cross_encoder", m.cross_encoder, max_seq_length=MAX_SEQ,
                                                        batch_size=BATCH), project),
     }, rounds, device)
@@ -392,13 +424,6 @@ class StepClock:
 
 def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, device: str) -> StageResult:
     import pyarrow as pa
-    from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from sentence_transformers.sentence_transformer import losses
     from transformers import TrainerCallback
 
     from gplflow.adapters import trainer
@@ -433,13 +458,7 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
 
     def reference(model: Any) -> tuple[float, float, Any]:
         clock = Clock()
-        with tempfile.TemporaryDirectory() as out:
-            args = SentenceTransformerTrainingArguments(
-                output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=2e-5,
-                warmup_steps=min(1000, steps), save_strategy="no", report_to="none", logging_steps=1, seed=0,
-                use_cpu=device == "cpu", disable_tqdm=True)
-            SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
-                                       loss=losses.MarginMSELoss(model), callbacks=[clock]).train()
+        ref_train(model, rows, steps, device, [clock])
         secs, done = clock.clock.result()
         return secs, done, clock.clock.losses
 
@@ -453,13 +472,8 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
         secs, done = clock.clock.result()
         return secs, done, clock.clock.losses
 
-    def load_reference() -> Any:
-        model = SentenceTransformer(m.student, device=device)
-        model.max_seq_length = MAX_SEQ
-        return model
-
     result = measure("train", "steps/s", {
-        "reference": Variant(load_reference, reference),
+        "reference": Variant(lambda: ref_load_encoder(m.student, device), reference),
         "gplflow": Variant(lambda: models.load_bi_encoder(m.student, max_seq_length=MAX_SEQ), project),
     }, rounds, device)
     a, b = result.runs["gplflow"][-1].output, result.runs["reference"][-1].output
@@ -520,6 +534,54 @@ def bench_pretrain(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int
     return result
 
 
+# --- end to end -------------------------------------------------------------------------------------------
+
+
+def end_to_end(m: standins.StandIns, inputs: Inputs, n: int, steps: int, device: str) -> tuple[float, float]:
+    """Seconds of ``gplflow run`` (the gpl-pipeline flow, its temporary Prefect API included) and of the
+    reference stages back to back, on the same work: ``n`` passages x QPP, one miner, ``steps`` x 32 triples,
+    ``steps`` training steps. Both include model loading; gplflow also writes its artifacts."""
+    import yaml
+
+    from gplflow.flows.pipeline import gpl_pipeline
+
+    started = time.perf_counter()
+    tokenizer, generator = ref_load_generator(m.generator, device)
+    queries = [q for found in ref_generate(tokenizer, generator, inputs.passages[:n], device) for q in found]
+    del tokenizer, generator
+    query_doc = np.repeat(np.arange(n), QPP)
+    top = ref_mine(ref_load_encoder(m.retriever, device), inputs.passages[:n], queries, min(NEGATIVES + 1, n))
+    negatives = [[d for d in row if d != query_doc[i]][:NEGATIVES] for i, row in enumerate(top)]
+    rng = np.random.default_rng(0)
+    tq = np.arange(steps * BATCH) % len(queries)
+    tneg = [negatives[i][rng.integers(len(negatives[i]))] for i in tq]
+    rows = {"query": [queries[i] for i in tq], "positive": [inputs.passages[query_doc[i]] for i in tq],
+            "negative": [inputs.passages[j] for j in tneg]}
+    rows["label"] = ref_label(ref_load_cross_encoder(m.cross_encoder, device), *rows.values()).tolist()
+    ref_train(ref_load_encoder(m.student, device), rows, steps, device, [])
+    reference = time.perf_counter() - started
+    _release()
+
+    with tempfile.TemporaryDirectory(prefix="gplflow-e2e-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"_id": f"d{i}", "title": inputs.titles[i], "text": inputs.texts[i]})
+                                  + "\n" for i in range(n)))
+        config = Path(tmp) / "e2e.yaml"
+        config.write_text(yaml.safe_dump({
+            "name": "e2e", "corpus": {"path": str(corpus)},
+            "models": {"generator": m.generator, "cross_encoder": m.cross_encoder, "base": m.student,
+                       "retrievers": [{"name": m.retriever, "score": "cos_sim"}]},
+            "generate": {"queries_per_passage": QPP}, "mine": {"negatives_per_query": NEGATIVES},
+            "train": {"steps": steps, "batch_size": BATCH, "max_seq_length": MAX_SEQ},
+        }))
+        started = time.perf_counter()
+        gpl_pipeline(config_path=str(config), run_dir=str(Path(tmp) / "run"))
+        gplflow = time.perf_counter() - started
+    print(f"\nend to end, {n} passages x {QPP} queries, {steps * BATCH} triples, {steps} steps: gplflow run "
+          f"{gplflow:.1f} s, reference {reference:.1f} s ({reference / gplflow:.2f}x)")
+    return gplflow, reference
+
+
 # --- report -----------------------------------------------------------------------------------------------
 
 
@@ -570,6 +632,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per stage (default 2)")
     parser.add_argument("--work", type=float, default=1.0, help="multiply each stage's work (default 1)")
+    parser.add_argument("--end-to-end", action="store_true", help="also time `gplflow run` against the reference "
+                        "stages back to back on the same work (CPU: ~6 min at --scale paper)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
@@ -596,6 +660,8 @@ def main(argv: list[str] | None = None) -> None:
         "pretrain": lambda: bench_pretrain(m, inputs, work["pretrain"], args.rounds, args.device),
     }
     report([runs[s]() for s in stages], args.device)
+    if args.end_to_end:
+        end_to_end(m, inputs, work["generate"], work["train"], args.device)
 
 
 if __name__ == "__main__":
