@@ -11,7 +11,9 @@ Every distinct (query, passage) pair is then scored once, however many triples s
 recurs in each of its triples), and margin = score(q, pos) - score(q, neg) on raw teacher scores.
 
 Counters: triples, queries (queries with triples), queries_without_negatives (skipped), cycled_queries
-(queries that reuse negatives), distinct_pairs, scored_pairs.
+(queries that reuse negatives), distinct_pairs, scored_pairs. The manifest's ``diagnostics`` say whether the
+teacher's margins look like a teacher's (``tasks/label_diagnostics.py``); a random-looking or uncalibrated
+teacher is logged as a warning and listed in ``diagnostics.warnings``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from gplflow.tasks.base import (
     shard_summary,
     stage_fingerprint,
 )
+from gplflow.tasks.label_diagnostics import label_diagnostics, summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -217,11 +220,14 @@ class LabelJob(ShardJob):
             out.count("distinct_pairs", len(draw.keys))
             out.count("scored_pairs", sum_counters(records).get("scored_pairs", 0))
             out.extra["teacher"] = {"kind": self.cfg.teacher, "ref": self.teacher}
+            out.extra["diagnostics"] = diagnostics = label_diagnostics(tq, pos_score, neg_score)
             out.extra["shards"] = shard_summary(records, self.shard_size)
         self.staging.remove()
         artifact = self.store.require(STAGE)
-        logger.info("labelled %d triples over %d distinct pairs (%s)", artifact.rows, len(draw.keys),
-                    artifact.counters)
+        logger.info("labelled %d triples over %d distinct pairs (%s); %s", artifact.rows, len(draw.keys),
+                    artifact.counters, summary_line(diagnostics))
+        for warning in diagnostics["warnings"]:
+            logger.warning("label: %s", warning)
         return artifact
 
     def _staged_scores(self) -> np.ndarray:
@@ -397,7 +403,12 @@ def label_task(
     job = label_job(cfg, run_dir, n_triples, corpus_fp, queries_fp, negatives_fp, teacher, queries_stage, shard_size)
     artifact = job.run_reported("pseudo-label-triples", f"Scoring {job.work} distinct (query, passage) pairs of "
                                 f"{n_triples} triples with the {cfg.teacher} teacher")
-    get_run_logger().info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
+    log = get_run_logger()
+    log.info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
+    if diagnostics := artifact.manifest.get("diagnostics"):
+        log.info("label diagnostics: %s", summary_line(diagnostics))
+        for warning in diagnostics["warnings"]:
+            log.warning("label: %s", warning)
     return artifact.fingerprint
 
 

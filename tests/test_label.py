@@ -27,6 +27,7 @@ from gplflow.tasks.label import (
     resolve_triples,
     run_label,
 )
+from gplflow.tasks.label_diagnostics import label_diagnostics
 
 CORPUS = [
     ("d1", "Bees", "Bees make honey from the nectar they collect from flowers."),
@@ -134,10 +135,41 @@ def test_margins_are_raw_cross_encoder_logit_differences(tmp_path, tiny):
     np.testing.assert_allclose(got["pos_score"], pos, atol=1e-4)
     np.testing.assert_allclose(got["neg_score"], neg, atol=1e-4)
     np.testing.assert_allclose(got["margin"], pos - neg, atol=1e-4)
+    diagnostics = ArtifactStore(tmp_path).require("triples").manifest["diagnostics"]
+    assert diagnostics["negative_share"] == pytest.approx(np.mean(pos - neg < 0))
+    assert diagnostics["margin"]["max"] == pytest.approx((pos - neg).max(), abs=1e-4)
     # Raw logits, not probabilities: some fall outside [0, 1], and sigmoided scores would fail the checks above.
     raw = np.concatenate([pos, neg])
     assert ((raw < 0) | (raw > 1)).any()
     assert np.abs(1 / (1 + np.exp(-raw)) - raw).max() > 0.1
+
+
+def test_label_diagnostics_of_a_hand_made_triples_table():
+    # query 0: margins 1, 0.5 (agrees); query 1: -1, 0 (a negative above the positive); query 2: 2 (agrees)
+    query = np.array([0, 0, 1, 1, 2])
+    pos = np.array([2.0, 2.0, 0.0, 1.0, 3.0])
+    neg = np.array([1.0, 1.5, 1.0, 1.0, 1.0])
+    found = label_diagnostics(query, pos, neg)
+    assert found["margin"]["min"] == -1.0 and found["margin"]["max"] == 2.0 and found["margin"]["p50"] == 0.5
+    assert found["margin"]["mean"] == pytest.approx(0.5) and found["margin"]["p25"] == 0.0
+    assert found["negative_share"] == pytest.approx(0.2)  # one margin of five is negative
+    assert found["scores"]["pos"] == pytest.approx({"min": 0.0, "mean": 1.6, "max": 3.0})
+    assert found["scores"]["neg"] == pytest.approx({"min": 1.0, "mean": 1.1, "max": 1.5})
+    assert found["teacher_agreement"] == pytest.approx(2 / 3) and found["queries"] == 3
+    # score spread p95 - p05 of the ten scores = 2.55 - 0.45 = 2.1: only the 0 margin lies within 5% of it
+    assert found["score_spread"] == pytest.approx(2.1) and found["near_zero_share"] == pytest.approx(0.2)
+    assert found["warnings"] == []
+
+
+def test_label_diagnostics_warn_on_a_random_or_flat_teacher():
+    rng = np.random.default_rng(0)
+    random = label_diagnostics(np.arange(1000), rng.normal(size=1000), rng.normal(size=1000))
+    assert 0.4 < random["negative_share"] < 0.6
+    assert [w.split(" in ")[0] for w in random["warnings"]] == ["the teacher scores the mined negative above the "
+                                                                "source passage"]
+    flat = label_diagnostics(np.arange(4), np.full(4, 0.5), np.array([0.5, 0.5, 0.5, 0.49]))
+    assert flat["near_zero_share"] == 0.75 and flat["negative_share"] == 0.0  # 0.01 is 150% of the spread
+    assert len(flat["warnings"]) == 1 and "near zero" in flat["warnings"][0]
 
 
 def test_each_distinct_pair_is_scored_exactly_once(tmp_path, tiny, monkeypatch):
