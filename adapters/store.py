@@ -332,6 +332,10 @@ class StageWriter:
     def count(self, name: str, value: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + value
 
+    def write_json(self, name: str, obj: Any) -> None:
+        """A small JSON file (sorted keys, indented) beside the parts, such as a stage's summary record."""
+        (self.local_dir() / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
     def _publish(self) -> None:
         fs = self.store.fs
         if self._local is not None and not self.store.is_local:

@@ -24,7 +24,7 @@ from gplflow.flows import shards
 from gplflow.flows.config import PipelineConfig, default_run_dir
 from gplflow.flows.report import artifact_key, publish_report
 from gplflow.flows.validate import validate_run
-from gplflow.tasks import evaluate, generate, ingest, label, mine, pretrain, train
+from gplflow.tasks import evaluate, generate, ingest, label, mine, pretrain, promote, split, train
 from gplflow.tasks.base import retry_unless_deterministic
 
 logger = logging.getLogger(__name__)
@@ -116,32 +116,66 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
         shards.fan_out(cfg, "generate", params, pool)  # pool mode: the shards run on the workers first
         fps["queries"] = _call(generate.generate_task, generate.STAGE,
                                generate.generate_fingerprint(cfg.generate, fps["corpus"], generator), **params)
+    _hold_out(cfg, run_dir, fps)
+    train_queries = fps.get(split.TRAIN, fps["queries"])  # what mining, labelling and training may see
     triples_fp = ""
     if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
         triples_fp = fps.get("triples") or _mine_and_label(cfg, run_dir, models, fps, pool)
     start = _pretrain(cfg, run_dir, models, fps)
     fps["model"] = _call(
         train.train_task, train.STAGE,
-        train.train_fingerprint(cfg.train, start, triples_fp or fps["queries"], fps["corpus"]),
+        train.train_fingerprint(cfg.train, start, triples_fp or train_queries, fps["corpus"]),
         cfg=cfg.train, run_dir=run_dir, base_model=start, corpus_fp=fps["corpus"],
-        queries_fp=fps["queries"], triples_fp=triples_fp or None,
+        queries_fp=train_queries, triples_fp=triples_fp or None,
     )
-    metrics = None
-    if cfg.evaluate.qrels:
-        compare = {"base": models["base"]}
-        if start != models["base"]:
-            compare["pretrained"] = start
-        compare["adapted"] = ArtifactStore(run_dir).url(train.STAGE)
-        fps["evaluate"] = _call(
-            evaluate.evaluate_task, evaluate.STAGE,
-            evaluate.fingerprint_for(cfg.evaluate, fps["corpus"], compare, fps["model"]),
-            cfg=cfg.evaluate, run_dir=run_dir, corpus_fp=fps["corpus"], models=compare, adapted_fp=fps["model"],
-        )
-        metrics = evaluate.read_metrics(ArtifactStore(run_dir))
+    metrics = _evaluate(cfg, run_dir, models, start, fps)
     summary = {"run_dir": run_dir, "fingerprints": fps, "models": models, "metrics": metrics,
                "started": started, "seconds": round(time.time() - started, 1)}
     publish_report(cfg, ArtifactStore(run_dir), summary)
     return summary
+
+
+def _hold_out(cfg: PipelineConfig, run_dir: str, fps: dict[str, str]) -> None:
+    """Split the held-out queries off (``heldout/``, ``queries-train/``) unless the config or an import rules it out.
+
+    Negatives or triples imported from a gpl folder were made from every query, so nothing can be held out.
+    """
+    if not split.active(cfg.evaluate):
+        return
+    if "negatives" in fps or "triples" in fps:
+        logger.warning("no held-out evaluation: the imported %s were made from every query",
+                       "triples" if "triples" in fps else "negatives")
+        return
+    fp = split.split_fingerprints(cfg.evaluate, fps["queries"])
+    store = ArtifactStore(run_dir)
+    fresh = any(store.load(stage, expect_fingerprint=f) is None for stage, f in fp.items())
+    fps.update(split.split_task.with_options(refresh_cache=fresh, retry_condition_fn=retry_unless_deterministic)(
+        cfg=cfg.evaluate, run_dir=run_dir, queries_fp=fps["queries"]))
+
+
+def _evaluate(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], start: str,
+              fps: dict[str, str]) -> dict[str, Any] | None:
+    """Evaluate on the qrels and the held-out queries (whichever the run has), then publish ``promoted/``."""
+    store = ArtifactStore(run_dir)
+    compare = {"base": models["base"]}
+    if start != models["base"]:
+        compare["pretrained"] = start
+    compare["adapted"] = store.url(train.STAGE)
+    heldout = store.load(split.HELDOUT, expect_fingerprint=fps[split.HELDOUT]) if split.HELDOUT in fps else None
+    heldout_fp = heldout.fingerprint if heldout is not None and heldout.rows else None
+    metrics, inputs = None, {"model": fps["model"]}
+    if cfg.evaluate.qrels or heldout_fp:
+        fps["evaluate"] = inputs["evaluate"] = _call(
+            evaluate.evaluate_task, evaluate.STAGE,
+            evaluate.fingerprint_for(cfg.evaluate, fps["corpus"], compare, fps["model"], heldout_fp),
+            cfg=cfg.evaluate, run_dir=run_dir, corpus_fp=fps["corpus"], models=compare, adapted_fp=fps["model"],
+            heldout_fp=heldout_fp,
+        )
+        metrics = evaluate.read_metrics(store)
+    decision = metrics["promotion"] if metrics else promote.decide(cfg.evaluate.promote, cfg.evaluate.min_gain,
+                                                                   None, None)
+    fps["promoted"] = promote.publish(store, decision, compare, inputs).fingerprint
+    return metrics
 
 
 def _pretrain(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str]) -> str:
@@ -160,20 +194,22 @@ def _mine_and_label(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], f
                     pool: shards.PoolSource | None = None) -> str:
     retrievers = models["retrievers"]
     if "negatives" not in fps:
-        params = dict(cfg=cfg.mine, run_dir=run_dir, corpus_fp=fps["corpus"], queries_fp=fps["queries"],
+        params = dict(cfg=cfg.mine, run_dir=run_dir, corpus_fp=fps["corpus"],
+                      queries_fp=fps.get(split.TRAIN, fps["queries"]),
                       retrievers=retrievers, shard_size=cfg.execution.shard_size)
         shards.fan_out(cfg, "mine", params, pool)
         fps["negatives"] = _call(mine.mine_task, mine.STAGE,
                                  mine.mine_fingerprint(cfg.mine, fps["corpus"], fps["queries"], retrievers), **params)
     teacher = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
     n_triples = label.resolve_triples(cfg.label, cfg.train.steps, cfg.train.batch_size)
+    queries_stage = split.TRAIN if split.TRAIN in fps else generate.STAGE
     params = dict(cfg=cfg.label, run_dir=run_dir, n_triples=n_triples, corpus_fp=fps["corpus"],
-                  queries_fp=fps["queries"], negatives_fp=fps["negatives"], teacher=teacher,
-                  shard_size=cfg.execution.shard_size)
+                  queries_fp=fps[queries_stage], negatives_fp=fps["negatives"], teacher=teacher,
+                  queries_stage=queries_stage, shard_size=cfg.execution.shard_size)
     shards.fan_out(cfg, "label", params, pool)
     fps["triples"] = _call(
         label.label_task, label.STAGE,
-        label.label_fingerprint(cfg.label, n_triples, fps["corpus"], fps["queries"], fps["negatives"], teacher),
+        label.label_fingerprint(cfg.label, n_triples, fps["corpus"], fps[queries_stage], fps["negatives"], teacher),
         **params,
     )
     return fps["triples"]

@@ -1,8 +1,9 @@
 """The run report: a markdown artifact and a per-stage table artifact in the Prefect UI.
 
 The report says what ran (a short config summary, the models as configured and what they resolved to), what
-each stage produced and how long it took, a sample of generated queries beside their passages, and the
-retrieval metrics of the base, pretrained and adapted models.
+each stage produced and how long it took, a sample of generated queries beside their passages, the retrieval
+metrics of the base, pretrained and adapted models on the judged (qrels) and the held-out synthetic queries side
+by side, which model was promoted and why, and the teacher's label diagnostics.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ if TYPE_CHECKING:  # the config imports every stage (torch): `gplflow status` re
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("corpus", "pretrain", "queries", "negatives", "triples", "model", "evaluate")  # the artifacts, in order
-MADE_BY = {"corpus": "ingest", "queries": "generate", "negatives": "mine", "triples": "label", "model": "train"}
+STAGES = ("corpus", "pretrain", "queries", "heldout", "queries-train", "negatives", "triples", "model", "evaluate",
+          "promoted")  # the artifacts, in order
+MADE_BY = {"corpus": "ingest", "queries": "generate", "heldout": "split", "queries-train": "split",
+           "negatives": "mine", "triples": "label", "model": "train"}
 METRICS = ("ndcg@10", "map@100", "recall@100", "mrr@10")
+EVALUATIONS = {"qrels": ("qrels", "judged queries"), "heldout": ("held-out", "held-out synthetic queries, never "
+                                                                             "trained on")}
 MODEL_ORDER = ("base", "pretrained", "adapted")  # metrics columns; other labels follow, sorted
 SAMPLE_QUERIES = 6
 
@@ -55,7 +60,11 @@ def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
         rows.append(("label", f"{n} triples ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"))
     rows.append(("train", f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, "
                           f"max length {t.max_seq_length}, seed {t.seed}"))
-    rows.append(("evaluate", f"`{cfg.evaluate.qrels}`" if cfg.evaluate.qrels else "off (no `evaluate.qrels`)"))
+    e = cfg.evaluate
+    held = (f"{e.heldout_fraction:.0%} of the queries held out (at most {e.heldout_max}, seed {e.heldout_seed})"
+            if e.heldout_fraction > 0 and e.heldout_max > 0 else "no held-out queries")
+    rows.append(("evaluate", (f"qrels `{e.qrels}`" if e.qrels else "no qrels") + f"; {held}; promote {e.promote}"
+                 + (f" (min gain {e.min_gain:g})" if e.promote == "if_better" else "")))
     rows.append(("execution", f"{cfg.execution.mode}, shards of {cfg.execution.shard_size}"))
     return rows
 
@@ -140,25 +149,59 @@ def sample_queries(store: ArtifactStore, n: int = SAMPLE_QUERIES) -> list[tuple[
     return [(q["text"], q["doc_id"], *passages.get(q["doc_id"], ("", ""))) for q in picked]
 
 
-def ordered_models(metrics: dict[str, Any]) -> list[str]:
-    """Metric columns: base, pretrained, adapted, then any other label (sorted)."""
-    return sorted(metrics.get("models", {}), key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else 9, m))
+def ordered_models(results: dict[str, Any]) -> list[str]:
+    """Metric columns of one evaluation: base, pretrained, adapted, then any other label (sorted)."""
+    return sorted(results.get("models", {}), key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else 9, m))
 
 
 def metrics_markdown(metrics: dict[str, Any] | None) -> str:
+    """One table, the evaluations side by side (qrels, then held-out): per evaluation a column per model and
+    ``adapted − base``; below it, what each evaluation was run on."""
     if not metrics:
-        return "_No evaluation (set `evaluate.qrels`)._"
-    models = ordered_models(metrics)
-    lines = ["| metric | " + " | ".join(models) + " | adapted − base |", "|---" + "|--:" * (len(models) + 1) + "|"]
+        return "_No evaluation (set `evaluate.qrels` or `evaluate.heldout_fraction`)._"
+    evaluations = [(name, metrics["evaluations"][name]) for name in EVALUATIONS if name in metrics["evaluations"]]
+    columns = [(name, model) for name, results in evaluations for model in [*ordered_models(results), None]]
+    header = [f"{EVALUATIONS[name][0]} {model or 'adapted − base'}" for name, model in columns]
+    lines = ["| metric | " + " | ".join(header) + " |", "|---" + "|--:" * len(columns) + "|"]
     for metric in METRICS:
-        values = [metrics["models"][m].get(metric) for m in models]
-        delta = metrics.get("delta", {}).get(metric)
-        cells = " | ".join(f"{v:.4f}" if v is not None else "–" for v in values)
-        lines.append(f"| {metric} | {cells} | {f'{delta:+.4f}' if delta is not None else '–'} |")
-    counts = metrics.get("counts", {})
-    if counts:
-        lines.append(f"\n{counts.get('queries', '?')} judged queries over {counts.get('docs', '?')} passages; "
-                     f"primary metric {metrics.get('primary_metric', METRICS[0])}.")
+        cells = []
+        for name, model in columns:
+            results = metrics["evaluations"][name]
+            value = results["models"][model].get(metric) if model else results.get("delta", {}).get(metric)
+            cells.append("–" if value is None else f"{value:+.4f}" if model is None else f"{value:.4f}")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {EVALUATIONS[name][0]}: {r['counts'].get('queries', '?')} {EVALUATIONS[name][1]} over "
+              f"{r['counts'].get('docs', '?')} passages" for name, r in evaluations]
+    lines.append(f"- primary: {EVALUATIONS[metrics['primary_evaluation']][0]} "
+                 f"{metrics.get('primary_metric', METRICS[0])}")
+    return "\n".join(lines)
+
+
+def promotion_markdown(promotion: dict[str, Any] | None) -> str:
+    """Which model the run promoted (``promoted/``) and why."""
+    if not promotion:
+        return "_No promotion record._"
+    which = "the adapted model" if promotion["promoted"] == "adapted" else "the BASE model (not the adapted one)"
+    return f"**Promoted: {which}** (`evaluate.promote: {promotion['rule']}`): {_inline(promotion['reason'], 400)}."
+
+
+def diagnostics_markdown(diagnostics: dict[str, Any] | None) -> str:
+    """The teacher's label diagnostics (``tasks/label_diagnostics.py``) as a short table and its warnings."""
+    if not diagnostics:
+        return "_No label diagnostics (no triples labelled by this run)._"
+    m, sc = diagnostics["margin"], diagnostics["scores"]
+    lines = [*(f"**Warning: {_inline(w, 400)}.**" for w in diagnostics.get("warnings", [])),
+             "| margin min | p05 | p25 | p50 | p75 | p95 | max | negative | near zero | teacher agreement |",
+             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+             "| " + " | ".join(f"{m[k]:.4g}" for k in ("min", "p05", "p25", "p50", "p75", "p95", "max"))
+             + f" | {diagnostics['negative_share']:.1%} | {diagnostics['near_zero_share']:.1%} | "
+               f"{diagnostics['teacher_agreement']:.1%} |",
+             "",
+             *(f"- {kind} scores: {sc[kind]['min']:.4g} to {sc[kind]['max']:.4g} (mean {sc[kind]['mean']:.4g})"
+               for kind in ("pos", "neg")),
+             f"- teacher agreement: the share of the {diagnostics['queries']} training queries whose source passage "
+             "the teacher scores above every one of their labelled negatives"]
     return "\n".join(lines)
 
 
@@ -168,8 +211,11 @@ def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str
         f"# gplflow run `{cfg.name}`",
         f"{_headline(cfg)}. Finished in {_duration(summary.get('seconds'))}; run directory `{summary['run_dir']}`.",
         _verdict(summary.get("metrics")),
+        promotion_markdown(_promotion(store, summary.get("metrics"))),
         "## Metrics",
         metrics_markdown(summary.get("metrics")),
+        "## Label diagnostics",
+        diagnostics_markdown((store.read_manifest("triples") or {}).get("diagnostics")),
         "## Sample of generated queries",
         "Each query, and below it the passage it was generated from (its positive).",
         *(f"{i}. **{_inline(q, 200)}**\n   > {_passage(d, title, text)}"
@@ -200,11 +246,20 @@ def _headline(cfg: PipelineConfig) -> str:
 
 
 def _verdict(metrics: dict[str, Any] | None) -> str:
-    delta = (metrics or {}).get("delta", {}).get("ndcg@10")
+    if not metrics:
+        return "_Not evaluated._"
+    name = metrics["primary_evaluation"]
+    delta = metrics["evaluations"][name].get("delta", {}).get("ndcg@10")
     if delta is None:
         return "_Not evaluated._"
     word = "beats" if delta > 0 else "does NOT beat"
-    return f"**The adapted model {word} its base on nDCG@10 ({delta:+.4f}).**"
+    return f"**The adapted model {word} its base on {EVALUATIONS[name][0]} nDCG@10 ({delta:+.4f}).**"
+
+
+def _promotion(store: ArtifactStore, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's promotion record: ``promoted/``'s, else the evaluation's decision."""
+    manifest = store.read_manifest("promoted")
+    return (manifest or {}).get("promotion") or (metrics or {}).get("promotion")
 
 
 def _run_started(summary: dict[str, Any]) -> float:

@@ -1,14 +1,21 @@
-"""Evaluate: base vs adapted model on BEIR qrels (nDCG@10, MAP@100, Recall@100, MRR@10 via pytrec_eval).
+"""Evaluate: base vs adapted model on BEIR qrels and on held-out synthetic queries (nDCG@10, MAP@100, Recall@100,
+MRR@10 via pytrec_eval), and the promotion decision (see ``tasks/promote.py``).
 
-For each model: encode the corpus and the judged queries, retrieve the top 100 passages of every query by
+Two evaluation sets, each optional, scored the same way: ``qrels`` (``evaluate.qrels``: judged queries) and
+``heldout`` (the ``heldout/`` artifact of ``tasks/split.py``: generated queries never trained on, each with the
+passage it was generated from as its one relevant passage). The primary evaluation is ``qrels`` when given, else
+``heldout``; its nDCG@10 decides the promotion.
+
+For each model: encode the corpus once, then each set's queries, retrieve the top 100 passages of every query by
 exact search (a flat FAISS index: evaluation numbers must not depend on an approximate index) with the
 model's own similarity (``cosine``: L2-normalised, ``dot``: raw), and score the run as BEIR does (see
 ``adapters/metrics.py``). Judged documents missing from the corpus stay in the qrels (they count as
 relevant documents no model can retrieve, as in BEIR) and are counted and logged.
 
-Writes ``evaluate/``: ``metrics.json`` (``models`` -> label -> metric -> mean, ``delta`` = adapted - base,
-``counts``, ``refs``, ``similarity``, ``primary_metric``) and one Parquet part with a row per
-(query, model) and one column per metric.
+Writes ``evaluate/``: ``metrics.json`` (``evaluations`` -> qrels | heldout -> {``models`` -> label -> metric ->
+mean, ``delta`` = adapted - base, ``counts``}, ``primary_evaluation``, ``primary_metric``, ``promotion``, ``refs``,
+``similarity``) and one Parquet part with a row per (evaluation, query, model) and one column per metric. The
+manifest repeats ``promotion``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,17 +36,19 @@ from gplflow.adapters import metrics as trec
 from gplflow.adapters import models as model_io
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.adapters.vector_index import VectorIndex
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks import promote
+from gplflow.tasks.base import Seed, StageConfig, artifact_cache_key, reuse, stage_fingerprint
 from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
 
 logger = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-CODE_VERSION = "evaluate-1"
+CODE_VERSION = "evaluate-2"
 TOP_K = 100
 REQUIRED_MODELS = ("base", "adapted")
 _SIMILARITY = {"cosine": "cos_sim", "dot": "dot"}
-SCHEMA = pa.schema([("query_id", pa.string()), ("model", pa.string()),
+EVALUATIONS = ("qrels", "heldout")  # in order of precedence: the first one present is the primary evaluation
+SCHEMA = pa.schema([("evaluation", pa.string()), ("query_id", pa.string()), ("model", pa.string()),
                     *[(name, pa.float64()) for name in trec.METRICS]])
 
 
@@ -49,6 +58,12 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(default=64, gt=0)
     max_seq_length: int = Field(default=350, gt=0)
     ignore_identical_ids: bool = True  # as BEIR: a retrieved passage whose id is the query's id is skipped
+    # held-out synthetic queries (tasks/split.py): this share of the generated queries, at most heldout_max
+    heldout_fraction: float = Field(default=0.05, ge=0.0, le=0.5)  # 0 turns the held-out evaluation off
+    heldout_max: int = Field(default=2_000, ge=0)
+    heldout_seed: Seed = 42
+    promote: Literal["always", "if_better"] = "if_better"  # which model promoted/ names (tasks/promote.py)
+    min_gain: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # if_better: least nDCG@10 gain over the base
 
 
 def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
@@ -57,9 +72,16 @@ def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
     return cfg.qrels, cfg.queries or beir_io.default_queries_path(cfg.qrels)
 
 
-def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str]) -> dict[str, str]:
-    qrels, queries = _paths(cfg)
-    inputs = {"corpus": corpus_fp, "qrels": content_signature(qrels), "queries": content_signature(queries)}
+def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
+            heldout_fp: str | None) -> dict[str, str]:
+    if not cfg.qrels and not heldout_fp:
+        raise ValueError("evaluate: nothing to evaluate on; set evaluate.qrels or evaluate.heldout_fraction > 0")
+    inputs = {"corpus": corpus_fp}
+    if cfg.qrels:
+        qrels, queries = _paths(cfg)
+        inputs.update(qrels=content_signature(qrels), queries=content_signature(queries))
+    if heldout_fp:
+        inputs["heldout"] = heldout_fp
     inputs.update({f"model:{label}": ident for label, ident in model_ids.items()})
     return inputs
 
@@ -108,44 +130,70 @@ def _model_ids(model_refs: Mapping[str, str], adapted_fp: str | None) -> dict[st
 
 
 def fingerprint_for(cfg: EvaluateConfig, corpus_fp: str, model_refs: Mapping[str, str],
-                    adapted_fp: str | None = None) -> str:
-    """The fingerprint ``run_evaluate`` publishes under for these model references."""
-    return stage_fingerprint(STAGE, cfg, _inputs(cfg, corpus_fp, _model_ids(model_refs, adapted_fp)),
+                    adapted_fp: str | None = None, heldout_fp: str | None = None) -> str:
+    """The fingerprint ``run_evaluate`` publishes under for these model references (and held-out queries)."""
+    return stage_fingerprint(STAGE, cfg, _inputs(cfg, corpus_fp, _model_ids(model_refs, adapted_fp), heldout_fp),
                              CODE_VERSION)
 
 
 def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, models: dict[str, str],
-                 adapted_fp: str | None = None) -> Artifact:
-    """Evaluate each model (label -> reference: ``base``, ``adapted``, optionally more) on the qrels.
+                 adapted_fp: str | None = None, heldout: Artifact | None = None) -> Artifact:
+    """Evaluate each model (label -> reference: ``base``, ``adapted``, optionally more) on the qrels (when
+    ``cfg.qrels``) and on the held-out queries (when ``heldout`` has rows), and decide the promotion.
 
     ``adapted_fp`` (the model artifact's fingerprint) saves hashing the adapted model folder when known.
     """
+    heldout = heldout if heldout is not None and heldout.rows else None
     ids = _model_ids(models, adapted_fp)
-    inputs = _inputs(cfg, corpus.fingerprint, ids)
+    inputs = _inputs(cfg, corpus.fingerprint, ids, heldout.fingerprint if heldout is not None else None)
     if (found := reuse(store, STAGE, stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION))) is not None:
         return found
-    qrels_path, queries_path = _paths(cfg)
     # The writer is opened first so that the manifest's timings cover the evaluation, not only the writing.
     with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
-        evalset = beir_io.load_eval_set(qrels_path, queries_path)
+        sets = _eval_sets(cfg, heldout)
         table = corpus.read_table(["doc_id", "title", "text"])
         doc_ids = table.column("doc_id").to_pylist()
         passages = [encoding.passage_text(t, x) for t, x in zip(table.column("title").to_pylist(),
                                                                 table.column("text").to_pylist(), strict=True)]
         del table
-        counts = _counts(evalset, doc_ids)
-        per_model, similarity = {}, {}
+        per_set: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in sets}
+        similarity = {}
         for label, ref in models.items():
-            per_model[label], similarity[label] = _evaluate_model(cfg, ref, label, evalset, doc_ids, passages)
-        summary = _summary(per_model, counts, models, similarity)
-        out.write_part([_per_query_table(per_model)], SCHEMA)
+            found, similarity[label] = _evaluate_model(cfg, ref, label, sets, doc_ids, passages)
+            for name, per_query in found.items():
+                per_set[name][label] = per_query
+        summary = _summary(cfg, per_set, {name: _counts(s, doc_ids) for name, s in sets.items()}, models, similarity)
+        out.write_part([_per_query_table(per_set)], SCHEMA)
         beir_io.save_metrics(out.local_dir(), summary)
-        for name, value in counts.items():
-            out.count(name, value)
+        for name, counts in summary["evaluations"].items():
+            for key, value in counts["counts"].items():
+                out.count(f"{name}_{key}", value)
         out.extra["primary_metric"] = trec.PRIMARY
-    logger.info("evaluation: %s", "; ".join(f"{label} nDCG@10={m[trec.PRIMARY]:.4f}"
-                                            for label, m in summary["models"].items()))
+        out.extra["primary_evaluation"] = summary["primary_evaluation"]
+        out.extra["promotion"] = summary["promotion"]
+    for name, results in summary["evaluations"].items():
+        logger.info("evaluation on %s: %s", name, "; ".join(f"{label} nDCG@10={m[trec.PRIMARY]:.4f}"
+                                                            for label, m in results["models"].items()))
     return store.require(STAGE)
+
+
+def _eval_sets(cfg: EvaluateConfig, heldout: Artifact | None) -> dict[str, beir_io.EvalSet]:
+    """The evaluation sets, in EVALUATIONS order: the qrels (read and checked) and the held-out queries."""
+    sets = {}
+    if cfg.qrels:
+        sets["qrels"] = beir_io.load_eval_set(*_paths(cfg))
+    if heldout is not None:
+        sets["heldout"] = heldout_eval_set(heldout.read_table(["query_id", "doc_id", "text"]), heldout.url)
+    return sets
+
+
+def heldout_eval_set(table: pa.Table, where: str) -> beir_io.EvalSet:
+    """Held-out queries as an evaluation set: each query's one relevant passage is the one it came from."""
+    rows = table.to_pydict()
+    qrels = beir_io.Qrels(path=where, judgments={q: {d: 1} for q, d in zip(rows["query_id"], rows["doc_id"],
+                                                                           strict=True)})
+    return beir_io.EvalSet(qrels=qrels, queries=dict(zip(rows["query_id"], rows["text"], strict=True)),
+                           queries_path=where)
 
 
 def _counts(evalset: beir_io.EvalSet, doc_ids: list[str]) -> dict[str, int]:
@@ -161,26 +209,30 @@ def _counts(evalset: beir_io.EvalSet, doc_ids: list[str]) -> dict[str, int]:
             "repeated_judgments": evalset.qrels.repeated}
 
 
-def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, evalset: beir_io.EvalSet, doc_ids: list[str],
-                    passages: list[str]) -> tuple[dict[str, dict[str, float]], str]:
-    """Per-query metrics of one model, and the similarity it was scored with."""
+def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, sets: dict[str, beir_io.EvalSet], doc_ids: list[str],
+                    passages: list[str]) -> tuple[dict[str, dict[str, dict[str, float]]], str]:
+    """Per-query metrics of one model on each evaluation set (the corpus encoded once), and its similarity."""
     model = model_io.load_bi_encoder(_loadable(ref), max_seq_length=cfg.max_seq_length, inference=True)
     name = str(getattr(model, "similarity_fn_name", None) or "cosine")
     if name not in _SIMILARITY:
         raise ValueError(f"model {label} ({ref}): similarity {name!r} is not supported for retrieval; "
                          f"expected one of {', '.join(_SIMILARITY)}")
-    qids = list(evalset.queries)
     docs = encoding.encode(model, passages, role="document", batch_size=cfg.batch_size,
                            desc=f"{label}: encoding corpus")
-    queries = encoding.encode(model, [evalset.queries[q] for q in qids], role="query",
-                              batch_size=cfg.batch_size, desc=f"{label}: encoding queries")
-    del model
-    encoding.release_memory()
     index = VectorIndex(docs, score=_SIMILARITY[name], kind="flat", copy=False)
-    depth = TOP_K + 1 if cfg.ignore_identical_ids else TOP_K  # one spare for a passage with the query's id
-    scores, positions = index.search(queries, depth)
-    run = _run(qids, doc_ids, scores, positions, cfg.ignore_identical_ids)
-    return trec.evaluate_run(evalset.qrels.judgments, run, cfg.ignore_identical_ids), name
+    found = {}
+    for set_name, evalset in sets.items():
+        ignore = cfg.ignore_identical_ids and set_name == "qrels"  # held-out ids never name a passage
+        qids = list(evalset.queries)
+        queries = encoding.encode(model, [evalset.queries[q] for q in qids], role="query",
+                                  batch_size=cfg.batch_size, desc=f"{label}: encoding {set_name} queries")
+        depth = TOP_K + 1 if ignore else TOP_K  # one spare for a passage with the query's id
+        scores, positions = index.search(queries, depth)
+        found[set_name] = trec.evaluate_run(evalset.qrels.judgments, _run(qids, doc_ids, scores, positions, ignore),
+                                            ignore)
+    del model, index
+    encoding.release_memory()
+    return found, name
 
 
 def _run(qids: list[str], doc_ids: list[str], scores: np.ndarray, positions: np.ndarray,
@@ -198,18 +250,30 @@ def _run(qids: list[str], doc_ids: list[str], scores: np.ndarray, positions: np.
     return run
 
 
-def _summary(per_model: dict[str, dict[str, dict[str, float]]], counts: dict[str, int],
-             refs: Mapping[str, str], similarity: dict[str, str]) -> dict[str, Any]:
-    means = {label: trec.mean_metrics(rows) for label, rows in per_model.items()}
-    return {"primary_metric": trec.PRIMARY, "models": means, "delta": trec.delta(means["adapted"], means["base"]),
-            "counts": counts, "refs": dict(refs), "similarity": similarity}
+def _summary(cfg: EvaluateConfig, per_set: dict[str, dict[str, dict[str, dict[str, float]]]],
+             counts: dict[str, dict[str, int]], refs: Mapping[str, str], similarity: dict[str, str]) -> dict[str, Any]:
+    evaluations = {}
+    for name, per_model in per_set.items():
+        means = {label: trec.mean_metrics(rows) for label, rows in per_model.items()}
+        evaluations[name] = {"models": means, "delta": trec.delta(means["adapted"], means["base"]),
+                             "counts": counts[name]}
+    primary = next(name for name in EVALUATIONS if name in evaluations)
+    return {"primary_metric": trec.PRIMARY, "primary_evaluation": primary, "evaluations": evaluations,
+            "promotion": promote.decide(cfg.promote, cfg.min_gain, primary, evaluations[primary]),
+            "refs": dict(refs), "similarity": similarity}
 
 
-def _per_query_table(per_model: dict[str, dict[str, dict[str, float]]]) -> pa.Table:
-    rows = [(qid, label, values) for label, per_query in per_model.items() for qid, values in per_query.items()]
-    columns = {"query_id": [r[0] for r in rows], "model": [r[1] for r in rows]}
-    columns.update({name: [r[2][name] for r in rows] for name in trec.METRICS})
+def _per_query_table(per_set: dict[str, dict[str, dict[str, dict[str, float]]]]) -> pa.Table:
+    rows = [(name, qid, label, values) for name, per_model in per_set.items()
+            for label, per_query in per_model.items() for qid, values in per_query.items()]
+    columns = {"evaluation": [r[0] for r in rows], "query_id": [r[1] for r in rows], "model": [r[2] for r in rows]}
+    columns.update({name: [r[3][name] for r in rows] for name in trec.METRICS})
     return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def primary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The primary evaluation of a ``metrics.json`` (``models``, ``delta``, ``counts``)."""
+    return metrics["evaluations"][metrics["primary_evaluation"]]
 
 
 def read_metrics(store: ArtifactStore) -> dict[str, Any] | None:
@@ -219,28 +283,38 @@ def read_metrics(store: ArtifactStore) -> dict[str, Any] | None:
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for a table (a Prefect table artifact, markdown): one per model, then ``adapted − base``."""
-    order = [*REQUIRED_MODELS, *sorted(set(metrics["models"]) - set(REQUIRED_MODELS))]
-    ordered = {label: metrics["models"][label] for label in order if label in metrics["models"]}
-    extra = [("adapted − base", metrics["delta"])] if metrics.get("delta") else []
-    return trec.table_rows(ordered, extra)
+    """Rows for a table (a Prefect table artifact, markdown): per evaluation, one per model, then
+    ``adapted − base``; each row names its evaluation."""
+    rows = []
+    for name, results in metrics["evaluations"].items():
+        found = results["models"]
+        order = [*REQUIRED_MODELS, *sorted(set(found) - set(REQUIRED_MODELS))]
+        extra = [("adapted − base", results["delta"])] if results.get("delta") else []
+        rows += [{"evaluation": name, **row}
+                 for row in trec.table_rows({label: found[label] for label in order if label in found}, extra)]
+    return rows
 
 
 @task(name="evaluate retrieval", task_run_name="evaluate retrieval", retries=0, persist_result=True,
       cache_key_fn=artifact_cache_key(STAGE, lambda p: fingerprint_for(p["cfg"], p["corpus_fp"], p["models"],
-                                                                        p.get("adapted_fp"))))
+                                                                        p.get("adapted_fp"), p.get("heldout_fp"))))
 def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dict[str, str],
-                  adapted_fp: str | None = None) -> str:
+                  adapted_fp: str | None = None, heldout_fp: str | None = None) -> str:
     store = ArtifactStore(run_dir)
     corpus = store.load(CORPUS_STAGE, expect_fingerprint=corpus_fp)
     if corpus is None:
         raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus artifact with fingerprint {corpus_fp}")
-    artifact = run_evaluate(cfg, store, corpus, models, adapted_fp)
+    heldout = store.load("heldout", expect_fingerprint=heldout_fp) if heldout_fp else None
+    if heldout_fp and heldout is None:
+        raise FileNotFoundError(f"{store.url('heldout')}: no valid held-out queries with fingerprint {heldout_fp}")
+    artifact = run_evaluate(cfg, store, corpus, models, adapted_fp, heldout)
     metrics = beir_io.load_metrics(artifact.local_dir())
+    sets = ", ".join(f"{name} ({r['counts']['queries']} queries)" for name, r in metrics["evaluations"].items())
     create_table_artifact(key="evaluation", table=metrics_table(metrics),
-                          description=f"Retrieval on {cfg.qrels}: {metrics['counts']['queries']} queries, "
-                                      f"{metrics['counts']['docs']} passages")
-    delta = metrics["delta"].get(trec.PRIMARY, float("nan"))
-    get_run_logger().info("nDCG@10 base %.4f, adapted %.4f (%+.4f)", metrics["models"]["base"][trec.PRIMARY],
-                          metrics["models"]["adapted"][trec.PRIMARY], delta)
+                          description=f"Retrieval on {sets} over {corpus.rows} passages")
+    log = get_run_logger()
+    for name, results in metrics["evaluations"].items():
+        log.info("%s: nDCG@10 base %.4f, adapted %.4f (%+.4f)", name, results["models"]["base"][trec.PRIMARY],
+                 results["models"]["adapted"][trec.PRIMARY], results["delta"].get(trec.PRIMARY, float("nan")))
+    log.info("promoted the %s model: %s", metrics["promotion"]["promoted"], metrics["promotion"]["reason"])
     return artifact.fingerprint

@@ -43,7 +43,8 @@ CODE_VERSION = "mine-1"
 BM25 = "bm25"
 SCORES = ("cos_sim", "dot")
 DEFAULT_SHARD_SIZE = 10_000  # corpus passages per encoding shard
-QUERY_STAGES = ("queries-filtered", "queries")  # where mine_task looks for the queries fingerprint
+# where mine_task looks for the queries fingerprint (queries-train: the queries left after the held-out split)
+QUERY_STAGES = ("queries-train", "queries-filtered", "queries")
 SCHEMA = pa.schema([
     ("query_id", pa.string()),
     ("retriever", pa.string()),

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "model"
 CODE_VERSION = "train-1"
-QUERY_STAGES = ("queries", "queries-filtered")  # the mnrl pairs come from either
+QUERY_STAGES = ("queries-train", "queries", "queries-filtered")  # the mnrl pairs come from any
 
 
 class TrainConfig(StageConfig):

