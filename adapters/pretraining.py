@@ -1,15 +1,19 @@
-"""Domain-adaptive pretraining of an encoder before GPL/GenQ: TSDAE or masked-LM, in one small training loop.
+"""Domain-adaptive pretraining of an encoder before GPL/GenQ (TSDAE, MLM, SimCSE, CT), in one small loop.
 
 TSDAE (Wang et al. 2021) encodes a sentence with words deleted into one vector (CLS pooling) and trains a
 decoder, tied to the encoder, to rebuild the original sentence from that vector alone; it is
 sentence-transformers' ``DenoisingAutoEncoderLoss``, fed by this project's offline deletion noise. MLM
 continues BERT-style masked-LM training on passage chunks; the encoder is then saved with mean pooling.
+Unsupervised SimCSE (Gao et al. 2021) makes each sentence its own positive under two dropout masks, the
+batch's other sentences its negatives (``MultipleNegativesRankingLoss`` on (s, s) pairs). Contrastive Tension
+(Carlsson et al. 2021) trains two copies of the encoder to give a high dot product to identical sentences and
+a low one to random pairs (``ContrastiveTensionLoss``; ``ct_inbatch``: in-batch negatives instead).
 
-A plain loop rather than a Trainer, because TSDAE's decoder lives in the loss: a Trainer checkpoint saves
-the model but not the decoder's cross-attention, so a resumed run would restart it from random weights.
-Here a checkpoint holds everything trained (encoder and decoder or MLM head), the optimizer, the scheduler
-and the loss history. The data order, the noise, the masks and dropout are drawn from generators seeded by
-(seed, step), so a resumed run takes exactly the steps the uninterrupted run would have taken.
+A plain loop rather than a Trainer, because TSDAE's decoder and CT's second encoder live in the loss: a
+Trainer checkpoint saves the model but not them, so a resumed run would restart them from other weights.
+Here a checkpoint holds everything trained (encoder and decoder, MLM head or second encoder), the optimizer,
+the scheduler and the loss history. The data order, the noise, the masks and dropout are drawn from generators
+seeded by (seed, step), so a resumed run takes exactly the steps the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
+from sentence_transformers.sentence_transformer.losses import (
+    ContrastiveTensionLoss,
+    ContrastiveTensionLossInBatchNegatives,
+    DenoisingAutoEncoderLoss,
+    MultipleNegativesRankingLoss,
+)
 from sentence_transformers.sentence_transformer.modules import Pooling
 from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
@@ -43,8 +52,10 @@ from gplflow.adapters.trainer import loss_summary
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tsdae", "mlm")
-POOLING = {"tsdae": "cls", "mlm": "mean"}  # TSDAE trains the CLS vector; MLM has no sentence vector: mean
+METHODS = ("tsdae", "mlm", "simcse", "ct", "ct_inbatch")
+# TSDAE trains the CLS vector; MLM has no sentence vector: mean; the contrastive methods (None) train the
+# sentence vector the base already has (mean for a plain encoder folder)
+POOLING = {"tsdae": "cls", "mlm": "mean", "simcse": None, "ct": None, "ct_inbatch": None}
 CHECKPOINTS = ".checkpoints"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _KEEP_CHECKPOINTS = 2
@@ -72,15 +83,29 @@ class PretrainPlan:
     noise_ratio: float = 0.6
     mlm_probability: float = 0.15
     min_sentence_words: int = 3
-    pooling: str | None = None  # the output's pooling; None: the method's own (TSDAE cls, MLM mean)
+    pooling: str | None = None  # the output's pooling; None: the method's own (TSDAE cls, MLM mean, else the base's)
+    scale: float = 20.0  # SimCSE and CT in-batch: cosine similarities x scale (= 1/temperature) before softmax
+    ct_negatives: int = 7  # CT: random pairs per identical pair (the paper's K)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown pretraining method {self.method!r}; expected {' or '.join(METHODS)}")
+            raise ValueError(f"unknown pretraining method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.pooling not in (None, "cls", "mean"):
             raise ValueError(f"pretrain pooling {self.pooling!r}: expected cls or mean")
-        if min(self.steps, self.batch_size, self.max_seq_length, self.checkpoint_every, self.log_every) < 1:
-            raise ValueError("steps, batch_size, max_seq_length, checkpoint_every and log_every must be >= 1")
+        if min(self.steps, self.batch_size, self.max_seq_length, self.checkpoint_every, self.log_every,
+               self.ct_negatives) < 1:
+            raise ValueError("steps, batch_size, max_seq_length, checkpoint_every, log_every and ct_negatives "
+                             "must be >= 1")
+        if not self.scale > 0:
+            raise ValueError(f"pretrain scale {self.scale!r}: expected > 0")
+
+    @property
+    def rows_per_step(self) -> int:
+        """Examples one step reads: a batch; for CT, one per pair plus a second one for each random pair."""
+        if self.method != "ct":
+            return self.batch_size
+        identical = -(-self.batch_size // (self.ct_negatives + 1))
+        return 2 * self.batch_size - identical
 
 
 @dataclass
@@ -245,6 +270,72 @@ class MaskedLM:
         save_model(_with_pooling(self.base, self.pooling, self.dev), folder)
 
 
+class SimCse:
+    """Unsupervised SimCSE: each sentence against itself under another dropout mask, in-batch negatives."""
+
+    def __init__(self, base: SentenceTransformer, scale: float, dev: str, pooling: str):
+        self.encoder = _with_pooling(base, pooling, dev)
+        self.dev = dev
+        self.module = MultipleNegativesRankingLoss(self.encoder, scale=scale).to(dev)
+
+    def loss(self, rows: list[str], seed: int) -> torch.Tensor:
+        features = _to(self.encoder.preprocess(rows), self.dev)
+        # two forward passes over the same batch: dropout (seeded per step) makes the two views differ
+        return self.module([features, dict(features)], None)
+
+    def save(self, folder: Path) -> None:
+        save_model(self.encoder, folder)
+
+
+def ct_pairs(rows: list[str], pairs: int, negatives: int) -> tuple[list[str], list[str]]:
+    """CT's batch read from ``rows`` in order: pair i is (s, s) when i % (negatives + 1) == 0, else (s, t).
+
+    The layout of sentence-transformers' ``ContrastiveTensionDataLoader`` (one identical pair, then
+    ``negatives`` random ones), but over a batch already drawn from the seeded step, so a resumed run sees the
+    same pairs. Fewer rows than the batch needs (a tiny corpus) give fewer pairs.
+    """
+    it = iter(rows)
+    firsts, seconds = [], []
+    for i in range(pairs):
+        first = next(it, None)
+        second = first if i % (negatives + 1) == 0 else next(it, None)
+        if first is None or second is None:
+            break
+        firsts.append(first)
+        seconds.append(second)
+    return firsts, seconds
+
+
+class ContrastiveTension:
+    """Two copies of the encoder; ``ContrastiveTensionLoss`` on CT pairs, or in-batch negatives (``ct_inbatch``).
+
+    sentence-transformers' losses keep the encoder they are given as ``model2``, train a deep copy as ``model1``
+    beside it, and name ``model2`` the model to use after training (its CT docs: it usually does better), so
+    ``model2``, this class's ``encoder``, is what is saved. For ``ct`` the labels are left to the loss: a pair is
+    positive when its two token sequences are equal, so a sentence that recurs in the corpus is never pushed
+    from itself. ``ct_inbatch`` learns its similarity scale (starting at ``plan.scale``), as the loss does.
+    """
+
+    def __init__(self, base: SentenceTransformer, plan: PretrainPlan, dev: str, pooling: str):
+        self.encoder = _with_pooling(base, pooling, dev)
+        self.dev = dev
+        self.in_batch = plan.method == "ct_inbatch"
+        self.pairs, self.negatives = plan.batch_size, plan.ct_negatives
+        if self.in_batch:
+            self.module = ContrastiveTensionLossInBatchNegatives(self.encoder, scale=plan.scale).to(dev)
+        else:
+            self.module = ContrastiveTensionLoss(self.encoder).to(dev)
+
+    def loss(self, rows: list[str], seed: int) -> torch.Tensor:
+        if self.in_batch:
+            return self.module([_to(self.encoder.preprocess(rows), self.dev)], None)
+        columns = ct_pairs(rows, self.pairs, self.negatives)
+        return self.module([_to(self.encoder.preprocess(texts), self.dev) for texts in columns], None)
+
+    def save(self, folder: Path) -> None:
+        save_model(self.encoder, folder)  # model2 in the loss
+
+
 def save_model(model: SentenceTransformer, folder: Path) -> None:
     """A sentence-transformers folder; the model card is written without looking anything up on the Hub."""
     model.model_card_data.local_files_only = True
@@ -300,12 +391,13 @@ class _State:
 
 def _batch(n: int, plan: PretrainPlan, step: int, cache: dict[int, np.ndarray]) -> list[int]:
     """Step ``step``'s example indices: a seeded permutation per epoch, cut into full batches."""
-    per_epoch = max(1, n // plan.batch_size)
+    size = plan.rows_per_step
+    per_epoch = max(1, n // size)
     epoch, k = divmod(step, per_epoch)
     if epoch not in cache:
         cache.clear()
         cache[epoch] = np.random.default_rng([plan.seed, epoch]).permutation(n)
-    return cache[epoch][k * plan.batch_size : (k + 1) * plan.batch_size].tolist()
+    return cache[epoch][k * size : (k + 1) * size].tolist()
 
 
 def _resume(folder: Path, objective: Objective, optimizer, scheduler, dev: str) -> _State:
@@ -374,6 +466,20 @@ def fit(objective: Objective, examples: list, plan: PretrainPlan, checkpoints: P
     return state
 
 
+def _base_pooling(base: SentenceTransformer) -> str:
+    """The pooling mode of the base's first pooling layer (mean when it has none or combines several)."""
+    mode = next((m.pooling_mode for m in base if isinstance(m, Pooling)), "mean")
+    return mode if isinstance(mode, str) else "mean"
+
+
+def _sentence_objective(plan: PretrainPlan, base: SentenceTransformer, dev: str, pooling: str) -> Objective:
+    if plan.method == "tsdae":
+        return Tsdae(base, plan.noise_ratio, dev, pooling)
+    if plan.method == "simcse":
+        return SimCse(base, plan.scale, dev, pooling)
+    return ContrastiveTension(base, plan, dev, pooling)
+
+
 def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoints: Path, out_dir: Path,
              on_progress: ProgressFn | None = None) -> PretrainReport:
     """Pretrain ``base_model`` on ``texts`` (passages); save the encoder as a sentence-transformers folder."""
@@ -384,19 +490,19 @@ def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoi
         counters[name] = counters.get(name, 0) + value
 
     dev = models.device()
-    pooling = plan.pooling or POOLING[plan.method]
     base = models.load_bi_encoder(base_model, max_seq_length=plan.max_seq_length)
-    limit = plan.steps * plan.batch_size  # more examples than the run can see are never needed
+    pooling = plan.pooling or POOLING[plan.method] or _base_pooling(base)
+    limit = plan.steps * plan.rows_per_step  # more examples than the run can see are never needed
     torch.manual_seed(plan.seed)  # the decoder's or MLM head's new weights
-    if plan.method == "tsdae":
-        examples, total = reservoir_sample(sentences(texts, plan.min_sentence_words, count), limit, plan.seed)
-        objective: Objective = Tsdae(base, plan.noise_ratio, dev, pooling)
-        count("sentences", total)
-    else:
+    if plan.method == "mlm":
         passages, total = reservoir_sample(texts, limit, plan.seed)
         examples = mlm_chunks(base.tokenizer, passages, plan.max_seq_length, count)
-        objective = MaskedLM(base, plan.mlm_probability, plan.seed, dev, pooling)
+        objective: Objective = MaskedLM(base, plan.mlm_probability, plan.seed, dev, pooling)
         count("passages", total)
+    else:
+        examples, total = reservoir_sample(sentences(texts, plan.min_sentence_words, count), limit, plan.seed)
+        objective = _sentence_objective(plan, base, dev, pooling)
+        count("sentences", total)
     if not examples:
         raise ValueError(f"pretrain ({plan.method}): the corpus yields no training example "
                          f"(sentences need at least {plan.min_sentence_words} words)")

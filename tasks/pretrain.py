@@ -1,8 +1,10 @@
-"""Pretrain: optional domain-adaptive pretraining of the base encoder (TSDAE or MLM) on the corpus.
+"""Pretrain: optional domain-adaptive pretraining of the base encoder on the corpus.
 
-The output ``pretrain/`` is a sentence-transformers folder that the train stage starts from instead of the
-base model: TSDAE keeps the CLS pooling it trained, MLM gets mean pooling. A crashed run continues from its
-last checkpoint (kept under ``<run_dir>/.checkpoints/pretrain-<fingerprint>/`` until the model is published).
+Methods: TSDAE, MLM, unsupervised SimCSE, Contrastive Tension (``ct``) and CT with in-batch negatives
+(``ct_inbatch``). The output ``pretrain/`` is a sentence-transformers folder that the train stage starts from
+instead of the base model: TSDAE keeps the CLS pooling it trained, MLM gets mean pooling, SimCSE and CT keep
+the base's pooling (mean for a plain encoder). A crashed run continues from its last checkpoint (kept under
+``<run_dir>/.checkpoints/pretrain-<fingerprint>/`` until the model is published).
 """
 
 from __future__ import annotations
@@ -27,18 +29,23 @@ CODE_VERSION = "pretrain-1"
 
 
 class PretrainConfig(StageConfig):
-    method: Literal["none", "tsdae", "mlm"] = "none"
+    method: Literal["none", "tsdae", "mlm", "simcse", "ct", "ct_inbatch"] = "none"
     steps: int = Field(default=10_000, gt=0)
     batch_size: int = Field(default=8, gt=0)
     learning_rate: float = Field(default=3e-5, ge=0.0, allow_inf_nan=False)  # TSDAE paper: 3e-5, constant; 0 freezes
     max_seq_length: int = Field(default=256, gt=0)
     seed: Seed = 42
     noise_ratio: float = Field(default=0.6, ge=0.0, lt=1.0)  # TSDAE: fraction of words deleted
-    min_sentence_words: int = Field(default=3, gt=0)  # TSDAE: shorter sentences are dropped (and counted)
-    # the output's pooling; None: the method's own (TSDAE cls, as the paper; MLM mean). `mean` keeps a base
-    # that was trained with mean pooling (most sentence-transformers models) on the pooling it knows.
+    min_sentence_words: int = Field(default=3, gt=0)  # sentence methods: shorter ones are dropped (and counted)
+    # the output's pooling; None: the method's own (TSDAE cls, as the paper; MLM mean; SimCSE and CT the
+    # base's, mean for a plain encoder). `mean` keeps a base that was trained with mean pooling (most
+    # sentence-transformers models) on the pooling it knows.
     pooling: Literal["cls", "mean"] | None = None
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0)  # MLM: fraction of tokens masked
+    # SimCSE and ct_inbatch: cosine similarity x scale (= 1/temperature) in the softmax; 20 = SimCSE's 0.05
+    # (ct_inbatch learns it from there, as sentence-transformers' loss does)
+    scale: float = Field(default=20.0, gt=0.0, allow_inf_nan=False)
+    ct_negatives: int = Field(default=7, gt=0)  # CT: random pairs per identical pair in a batch (the paper's K)
     warmup_steps: int = Field(default=0, ge=0)  # linear warm-up, then a constant learning rate
     checkpoint_every: int = Field(default=1000, gt=0)
     log_every: int | None = Field(default=None, gt=0)  # loss points and progress; None: about 100 per run
@@ -92,19 +99,20 @@ def pretrain_plan(cfg: PretrainConfig) -> Any:
                     learning_rate=cfg.learning_rate, max_seq_length=cfg.max_seq_length, seed=cfg.seed,
                     checkpoint_every=cfg.checkpoint_every, log_every=log_every, warmup_steps=cfg.warmup_steps,
                     noise_ratio=cfg.noise_ratio, mlm_probability=cfg.mlm_probability,
-                    min_sentence_words=cfg.min_sentence_words, pooling=cfg.pooling)
+                    min_sentence_words=cfg.min_sentence_words, pooling=cfg.pooling, scale=cfg.scale,
+                    ct_negatives=cfg.ct_negatives)
 
 
 def _texts(corpus: Artifact, method: str) -> Iterator[str]:
-    """TSDAE splits the passage text into sentences (titles would merge into the first one); MLM reads
-    title + " " + text, the passage as GPL encodes it."""
+    """TSDAE, SimCSE and CT split the passage text into sentences (titles would merge into the first one);
+    MLM reads title + " " + text, the passage as GPL encodes it."""
     for batch in corpus.iter_batches(["title", "text"]):
         titles, texts = batch.column("title").to_pylist(), batch.column("text").to_pylist()
         for title, text in zip(titles, texts, strict=True):
             yield f"{title} {text}" if method == "mlm" and title else text
 
 
-@task(name="pretrain encoder (TSDAE/MLM)", task_run_name="pretrain encoder ({cfg.method})", retries=1,
+@task(name="pretrain encoder", task_run_name="pretrain encoder ({cfg.method})", retries=1,
       persist_result=True,  # a retry resumes from checkpoint
       cache_key_fn=artifact_cache_key(STAGE, lambda p: pretrain_fingerprint(p["cfg"], p["corpus_fp"],
                                                                             p["base_model"])))

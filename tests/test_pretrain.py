@@ -1,4 +1,5 @@
-"""Pretraining (TSDAE, MLM) on tiny models: the loss falls, the output loads, a crash resumes, no network."""
+"""Pretraining (TSDAE, MLM, SimCSE, CT) on tiny models: the loss falls, the output loads, a crash resumes,
+no network."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import pyarrow as pa
 import pytest
 import torch
 from prefect.logging import disable_run_logger
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
+from gplflow.adapters import pretraining
 from gplflow.adapters.corpus_readers import iter_documents
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import TinyModels, build_tiny_models
@@ -233,3 +236,106 @@ def test_tsdae_can_keep_mean_pooling(tmp_path, passages, tiny):
     tokens = _encode_tokens(model, TEXTS)
     means = np.stack([t.cpu().numpy().mean(axis=0) for t in tokens])
     np.testing.assert_allclose(model.encode(TEXTS), means, atol=1e-5)
+
+
+# --- SimCSE and Contrastive Tension ------------------------------------------------------------------------
+
+CONTRASTIVE = ["simcse", "ct", "ct_inbatch"]
+# The contrastive losses are noisy from batch to batch on the whole demo corpus; on four passages (about 16
+# sentences) the batches recur and 20 steps lower the loss clearly.
+SMALL = {**FAST, "steps": 20, "max_seq_length": 32}
+
+
+@pytest.mark.parametrize("method", CONTRASTIVE)
+def test_contrastive_methods_lower_their_loss_and_save_a_loadable_model(tmp_path, passages, tiny, method):
+    store, corpus = make_corpus(tmp_path, passages[:4])
+    artifact = run_pretrain(PretrainConfig(method=method, **SMALL), store, corpus, str(tiny.bi_encoder))
+    info = artifact.manifest["pretrain"]
+    assert (info["method"], info["pooling"], info["steps"]) == (method, "mean", 20)  # the base's pooling
+    first, last = _window_means(info["loss_history"])
+    assert last < 0.8 * first, info["loss_history"]  # 0.21-0.69 over seeds 0-4
+    assert artifact.counters["examples"] == artifact.counters["sentences"]  # fewer than the run could see
+
+    model = SentenceTransformer(store.url("pretrain"), device="cpu")
+    assert model[1].pooling_mode == "mean"
+    embeddings = model.encode(TEXTS, convert_to_numpy=True)
+    assert embeddings.shape == (3, 64)
+    base = SentenceTransformer(str(tiny.bi_encoder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    assert not np.allclose(embeddings, base, atol=1e-3)  # the trained encoder, not the base, was saved
+
+
+@pytest.mark.parametrize("method", CONTRASTIVE)
+def test_contrastive_methods_at_learning_rate_0_publish_the_base_weights(tmp_path, passages, tiny, method):
+    """What training starts from is the pretrain output; frozen, that output must be exactly the base."""
+    store, corpus = make_corpus(tmp_path, passages[:4])
+    cfg = PretrainConfig(method=method, **{**SMALL, "steps": 2, "learning_rate": 0.0})
+    run_pretrain(cfg, store, corpus, str(tiny.bi_encoder))
+    out = Path(store.url("pretrain"))
+    saved, base = load_file(out / "model.safetensors"), load_file(tiny.bi_encoder / "model.safetensors")
+    assert saved.keys() == base.keys()
+    assert all(torch.equal(saved[k], base[k]) for k in base)
+    np.testing.assert_allclose(SentenceTransformer(str(out), device="cpu").encode(TEXTS),
+                               SentenceTransformer(str(tiny.bi_encoder), device="cpu").encode(TEXTS), atol=1e-6)
+
+
+def test_ct_batches_have_one_identical_pair_per_group_and_are_fixed_by_the_step():
+    rows = [f"s{i}" for i in range(15)]
+    firsts, seconds = pretraining.ct_pairs(rows, pairs=8, negatives=3)
+    assert firsts == ["s0", "s1", "s3", "s5", "s7", "s8", "s10", "s12"]
+    assert seconds == ["s0", "s2", "s4", "s6", "s7", "s9", "s11", "s13"]  # pairs 0 and 4 identical
+    assert pretraining.ct_pairs(rows[:4], pairs=8, negatives=3) == (["s0", "s1"], ["s0", "s2"])  # rows ran out
+
+    plan = pretraining.PretrainPlan(method="ct", steps=10, batch_size=8, learning_rate=0.0, max_seq_length=32,
+                                    seed=3, checkpoint_every=5, log_every=5, ct_negatives=7)
+    assert plan.rows_per_step == 15  # 8 first sentences + 7 second ones for the random pairs
+    assert pretraining.PretrainPlan(**{**plan.__dict__, "ct_negatives": 3}).rows_per_step == 14
+    assert pretraining.PretrainPlan(**{**plan.__dict__, "method": "ct_inbatch"}).rows_per_step == 8
+    batches = [pretraining._batch(100, plan, step, {}) for step in range(7)]
+    assert all(len(b) == 15 and len(set(b)) == 15 for b in batches)
+    assert batches == [pretraining._batch(100, plan, step, {}) for step in range(7)]  # a resumed run's batches
+    with pytest.raises(ValueError, match="expected one of tsdae, mlm, simcse, ct, ct_inbatch"):
+        pretraining.PretrainPlan(**{**plan.__dict__, "method": "bogus"})
+
+
+def test_ct_saves_the_encoder_the_loss_keeps_for_inference(tmp_path, passages, tiny):
+    """sentence-transformers' CT losses train a copy (model1) beside the given encoder (model2), the one kept."""
+    plan = pretraining.PretrainPlan(method="ct", steps=3, batch_size=8, learning_rate=1e-3, max_seq_length=32,
+                                    seed=0, checkpoint_every=10, log_every=1)
+    base = SentenceTransformer(str(tiny.bi_encoder), device="cpu")
+    objective = pretraining.ContrastiveTension(base, plan, "cpu", "mean")
+    sentences = list(pretraining.sentences((text for _, text in passages[:4]), 3, lambda name, n: None))
+    pretraining.fit(objective, sentences, plan, tmp_path / "ckpt", "cpu")
+    objective.save(tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    kept = objective.module.model2.transformers_model.state_dict()
+    other = objective.module.model1.transformers_model.state_dict()
+    assert all(torch.equal(saved[k], kept[k]) for k in saved)
+    assert any(not torch.equal(saved[k], other[k]) for k in saved)  # the two copies did drift apart
+
+
+def test_a_crashed_ct_run_resumes_with_the_same_batches(tmp_path, passages, tiny):
+    cfg = PretrainConfig(method="ct", **{**SMALL, "steps": 12, "log_every": 2}, checkpoint_every=4)
+    store, corpus = make_corpus(tmp_path / "run", passages[:4])
+    fp = pretrain_fingerprint(cfg, corpus.fingerprint, str(tiny.bi_encoder))
+    checkpoints = tmp_path / "run" / ".checkpoints" / f"pretrain-{fp}"
+
+    def crash_at_6(step, total, loss):
+        if step == 6:
+            raise Crash("killed")
+
+    with pytest.raises(Crash):
+        run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), on_progress=crash_at_6)
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4.pt"]
+    seen = []
+    info = run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), lambda s, t, loss: seen.append(s)
+                        ).manifest["pretrain"]
+    assert seen == [6, 8, 10, 12] and info["resumed_from_step"] == 4 and not checkpoints.exists()
+
+    store2, corpus2 = make_corpus(tmp_path / "clean", passages[:4])
+    clean = run_pretrain(cfg, store2, corpus2, str(tiny.bi_encoder)).manifest["pretrain"]
+    assert [s for s, _ in info["loss_history"]] == [s for s, _ in clean["loss_history"]] == [2, 4, 6, 8, 10, 12]
+    np.testing.assert_allclose([v for _, v in info["loss_history"]], [v for _, v in clean["loss_history"]],
+                               rtol=1e-4)
+    resumed = load_file(Path(store.url("pretrain")) / "model.safetensors")
+    uninterrupted = load_file(Path(store2.url("pretrain")) / "model.safetensors")
+    assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-5) for k in resumed)
