@@ -425,7 +425,8 @@ def test_every_numeric_config_field_has_bounds() -> None:
 
     from gplflow.flows.config import PipelineConfig
 
-    validated = {"generate.queries_per_passage", "generate.batch_size", "label.triples"}  # int | 'auto': checked by a field validator
+    # int | 'auto': checked by a field validator
+    validated = {"generate.queries_per_passage", "generate.batch_size", "label.triples"}
     unbounded = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
