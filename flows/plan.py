@@ -19,7 +19,7 @@ from typing import Any
 
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.flows.config import PipelineConfig
-from gplflow.tasks import generate, ingest, label
+from gplflow.tasks import generate, ingest, label, split
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +104,10 @@ def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
     examples = cfg.train.steps * cfg.train.batch_size
     out.append(StagePlan("train", cfg.train.steps, "steps", f"{cfg.train.loss}, {cfg.train.steps} steps of batch "
                          f"{cfg.train.batch_size} ({examples} examples)"))
-    if cfg.evaluate.qrels:
+    if cfg.evaluate.qrels or split.active(cfg.evaluate):
         compared = 3 if cfg.pretrain.method != "none" else 2
         out.append(StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the "
-                             "judged queries)"))
+                             "judged or held-out queries)"))
     return out
 
 

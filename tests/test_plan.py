@@ -30,6 +30,7 @@ def config_file(tmp_path_factory) -> Path:
         "mine": {"negatives_per_query": 4, "batch_size": 16},
         "label": {"triples": 40},
         "train": {"steps": 7, "batch_size": 4, "max_seq_length": 64},
+        "evaluate": {"heldout_fraction": 0},
     }
     path = root / "plan.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -41,7 +42,7 @@ def test_plan_counts_follow_the_config_and_every_stage_gets_a_rate(config_file, 
     plan = make_plan(cfg, str(tmp_path / "run"))
     stages = {s.stage: s for s in plan.stages}
     assert plan.passages == N_DOCS
-    assert list(stages) == ["generate", "mine", "label", "train"]  # no pretrain, no qrels: no evaluate
+    assert list(stages) == ["generate", "mine", "label", "train"]  # no pretrain, no qrels nor held-out: no evaluate
     assert stages["generate"].work == N_DOCS and f"= {N_DOCS * 3} queries" in stages["generate"].detail
     assert stages["mine"].work == N_DOCS + N_DOCS * 3  # one retriever: passages + queries
     # 40 triples over 72 queries: 40 negative pairs + at most 40 positive pairs
@@ -52,6 +53,9 @@ def test_plan_counts_follow_the_config_and_every_stage_gets_a_rate(config_file, 
         assert stage.seconds == pytest.approx(stage.work / stage.rate)
     assert plan.seconds == pytest.approx(sum(s.seconds for s in plan.stages))
     assert not (tmp_path / "run").exists()  # a plan writes nothing into the run directory
+    held_out = make_plan(PipelineConfig.load(config_file, ["evaluate.heldout_fraction=0.05"]), str(tmp_path / "run"),
+                         calibrate=False)
+    assert [s.stage for s in held_out.stages][-1] == "evaluate"  # held-out queries are evaluated without qrels
 
 
 def test_a_model_that_cannot_load_leaves_its_stage_without_an_estimate(config_file, tmp_path):
