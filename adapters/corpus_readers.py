@@ -56,6 +56,10 @@ _ACCEPTED = (
 _BATCH_ROWS = 4096
 _MAX_REPORTED = 5  # duplicate ids named in an error message
 _CSV_FIELD_LIMIT = 2**31 - 1  # passages can exceed the csv module's 128 KiB default
+RECORD_FORMATS = ("jsonl", "csv", "tsv", "parquet")  # the single-file tables `iter_records` reads
+
+# (a file's column names, where for messages) -> the columns to read; raises CorpusError for a missing one
+Select = Callable[[list[str], str], list[str]]
 
 
 class CorpusError(ValueError):
@@ -130,6 +134,27 @@ def iter_documents(
     return _READERS[fmt](str(path), fields or FieldMap())
 
 
+def iter_records(path: str | Path, fmt: str | None, select: Select) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Raw records of a JSONL, CSV, TSV or Parquet file as (line or row number, mapping), for tables other than
+    a corpus (labelled pairs): the same decoding, quoting rules and one-line errors as the corpus readers.
+
+    ``select`` checks a CSV/TSV header and picks the Parquet columns; JSONL records are checked by the caller
+    (their keys may vary from line to line). Numbers are JSONL lines and CSV/TSV/Parquet data rows.
+    """
+    if fmt is None:
+        fmt = detect_format(path)
+    if fmt not in RECORD_FORMATS:
+        raise CorpusError(f"{path}: format {fmt!r} cannot be read here; expected a file: {', '.join(RECORD_FORMATS)}")
+    path = str(path)
+    _check_path_kind(path, fmt)
+    if fmt == "jsonl":
+        return _jsonl_records(path)
+    if fmt == "parquet":
+        return _parquet_records(path, select)
+    dialect = {"delimiter": ","} if fmt == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    return _delimited_records(path, select, dialect)
+
+
 def _check_path_kind(path: str, fmt: str) -> None:
     fs, fs_path = fsspec.core.url_to_fs(path)
     is_dir = fs.isdir(fs_path)
@@ -171,16 +196,16 @@ def _read_jsonl(path: str, fields: FieldMap) -> Iterator[Document]:
 
 
 def _read_csv(path: str, fields: FieldMap) -> Iterator[Document]:
-    return _validated(_delimited_records(path, fields, {"delimiter": ","}), path, "row", fields)
+    return _validated(_delimited_records(path, _field_columns(fields), {"delimiter": ","}), path, "row", fields)
 
 
 def _read_tsv(path: str, fields: FieldMap) -> Iterator[Document]:
     dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    return _validated(_delimited_records(path, fields, dialect), path, "row", fields)
+    return _validated(_delimited_records(path, _field_columns(fields), dialect), path, "row", fields)
 
 
 def _read_parquet(path: str, fields: FieldMap) -> Iterator[Document]:
-    return _validated(_parquet_records(path, fields), path, "row", fields)
+    return _validated(_parquet_records(path, _field_columns(fields)), path, "row", fields)
 
 
 def _read_hf(path: str, fields: FieldMap) -> Iterator[Document]:
@@ -228,7 +253,7 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _delimited_records(
-    path: str, fields: FieldMap, dialect: dict[str, Any]
+    path: str, select: Select, dialect: dict[str, Any]
 ) -> Iterator[tuple[int, dict[str, str]]]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     with fsspec.open(path, "rb", compression="infer") as f:
@@ -236,7 +261,7 @@ def _delimited_records(
         reader = csv.reader(_decoded_lines(f, path), strict=True, **dialect)
         row_start = [1]  # the line where the row being read began
         try:
-            yield from _delimited_rows(_tracked_rows(reader, row_start), path, fields)
+            yield from _delimited_rows(_tracked_rows(reader, row_start), path, select)
         except csv.Error as err:
             if reader.dialect.quoting != csv.QUOTE_NONE and "unexpected end of data" in str(err):
                 line = _unclosed_quote_line(path, row_start[0], reader.dialect.delimiter)
@@ -283,12 +308,12 @@ def _unclosed_quote_line(path: str, start: int, delimiter: str) -> int:
 
 
 def _delimited_rows(
-    reader: Iterator[list[str]], path: str, fields: FieldMap
+    reader: Iterator[list[str]], path: str, select: Select
 ) -> Iterator[tuple[int, dict[str, str]]]:
     header = next(reader, None)
     if header is None:
         return
-    _columns_to_read(header, fields, f"{path} line 1")
+    select(header, f"{path} line 1")
     for row_no, row in enumerate(reader, 1):
         if not row:  # a blank line
             continue
@@ -299,13 +324,13 @@ def _delimited_rows(
         yield row_no, dict(zip(header, row, strict=True))
 
 
-def _parquet_records(path: str, fields: FieldMap) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_records(path: str, select: Select) -> Iterator[tuple[int, dict[str, Any]]]:
     with fsspec.open(path, "rb") as f:
         try:
             parquet = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as err:
             raise CorpusError(f"{path}: not a readable Parquet file ({_first_line(err)})") from err
-        columns = _columns_to_read(parquet.schema_arrow.names, fields, path)
+        columns = select(parquet.schema_arrow.names, path)
         batches = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
         yield from enumerate(itertools.chain.from_iterable(b.to_pylist() for b in batches), 1)
 
@@ -429,6 +454,10 @@ def _string_field(record: Mapping[str, Any], key: str, required: bool) -> str:
     if not isinstance(value, str):
         raise _RecordError(f"field {key!r} must be a string, got {_type_name(value)}")
     return value
+
+
+def _field_columns(fields: FieldMap) -> Select:
+    return lambda names, where: _columns_to_read(names, fields, where)
 
 
 def _columns_to_read(names: list[str], fields: FieldMap, where: str) -> list[str]:

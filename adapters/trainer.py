@@ -38,8 +38,10 @@ from gplflow.adapters.tiny_models import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("margin_mse", "mnrl")
-# The score each loss teaches: MarginMSE fits dot-product margins (GPL); MNRL ranks by scaled cosine.
+LOSSES = ("margin_mse", "mnrl", "cosent", "cosine", "angle")
+# Losses of scored pairs (sentence1, sentence2, score in [0, 1]): CoSENT and AnglE rank the pairs by cosine
+# (AnglE by angle difference in complex space), CosineSimilarityLoss regresses the cosine on the score.
+# The score each loss teaches: MarginMSE fits dot-product margins (GPL); the others score by cosine.
 SIMILARITY = {"dot": "dot", "cos_sim": "cosine"}  # train.similarity -> the similarity saved with the model
 CHECKPOINTS = ".checkpoints"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -144,9 +146,22 @@ def pairs_dataset(queries: pa.Table, passages: Dataset) -> Dataset:
     return rows
 
 
+def scored_pairs_dataset(pairs: pa.Table) -> Dataset:
+    """(sentence1, sentence2, label=score) rows of the ``pairs/`` artifact, for the scored-pair losses."""
+    return Dataset.from_dict({"sentence1": pairs["sentence1"], "sentence2": pairs["sentence2"],
+                              "label": pc.cast(pairs["score"], pa.float32())})
+
+
+def ranking_pairs_dataset(pairs: pa.Table) -> Dataset:
+    """(anchor, positive[, negative]) rows of the ``pairs/`` artifact, for MNRL (in-batch negatives, and the
+    row's own negative when the file gave one)."""
+    columns = [c for c in ("anchor", "positive", "negative") if c in pairs.column_names]
+    return Dataset.from_dict({c: pairs[c] for c in columns})
+
+
 def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot") -> torch.nn.Module:
-    """MarginMSE (GPL) with the student scoring by dot product (the paper) or cosine similarity, or
-    MultipleNegativesRanking with in-batch negatives (GenQ, cosine)."""
+    """MarginMSE (GPL) with the student scoring by dot product (the paper) or cosine similarity,
+    MultipleNegativesRanking with in-batch negatives (GenQ, and ranking pairs), or a scored-pair loss."""
     if name == "margin_mse":
         if similarity not in SIMILARITY:
             raise ValueError(f"train.similarity {similarity!r}: expected one of {', '.join(SIMILARITY)}")
@@ -154,6 +169,12 @@ def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot") ->
         return losses.MarginMSELoss(model, similarity_fct=score)
     if name == "mnrl":
         return losses.MultipleNegativesRankingLoss(model)
+    if name == "cosent":
+        return losses.CoSENTLoss(model)
+    if name == "cosine":
+        return losses.CosineSimilarityLoss(model)
+    if name == "angle":
+        return losses.AnglELoss(model)
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
 
 

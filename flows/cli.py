@@ -105,7 +105,7 @@ def run(
     run_dir: RunDirOption = None,
     plan: PlanOption = False,
 ) -> None:
-    """Run the GPL (or GenQ, with train.loss=mnrl / flow=genq) pipeline described by CONFIG."""
+    """Run the GPL (or GenQ: flow=genq; or fine-tuning on labelled pairs: flow=supervised) pipeline of CONFIG."""
     with user_errors():
         _run(config, overrides or [], run_dir, plan)
 
@@ -129,9 +129,10 @@ def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = F
         print_plan(cfg, run_dir)
         return
     check_free(run_dir)  # likewise a run directory another run holds (the flow takes the lock itself)
-    from gplflow.flows.pipeline import genq_pipeline, gpl_pipeline
+    from gplflow.flows.pipeline import genq_pipeline, gpl_pipeline, supervised_pipeline
 
-    pipeline = genq_pipeline if cfg.flow == "genq" else gpl_pipeline  # the name the Prefect UI lists it under
+    # the flow's name is what the Prefect UI lists the run under
+    pipeline = {"genq": genq_pipeline, "supervised": supervised_pipeline}.get(cfg.flow, gpl_pipeline)
     summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
     print_summary(cfg, summary)
 
@@ -161,8 +162,12 @@ def _ref(ref: str, path: str) -> str:
 def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     models, m = summary["models"], cfg.models
     console.rule(f"gplflow run '{cfg.name}' finished in {summary['seconds']} s")
-    console.print("generator: " + (_ref(m.generator, models["generator"]) if cfg.generate.method == "t5"
-                                    else "extractive pseudo-queries (no model)"))
+    store = ArtifactStore(summary["run_dir"])
+    if cfg.flow == "supervised":
+        _pairs(store)
+    else:
+        console.print("generator: " + (_ref(m.generator, models["generator"]) if cfg.generate.method == "t5"
+                                        else "extractive pseudo-queries (no model)"))
     if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
         for (name, score), (path, _) in zip(((r.name, r.score) for r in m.retrievers), models["retrievers"],
                                             strict=True):
@@ -174,7 +179,6 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     console.print(f"base model: {m.base}{layers} ({models['base']})")
     if cfg.pretrain.method != "none":
         console.print(f"pretraining: {cfg.pretrain.method}, {cfg.pretrain.steps} steps")
-    store = ArtifactStore(summary["run_dir"])
     _diagnostics((store.read_manifest("triples") or {}).get("diagnostics"))
     metrics = summary.get("metrics")
     if metrics:
@@ -182,9 +186,23 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
         _verdict(metrics)
     console.print(f"adapted model: {store.url('model')}  (SentenceTransformer(path) loads it)")
     _promoted((store.read_manifest("promoted") or {}).get("promotion"))
-    stages = [s for s in ("corpus", "queries", "heldout", "queries-train", "negatives", "triples", "pretrain", "model",
-                          "evaluate", "promoted") if store.read_manifest(s) is not None]
+    stages = [s for s in ("corpus", "pairs", "queries", "heldout", "queries-train", "negatives", "triples", "pretrain",
+                          "model", "evaluate", "promoted") if store.read_manifest(s) is not None]
     console.print(f"artifacts: {summary['run_dir']}/{{{','.join(stages)}}}")
+
+
+def _pairs(store: ArtifactStore) -> None:
+    """The labelled pairs a supervised run trained on: how many, which kind, the score spread, and the loss."""
+    pairs, model = store.read_manifest("pairs") or {}, store.read_manifest("model") or {}
+    scores = pairs.get("scores")
+    spread = (f", scores {scores['min']:.2f}-{scores['max']:.2f} (mean {scores['mean']:.2f}, per fifth "
+              f"{'/'.join(map(str, scores['histogram']))})" if scores else "")
+    console.print(f"labelled pairs: {pairs.get('rows')} {pairs.get('kind', '')} pairs from "
+                  f"{pairs.get('config', {}).get('path')}{spread}", highlight=False)
+    info = model.get("train", {})
+    if info.get("loss_first") is not None:
+        console.print(f"training: {model.get('config', {}).get('loss')}, {info.get('steps')} steps, loss "
+                      f"{info['loss_first']:.4f} → {info['loss_last']:.4f}", highlight=False)
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:

@@ -17,8 +17,9 @@ from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.ingest import IngestConfig
 from gplflow.tasks.label import LabelConfig
 from gplflow.tasks.mine import MineConfig
+from gplflow.tasks.pairs import PairsConfig
 from gplflow.tasks.pretrain import PretrainConfig
-from gplflow.tasks.train import TrainConfig
+from gplflow.tasks.train import PAIR_LOSSES, TrainConfig
 
 
 class _Frozen(BaseModel):
@@ -63,9 +64,10 @@ class ImportConfig(_Frozen):
 
 class PipelineConfig(_Frozen):
     name: str = "gpl"
-    flow: Literal["gpl", "genq"] = "gpl"
+    flow: Literal["gpl", "genq", "supervised"] = "gpl"  # supervised: fine-tune the base on `pairs`
     profile: Literal["default", "tiny"] = "default"  # tiny: every model slot not set explicitly is `tiny`
     corpus: IngestConfig | None = None  # may be omitted when import.gpl_dir holds a corpus.jsonl
+    pairs: PairsConfig | None = None  # flow supervised: the labelled pairs it trains on
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig = PretrainConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -87,12 +89,37 @@ class PipelineConfig(_Frozen):
             data = {**data, "models": models}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _supervised_loss(cls, data: Any) -> Any:
+        """flow supervised without a train.loss: the first loss of its kind of pairs (scored: cosent)."""
+        if not isinstance(data, dict) or data.get("flow") != "supervised":
+            return data
+        train, pairs = data.get("train"), data.get("pairs")
+        if (train is None or (isinstance(train, dict) and "loss" not in train)) and isinstance(pairs, dict):
+            kind = pairs.get("kind", "scored")
+            if kind in PAIR_LOSSES:
+                data = {**data, "train": {**(train or {}), "loss": PAIR_LOSSES[kind][0]}}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
         if self.corpus is None and self.import_.gpl_dir is None:
             raise ValueError("missing key 'corpus' (or import.gpl_dir with a corpus.jsonl)")
         if self.flow == "genq" and self.train.loss != "mnrl":
-            raise ValueError("flow 'genq' trains with train.loss=mnrl, not margin_mse")
+            raise ValueError(f"flow 'genq' trains with train.loss=mnrl, not {self.train.loss}")
+        if self.flow == "supervised":
+            if self.pairs is None:
+                raise ValueError("flow 'supervised' needs the key 'pairs' (path of the labelled pairs file)")
+            allowed = PAIR_LOSSES[self.pairs.kind]
+            if self.train.loss not in allowed:
+                raise ValueError(f"flow 'supervised' trains {self.pairs.kind} pairs with train.loss "
+                                 f"{' or '.join(allowed)}, not {self.train.loss}")
+        else:
+            if self.pairs is not None:
+                raise ValueError(f"'pairs' is read by flow 'supervised' only, not by flow '{self.flow}'")
+            if self.train.loss not in ("margin_mse", "mnrl"):
+                raise ValueError(f"train.loss {self.train.loss} trains on labelled pairs: set flow: supervised")
         return self
 
     @classmethod
@@ -217,7 +244,8 @@ def default_run_dir(cfg: PipelineConfig) -> str:
     return str(Path("runs") / cfg.name)
 
 
-_PATH_KEYS = (("corpus", "path"), ("evaluate", "qrels"), ("evaluate", "queries"), ("import", "gpl_dir"))
+_PATH_KEYS = (("corpus", "path"), ("pairs", "path"), ("evaluate", "qrels"), ("evaluate", "queries"),
+              ("import", "gpl_dir"))
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:

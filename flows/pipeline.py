@@ -1,4 +1,4 @@
-"""The GPL and GenQ flows: stages chained by the fingerprints of the artifacts they publish.
+"""The GPL, GenQ and supervised flows: stages chained by the fingerprints of the artifacts they publish.
 
 Each stage is a cached Prefect task keyed by its fingerprint. Before calling one, the flow checks that the
 artifact behind that fingerprint still validates; if it does not (deleted, corrupted, never written) the task
@@ -24,7 +24,7 @@ from gplflow.flows import shards
 from gplflow.flows.config import PipelineConfig, default_run_dir
 from gplflow.flows.report import artifact_key, publish_report
 from gplflow.flows.validate import validate_run
-from gplflow.tasks import evaluate, generate, ingest, label, mine, pretrain, promote, split, train
+from gplflow.tasks import evaluate, generate, ingest, label, mine, pairs, pretrain, promote, split, train
 from gplflow.tasks.base import retry_unless_deterministic
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,33 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
             raise ValueError(f"import.gpl_dir {cfg.import_.gpl_dir}: no corpus.jsonl, and no corpus.path given")
         fps["corpus"] = _call(ingest.ingest_task, ingest.STAGE, ingest.ingest_fingerprint(cfg.corpus),
                               cfg=cfg.corpus, run_dir=run_dir)
+    if cfg.flow == "supervised":  # the user's pairs are read (and checked) before any model is built
+        fps["pairs"] = _call(pairs.pairs_task, pairs.STAGE, pairs.pairs_fingerprint(cfg.pairs), cfg=cfg.pairs,
+                             run_dir=run_dir)
     models = prepare_models(cfg, run_dir)
+    if cfg.flow == "supervised":
+        start = _train_supervised(cfg, run_dir, models, fps)
+    else:
+        start = _train_on_queries(cfg, run_dir, models, fps, pool)
+    metrics = _evaluate(cfg, run_dir, models, start, fps)
+    summary = {"run_dir": run_dir, "fingerprints": fps, "models": models, "metrics": metrics,
+               "started": started, "seconds": round(time.time() - started, 1)}
+    publish_report(cfg, ArtifactStore(run_dir), summary)
+    return summary
+
+
+def _train_supervised(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str]) -> str:
+    """flow supervised: (pretrain →) train on the labelled pairs; returns the model training started from."""
+    start = _pretrain(cfg, run_dir, models, fps)
+    fps["model"] = _call(train.train_pairs_task, train.STAGE,
+                         train.train_pairs_fingerprint(cfg.train, start, fps["pairs"]),
+                         cfg=cfg.train, run_dir=run_dir, base_model=start, pairs_fp=fps["pairs"])
+    return start
+
+
+def _train_on_queries(cfg: PipelineConfig, run_dir: str, models: dict[str, Any], fps: dict[str, str],
+                      pool: shards.PoolSource | None = None) -> str:
+    """GPL and GenQ: generate → hold out → (mine → label →) (pretrain →) train; returns where training started."""
     if "queries" not in fps:
         generator = models["generator"] if cfg.generate.method == "t5" else ""
         params = dict(cfg=cfg.generate, run_dir=run_dir, corpus_fp=fps["corpus"], generator=generator,
@@ -128,11 +154,7 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
         cfg=cfg.train, run_dir=run_dir, base_model=start, corpus_fp=fps["corpus"],
         queries_fp=train_queries, triples_fp=triples_fp or None,
     )
-    metrics = _evaluate(cfg, run_dir, models, start, fps)
-    summary = {"run_dir": run_dir, "fingerprints": fps, "models": models, "metrics": metrics,
-               "started": started, "seconds": round(time.time() - started, 1)}
-    publish_report(cfg, ArtifactStore(run_dir), summary)
-    return summary
+    return start
 
 
 def _hold_out(cfg: PipelineConfig, run_dir: str, fps: dict[str, str]) -> None:
@@ -239,5 +261,14 @@ def genq_pipeline(config_path: str | None = None, overrides: list[str] | None = 
                   run_dir: str | None = None) -> dict[str, Any]:
     """GenQ: ingest → generate → train with MultipleNegativesRankingLoss → evaluate."""
     overrides = [*(overrides or []), "flow=genq", "train.loss=mnrl"]
+    cfg = PipelineConfig.load(config_path, overrides)
+    return run_pipeline(cfg, run_dir or default_run_dir(cfg), config_path, overrides)
+
+
+@flow(name="supervised-pipeline", flow_run_name=flow_run_name)
+def supervised_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
+                        run_dir: str | None = None) -> dict[str, Any]:
+    """Fine-tune on labelled pairs: ingest → read pairs → (pretrain →) train → evaluate on the qrels."""
+    overrides = [*(overrides or []), "flow=supervised"]
     cfg = PipelineConfig.load(config_path, overrides)
     return run_pipeline(cfg, run_dir or default_run_dir(cfg), config_path, overrides)

@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # the config imports every stage (torch): `gplflow status` re
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("corpus", "pretrain", "queries", "heldout", "queries-train", "negatives", "triples", "model", "evaluate",
-          "promoted")  # the artifacts, in order
+STAGES = ("corpus", "pairs", "pretrain", "queries", "heldout", "queries-train", "negatives", "triples", "model",
+          "evaluate", "promoted")  # the artifacts, in order
 MADE_BY = {"corpus": "ingest", "queries": "generate", "heldout": "split", "queries-train": "split",
            "negatives": "mine", "triples": "label", "model": "train"}
 METRICS = ("ndcg@10", "map@100", "recall@100", "mrr@10")
@@ -49,9 +49,13 @@ def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
         rows.append(("corpus", f"`{cfg.corpus.path}`" + (f" ({cfg.corpus.format})" if cfg.corpus.format else "")))
     if cfg.import_.gpl_dir:
         rows.append(("import", f"UKPLab gpl folder `{cfg.import_.gpl_dir}`"))
+    if cfg.pairs is not None:
+        rows.append(("pairs", f"{cfg.pairs.kind} pairs `{cfg.pairs.path}`"
+                              + (f" (scores in [0, {cfg.pairs.score_max:g}])" if cfg.pairs.kind == "scored" else "")))
     if cfg.pretrain.method != "none":
         rows.append(("pretrain", f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"))
-    rows.append(("generate", f"{g.method}, queries per passage: {g.queries_per_passage}, seed {g.seed}"))
+    if cfg.flow != "supervised":
+        rows.append(("generate", f"{g.method}, queries per passage: {g.queries_per_passage}, seed {g.seed}"))
     if gpl:
         m, lb = cfg.mine, cfg.label
         bm25 = ", and BM25" if m.bm25 else ""
@@ -74,7 +78,7 @@ def model_rows(cfg: PipelineConfig, resolved: dict[str, Any]) -> list[tuple[str,
     m = cfg.models
     gpl = cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
     rows = []
-    if cfg.generate.method == "t5":
+    if cfg.generate.method == "t5" and cfg.flow != "supervised":
         rows.append(("query generator", m.generator, resolved.get("generator", "")))
     if gpl:
         for ref, (path, score) in zip(m.retrievers, resolved.get("retrievers", []), strict=False):
@@ -241,6 +245,9 @@ def _headline(cfg: PipelineConfig) -> str:
     """One line: the method, what the queries are, and how long training is."""
     method = "GPL (MarginMSE on pseudo-labelled triples)" if cfg.train.loss == "margin_mse" else "GenQ (MNRL)"
     pretrain = f", after {cfg.pretrain.method.upper()} pretraining" if cfg.pretrain.method != "none" else ""
+    if cfg.flow == "supervised" and cfg.pairs is not None:
+        return (f"Supervised fine-tuning ({cfg.train.loss}) on {cfg.pairs.kind} labelled pairs{pretrain}: "
+                f"{cfg.train.steps} training steps of batch {cfg.train.batch_size}")
     return (f"{method}{pretrain}: {cfg.generate.method} queries, {cfg.train.steps} training steps of batch "
             f"{cfg.train.batch_size}")
 

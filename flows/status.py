@@ -38,6 +38,7 @@ class _Partial:
 
 # Stages that only some configs run: a missing one is computed only when the config asks for it.
 OPTIONAL = {"pretrain": "pretrain.method is not none", "negatives": "the flow is gpl (margin_mse)",
+            "pairs": "the flow is supervised", "queries": "the flow is gpl or genq",
             "heldout": "evaluate.heldout_fraction > 0", "queries-train": "evaluate.heldout_fraction > 0",
             "triples": "the flow is gpl (margin_mse)",
             "evaluate": "evaluate.qrels is set or queries are held out (evaluate.heldout_fraction > 0)"}

@@ -38,6 +38,8 @@ def _problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
         yield "corpus.path", problem
     if cfg.import_.gpl_dir and (problem := _missing(cfg.import_.gpl_dir, "folder")) is not None:
         yield "import.gpl_dir", problem
+    if cfg.pairs is not None and (problem := _missing(cfg.pairs.path, "file", folder_ok=False)) is not None:
+        yield "pairs.path", problem
     yield from _retrievers(cfg)
     for key, ref in _model_slots(cfg):
         if (problem := model_problem(ref)) is not None:
@@ -73,7 +75,7 @@ def _model_slots(cfg: PipelineConfig) -> list[tuple[str, str]]:
     slots = [("models.base", models.base)]
     if cfg.import_.gpl_dir:
         return slots
-    if cfg.generate.method == "t5":
+    if cfg.generate.method == "t5" and cfg.flow != "supervised":
         slots.append(("models.generator", models.generator))
     if _gpl(cfg):
         slots += [(f"models.retrievers.{i}.name", r.name) for i, r in enumerate(models.retrievers)]

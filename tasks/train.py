@@ -1,9 +1,10 @@
-"""Train: the bi-encoder with MarginMSE on the triples (GPL) or MNRL on (query, passage) pairs (GenQ)."""
+"""Train: the bi-encoder with MarginMSE on the triples (GPL), MNRL on (query, passage) pairs (GenQ), or on a
+user's labelled pairs (flow supervised): CoSENT, cosine or AnglE on scored pairs, MNRL on ranking pairs."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +23,12 @@ CODE_VERSION = "train-1"
 QUERY_STAGES = ("queries-train", "queries", "queries-filtered")  # the mnrl pairs come from any
 
 
+# the losses each kind of labelled pairs (tasks/pairs.py) trains with; the first is flow supervised's default
+PAIR_LOSSES = {"scored": ("cosent", "cosine", "angle"), "ranking": ("mnrl",)}
+
+
 class TrainConfig(StageConfig):
-    loss: Literal["margin_mse", "mnrl"] = "margin_mse"
+    loss: Literal["margin_mse", "mnrl", "cosent", "cosine", "angle"] = "margin_mse"
     # margin_mse: how the student scores a pair. dot (the paper) suits a cross-encoder's logit margins;
     # cos_sim suits a bi-encoder teacher's cosine margins (a dot-product student would shrink its vectors)
     similarity: Literal["dot", "cos_sim"] = "dot"
@@ -64,15 +69,49 @@ def run_train(
 
     ``callbacks`` are ``transformers.TrainerCallback``s (progress reporting, tests).
     """
-    from gplflow.adapters import trainer  # sentence-transformers' trainer is slow to import: only when training
-
     data = _training_data(cfg, queries, triples)
     inputs = _inputs(cfg, base_model, data.fingerprint, corpus.fingerprint)
     fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
     if (found := reuse(store, STAGE, fp)) is not None:
         return found
+    return _fit_and_publish(cfg, store, base_model, inputs, fp, lambda: _dataset(cfg, corpus, queries, data),
+                            callbacks)
+
+
+def pairs_inputs(base_model: str, pairs_fp: str) -> dict[str, str]:
+    return {"base_model": _base_signature(base_model), "pairs": pairs_fp}
+
+
+def train_pairs_fingerprint(cfg: TrainConfig, base_model: str, pairs_fp: str) -> str:
+    """The fingerprint of a model trained on labelled pairs (flow supervised): no corpus, no queries."""
+    return stage_fingerprint(STAGE, cfg, pairs_inputs(base_model, pairs_fp), CODE_VERSION)
+
+
+def run_train_pairs(cfg: TrainConfig, store: ArtifactStore, base_model: str, pairs: Artifact,
+                    callbacks: Sequence[Any] = ()) -> Artifact:
+    """Fine-tune ``base_model`` on the ``pairs/`` artifact (flow supervised) and publish ``model/``."""
+    from gplflow.adapters import trainer
+
+    kind = pairs.manifest.get("kind", "scored")
+    if cfg.loss not in PAIR_LOSSES.get(kind, ()):
+        raise ValueError(f"train.loss {cfg.loss!r} does not train on {kind} pairs; expected one of "
+                         f"{', '.join(PAIR_LOSSES.get(kind, ()))}")
+    inputs = pairs_inputs(base_model, pairs.fingerprint)
+    fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
+    if (found := reuse(store, STAGE, fp)) is not None:
+        return found
+    table = pairs.read_table()
+    build = trainer.scored_pairs_dataset if kind == "scored" else trainer.ranking_pairs_dataset
+    return _fit_and_publish(cfg, store, base_model, inputs, fp, lambda: build(table), callbacks)
+
+
+def _fit_and_publish(cfg: TrainConfig, store: ArtifactStore, base_model: str, inputs: dict[str, str], fp: str,
+                     make_dataset: Callable[[], Any], callbacks: Sequence[Any]) -> Artifact:
+    """Train from ``base_model`` on ``make_dataset()`` (resuming from a checkpoint) and publish ``model/``."""
+    from gplflow.adapters import trainer  # sentence-transformers' trainer is slow to import: only when training
+
     model = models.load_bi_encoder(base_model, max_seq_length=cfg.max_seq_length)
-    dataset = _dataset(cfg, corpus, queries, data)
+    dataset = make_dataset()
     plan = trainer.TrainPlan(loss=cfg.loss, steps=cfg.steps, batch_size=cfg.batch_size,
                              learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                              checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, similarity=cfg.similarity)
@@ -91,6 +130,8 @@ def _training_data(cfg: TrainConfig, queries: Artifact, triples: Artifact | None
     """The artifact the loss trains on: triples (margin_mse) or queries (mnrl)."""
     if cfg.loss == "mnrl":
         return queries
+    if cfg.loss != "margin_mse":
+        raise ValueError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
     if triples is None:
         raise ValueError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
     return triples
@@ -152,5 +193,22 @@ def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, 
     progress.finish()
     info = artifact.manifest.get("train", {})
     get_run_logger().info("model: %s, %s steps in %ss, loss %s -> %s", cfg.loss, info.get("steps"),
+                          info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
+    return artifact.fingerprint
+
+
+@task(name="train bi-encoder on pairs", task_run_name="train bi-encoder on pairs", retries=1,
+      persist_result=True,  # a retry resumes from the last checkpoint
+      cache_key_fn=artifact_cache_key(STAGE, lambda p: train_pairs_fingerprint(p["cfg"], p["base_model"],
+                                                                                p["pairs_fp"])))
+def train_pairs_task(cfg: TrainConfig, run_dir: str, base_model: str, pairs_fp: str) -> str:
+    store = ArtifactStore(run_dir)
+    progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} on labelled pairs "
+                                      f"for {cfg.steps} steps of batch {cfg.batch_size}")
+    artifact = run_train_pairs(cfg, store, base_model, _load(store, ("pairs",), pairs_fp),
+                               callbacks=[progress_callback(progress)])
+    progress.finish()
+    info = artifact.manifest.get("train", {})
+    get_run_logger().info("model: %s on labelled pairs, %s steps in %ss, loss %s -> %s", cfg.loss, info.get("steps"),
                           info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
     return artifact.fingerprint

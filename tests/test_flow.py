@@ -218,3 +218,22 @@ def test_pretrained_weights_are_where_training_starts(config, tmp_path):
     assert pretrained.keys() == trained.keys()
     assert all(torch.equal(pretrained[k], trained[k]) for k in pretrained)
     assert any(not torch.equal(pretrained[k], base[k]) for k in pretrained if k in base)
+
+
+def test_supervised_flow_trains_on_labelled_pairs_without_generating(config, tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("\n".join((DEMO / "pairs.tsv").read_text().splitlines()[:25]) + "\n")  # header + 24 pairs
+    run_dir = tmp_path / "supervised"
+    result = CliRunner().invoke(app, ["run", str(config), "--set", "flow=supervised", "--set", f"pairs.path={pairs}",
+                                      "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "labelled pairs: 24 scored pairs" in output and "generator" not in output
+    assert f"artifacts: {run_dir}/{{corpus,pairs,model,evaluate,promoted}}" in result.output.replace("\n", "")
+    store = ArtifactStore(run_dir)
+    model = store.require("model").manifest
+    assert model["config"]["loss"] == "cosent" and model["train"]["examples"] == 24
+    assert model["inputs"]["pairs"] == store.require("pairs").fingerprint and "queries" not in model["inputs"]
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["evaluations"]) == {"qrels"}  # held-out queries exist only where queries are generated
+    assert set(metrics["evaluations"]["qrels"]["models"]) == {"base", "adapted"}

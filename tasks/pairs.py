@@ -1,0 +1,116 @@
+"""Pairs: read a user's labelled pairs (flow ``supervised``) into the ``pairs/`` artifact.
+
+``scored`` rows are (sentence1, sentence2, score in [0, 1]); ``ranking`` rows are (anchor, positive) and, when
+the file has one, a negative. The manifest records the kind, the format and, for scored pairs, how the scores
+are spread (min, mean, max and a five-bin histogram), so a skewed label set shows before training on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+from pydantic import Field
+
+from gplflow.adapters.corpus_readers import detect_format
+from gplflow.adapters.pair_readers import iter_pairs
+from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
+from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+
+logger = logging.getLogger(__name__)
+
+STAGE = "pairs"
+CODE_VERSION = "pairs-1"
+SCORED_SCHEMA = pa.schema([("sentence1", pa.string()), ("sentence2", pa.string()), ("score", pa.float32())])
+RANKING_SCHEMA = pa.schema([("anchor", pa.string()), ("positive", pa.string()), ("negative", pa.string())])
+HISTOGRAM_BINS = 5
+
+
+class PairColumnsConfig(StageConfig):
+    """The file's column (JSON key) for each role; only the kind's roles are read."""
+
+    sentence1: str = Field(default="sentence1", min_length=1)
+    sentence2: str = Field(default="sentence2", min_length=1)
+    score: str = Field(default="score", min_length=1)
+    anchor: str = Field(default="anchor", min_length=1)
+    positive: str = Field(default="positive", min_length=1)
+    negative: str = Field(default="negative", min_length=1)  # read when the file has it
+
+
+class PairsConfig(StageConfig):
+    path: str
+    format: Literal["jsonl", "csv", "tsv", "parquet"] | None = None  # detected from the file name when None
+    kind: Literal["scored", "ranking"] = "scored"
+    columns: PairColumnsConfig = PairColumnsConfig()
+    score_max: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # scores lie in [0, score_max] (STS-B: 5)
+
+
+def pairs_fingerprint(cfg: PairsConfig) -> str:
+    return stage_fingerprint(STAGE, cfg, {"source": content_signature(cfg.path)}, CODE_VERSION)
+
+
+def schema_for(kind: str, with_negative: bool = True) -> pa.Schema:
+    """The artifact's columns: scored pairs, or ranking pairs with (or without) the negative column."""
+    if kind == "scored":
+        return SCORED_SCHEMA
+    return RANKING_SCHEMA if with_negative else pa.schema(list(RANKING_SCHEMA)[:2])
+
+
+def run_pairs(cfg: PairsConfig, store: ArtifactStore) -> Artifact:
+    """Read and validate every pair; publish them only if all passed."""
+    fp = pairs_fingerprint(cfg)
+    if (found := reuse(store, STAGE, fp)) is not None:
+        return found
+    fmt = cfg.format or detect_format(cfg.path)
+    rows = iter_pairs(cfg.path, cfg.kind, fmt, cfg.columns.model_dump(), cfg.score_max)
+    first = next(rows)  # the first row says whether the file has negatives (and raises for an empty file)
+    schema = schema_for(cfg.kind, with_negative="negative" in first)
+    with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs={"source": content_signature(cfg.path)},
+                      code_version=CODE_VERSION) as out:
+        out.extra.update(format=fmt, kind=cfg.kind, columns=schema.names)
+        scores: list[float] = []
+        out.write_part(_batches(_chain(first, rows), schema, scores), schema)
+        if scores:
+            out.extra["scores"] = score_summary(scores)
+    artifact = store.require(STAGE)
+    logger.info("read %d %s pairs from %s (%s)", artifact.rows, cfg.kind, cfg.path, fmt)
+    return artifact
+
+
+def score_summary(scores: list[float], bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """min, mean, max and the counts in ``bins`` equal bins of [0, 1] (a score of 1 goes in the last)."""
+    histogram = [0] * bins
+    for score in scores:
+        histogram[min(int(score * bins), bins - 1)] += 1
+    return {"min": round(min(scores), 6), "mean": round(sum(scores) / len(scores), 6), "max": round(max(scores), 6),
+            "histogram": histogram, "bins": [round(i / bins, 6) for i in range(bins + 1)]}
+
+
+def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    yield first
+    yield from rest
+
+
+def _batches(rows: Iterator[dict[str, Any]], schema: pa.Schema, scores: list[float]) -> Iterator[pa.RecordBatch]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if "score" in row:
+            scores.append(row["score"])
+        if len(chunk) == ROW_GROUP_SIZE:
+            yield pa.RecordBatch.from_pylist(chunk, schema=schema)
+            chunk = []
+    if chunk:
+        yield pa.RecordBatch.from_pylist(chunk, schema=schema)
+
+
+@task(name="read labelled pairs", task_run_name="read labelled pairs", retries=0, persist_result=True,
+      cache_key_fn=artifact_cache_key(STAGE, lambda p: pairs_fingerprint(p["cfg"])))
+def pairs_task(cfg: PairsConfig, run_dir: str) -> str:
+    artifact = run_pairs(cfg, ArtifactStore(run_dir))
+    get_run_logger().info("pairs: %d %s pairs (%s)", artifact.rows, cfg.kind,
+                          artifact.manifest.get("scores") or "no scores")
+    return artifact.fingerprint
