@@ -82,8 +82,9 @@ def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
     used = sample or n
     queries = used * qpp
     sampled = f" (a seeded sample of {used} of {n})" if sample else ""
-    out = [StagePlan("generate", used, "passages", f"{used} passages{sampled} x {qpp} = {queries} queries "
-                     f"({cfg.generate.method})")]
+    out = [] if cfg.flow == "supervised" else [  # supervised trains on the user's pairs: no queries
+        StagePlan("generate", used, "passages", f"{used} passages{sampled} x {qpp} = {queries} queries "
+                  f"({cfg.generate.method})")]
     if cfg.pretrain.method != "none":
         out.append(StagePlan("pretrain", cfg.pretrain.steps, "steps", f"{cfg.pretrain.method}, {cfg.pretrain.steps} "
                              f"steps of batch {cfg.pretrain.batch_size}"))
@@ -104,7 +105,7 @@ def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
     examples = cfg.train.steps * cfg.train.batch_size
     out.append(StagePlan("train", cfg.train.steps, "steps", f"{cfg.train.loss}, {cfg.train.steps} steps of batch "
                          f"{cfg.train.batch_size} ({examples} examples)"))
-    if cfg.evaluate.qrels or split.active(cfg.evaluate):
+    if cfg.evaluate.qrels or (split.active(cfg.evaluate) and cfg.flow != "supervised"):
         compared = 3 if cfg.pretrain.method != "none" else 2
         out.append(StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the "
                              "judged or held-out queries)"))
@@ -224,7 +225,10 @@ def _train_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[st
     queries = pa.table({"query_id": [f"q{i}" for i in range(n)], "doc_id": docs["doc_id"],
                         "text": [_pseudo_query(p) for p in passages[:n]]})
     lookup = trainer.passage_texts(docs)
-    if cfg.train.loss == "mnrl":
+    if cfg.train.loss in ("cosent", "cosine", "angle"):  # scored pairs (flow supervised)
+        dataset = trainer.scored_pairs_dataset(pa.table({"sentence1": queries["text"], "sentence2": passages[:n],
+                                                         "score": [float(i % 2) for i in range(n)]}))
+    elif cfg.train.loss == "mnrl":
         dataset = trainer.pairs_dataset(queries, lookup)
     else:
         triples = pa.table({"query_id": queries["query_id"], "pos_doc_id": docs["doc_id"],
