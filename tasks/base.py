@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 from gplflow.adapters.disk import NoSpaceError, is_no_space
 from gplflow.adapters.staging import ShardStaging
@@ -17,6 +17,15 @@ from gplflow.adapters.store import Artifact, ArtifactStore, canonical_json, fing
 logger = logging.getLogger(__name__)
 
 Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy's legacy seeding (transformers' set_seed) accepts
+
+
+def _auto_or_positive(value: int | str, info: ValidationInfo) -> int | str:
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"{info.field_name} must be 'auto' or an integer >= 1, got {value}")
+    return value
+
+
+AutoOrPositive = Annotated[int | Literal["auto"], AfterValidator(_auto_or_positive)]  # a count, or 'auto'
 Progress = Callable[[int], Any]  # told how many more units of a stage's work are done (see tasks/progress.py)
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
-from pydantic import Field, field_validator
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from gplflow.adapters import models
@@ -40,6 +40,7 @@ from gplflow.adapters.oom import halve_on_oom
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.tasks.base import (
+    AutoOrPositive,
     Progress,
     Seed,
     ShardJob,
@@ -72,10 +73,10 @@ SHARD_COUNTERS = ("duplicate_queries", "empty_passage", "empty_queries")  # coun
 
 class GenerateConfig(StageConfig):
     method: Literal["t5", "extractive"] = "t5"
-    queries_per_passage: int | Literal["auto"] = "auto"
+    queries_per_passage: AutoOrPositive = "auto"
     target_queries: int = Field(default=250_000, gt=0)   # the paper's |corpus| x QPP budget for `auto`
     max_passages: int = Field(default=83_334, gt=0)      # above this, `auto` samples passages and uses QPP 3
-    batch_size: int | Literal["auto"] = "auto"  # passages per generate call; auto: see AUTO_BATCH
+    batch_size: AutoOrPositive = "auto"  # passages per generate call; auto: see AUTO_BATCH
     seed: Seed = 42
     top_k: int = Field(default=25, ge=0)  # 0: no top-k cut (transformers' meaning)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
@@ -84,23 +85,9 @@ class GenerateConfig(StageConfig):
     prefix: str = ""                  # an optional prompt prefix put before every passage
     remove_span: bool = False         # extractive: remove the chosen sentence from the passage (ICT)
 
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batch(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {value}")
-        return value
-
     def batch_for(self, device: str) -> int:
         """Passages per ``generate`` call on ``device`` (``auto``: AUTO_BATCH)."""
         return AUTO_BATCH[device] if self.batch_size == "auto" else int(self.batch_size)
-
-    @field_validator("queries_per_passage")
-    @classmethod
-    def _positive_qpp(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"queries_per_passage must be 'auto' or an integer >= 1, got {value}")
-        return value
 
 
 class Passage(NamedTuple):

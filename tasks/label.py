@@ -29,13 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger, task
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from gplflow.adapters.scoring import PairScorer, load_scorer
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
 from gplflow.tasks import generate, ingest, mine
 from gplflow.tasks.base import (
+    AutoOrPositive,
     Progress,
     Seed,
     ShardJob,
@@ -66,19 +67,12 @@ DEFAULT_SHARD_SIZE = 10_000  # distinct pairs per shard
 
 
 class LabelConfig(StageConfig):
-    triples: int | Literal["auto"] = "auto"  # auto = train.steps x train.batch_size (the paper's rule)
+    triples: AutoOrPositive = "auto"  # auto = train.steps x train.batch_size (the paper's rule)
     seed: Seed = 42
     teacher: Literal["cross_encoder", "bi_encoder"] = "cross_encoder"
     batch_size: int = Field(default=32, gt=0)
     max_seq_length: int = Field(default=350, gt=0)
     bi_encoder_score: Literal["dot", "cos_sim"] = "dot"  # bi_encoder teacher: cos_sim normalises first
-
-    @field_validator("triples")
-    @classmethod
-    def _positive_triples(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"triples must be 'auto' or an integer >= 1, got {value}")
-        return value
 
 
 def resolve_triples(cfg: LabelConfig, train_steps: int, train_batch_size: int) -> int:
