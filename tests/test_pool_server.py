@@ -24,6 +24,7 @@ from prefect_server import ProcessGroup, prefect_command, running_prefect_server
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.flows.config import PipelineConfig
+from gplflow.tasks import split
 from gplflow.tasks.generate import run_generate
 from gplflow.tasks.ingest import run_ingest
 from gplflow.tasks.label import resolve_triples, run_label
@@ -76,6 +77,8 @@ def _local_stages(cfg: PipelineConfig, root: Path) -> ArtifactStore:
     corpus = run_ingest(cfg.corpus, store)
     size = cfg.execution.shard_size
     queries = run_generate(cfg.generate, store, corpus, "", size)
+    if split.active(cfg.evaluate):  # as the pipeline: mining and labelling see only the training queries
+        queries = split.run_split(cfg.evaluate, store, queries)[split.TRAIN]
     negatives = run_mine(cfg.mine, store, corpus, queries, [], size)
     texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
     tiny = build_tiny_models(texts, default_cache_dir(), seed=cfg.models.tiny_seed)
@@ -130,7 +133,7 @@ def test_pool_mode_spreads_shards_over_two_workers(tmp_path: Path) -> None:
     assert not list(run_dir.glob(".*.shards-*"))  # staging removed after publishing
 
     local = _local_stages(PipelineConfig.load(config), tmp_path / "local")
-    for stage in ("corpus", "queries", "negatives"):
+    for stage in ("corpus", "queries", split.TRAIN, "negatives"):
         assert pool.require(stage).fingerprint == local.require(stage).fingerprint
         assert pool.require(stage).read_table().to_pylist() == local.require(stage).read_table().to_pylist()
     pooled, here = pool.require("triples"), local.require("triples")
