@@ -66,6 +66,8 @@ def user_message(err: Exception) -> str | None:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # one line per request to the Prefect API is noise in a terminal
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.callback()
