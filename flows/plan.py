@@ -124,7 +124,8 @@ def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -
         return
     passages = _passage_sample(corpus, max(CALIBRATION_TEXTS, CALIBRATION_STEPS * 3 * cfg.train.batch_size))
     measure: dict[str, Callable[[], float]] = {
-        "generate": lambda: _generate_rate(cfg, resolved, passages),
+        "generate": lambda: _generate_rate(cfg, resolved, passages,
+                                           generate.queries_per_passage(cfg.generate, corpus.rows)[0]),
         "pretrain": lambda: _pretrain_rate(cfg, resolved, passages),
         "mine": lambda: _mine_rate(cfg, resolved, passages),
         "label": lambda: _label_rate(cfg, resolved, passages),
@@ -165,18 +166,18 @@ def _clock(fn: Callable[[], Any]) -> float:
     return max(time.perf_counter() - started, 1e-9)
 
 
-def _generate_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+def _generate_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str], qpp: int) -> float:
+    """Passages per second at the run's own queries per passage (sampling cost grows with it)."""
     import numpy as np
 
     g = cfg.generate
     if g.method == "extractive":
         rng = np.random.default_rng(0)
-        return len(passages) / _clock(lambda: [generate.extractive_queries(p, 3, rng, g.max_passage_length)
+        return len(passages) / _clock(lambda: [generate.extractive_queries(p, qpp, rng, g.max_passage_length)
                                                for p in passages])
     gen = generate.load_t5(g, resolved["generator"])
     size = min(g.batch_for(gen.model.device.type), CALIBRATION_PASSAGES)
     shard = [generate.Passage(i, f"d{i}", "", p) for i, p in enumerate(passages[:size])]
-    qpp = 3 if g.queries_per_passage == "auto" else g.queries_per_passage
     return len(shard) / _clock(lambda: generate.t5_queries(gen, g, qpp, shard, 0, lambda _n: None))
 
 

@@ -90,3 +90,21 @@ def test_gpl_paper_config_counts(tmp_path):
     assert "4480000 triples" in stages["label"].detail
     assert stages["generate"].detail.startswith("10 passages x 25000 = 250000 queries")
     assert plan.seconds is None and duration(None) == "?"
+
+
+def test_generation_is_calibrated_at_the_runs_own_queries_per_passage(config_file, tmp_path, monkeypatch):
+    """Sampling cost grows with QPP: `auto` over 24 passages with a 120-query budget samples 5 per passage."""
+    from gplflow.tasks import generate
+
+    seen: list[int] = []
+    real = generate.t5_queries
+
+    def recording(gen, cfg, qpp, *args, **kwargs):
+        seen.append(qpp)
+        return real(gen, cfg, qpp, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "t5_queries", recording)
+    cfg = PipelineConfig.load(config_file, ["generate.queries_per_passage=auto", "generate.target_queries=120"])
+    stages = {s.stage: s for s in make_plan(cfg, str(tmp_path / "run")).stages}
+    assert "x 5 = 120 queries" in stages["generate"].detail and stages["generate"].rate
+    assert seen and set(seen) == {5}
