@@ -132,18 +132,22 @@ class Crash(RuntimeError):
     pass
 
 
-def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_steps(tmp_path, passages, tiny):
-    cfg = PretrainConfig(method="tsdae", **{**FAST, "steps": 30}, checkpoint_every=10)
-    store, corpus = make_corpus(tmp_path / "run", passages)
-    fp = pretrain_fingerprint(cfg, corpus.fingerprint, str(tiny.bi_encoder))
-    checkpoints = tmp_path / "run" / ".checkpoints" / f"pretrain-{fp}"
+def _crash_at(step: int, cfg, store, corpus, base: str):
+    """Run pretraining until it is killed at ``step``; the folder its checkpoints went to."""
 
-    def crash_at_15(step, total, loss):
-        if step == 15:
+    def crash(done, total, loss):
+        if done == step:
             raise Crash("killed")
 
     with pytest.raises(Crash):
-        run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), on_progress=crash_at_15)
+        run_pretrain(cfg, store, corpus, base, on_progress=crash)
+    return Path(store.root) / ".checkpoints" / f"pretrain-{pretrain_fingerprint(cfg, corpus.fingerprint, base)}"
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_steps(tmp_path, passages, tiny):
+    cfg = PretrainConfig(method="tsdae", **{**FAST, "steps": 30}, checkpoint_every=10)
+    store, corpus = make_corpus(tmp_path / "run", passages)
+    checkpoints = _crash_at(15, cfg, store, corpus, str(tiny.bi_encoder))
     assert store.load("pretrain") is None
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-10.pt"]
 
@@ -316,15 +320,7 @@ def test_ct_saves_the_encoder_the_loss_keeps_for_inference(tmp_path, passages, t
 def test_a_crashed_ct_run_resumes_with_the_same_batches(tmp_path, passages, tiny):
     cfg = PretrainConfig(method="ct", **{**SMALL, "steps": 12, "log_every": 2}, checkpoint_every=4)
     store, corpus = make_corpus(tmp_path / "run", passages[:4])
-    fp = pretrain_fingerprint(cfg, corpus.fingerprint, str(tiny.bi_encoder))
-    checkpoints = tmp_path / "run" / ".checkpoints" / f"pretrain-{fp}"
-
-    def crash_at_6(step, total, loss):
-        if step == 6:
-            raise Crash("killed")
-
-    with pytest.raises(Crash):
-        run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), on_progress=crash_at_6)
+    checkpoints = _crash_at(6, cfg, store, corpus, str(tiny.bi_encoder))
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4.pt"]
     seen = []
     info = run_pretrain(cfg, store, corpus, str(tiny.bi_encoder), lambda s, t, loss: seen.append(s)
