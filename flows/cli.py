@@ -170,12 +170,12 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     else:
         console.print("generator: " + (_ref(m.generator, models["generator"]) if cfg.generate.method == "t5"
                                         else "extractive pseudo-queries (no model)"))
-    if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
+    if cfg.is_gpl:
         for (name, score), (path, _) in zip(((r.name, r.score) for r in m.retrievers), models["retrievers"],
                                             strict=True):
             console.print(f"miner: {_ref(name, path)}, {score}")
         ref = m.cross_encoder if cfg.label.teacher == "cross_encoder" else (m.bi_encoder_teacher or "")
-        path = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
+        path = models[cfg.teacher_slot]
         console.print(f"teacher ({cfg.label.teacher}): {_ref(ref or path, path)}")
     layers = f", first {m.base_layers} layer(s)" if m.base_layers else ""
     console.print(f"base model: {m.base}{layers} ({models['base']})")

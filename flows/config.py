@@ -15,7 +15,7 @@ from gplflow.tasks.base import Seed
 from gplflow.tasks.evaluate import EvaluateConfig
 from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.ingest import IngestConfig
-from gplflow.tasks.label import LabelConfig
+from gplflow.tasks.label import LabelConfig, resolve_triples
 from gplflow.tasks.mine import MineConfig
 from gplflow.tasks.pairs import PairsConfig
 from gplflow.tasks.pretrain import PretrainConfig
@@ -156,6 +156,28 @@ class PipelineConfig(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    # Derived values: computed here once, read by the pipeline, the shard flow, the report and the checks.
+
+    @property
+    def is_gpl(self) -> bool:
+        """GPL proper: mined negatives, pseudo-labelled by the teacher, trained with MarginMSE."""
+        return self.flow == "gpl" and self.train.loss == "margin_mse"
+
+    @property
+    def uses_queries(self) -> bool:
+        """GPL and GenQ train on generated queries; flow supervised on the user's pairs."""
+        return self.flow != "supervised"
+
+    @property
+    def n_triples(self) -> int:
+        """How many triples the label stage scores (``label.triples``, 'auto': steps x batch size)."""
+        return resolve_triples(self.label, self.train.steps, self.train.batch_size)
+
+    @property
+    def teacher_slot(self) -> str:
+        """The model slot that labels: ``cross_encoder`` or ``bi_encoder_teacher``."""
+        return "cross_encoder" if self.label.teacher == "cross_encoder" else "bi_encoder_teacher"
 
 
 class ConfigError(ValueError):

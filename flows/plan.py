@@ -19,7 +19,7 @@ from typing import Any
 
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.flows.config import PipelineConfig
-from gplflow.tasks import generate, ingest, label, split
+from gplflow.tasks import generate, ingest, split
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
     if cfg.pretrain.method != "none":
         out.append(StagePlan("pretrain", cfg.pretrain.steps, "steps", f"{cfg.pretrain.method}, {cfg.pretrain.steps} "
                              f"steps of batch {cfg.pretrain.batch_size}"))
-    if cfg.flow == "gpl" and cfg.train.loss == "margin_mse":
+    if cfg.is_gpl:
         dense = len(cfg.models.retrievers)
         miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
         out.append(StagePlan("mine", dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages "
                              f"+ {queries} queries), {cfg.mine.negatives_per_query} negatives from "
                              f"{', '.join(miners)}"))
-        triples = label.resolve_triples(cfg.label, cfg.train.steps, cfg.train.batch_size)
+        triples = cfg.n_triples
         pairs = triples + min(triples, queries)  # each triple's negative pair; a query's positive pair once
         detail = f"{triples} triples, about {pairs} distinct pairs for the {cfg.label.teacher} teacher"
         if cfg.label.teacher == "cross_encoder":
@@ -114,7 +114,7 @@ def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
 
 def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -> None:
     """Measure each stage's rate; a model that cannot be loaded here leaves its stage without an estimate."""
-    from gplflow.flows.pipeline import resolve_models
+    from gplflow.flows.models import resolve_models
 
     try:
         resolved = resolve_models(cfg, corpus.store)
@@ -201,7 +201,7 @@ def _label_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[st
 
     from gplflow.adapters.scoring import load_scorer
 
-    teacher = resolved["cross_encoder"] if cfg.label.teacher == "cross_encoder" else resolved["bi_encoder_teacher"]
+    teacher = resolved[cfg.teacher_slot]
     scorer = load_scorer(cfg.label.teacher, teacher, max_seq_length=cfg.label.max_seq_length,
                          batch_size=cfg.label.batch_size, normalize=cfg.label.bi_encoder_score == "cos_sim")
     n = CALIBRATION_TEXTS

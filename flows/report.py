@@ -16,16 +16,13 @@ from typing import TYPE_CHECKING, Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gplflow.adapters.store import ArtifactStore
+from gplflow.flows.stages import artifact_names, made_by
 
-if TYPE_CHECKING:  # the config imports every stage (torch): `gplflow status` reads STAGES from here without it
+if TYPE_CHECKING:  # the config imports every stage (torch); the report's stage rows need none of it
     from gplflow.flows.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("corpus", "pairs", "pretrain", "queries", "heldout", "queries-train", "negatives", "triples", "model",
-          "evaluate", "promoted")  # the artifacts, in order
-MADE_BY = {"corpus": "ingest", "queries": "generate", "heldout": "split", "queries-train": "split",
-           "negatives": "mine", "triples": "label", "model": "train"}
 METRICS = ("ndcg@10", "map@100", "recall@100", "mrr@10")
 EVALUATIONS = {"qrels": ("qrels", "judged queries"), "heldout": ("held-out", "held-out synthetic queries, never "
                                                                              "trained on")}
@@ -41,8 +38,6 @@ def artifact_key(*parts: str) -> str:
 
 def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """The settings that shape a run, one line per stage (only the stages this run uses)."""
-    from gplflow.tasks import label
-    gpl = cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
     g, t, p = cfg.generate, cfg.train, cfg.pretrain
     rows = [("flow", f"{cfg.flow}, loss {t.loss}" + (f", profile {cfg.profile}" if cfg.profile != "default" else ""))]
     if cfg.corpus is not None:
@@ -56,11 +51,11 @@ def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
         rows.append(("pretrain", f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"))
     if cfg.flow != "supervised":
         rows.append(("generate", f"{g.method}, queries per passage: {g.queries_per_passage}, seed {g.seed}"))
-    if gpl:
+    if cfg.is_gpl:
         m, lb = cfg.mine, cfg.label
         bm25 = ", and BM25" if m.bm25 else ""
         rows.append(("mine", f"{m.negatives_per_query} negatives per query from each retriever{bm25}"))
-        n = label.resolve_triples(lb, t.steps, t.batch_size)
+        n = cfg.n_triples
         rows.append(("label", f"{n} triples ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"))
     rows.append(("train", f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, "
                           f"max length {t.max_seq_length}, seed {t.seed}"))
@@ -76,11 +71,10 @@ def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
 def model_rows(cfg: PipelineConfig, resolved: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(role, as configured, what it resolved to) for each model this run uses."""
     m = cfg.models
-    gpl = cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
     rows = []
     if cfg.generate.method == "t5" and cfg.flow != "supervised":
         rows.append(("query generator", m.generator, resolved.get("generator", "")))
-    if gpl:
+    if cfg.is_gpl:
         for ref, (path, score) in zip(m.retrievers, resolved.get("retrievers", []), strict=False):
             rows.append((f"miner ({score})", ref.name, path))
         if cfg.label.teacher == "cross_encoder":
@@ -101,7 +95,7 @@ def stage_rows(store: ArtifactStore, run_started: float | None = None) -> list[d
     rows; they show their steps, examples and loss instead of counters.
     """
     rows = []
-    for stage in STAGES:
+    for stage in artifact_names():
         manifest = store.read_manifest(stage)
         if manifest is None:
             continue
@@ -113,7 +107,7 @@ def stage_rows(store: ArtifactStore, run_started: float | None = None) -> list[d
         reused = run_started is not None and timings.get("started", run_started) < run_started
         training = manifest.get("train") or manifest.get("pretrain")
         rows.append({
-            "stage": f"{MADE_BY[stage]} → {stage}" if stage in MADE_BY else stage,
+            "stage": f"{made_by(stage)} → {stage}" if made_by(stage) != stage else stage,
             "rows": None if training else manifest.get("rows", 0),
             "seconds": round(seconds, 1) if seconds is not None else None,
             "this run": "reused" if reused else "computed",

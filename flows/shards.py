@@ -21,7 +21,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 
-from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
-from gplflow.tasks import generate, ingest, label, mine
+from gplflow.flows.stages import Run, Stage, shard_stage
 from gplflow.tasks.base import ShardJob
 
 logger = logging.getLogger(__name__)
@@ -44,24 +42,13 @@ DEPLOYMENT = "gplflow-shard"  # the per-shard deployment: run_deployment("gplflo
 POOL = "gpu-pool"
 GPU_SLOTS = 1  # shards per GPU at a time, when the limit does not exist yet
 
-JOBS: dict[str, Callable[..., ShardJob]] = {
-    "generate": generate.generate_job,
-    "mine": mine.mine_job,
-    "label": label.label_job,
-}
-_ALIASES = {generate.STAGE: "generate", mine.STAGE: "mine", label.STAGE: "label"}
-
-
 class PoolSetupError(ValueError):
     """Pool mode cannot start: no server the workers reach, or no shard deployment on it."""
 
 
 def canonical_stage(stage: str) -> str:
     """``generate``, ``mine`` or ``label`` (their artifact names ``queries``, ``negatives``, ``triples`` too)."""
-    name = _ALIASES.get(stage, stage)
-    if name not in JOBS:
-        raise ValueError(f"stage {stage!r} is not shardable; expected one of {', '.join(JOBS)}")
-    return name
+    return shard_stage(stage).step
 
 
 # --- the worker side --------------------------------------------------------------------------------------
@@ -70,12 +57,16 @@ def canonical_stage(stage: str) -> str:
 def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = None,
                overrides: list[str] | None = None) -> dict:
     """Compute one shard of a shardable stage into the run's staging folder; returns its done record."""
-    from gplflow.flows.pipeline import prepare_models  # the pipeline imports this module
-
-    name = canonical_stage(stage)
+    found = shard_stage(stage)
+    name = found.step
     cfg = PipelineConfig.load(config_path, overrides or [])
-    params = stage_params(name, cfg, run_dir, prepare_models(cfg, run_dir))
-    job = JOBS[name](**params)
+    # the registry derives the parameters from the config and the artifacts the pipeline already published
+    try:
+        params = found.params(Run.from_store(cfg, run_dir))
+    except KeyError as err:
+        raise FileNotFoundError(f"{run_dir}: no valid {err.args[0]} artifact; the shard's inputs must be published "
+                                "(by the pipeline) in the run directory the workers share") from None
+    job = found.resolve_job()(**params)
     job.check_shard(shard)
     log = get_run_logger()
     _label_flow_run()
@@ -88,33 +79,6 @@ def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = N
     log.info("%s shard %d of %d: %d rows in %.1f s", name, shard, job.n_shards, record["rows"],
              time.perf_counter() - started)
     return record
-
-
-def stage_params(stage: str, cfg: PipelineConfig, run_dir: str, models: dict[str, Any]) -> dict[str, Any]:
-    """The stage task's parameters, rebuilt from the config and the artifacts already in the run directory."""
-    store = ArtifactStore(run_dir)
-    corpus_fp = _artifact(store, (ingest.STAGE,)).fingerprint
-    shard_size = cfg.execution.shard_size
-    if stage == "generate":
-        return {"cfg": cfg.generate, "run_dir": run_dir, "corpus_fp": corpus_fp, "shard_size": shard_size,
-                "generator": models["generator"] if cfg.generate.method == "t5" else ""}
-    queries = _artifact(store, mine.QUERY_STAGES)
-    if stage == "mine":
-        return {"cfg": cfg.mine, "run_dir": run_dir, "corpus_fp": corpus_fp, "queries_fp": queries.fingerprint,
-                "retrievers": models["retrievers"], "shard_size": shard_size}
-    teacher = models["cross_encoder"] if cfg.label.teacher == "cross_encoder" else models["bi_encoder_teacher"]
-    return {"cfg": cfg.label, "run_dir": run_dir, "corpus_fp": corpus_fp, "queries_fp": queries.fingerprint,
-            "negatives_fp": _artifact(store, (mine.STAGE,)).fingerprint, "teacher": teacher,
-            "n_triples": label.resolve_triples(cfg.label, cfg.train.steps, cfg.train.batch_size),
-            "queries_stage": queries.stage, "shard_size": shard_size}
-
-
-def _artifact(store: ArtifactStore, stages: tuple[str, ...]):
-    for stage in stages:
-        if (artifact := store.load(stage)) is not None:
-            return artifact
-    raise FileNotFoundError(f"{store.root_url}: no valid {' or '.join(stages)} artifact; the shard's inputs must be "
-                            "published (by the pipeline) in the run directory the workers share")
 
 
 def gpu_limit() -> str:
@@ -293,7 +257,7 @@ def _worker(run: Any) -> str:
     return f"{name} on {host}" if name and host else name or host
 
 
-def fan_out(cfg: PipelineConfig, stage: str, params: dict[str, Any], source: PoolSource | None,
+def fan_out(cfg: PipelineConfig, stage: Stage, params: dict[str, Any], source: PoolSource | None,
             dispatcher: DeploymentDispatcher | None = None) -> None:
     """In pool mode, compute the stage's pending shards on the worker pool (a no-op in local mode).
 
@@ -301,8 +265,7 @@ def fan_out(cfg: PipelineConfig, stage: str, params: dict[str, Any], source: Poo
     """
     if cfg.execution.mode != "pool" or source is None:
         return
-    name = canonical_stage(stage)
-    job = JOBS[name](**params)
+    job = stage.resolve_job()(**params)
     if job.store.load(job.stage, expect_fingerprint=job.fingerprint) is not None:
         return
     pending = job.prepare()
@@ -310,7 +273,7 @@ def fan_out(cfg: PipelineConfig, stage: str, params: dict[str, Any], source: Poo
         return
     dispatcher = dispatcher or DeploymentDispatcher(timeout_s=cfg.execution.shard_timeout_s)
     dispatcher.check()
-    parameters = {"stage": name, "run_dir": _shared(params["run_dir"]), "config_path": source.config_path,
+    parameters = {"stage": stage.step, "run_dir": _shared(params["run_dir"]), "config_path": source.config_path,
                   "overrides": source.overrides}
     run_shards(job, pending, dispatcher, parameters, cfg.execution)
 

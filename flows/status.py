@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gplflow.adapters.staging import ShardStaging, staging_dirs
 from gplflow.adapters.store import ArtifactStore
-from gplflow.flows.report import STAGES
+from gplflow.flows.stages import artifact_names, condition
 
 CHECKPOINTS = ".checkpoints"
 _STEP = re.compile(r"^checkpoint-(\d+)(\.pt)?$")
@@ -36,19 +36,11 @@ class _Partial:
     rows: int
 
 
-# Stages that only some configs run: a missing one is computed only when the config asks for it.
-OPTIONAL = {"pretrain": "pretrain.method is not none", "negatives": "the flow is gpl (margin_mse)",
-            "pairs": "the flow is supervised", "queries": "the flow is gpl or genq",
-            "heldout": "evaluate.heldout_fraction > 0", "queries-train": "evaluate.heldout_fraction > 0",
-            "triples": "the flow is gpl (margin_mse)",
-            "evaluate": "evaluate.qrels is set or queries are held out (evaluate.heldout_fraction > 0)"}
-
-
 def run_status(store: ArtifactStore) -> list[StageStatus]:
     if not store.fs.isdir(store.root):
         what = "is a file, not a run folder" if store.fs.exists(store.root) else "no such run folder"
         raise FileNotFoundError(f"{store.root_url}: {what}")
-    return [stage_status(store, stage) for stage in STAGES]
+    return [stage_status(store, stage) for stage in artifact_names()]
 
 
 def stage_status(store: ArtifactStore, stage: str) -> StageStatus:
@@ -77,8 +69,8 @@ def stage_status(store: ArtifactStore, stage: str) -> StageStatus:
     for fp in staging_dirs(store, stage):
         if (problem := ShardStaging(store, stage, fp).plan_problem()) is not None:
             return StageStatus(stage, "corrupted", None, "", fp, f"recompute, discarding the staged shards ({problem})")
-    return StageStatus(stage, "missing", None, "", "",
-                       f"compute, if {OPTIONAL[stage]}" if stage in OPTIONAL else "compute")
+    when = condition(stage)  # a stage only some configs run is computed only when the config asks for it
+    return StageStatus(stage, "missing", None, "", "", f"compute, if {when}" if when else "compute")
 
 
 def _staged(store: ArtifactStore, stage: str) -> _Partial | None:

@@ -53,12 +53,8 @@ def _name(name: str) -> Iterator[tuple[str, str]]:
         yield "name", f"{name!r} must be a plain folder name (no '/', '\\' or '..'): it names runs/<name>"
 
 
-def _gpl(cfg: PipelineConfig) -> bool:
-    return cfg.flow == "gpl" and cfg.train.loss == "margin_mse"
-
-
 def _retrievers(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
-    if not _gpl(cfg) or cfg.models.retrievers or cfg.import_.gpl_dir:
+    if not cfg.is_gpl or cfg.models.retrievers or cfg.import_.gpl_dir:
         return
     if not cfg.mine.bm25:
         yield "models.retrievers", "empty: list at least one dense retriever, or set mine.bm25: true to mine " \
@@ -77,7 +73,7 @@ def _model_slots(cfg: PipelineConfig) -> list[tuple[str, str]]:
         return slots
     if cfg.generate.method == "t5" and cfg.flow != "supervised":
         slots.append(("models.generator", models.generator))
-    if _gpl(cfg):
+    if cfg.is_gpl:
         slots += [(f"models.retrievers.{i}.name", r.name) for i, r in enumerate(models.retrievers)]
         if cfg.label.teacher == "cross_encoder":
             slots.append(("models.cross_encoder", models.cross_encoder))

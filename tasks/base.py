@@ -1,4 +1,4 @@
-"""What every stage shares: the frozen config base, the stage fingerprint, the artifact-checked cache key, and
+"""What every stage shares: the frozen config base, the stage fingerprint, the artifact-checked cache policy, and
 the shard job of the shardable stages (generate, mine, label)."""
 
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from prefect.cache_policies import CachePolicy
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 from gplflow.adapters.disk import NoSpaceError, is_no_space
@@ -48,17 +50,32 @@ def reuse(store: ArtifactStore, stage: str, fp: str) -> Artifact | None:
     return artifact
 
 
-def artifact_cache_key(stage: str, fingerprint_of) -> Any:
-    """A Prefect ``cache_key_fn`` keyed by the stage fingerprint (never by the flow-run id).
+@dataclass
+class StageCache(CachePolicy):
+    """Prefect's cache for a stage task, keyed on the stage fingerprint and trusted only as far as the store.
 
-    Prefect's cache alone would hand back a cached path even when the artifact behind it was deleted, so
-    the flows call a stage with ``refresh_cache=True`` whenever its artifact does not validate.
+    ``fingerprints`` maps the task's parameters to {artifact: fingerprint} (one entry, or several for a task
+    that publishes several artifacts). The artifact store decides reuse: while the artifacts validate, the
+    task's cache record (if any) is read and the run shows as Cached in the UI; when one is gone or damaged
+    and a record exists, no key is given, so the task computes again instead of handing back a path to
+    nothing. That record becomes right again once the artifact is republished (same fingerprint, same value).
     """
 
-    def key(_ctx: Any, params: dict[str, Any]) -> str:
-        return f"gplflow-{stage}-{fingerprint_of(params)}"
+    fingerprints: Callable[[dict[str, Any]], Mapping[str, str]] | None = None
 
-    return key
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        found = dict(self.fingerprints(inputs))
+        key = "gplflow-" + "-".join(f"{stage}-{fp}" for stage, fp in found.items())
+        store = ArtifactStore(inputs["run_dir"])
+        if all(store.load(stage, expect_fingerprint=fp) is not None for stage, fp in found.items()):
+            return key
+        return None if task_ctx.result_store.exists(key) else key
+
+
+def stage_cache(stage: str, fingerprint_of: Callable[[dict[str, Any]], str]) -> StageCache:
+    """The cache policy of a task publishing one artifact, ``stage``, whose fingerprint ``fingerprint_of`` gives."""
+    return StageCache(fingerprints=lambda params: {stage: fingerprint_of(params)})
 
 
 def retry_unless_deterministic(_task: Any, _task_run: Any, state: Any) -> bool:

@@ -37,7 +37,7 @@ from gplflow.adapters import models as model_io
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
-from gplflow.tasks.base import Seed, StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,8 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @task(name="evaluate retrieval", task_run_name="evaluate retrieval", retries=0, persist_result=True,
-      cache_key_fn=artifact_cache_key(STAGE, lambda p: fingerprint_for(p["cfg"], p["corpus_fp"], p["models"],
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: fingerprint_for(p["cfg"], p["corpus_fp"], p["models"],
                                                                         p.get("adapted_fp"), p.get("heldout_fp"))))
 def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dict[str, str],
                   adapted_fp: str | None = None, heldout_fp: str | None = None) -> str:

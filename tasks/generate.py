@@ -45,9 +45,10 @@ from gplflow.tasks.base import (
     Seed,
     ShardJob,
     StageConfig,
-    artifact_cache_key,
+    retry_unless_deterministic,
     reuse,
     shard_summary,
+    stage_cache,
     stage_fingerprint,
 )
 from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
@@ -388,7 +389,8 @@ def _extractive_maker(cfg: GenerateConfig, qpp: int) -> QueryMaker:
 # --- Prefect ----------------------------------------------------------------------------------------------
 
 @task(name="generate queries", task_run_name="generate queries", retries=0, persist_result=True,
-      cache_key_fn=artifact_cache_key(STAGE, lambda p: generate_fingerprint(p["cfg"], p["corpus_fp"],
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: generate_fingerprint(p["cfg"], p["corpus_fp"],
                                                                             p["generator"])))
 def generate_task(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
                   shard_size: int = DEFAULT_SHARD_SIZE) -> str:

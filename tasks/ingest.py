@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 from gplflow.adapters.corpus_readers import CorpusError, Document, FieldMap, detect_format, iter_documents
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def _to_batch(docs: list[Document]) -> pa.RecordBatch:
 
 
 @task(name="ingest corpus", task_run_name="ingest corpus", retries=0, persist_result=True,
-      cache_key_fn=artifact_cache_key(STAGE, lambda p: ingest_fingerprint(p["cfg"])))
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: ingest_fingerprint(p["cfg"])))
 def ingest_task(cfg: IngestConfig, run_dir: str) -> str:
     artifact = run_ingest(cfg, ArtifactStore(run_dir))
     get_run_logger().info("corpus: %d documents (%s)", artifact.rows, artifact.counters or "nothing dropped")

@@ -41,9 +41,10 @@ from gplflow.tasks.base import (
     Seed,
     ShardJob,
     StageConfig,
-    artifact_cache_key,
+    retry_unless_deterministic,
     reuse,
     shard_summary,
+    stage_cache,
     stage_fingerprint,
 )
 from gplflow.tasks.label_diagnostics import label_diagnostics, summary_line
@@ -376,7 +377,8 @@ def _input(store: ArtifactStore, stage: str, fp: str) -> Artifact:
     name="pseudo-label triples", task_run_name="pseudo-label triples",
     retries=0,
     persist_result=True,
-    cache_key_fn=artifact_cache_key(
+    retry_condition_fn=retry_unless_deterministic,
+    cache_policy=stage_cache(
         STAGE,
         lambda p: label_fingerprint(
             p["cfg"], p["n_triples"], p["corpus_fp"], p["queries_fp"], p["negatives_fp"], p["teacher"]

@@ -30,9 +30,10 @@ from gplflow.tasks.base import (
     Progress,
     ShardJob,
     StageConfig,
-    artifact_cache_key,
+    retry_unless_deterministic,
     reuse,
     shard_summary,
+    stage_cache,
     stage_fingerprint,
 )
 
@@ -288,7 +289,8 @@ def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
 
 
 @task(name="mine hard negatives", task_run_name="mine hard negatives", retries=0, persist_result=True,
-      cache_key_fn=artifact_cache_key(STAGE, lambda p: mine_fingerprint(
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: mine_fingerprint(
           p["cfg"], p["corpus_fp"], p["queries_fp"], p["retrievers"])))
 def mine_task(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
               retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> str:

@@ -18,7 +18,7 @@ from pydantic import Field
 from gplflow.adapters.corpus_readers import detect_format
 from gplflow.adapters.pair_readers import iter_pairs
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
-from gplflow.tasks.base import StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def _batches(rows: Iterator[dict[str, Any]], schema: pa.Schema, scores: list[flo
 
 
 @task(name="read labelled pairs", task_run_name="read labelled pairs", retries=0, persist_result=True,
-      cache_key_fn=artifact_cache_key(STAGE, lambda p: pairs_fingerprint(p["cfg"])))
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: pairs_fingerprint(p["cfg"])))
 def pairs_task(cfg: PairsConfig, run_dir: str) -> str:
     artifact = run_pairs(cfg, ArtifactStore(run_dir))
     get_run_logger().info("pairs: %d %s pairs (%s)", artifact.rows, cfg.kind,

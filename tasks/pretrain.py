@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
-from gplflow.tasks.base import Seed, StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ def _texts(corpus: Artifact, method: str) -> Iterator[str]:
 
 @task(name="pretrain encoder", task_run_name="pretrain encoder ({cfg.method})", retries=1,
       persist_result=True,  # a retry resumes from checkpoint
-      cache_key_fn=artifact_cache_key(STAGE, lambda p: pretrain_fingerprint(p["cfg"], p["corpus_fp"],
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: pretrain_fingerprint(p["cfg"], p["corpus_fp"],
                                                                             p["base_model"])))
 def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model: str) -> str:
     store = ArtifactStore(run_dir)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prefect import task
+
 from gplflow.adapters import metrics as trec
 from gplflow.adapters.store import Artifact, ArtifactStore, fingerprint
+from gplflow.tasks.base import retry_unless_deterministic, stage_cache
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,14 @@ def decide(rule: str, min_gain: float, evaluation: str | None, results: dict[str
                                                       "holds the adapted model"}
 
 
+def _inputs(model_fp: str, evaluate_fp: str | None) -> dict[str, str]:
+    return {"model": model_fp, **({"evaluate": evaluate_fp} if evaluate_fp else {})}
+
+
+def promote_fingerprint(rule: str, min_gain: float, model_fp: str, evaluate_fp: str | None) -> str:
+    return fingerprint(STAGE, {"rule": rule, "min_gain": min_gain}, _inputs(model_fp, evaluate_fp), CODE_VERSION)
+
+
 def publish(store: ArtifactStore, decision: dict[str, Any], refs: dict[str, str], inputs: dict[str, str]) -> Artifact:
     """Publish ``promoted/`` for ``decision`` (reused when the same decision on the same inputs is there)."""
     config = {"rule": decision["rule"], "min_gain": decision["min_gain"]}
@@ -64,3 +75,18 @@ def read(store: ArtifactStore) -> dict[str, Any] | None:
     """The run's promotion record (``promoted``, ``ref``, ``reason``, …), or None when there is none."""
     manifest = store.read_manifest(STAGE)
     return manifest.get("promotion") if manifest is not None and store.load(STAGE) is not None else None
+
+
+@task(name="promote model", task_run_name="promote model", retries=0, persist_result=True,
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: promote_fingerprint(p["rule"], p["min_gain"], p["model_fp"],
+                                                                    p["evaluate_fp"])))
+def promote_task(rule: str, min_gain: float, run_dir: str, models: dict[str, str], model_fp: str,
+                 evaluate_fp: str | None) -> str:
+    """Publish ``promoted/``: the evaluate stage's decision, or "adapted, unchecked" when nothing was evaluated."""
+    store = ArtifactStore(run_dir)
+    evaluated = store.load("evaluate", expect_fingerprint=evaluate_fp) if evaluate_fp else None
+    if evaluate_fp and evaluated is None:
+        raise FileNotFoundError(f"{store.url('evaluate')}: no valid evaluation with fingerprint {evaluate_fp}")
+    decision = evaluated.manifest["promotion"] if evaluated is not None else decide(rule, min_gain, None, None)
+    return publish(store, decision, models, _inputs(model_fp, evaluate_fp)).fingerprint

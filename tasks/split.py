@@ -27,7 +27,7 @@ from prefect import get_run_logger, task
 
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.tasks import generate
-from gplflow.tasks.base import artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import StageCache, retry_unless_deterministic, reuse, stage_fingerprint
 from gplflow.tasks.evaluate import EvaluateConfig
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def run_split(cfg: EvaluateConfig, store: ArtifactStore, queries: Artifact) -> d
 
 
 @task(name="hold out queries", task_run_name="hold out queries", retries=0, persist_result=True,
-      cache_key_fn=artifact_cache_key(TRAIN, lambda p: split_fingerprints(p["cfg"], p["queries_fp"])[TRAIN]))
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=StageCache(fingerprints=lambda p: split_fingerprints(p["cfg"], p["queries_fp"])))
 def split_task(cfg: EvaluateConfig, run_dir: str, queries_fp: str) -> dict[str, str]:
     store = ArtifactStore(run_dir)
     queries = store.load(generate.STAGE, expect_fingerprint=queries_fp)

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from gplflow.adapters import models
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
-from gplflow.tasks.base import Seed, StageConfig, artifact_cache_key, reuse, stage_fingerprint
+from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ def _task_fingerprint(p: dict[str, Any]) -> str:
 
 @task(name="train bi-encoder", task_run_name="train bi-encoder", retries=1,
       persist_result=True,  # a retry resumes from the last checkpoint
-      cache_key_fn=artifact_cache_key(STAGE, _task_fingerprint))
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, _task_fingerprint))
 def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, queries_fp: str,
                triples_fp: str | None) -> str:
     store = ArtifactStore(run_dir)
@@ -199,7 +200,8 @@ def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, 
 
 @task(name="train bi-encoder on pairs", task_run_name="train bi-encoder on pairs", retries=1,
       persist_result=True,  # a retry resumes from the last checkpoint
-      cache_key_fn=artifact_cache_key(STAGE, lambda p: train_pairs_fingerprint(p["cfg"], p["base_model"],
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(STAGE, lambda p: train_pairs_fingerprint(p["cfg"], p["base_model"],
                                                                                 p["pairs_fp"])))
 def train_pairs_task(cfg: TrainConfig, run_dir: str, base_model: str, pairs_fp: str) -> str:
     store = ArtifactStore(run_dir)
