@@ -1,0 +1,177 @@
+"""The stage registry: a new stage is a task plus one entry, and the flow, `gplflow status` and the report see it.
+
+The toy stage counts the words of each passage into ``wordcounts/``. It is added to ``flows.stages.STAGES``
+and nowhere else; the test runs a GenQ flow (extractive queries, tiny models) with it and checks the artifact's
+values, its status row, its report row, that a rerun serves it from the cache (Cached in Prefect), and that a
+deleted part is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+from prefect import task
+
+from gplflow.adapters.store import ArtifactStore, fingerprint
+from gplflow.flows import stages
+from gplflow.flows.pipeline import genq_pipeline
+from gplflow.flows.report import stage_rows
+from gplflow.flows.stages import Stage
+from gplflow.flows.status import run_status
+from gplflow.tasks.base import reuse, stage_cache
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+N_DOCS = 24
+TOY = "wordcounts"
+
+
+
+# --- the toy stage's task module (what a contributor writes) ------------------------------------------------
+
+def _toy_fingerprint(corpus_fp: str) -> str:
+    return fingerprint(TOY, {}, {"corpus": corpus_fp}, "toy-1")
+
+
+@task(name="count words", persist_result=True, cache_policy=stage_cache(TOY, lambda p: _toy_fingerprint(p["corpus_fp"])))
+def count_words_task(run_dir: str, corpus_fp: str) -> str:
+    store = ArtifactStore(run_dir)
+    if (found := reuse(store, TOY, _toy_fingerprint(corpus_fp))) is not None:
+        return found.fingerprint
+    corpus = store.require("corpus").read_table(["doc_id", "text"])
+    counts = pa.table({"doc_id": corpus["doc_id"],
+                       "words": pa.array([len(t.split()) for t in corpus["text"].to_pylist()], pa.int64())})
+    with store.writer(TOY, config={}, inputs={"corpus": corpus_fp}, code_version="toy-1") as out:
+        out.write_part([counts], counts.schema)
+    return store.require(TOY).fingerprint
+
+
+TOY_STAGE = Stage("count words", (TOY,), ("corpus",), count_words_task,
+                  params=lambda run: {"run_dir": run.run_dir, "corpus_fp": run.fps["corpus"]},
+                  when=lambda run: run.cfg.name.startswith("toy"), condition="the run's name starts with toy")
+
+
+# --- the test ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def registered():
+    """The toy entry in the registry, right after ingest; removed afterwards."""
+    stages.STAGES.insert(1, TOY_STAGE)
+    try:
+        yield
+    finally:
+        stages.STAGES.remove(TOY_STAGE)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    docs = [json.loads(line) for line in (DEMO / "corpus.jsonl").read_text().splitlines()[:N_DOCS]]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = {"name": "toy-run", "profile": "tiny", "flow": "genq", "corpus": {"path": "corpus.jsonl"},
+           "generate": {"method": "extractive", "queries_per_passage": 1, "seed": 1},
+           "train": {"loss": "mnrl", "steps": 1, "batch_size": 4, "max_seq_length": 32, "warmup_steps": 0},
+           "evaluate": {"heldout_fraction": 0}}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _task_states(state) -> dict[str, str]:
+    """{task run name: state name} of the flow run behind a returned ``state``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+@pytest.mark.slow
+def test_a_stage_added_to_the_registry_alone_runs_in_the_flow_status_and_report(prefect_api, registered, config,
+                                                                                tmp_path):
+    run_dir = tmp_path / "run"
+    store = ArtifactStore(run_dir)
+    run_dir.mkdir()
+    before = {row.stage: row for row in run_status(store)}
+    assert before[TOY].state == "missing" and before[TOY].rerun == "compute, if the run's name starts with toy"
+
+    first = genq_pipeline(str(config), [], str(run_dir), return_state=True)
+    counts = store.require(TOY).read_pandas()
+    corpus = store.require("corpus").read_pandas()
+    assert len(counts) == N_DOCS
+    assert counts["words"].tolist() == [len(t.split()) for t in corpus["text"]]
+    assert first.result()["fingerprints"][TOY] == store.require(TOY).fingerprint
+    assert _task_states(first)["count words"] == "Completed"
+
+    status = {row.stage: row for row in run_status(store)}
+    assert status[TOY].state == "complete" and status[TOY].rows == N_DOCS
+    assert list(status).index(TOY) == list(status).index("corpus") + 1  # listed where the registry puts it
+    report = {row["stage"]: row for row in stage_rows(store)}
+    assert report[f"count words → {TOY}"]["rows"] == N_DOCS
+
+    manifest = (run_dir / TOY / "manifest.json").read_bytes()
+    second = genq_pipeline(str(config), [], str(run_dir), return_state=True)
+    assert _task_states(second)["count words"] == "Cached"
+    assert (run_dir / TOY / "manifest.json").read_bytes() == manifest
+
+    (run_dir / TOY / "part-00000.parquet").unlink()  # a stale cache record must not hand back a missing artifact
+    third = genq_pipeline(str(config), [], str(run_dir), return_state=True)
+    assert _task_states(third)["count words"] == "Completed"
+    assert store.require(TOY).read_pandas()["words"].tolist() == counts["words"].tolist()
+
+
+def test_the_registry_names_every_artifact_once_and_every_shardable_stage():
+    names = stages.artifact_names()
+    assert len(names) == len(set(names))
+    assert names[:2] == ["corpus", "pairs"] and names[-2:] == ["evaluate", "promoted"]
+    assert set(stages.shardable()) == {"generate", "mine", "label"}
+    assert stages.shard_stage("triples").step == "label"
+    assert stages.made_by("queries-train") == "split"
+    with pytest.raises(ValueError, match="not shardable"):
+        stages.shard_stage("model")
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The gplflow modules ``path`` imports at module level (imports inside functions are deliberate and lazy)."""
+    import ast
+
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gplflow."):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("gplflow."))
+    return found
+
+
+def test_imports_go_one_way_and_form_no_circle():
+    root = Path(__file__).resolve().parents[1]
+    modules = {f"gplflow.{p.parent.name}.{p.stem}": p for layer in ("adapters", "tasks", "flows")
+               for p in (root / layer).glob("*.py") if p.stem != "__init__"}
+    graph = {name: _module_imports(path) & set(modules) for name, path in modules.items()}
+    rank = {"adapters": 0, "tasks": 1, "flows": 2}
+    upward = [(a, b) for a, deps in graph.items() for b in deps if rank[b.split(".")[1]] > rank[a.split(".")[1]]]
+    assert upward == []
+
+    def circle(start: str, node: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for dep in graph[node]:
+            if dep == start:
+                return (*seen, dep)
+            if dep not in seen and (found := circle(start, dep, (*seen, dep))):
+                return found
+        return None
+
+    assert [c for name in graph if (c := circle(name, name, (name,)))] == []
