@@ -36,7 +36,8 @@ def _toy_fingerprint(corpus_fp: str) -> str:
     return fingerprint(TOY, {}, {"corpus": corpus_fp}, "toy-1")
 
 
-@task(name="count words", persist_result=True, cache_policy=stage_cache(TOY, lambda p: _toy_fingerprint(p["corpus_fp"])))
+@task(name="count words", persist_result=True,
+      cache_policy=stage_cache(TOY, lambda p: _toy_fingerprint(p["corpus_fp"])))
 def count_words_task(run_dir: str, corpus_fp: str) -> str:
     store = ArtifactStore(run_dir)
     if (found := reuse(store, TOY, _toy_fingerprint(corpus_fp))) is not None:
