@@ -188,8 +188,9 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
         _verdict(metrics)
     console.print(f"adapted model: {store.url('model')}  (SentenceTransformer(path) loads it)")
     _promoted((store.read_manifest("promoted") or {}).get("promotion"))
-    stages = [s for s in ("corpus", "pairs", "queries", "heldout", "queries-train", "negatives", "triples", "pretrain",
-                          "model", "evaluate", "promoted") if store.read_manifest(s) is not None]
+    from gplflow.flows.stages import artifact_names
+
+    stages = [s for s in artifact_names() if store.read_manifest(s) is not None]
     console.print(f"artifacts: {summary['run_dir']}/{{{','.join(stages)}}}")
 
 
