@@ -174,9 +174,7 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
         for (name, score), (path, _) in zip(((r.name, r.score) for r in m.retrievers), models["retrievers"],
                                             strict=True):
             console.print(f"miner: {_ref(name, path)}, {score}")
-        ref = m.cross_encoder if cfg.label.teacher == "cross_encoder" else (m.bi_encoder_teacher or "")
-        path = models[cfg.teacher_slot]
-        console.print(f"teacher ({cfg.label.teacher}): {_ref(ref or path, path)}")
+        console.print(f"teacher ({cfg.label.teacher}): {_ref(cfg.teacher_ref, models[cfg.teacher_slot])}")
     layers = f", first {m.base_layers} layer(s)" if m.base_layers else ""
     console.print(f"base model: {m.base}{layers} ({models['base']})")
     if cfg.pretrain.method != "none":

@@ -47,6 +47,11 @@ class ModelsConfig(_Frozen):
     tiny_seed: Seed = 0
     base_layers: int | None = Field(default=None, gt=0)  # keep only the first N layers of `base` (a smaller student)
 
+    @property
+    def bi_encoder_teacher_ref(self) -> str:
+        """The bi-encoder teacher as configured: ``bi_encoder_teacher``, else the first retriever, else the base."""
+        return self.bi_encoder_teacher or next((r.name for r in self.retrievers), self.base)
+
 
 class ExecutionConfig(_Frozen):
     """How shardable stages run: here (local) or as flow runs on the gpu-pool workers (pool, see flows/shards.py)."""
@@ -178,6 +183,11 @@ class PipelineConfig(_Frozen):
     def teacher_slot(self) -> str:
         """The model slot that labels: ``cross_encoder`` or ``bi_encoder_teacher``."""
         return "cross_encoder" if self.label.teacher == "cross_encoder" else "bi_encoder_teacher"
+
+    @property
+    def teacher_ref(self) -> str:
+        """The labelling model as configured (``teacher_slot``'s reference)."""
+        return self.models.cross_encoder if self.teacher_slot == "cross_encoder" else self.models.bi_encoder_teacher_ref
 
 
 class ConfigError(ValueError):

@@ -32,9 +32,8 @@ def resolve_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, Any]:
         "generator": cfg.models.generator,
         "cross_encoder": cfg.models.cross_encoder,
         "base": cfg.models.base,
-        # unused then: with BM25-only mining (no retrievers) validate_run wants a teacher named or a cross-encoder
-        "bi_encoder_teacher": cfg.models.bi_encoder_teacher or next((r.name for r in cfg.models.retrievers),
-                                                                    cfg.models.base),
+        # the base is unused then: with BM25-only mining validate_run wants a teacher named or a cross-encoder
+        "bi_encoder_teacher": cfg.models.bi_encoder_teacher_ref,
     }
     retrievers = [(r.name, r.score) for r in cfg.models.retrievers]
     tiny = None

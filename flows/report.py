@@ -72,16 +72,13 @@ def model_rows(cfg: PipelineConfig, resolved: dict[str, Any]) -> list[tuple[str,
     """(role, as configured, what it resolved to) for each model this run uses."""
     m = cfg.models
     rows = []
-    if cfg.generate.method == "t5" and cfg.flow != "supervised":
+    if cfg.generate.method == "t5" and cfg.uses_queries:
         rows.append(("query generator", m.generator, resolved.get("generator", "")))
     if cfg.is_gpl:
         for ref, (path, score) in zip(m.retrievers, resolved.get("retrievers", []), strict=False):
             rows.append((f"miner ({score})", ref.name, path))
-        if cfg.label.teacher == "cross_encoder":
-            rows.append(("teacher (cross-encoder)", m.cross_encoder, resolved.get("cross_encoder", "")))
-        else:
-            teacher = m.bi_encoder_teacher or (m.retrievers[0].name if m.retrievers else "")
-            rows.append(("teacher (bi-encoder)", teacher, resolved.get("bi_encoder_teacher", "")))
+        kind = cfg.label.teacher.replace("_", "-")
+        rows.append((f"teacher ({kind})", cfg.teacher_ref, resolved.get(cfg.teacher_slot, "")))
     layers = f", its first {m.base_layers} layer{'s' if m.base_layers > 1 else ''}" if m.base_layers else ""
     rows.append((f"base (student{layers})", m.base, resolved.get("base", "")))
     return rows
