@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gplflow.adapters import artifacts
 from gplflow.adapters.beir_io import BeirFormatError, id_field, iter_jsonl, iter_lines, read_qrels, text_field
 from gplflow.adapters.corpus_readers import FieldMap, iter_documents
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature, fingerprint
@@ -50,14 +51,6 @@ logger = logging.getLogger(__name__)
 CODE_VERSION = "gpl-import-1"
 CORPUS, NEGATIVES, TRAINING = "corpus.jsonl", "hard-negatives.jsonl", "gpl-training-data.tsv"
 QRELS_HEADER = "query-id\tcorpus-id\tscore"
-
-# The artifact contract of DESIGN.md (mirrors the stage modules' schemas; adapters cannot import tasks).
-CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
-QUERIES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
-NEGATIVES_SCHEMA = pa.schema([("query_id", pa.string()), ("retriever", pa.string()),
-                              ("doc_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
-TRIPLES_SCHEMA = pa.schema([("query_id", pa.string()), ("pos_doc_id", pa.string()), ("neg_doc_id", pa.string()),
-                            ("pos_score", pa.float32()), ("neg_score", pa.float32()), ("margin", pa.float32())])
 
 
 class GplFormatError(ValueError):
@@ -84,7 +77,7 @@ class ExportTargetError(ValueError):
     """An export target that cannot be written: a file, or a folder with content and no ``force``."""
 
 
-def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries_stage: str = "queries",
+def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries_stage: str = artifacts.QUERIES,
                force: bool = False) -> dict[str, int]:
     """Write the reference's files for the artifacts the run has; returns lines written per file.
 
@@ -95,8 +88,8 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
     fs, root = fsspec.core.url_to_fs(str(out_dir))
     root = root.rstrip("/") or "/"
     _check_target(fs, root, str(out_dir), force, store)
-    corpus, queries = store.load("corpus"), store.load(queries_stage)
-    negatives, triples = store.load("negatives"), store.load("triples")
+    corpus, queries = store.load(artifacts.CORPUS), store.load(queries_stage)
+    negatives, triples = store.load(artifacts.NEGATIVES), store.load(artifacts.TRIPLES)
     if not any((corpus, queries, negatives, triples)):
         raise FileNotFoundError(f"{store.root_url}: none of corpus/, {queries_stage}/, negatives/, triples/ "
                                 "is a valid artifact; nothing to export")
@@ -265,22 +258,22 @@ class _Importer:
         done: dict[str, str] = {}
         q_files = [queries_file(self.prefix), qrels_file(self.prefix)]
         if CORPUS in self.present:
-            done["corpus"] = self._stage("corpus", [CORPUS], CORPUS_SCHEMA, self._corpus, self._remember_docs)
+            done[artifacts.CORPUS] = self._stage(artifacts.CORPUS, [CORPUS], self._corpus, self._remember_docs)
         if queries_file(self.prefix) in self.present:
-            done["queries"] = self._stage("queries", q_files, QUERIES_SCHEMA, self._queries, self._remember_queries)
+            done[artifacts.QUERIES] = self._stage(artifacts.QUERIES, q_files, self._queries, self._remember_queries)
         if NEGATIVES in self.present:
-            done["negatives"] = self._stage("negatives", [NEGATIVES], NEGATIVES_SCHEMA, self._negatives)
+            done[artifacts.NEGATIVES] = self._stage(artifacts.NEGATIVES, [NEGATIVES], self._negatives)
         if TRAINING in self.present:
-            done["triples"] = self._stage("triples", [TRAINING], TRIPLES_SCHEMA, self._triples)
+            done[artifacts.TRIPLES] = self._stage(artifacts.TRIPLES, [TRAINING], self._triples)
         logger.info("imported %s from the UKPLab gpl folder", ", ".join(done))
         return done
 
-    def _stage(self, stage: str, files: list[str], schema: pa.Schema,
+    def _stage(self, stage: str, files: list[str],
                rows: Callable[[Callable[[str, int], None]], Iterator[dict[str, Any]]],
                remember: Callable[[Artifact], None] | None = None) -> str:
         """Write (or keep, when it holds exactly these files already) one artifact; ``remember`` its ids."""
         # Ids are checked against the corpus and queries files present, so those are inputs too.
-        checked = [] if stage == "corpus" else [
+        checked = [] if stage == artifacts.CORPUS else [
             n for n in (CORPUS, queries_file(self.prefix), qrels_file(self.prefix))
             if n in self.present and n not in files]
         inputs = {n: content_signature(self.present[n]) for n in [*files, *checked]}
@@ -290,6 +283,7 @@ class _Importer:
         if artifact is None:
             with self.store.writer(stage, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
                 out.extra["source"] = "ukplab-gpl"
+                schema = artifacts.SCHEMAS[stage]
                 out.write_part(_batches(rows(out.count), schema), schema)
             artifact = self.store.require(stage)
         if remember is not None:

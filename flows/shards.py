@@ -21,10 +21,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from prefect import flow, get_run_logger
 from prefect.concurrency.sync import concurrency
@@ -42,7 +43,7 @@ DEPLOYMENT = "gplflow-shard"  # the per-shard deployment: run_deployment("gplflo
 POOL = "gpu-pool"
 GPU_SLOTS = 1  # shards per GPU at a time, when the limit does not exist yet
 
-class PoolSetupError(ValueError):
+class PoolSetupError(InputError):
     """Pool mode cannot start: no server the workers reach, or no shard deployment on it."""
 
 
@@ -171,12 +172,56 @@ def setup_error_message(stage: str, attempt: Attempt) -> str:
             f"checkout (prefect.yaml's pull step starts every flow run there) and restart it; not retried")
 
 
+def transient(err: BaseException) -> bool:
+    """An API error a later try can get past: a timeout, a dropped or refused connection, a 5xx or a 429."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(err, httpx.TransportError):  # timeouts, connect/read errors, a server that went away
+        return True
+    status = getattr(getattr(err, "response", None), "status_code", 0)
+    return isinstance(err, PrefectHTTPStatusError | httpx.HTTPStatusError) and (status >= 500 or status == 429)
+
+
 class DeploymentDispatcher:
-    """Submits shard runs of the ``gplflow-shard`` deployment and waits for them (polling the API)."""
+    """Submits shard runs of the ``gplflow-shard`` deployment and waits for them (polling the API).
+
+    Every API call survives a server that is slow, paused or restarting for up to ``api_patience_s`` seconds:
+    it is tried again with a growing pause (``poll_s`` doubling up to ``MAX_BACKOFF_S``); the shards keep
+    running on the workers meanwhile. A submission retried after a timeout reuses its idempotency key, so the
+    server never holds two runs of one shard attempt.
+    """
+
+    MAX_BACKOFF_S = 30.0
 
     def __init__(self, deployment: str = f"{FLOW_NAME}/{DEPLOYMENT}", timeout_s: float | None = None,
-                 poll_s: float = 1.0):
+                 poll_s: float = 1.0, api_patience_s: float = 600.0):
         self.deployment, self.timeout_s, self.poll_s = deployment, timeout_s, poll_s
+        self.api_patience_s = api_patience_s
+
+    def _api(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()``, tried again on transient API errors until ``api_patience_s`` have passed."""
+        first_failure, pause = None, self.poll_s
+        while True:
+            try:
+                result = call()
+            except Exception as err:
+                if not transient(err):
+                    raise
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.api_patience_s:
+                    raise RuntimeError(f"the Prefect API did not answer {what} for {now - first_failure:.0f} s "
+                                       f"({type(err).__name__}: {err}); the shards on the workers may still finish: "
+                                       "rerun the pipeline to publish them") from err
+                _logger().warning("Prefect API: %s failed (%s: %s); trying again in %.0f s", what,
+                                  type(err).__name__, err, pause)
+                time.sleep(pause)
+                pause = min(2 * pause, self.MAX_BACKOFF_S)
+                continue
+            if first_failure is not None:
+                _logger().info("Prefect API: %s answered again after %.0f s", what, time.monotonic() - first_failure)
+            return result
 
     def check(self) -> None:
         """A clear error when there is no API server or no deployment to submit to."""
@@ -199,7 +244,9 @@ class DeploymentDispatcher:
         from prefect.deployments import run_deployment
 
         name = f"{parameters['stage']} shard {shard}"
-        run = run_deployment(self.deployment, parameters=parameters, timeout=0, flow_run_name=name)
+        key = f"gplflow-{uuid4()}"  # one per submission: a retry after a timeout cannot make a second run
+        run = self._api(f"submit {name}", lambda: run_deployment(self.deployment, parameters=parameters, timeout=0,
+                                                                 flow_run_name=name, idempotency_key=key))
         return Attempt(shard, run.id, name)
 
     def wait(self, attempts: list[Attempt]) -> None:
@@ -213,7 +260,8 @@ class DeploymentDispatcher:
         open_ids = set(by_id)
         with get_client(sync_client=True) as client:
             while open_ids:
-                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(open_ids))))
+                runs = self._api("read the shard runs", lambda: client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(open_ids)))))
                 for run in runs:
                     attempt = by_id[run.id]
                     attempt.state = run.state.type.value if run.state else "UNKNOWN"
@@ -225,11 +273,13 @@ class DeploymentDispatcher:
                             attempt.setup_error = self._load_failure(client, run.id)
                 if any(a.setup_error for a in attempts):  # every other run on that worker would crash alike
                     for run_id in open_ids:
-                        client.set_flow_run_state(run_id, Cancelling(), force=True)
+                        self._api("cancel a shard run", lambda r=run_id: client.set_flow_run_state(
+                            r, Cancelling(), force=True))
                     return
                 if open_ids and deadline is not None and time.monotonic() > deadline:
                     for run_id in open_ids:
-                        client.set_flow_run_state(run_id, Cancelling(), force=True)
+                        self._api("cancel a shard run", lambda r=run_id: client.set_flow_run_state(
+                            r, Cancelling(), force=True))
                         by_id[run_id].state = "TIMED_OUT"
                         by_id[run_id].message = f"no result within execution.shard_timeout_s={self.timeout_s}"
                     return
@@ -242,7 +292,8 @@ class DeploymentDispatcher:
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
         for attempt in range(tries):
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            logs = self._api("read a crashed run's logs", lambda: client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))))
             if found := load_failure([log.message for log in logs]):
                 return found
             if attempt + 1 < tries:

@@ -31,25 +31,22 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
-from gplflow.adapters import beir_io, encoding
+from gplflow.adapters import artifacts, beir_io, encoding
 from gplflow.adapters import metrics as trec
 from gplflow.adapters import models as model_io
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
-from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
 
 logger = logging.getLogger(__name__)
 
-STAGE = "evaluate"
+STAGE = artifacts.EVALUATE
 CODE_VERSION = "evaluate-2"
 TOP_K = 100
 REQUIRED_MODELS = ("base", "adapted")
 _SIMILARITY = {"cosine": "cos_sim", "dot": "dot"}
 EVALUATIONS = ("qrels", "heldout")  # in order of precedence: the first one present is the primary evaluation
-SCHEMA = pa.schema([("evaluation", pa.string()), ("query_id", pa.string()), ("model", pa.string()),
-                    *[(name, pa.float64()) for name in trec.METRICS]])
 
 
 class EvaluateConfig(StageConfig):
@@ -163,7 +160,7 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
             for name, per_query in found.items():
                 per_set[name][label] = per_query
         summary = _summary(cfg, per_set, {name: _counts(s, doc_ids) for name, s in sets.items()}, models, similarity)
-        out.write_part([_per_query_table(per_set)], SCHEMA)
+        out.write_part([_per_query_table(per_set)], artifacts.EVALUATE_SCHEMA)
         beir_io.save_metrics(out.local_dir(), summary)
         for name, counts in summary["evaluations"].items():
             for key, value in counts["counts"].items():
@@ -268,7 +265,7 @@ def _per_query_table(per_set: dict[str, dict[str, dict[str, dict[str, float]]]])
             for label, per_query in per_model.items() for qid, values in per_query.items()]
     columns = {"evaluation": [r[0] for r in rows], "query_id": [r[1] for r in rows], "model": [r[2] for r in rows]}
     columns.update({name: [r[3][name] for r in rows] for name in trec.METRICS})
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    return pa.Table.from_pydict(columns, schema=artifacts.EVALUATE_SCHEMA)
 
 
 def primary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -302,12 +299,13 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dict[str, str],
                   adapted_fp: str | None = None, heldout_fp: str | None = None) -> str:
     store = ArtifactStore(run_dir)
-    corpus = store.load(CORPUS_STAGE, expect_fingerprint=corpus_fp)
+    corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
-        raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus artifact with fingerprint {corpus_fp}")
-    heldout = store.load("heldout", expect_fingerprint=heldout_fp) if heldout_fp else None
+        raise FileNotFoundError(f"{store.url(artifacts.CORPUS)}: no valid corpus artifact with fingerprint {corpus_fp}")
+    heldout = store.load(artifacts.HELDOUT, expect_fingerprint=heldout_fp) if heldout_fp else None
     if heldout_fp and heldout is None:
-        raise FileNotFoundError(f"{store.url('heldout')}: no valid held-out queries with fingerprint {heldout_fp}")
+        raise FileNotFoundError(f"{store.url(artifacts.HELDOUT)}: no valid held-out queries with fingerprint "
+                                f"{heldout_fp}")
     artifact = run_evaluate(cfg, store, corpus, models, adapted_fp, heldout)
     metrics = beir_io.load_metrics(artifact.local_dir())
     sets = ", ".join(f"{name} ({r['counts']['queries']} queries)" for name, r in metrics["evaluations"].items())

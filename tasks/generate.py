@@ -34,7 +34,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from gplflow.adapters import models
+from gplflow.adapters import artifacts, models
 from gplflow.adapters.generation import QueryGenerator, SamplingParams
 from gplflow.adapters.oom import halve_on_oom
 from gplflow.adapters.staging import ShardStaging, sum_counters
@@ -51,13 +51,11 @@ from gplflow.tasks.base import (
     stage_cache,
     stage_fingerprint,
 )
-from gplflow.tasks.ingest import STAGE as CORPUS_STAGE
 
 logger = logging.getLogger(__name__)
 
-STAGE = "queries"
+STAGE = artifacts.QUERIES
 CODE_VERSION = "generate-1"
-SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
 DEFAULT_SHARD_SIZE = 10_000
 AUTO_MIN_QPP = 3  # the paper's QPP for large corpora, and the least `auto` ever picks (as UKPLab gpl does)
 T5_ONLY_FIELDS = ("batch_size", "top_k", "top_p", "max_query_length", "prefix")
@@ -211,7 +209,7 @@ class GenerateJob(ShardJob):
             counters[name] += value
 
         batch = _to_batch(shard, self._make(shard, k, progress), count)
-        return self.staging.write_parquet(k, [batch], SCHEMA, counters, started)
+        return self.staging.write_parquet(k, [batch], artifacts.QUERIES_SCHEMA, counters, started)
 
     def publish(self) -> Artifact:
         records = self.done_records()
@@ -257,7 +255,7 @@ def _to_batch(shard: list[Passage], candidates: list[list[str] | None], count) -
             cols["query_id"].append(f"{passage.doc_id}-q{k}")
             cols["doc_id"].append(passage.doc_id)
             cols["text"].append(text)
-    return pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+    return pa.RecordBatch.from_pydict(cols, schema=artifacts.QUERIES_SCHEMA)
 
 
 def _sample_mask(n: int, size: int, seed: int) -> np.ndarray:
@@ -405,8 +403,8 @@ def generate_job(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: s
                  shard_size: int = DEFAULT_SHARD_SIZE) -> GenerateJob:
     """The generate job for ``generate_task``'s parameters (the flow that fans shards out builds it the same way)."""
     store = ArtifactStore(run_dir)
-    corpus = store.load(CORPUS_STAGE, expect_fingerprint=corpus_fp)
+    corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
-        raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus with fingerprint {corpus_fp}; "
+        raise FileNotFoundError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")
     return GenerateJob(cfg, store, corpus, generator, shard_size)

@@ -8,15 +8,15 @@ from collections.abc import Iterator
 import pyarrow as pa
 from prefect import get_run_logger, task
 
+from gplflow.adapters import artifacts
 from gplflow.adapters.corpus_readers import CorpusError, Document, FieldMap, detect_format, iter_documents
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 
 logger = logging.getLogger(__name__)
 
-STAGE = "corpus"
+STAGE = artifacts.CORPUS
 CODE_VERSION = "ingest-1"
-SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 
 
 class IngestConfig(StageConfig):
@@ -43,7 +43,7 @@ def run_ingest(cfg: IngestConfig, store: ArtifactStore) -> Artifact:
                       code_version=CODE_VERSION) as out:
         out.extra["format"] = fmt
         docs = _checked(iter_documents(cfg.path, fmt, fields), cfg, out.count)
-        rows = out.write_part(_batches(docs), SCHEMA)
+        rows = out.write_part(_batches(docs), artifacts.CORPUS_SCHEMA)
         if rows == 0:
             raise CorpusError(f"{cfg.path}: no documents left after dropping {out.counters.get('empty_text', 0)} "
                               "with empty text")
@@ -77,7 +77,7 @@ def _batches(docs: Iterator[Document]) -> Iterator[pa.RecordBatch]:
 def _to_batch(docs: list[Document]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(
         {"doc_id": [d.doc_id for d in docs], "title": [d.title for d in docs], "text": [d.text for d in docs]},
-        schema=SCHEMA,
+        schema=artifacts.CORPUS_SCHEMA,
     )
 
 

@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from pydantic import Field
 
+from gplflow.adapters import artifacts
 from gplflow.adapters.scoring import PairScorer, load_scorer
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
-from gplflow.tasks import generate, ingest, mine
 from gplflow.tasks.base import (
     AutoOrPositive,
     Progress,
@@ -51,18 +51,8 @@ from gplflow.tasks.label_diagnostics import label_diagnostics, summary_line
 
 logger = logging.getLogger(__name__)
 
-STAGE = "triples"
+STAGE = artifacts.TRIPLES
 CODE_VERSION = "label-1"
-SCHEMA = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("pos_doc_id", pa.string()),
-        ("neg_doc_id", pa.string()),
-        ("pos_score", pa.float32()),
-        ("neg_score", pa.float32()),
-        ("margin", pa.float32()),
-    ]
-)
 SCORE_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())])
 DEFAULT_SHARD_SIZE = 10_000  # distinct pairs per shard
 
@@ -205,7 +195,7 @@ class LabelJob(ShardJob):
         tq, pos, neg = draw.tq, draw.pos, draw.neg
         pos_score, neg_score = scores[draw.inverse[: len(tq)]], scores[draw.inverse[len(tq) :]]
         with self.store.writer(STAGE, config=self.config, inputs=self.inputs, code_version=CODE_VERSION) as out:
-            out.write_part(_batches(draw.pool, tq, pos, neg, pos_score, neg_score), SCHEMA)
+            out.write_part(_batches(draw.pool, tq, pos, neg, pos_score, neg_score), artifacts.TRIPLES_SCHEMA)
             sizes = np.diff(draw.pool.offsets)
             counts = np.bincount(tq, minlength=len(sizes))
             out.count("triples", len(tq))
@@ -362,7 +352,7 @@ def _batches(
                 pa.array(neg_score[part], pa.float32()),
                 pa.array(pos_score[part] - neg_score[part], pa.float32()),
             ],
-            schema=SCHEMA,
+            schema=artifacts.TRIPLES_SCHEMA,
         )
 
 
@@ -393,7 +383,7 @@ def label_task(
     queries_fp: str,
     negatives_fp: str,
     teacher: str,
-    queries_stage: str = generate.STAGE,
+    queries_stage: str = artifacts.QUERIES,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> str:
     job = label_job(cfg, run_dir, n_triples, corpus_fp, queries_fp, negatives_fp, teacher, queries_stage, shard_size)
@@ -416,12 +406,12 @@ def label_job(
     queries_fp: str,
     negatives_fp: str,
     teacher: str,
-    queries_stage: str = generate.STAGE,
+    queries_stage: str = artifacts.QUERIES,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> LabelJob:
     """The label job for ``label_task``'s parameters (the flow that fans shards out builds it the same way)."""
     store = ArtifactStore(run_dir)
-    corpus = _input(store, ingest.STAGE, corpus_fp)
+    corpus = _input(store, artifacts.CORPUS, corpus_fp)
     queries = _input(store, queries_stage, queries_fp)
-    negatives = _input(store, mine.STAGE, negatives_fp)
+    negatives = _input(store, artifacts.NEGATIVES, negatives_fp)
     return LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size)

@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from gplflow.adapters import models
+from gplflow.adapters import artifacts, models
 from gplflow.adapters.bm25 import BM25Index
 from gplflow.adapters.encoding import encode, passage_text, release_memory
 from gplflow.adapters.staging import ShardStaging
@@ -39,19 +39,13 @@ from gplflow.tasks.base import (
 
 logger = logging.getLogger(__name__)
 
-STAGE = "negatives"
+STAGE = artifacts.NEGATIVES
 CODE_VERSION = "mine-1"
 BM25 = "bm25"
 SCORES = ("cos_sim", "dot")
 DEFAULT_SHARD_SIZE = 10_000  # corpus passages per encoding shard
 # where mine_task looks for the queries fingerprint (queries-train: the queries left after the held-out split)
-QUERY_STAGES = ("queries-train", "queries-filtered", "queries")
-SCHEMA = pa.schema([
-    ("query_id", pa.string()),
-    ("retriever", pa.string()),
-    ("doc_ids", pa.list_(pa.string())),
-    ("scores", pa.list_(pa.float32())),
-])
+QUERY_STAGES = (artifacts.QUERIES_TRAIN, "queries-filtered", artifacts.QUERIES)
 
 
 class MineConfig(StageConfig):
@@ -186,17 +180,18 @@ class MineJob(ShardJob):
         records = self.done_records()
         inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint}
         config = _config(self.cfg, self.retrievers)
+        schema = artifacts.NEGATIVES_SCHEMA
         with self.store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
             out.count("queries", self.queries.rows)
             names = []
             for r, (ref, score) in enumerate(self.retrievers):
                 emb = np.concatenate([self.staging.read_array(r * self.slices + c) for c in range(self.slices)])
                 out.write_part(_dense_batches(self.cfg, ref, score, emb, self._load(ref), self.docs,
-                                              self._query_chunks(_short(ref)), out.count), SCHEMA)
+                                              self._query_chunks(_short(ref)), out.count), schema)
                 names.append(ref)
             self._drop_model()
             if self.cfg.bm25:
-                out.write_part(_bm25_batches(self.cfg, self.docs, self._query_chunks(BM25), out.count), SCHEMA)
+                out.write_part(_bm25_batches(self.cfg, self.docs, self._query_chunks(BM25), out.count), schema)
                 names.append(BM25)
             out.count("retrievers", len(names))
             out.extra["retrievers"] = names
@@ -278,7 +273,7 @@ def _ranked(name: str, chunk: pa.RecordBatch, scores: np.ndarray, ids: np.ndarra
         pa.array([name] * chunk.num_rows, pa.string()),
         pa.ListArray.from_arrays(offsets, pa.array(candidates[keep].tolist(), pa.string())),
         pa.ListArray.from_arrays(offsets, pa.array(scores[keep], pa.float32())),
-    ], schema=SCHEMA)
+    ], schema=artifacts.NEGATIVES_SCHEMA)
 
 
 def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
@@ -308,5 +303,5 @@ def mine_job(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
              retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> MineJob:
     """The mine job for ``mine_task``'s parameters (the flow that fans shards out builds it the same way)."""
     store = ArtifactStore(run_dir)
-    corpus, queries = _find(store, ["corpus"], corpus_fp), _find(store, QUERY_STAGES, queries_fp)
+    corpus, queries = _find(store, [artifacts.CORPUS], corpus_fp), _find(store, QUERY_STAGES, queries_fp)
     return MineJob(cfg, store, corpus, queries, retrievers, shard_size)

@@ -15,6 +15,7 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from pydantic import Field
 
+from gplflow.adapters import artifacts
 from gplflow.adapters.corpus_readers import detect_format
 from gplflow.adapters.pair_readers import iter_pairs
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
@@ -22,10 +23,8 @@ from gplflow.tasks.base import StageConfig, retry_unless_deterministic, reuse, s
 
 logger = logging.getLogger(__name__)
 
-STAGE = "pairs"
+STAGE = artifacts.PAIRS
 CODE_VERSION = "pairs-1"
-SCORED_SCHEMA = pa.schema([("sentence1", pa.string()), ("sentence2", pa.string()), ("score", pa.float32())])
-RANKING_SCHEMA = pa.schema([("anchor", pa.string()), ("positive", pa.string()), ("negative", pa.string())])
 HISTOGRAM_BINS = 5
 
 
@@ -52,13 +51,6 @@ def pairs_fingerprint(cfg: PairsConfig) -> str:
     return stage_fingerprint(STAGE, cfg, {"source": content_signature(cfg.path)}, CODE_VERSION)
 
 
-def schema_for(kind: str, with_negative: bool = True) -> pa.Schema:
-    """The artifact's columns: scored pairs, or ranking pairs with (or without) the negative column."""
-    if kind == "scored":
-        return SCORED_SCHEMA
-    return RANKING_SCHEMA if with_negative else pa.schema(list(RANKING_SCHEMA)[:2])
-
-
 def run_pairs(cfg: PairsConfig, store: ArtifactStore) -> Artifact:
     """Read and validate every pair; publish them only if all passed."""
     fp = pairs_fingerprint(cfg)
@@ -67,7 +59,7 @@ def run_pairs(cfg: PairsConfig, store: ArtifactStore) -> Artifact:
     fmt = cfg.format or detect_format(cfg.path)
     rows = iter_pairs(cfg.path, cfg.kind, fmt, cfg.columns.model_dump(), cfg.score_max)
     first = next(rows)  # the first row says whether the file has negatives (and raises for an empty file)
-    schema = schema_for(cfg.kind, with_negative="negative" in first)
+    schema = artifacts.pairs_schema(cfg.kind, with_negative="negative" in first)
     with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs={"source": content_signature(cfg.path)},
                       code_version=CODE_VERSION) as out:
         out.extra.update(format=fmt, kind=cfg.kind, columns=schema.names)

@@ -17,14 +17,14 @@ from typing import Any, Literal
 from prefect import get_run_logger, task
 from pydantic import Field
 
+from gplflow.adapters import artifacts
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
-STAGE = "pretrain"
-CORPUS_STAGE = "corpus"
+STAGE = artifacts.PRETRAIN
 CODE_VERSION = "pretrain-1"
 
 
@@ -119,9 +119,9 @@ def _texts(corpus: Artifact, method: str) -> Iterator[str]:
                                                                             p["base_model"])))
 def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model: str) -> str:
     store = ArtifactStore(run_dir)
-    corpus = store.load(CORPUS_STAGE, expect_fingerprint=corpus_fp)
+    corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
-        raise FileNotFoundError(f"{store.url(CORPUS_STAGE)}: no valid corpus with fingerprint {corpus_fp}; "
+        raise FileNotFoundError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")
     log = get_run_logger()
     progress = ProgressArtifact.start(f"pretrain-{cfg.method}", cfg.steps,

@@ -15,13 +15,14 @@ from typing import Any
 
 from prefect import task
 
+from gplflow.adapters import artifacts
 from gplflow.adapters import metrics as trec
 from gplflow.adapters.store import Artifact, ArtifactStore, fingerprint
 from gplflow.tasks.base import retry_unless_deterministic, stage_cache
 
 logger = logging.getLogger(__name__)
 
-STAGE = "promoted"
+STAGE = artifacts.PROMOTED
 FILE = "promoted.json"
 CODE_VERSION = "promote-1"
 _NAMES = {"qrels": "the judged queries (qrels)", "heldout": "the held-out synthetic queries"}

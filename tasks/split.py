@@ -25,17 +25,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger, task
 
+from gplflow.adapters import artifacts
 from gplflow.adapters.store import Artifact, ArtifactStore
-from gplflow.tasks import generate
 from gplflow.tasks.base import StageCache, retry_unless_deterministic, reuse, stage_fingerprint
 from gplflow.tasks.evaluate import EvaluateConfig
 
 logger = logging.getLogger(__name__)
 
-HELDOUT = "heldout"
-TRAIN = "queries-train"
+HELDOUT = artifacts.HELDOUT
+TRAIN = artifacts.QUERIES_TRAIN
 CODE_VERSION = "split-1"
-SCHEMA = generate.SCHEMA
 
 
 def active(cfg: EvaluateConfig) -> bool:
@@ -82,7 +81,7 @@ def run_split(cfg: EvaluateConfig, store: ArtifactStore, queries: Artifact) -> d
     for stage, part in parts.items():
         with store.writer(stage, config=_config(cfg), inputs={"queries": queries.fingerprint},
                           code_version=CODE_VERSION) as out:
-            out.write_part([part], SCHEMA)
+            out.write_part([part], artifacts.QUERIES_SCHEMA)
             out.count("queries", part.num_rows)
             out.count("passages", len(set(part.column("doc_id").to_pylist())))
             out.count("target_heldout_queries", target)
@@ -96,9 +95,9 @@ def run_split(cfg: EvaluateConfig, store: ArtifactStore, queries: Artifact) -> d
       cache_policy=StageCache(fingerprints=lambda p: split_fingerprints(p["cfg"], p["queries_fp"])))
 def split_task(cfg: EvaluateConfig, run_dir: str, queries_fp: str) -> dict[str, str]:
     store = ArtifactStore(run_dir)
-    queries = store.load(generate.STAGE, expect_fingerprint=queries_fp)
+    queries = store.load(artifacts.QUERIES, expect_fingerprint=queries_fp)
     if queries is None:
-        raise FileNotFoundError(f"{store.url(generate.STAGE)}: no valid queries with fingerprint {queries_fp}")
+        raise FileNotFoundError(f"{store.url(artifacts.QUERIES)}: no valid queries with fingerprint {queries_fp}")
     found = run_split(cfg, store, queries)
     get_run_logger().info("held-out queries: %d (never mined, labelled nor trained on); training queries: %d",
                           found[HELDOUT].rows, found[TRAIN].rows)

@@ -11,16 +11,16 @@ from typing import Any, Literal
 from prefect import get_run_logger, task
 from pydantic import Field
 
-from gplflow.adapters import models
+from gplflow.adapters import artifacts, models
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
 
-STAGE = "model"
+STAGE = artifacts.MODEL
 CODE_VERSION = "train-1"
-QUERY_STAGES = ("queries-train", "queries", "queries-filtered")  # the mnrl pairs come from any
+QUERY_STAGES = (artifacts.QUERIES_TRAIN, artifacts.QUERIES, "queries-filtered")  # the mnrl pairs come from any
 
 
 # the losses each kind of labelled pairs (tasks/pairs.py) trains with; the first is flow supervised's default
@@ -186,10 +186,10 @@ def _task_fingerprint(p: dict[str, Any]) -> str:
 def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, queries_fp: str,
                triples_fp: str | None) -> str:
     store = ArtifactStore(run_dir)
-    triples = _load(store, ("triples",), triples_fp) if triples_fp else None
+    triples = _load(store, (artifacts.TRIPLES,), triples_fp) if triples_fp else None
     progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} for {cfg.steps} "
                                       f"steps of batch {cfg.batch_size}")
-    artifact = run_train(cfg, store, base_model, _load(store, ("corpus",), corpus_fp),
+    artifact = run_train(cfg, store, base_model, _load(store, (artifacts.CORPUS,), corpus_fp),
                          _load(store, QUERY_STAGES, queries_fp), triples, callbacks=[progress_callback(progress)])
     progress.finish()
     info = artifact.manifest.get("train", {})
@@ -207,7 +207,7 @@ def train_pairs_task(cfg: TrainConfig, run_dir: str, base_model: str, pairs_fp: 
     store = ArtifactStore(run_dir)
     progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} on labelled pairs "
                                       f"for {cfg.steps} steps of batch {cfg.batch_size}")
-    artifact = run_train_pairs(cfg, store, base_model, _load(store, ("pairs",), pairs_fp),
+    artifact = run_train_pairs(cfg, store, base_model, _load(store, (artifacts.PAIRS,), pairs_fp),
                                callbacks=[progress_callback(progress)])
     progress.finish()
     info = artifact.manifest.get("train", {})

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 
 from gplflow.adapters import beir_io, metrics
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks import ingest
 from gplflow.tasks.evaluate import (
     EvaluateConfig,
     fingerprint_for,
@@ -44,10 +43,7 @@ QRELS = "query-id\tcorpus-id\tscore\nq1\tbees\t1\nq2\tvolcano\t1\nq3\tpython\t1\
 
 
 def _corpus(store: ArtifactStore):
-    with store.writer(ingest.STAGE, config={"test": "evaluate"}) as out:
-        out.write_part([pa.table({"doc_id": list(PASSAGES), "title": [""] * len(PASSAGES),
-                                  "text": list(PASSAGES.values())})], ingest.SCHEMA)
-    return store.require(ingest.STAGE)
+    return write_artifact(store, "corpus", [(doc_id, "", text) for doc_id, text in PASSAGES.items()])
 
 
 def _beir(tmp_path, qrels: str = QRELS, queries: dict[str, str] = QUERIES):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 from prefect.logging import disable_run_logger
 from pydantic import ValidationError
 from transformers import AutoTokenizer
@@ -25,7 +25,6 @@ from gplflow.tasks.generate import (
     run_generate,
     split_sentences,
 )
-from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
 
 # (doc_id, title, text): odd ids on purpose, one blank passage, single- and multi-sentence passages.
 DOCS = [
@@ -49,13 +48,9 @@ T5 = {"method": "t5", "queries_per_passage": 3, "batch_size": 4, "max_query_leng
 EXTRACTIVE = {"method": "extractive", "queries_per_passage": 3, "seed": 7}
 
 
-def make_corpus(run_dir, docs=DOCS, tag="corpus-v1"):
+def make_corpus(run_dir, docs=DOCS):
     store = ArtifactStore(run_dir)
-    with store.writer("corpus", config={"tag": tag}) as out:
-        ids, titles, texts = (list(col) for col in zip(*docs, strict=True))
-        out.write_part([pa.table({"doc_id": ids, "title": titles, "text": texts}, schema=CORPUS_SCHEMA)],
-                       CORPUS_SCHEMA)
-    return store, store.require("corpus")
+    return store, write_artifact(store, "corpus", docs)
 
 
 @pytest.fixture(scope="module")

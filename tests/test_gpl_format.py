@@ -6,10 +6,9 @@ import json
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 
-from gplflow.adapters import gpl_format
 from gplflow.adapters.gpl_format import GplFormatError, export_gpl, import_gpl
 from gplflow.adapters.store import ArtifactStore
 
@@ -26,27 +25,15 @@ NEGATIVES = [[("genQ1", "bm25", ["d3", "d5"]), ("genQ3", "bm25", ["d4"]), ("genQ
 MARGINS = np.array([18.465141, 13.6840515, 0.1, -3.4028235e38, 1e-45, 1 / 3, -0.0, 7.277392], dtype=np.float32)
 
 
-def _write(store: ArtifactStore, stage: str, schema: pa.Schema, parts: list[dict[str, list]]) -> None:
-    with store.writer(stage, config={"test": "gpl"}) as out:
-        for part in parts:
-            out.write_part([pa.table(part, schema=schema)], schema)
-
-
 def _by_hand(store: ArtifactStore) -> None:
-    _write(store, "corpus", gpl_format.CORPUS_SCHEMA,
-           [{"doc_id": [d[0] for d in DOCS], "title": [d[1] for d in DOCS], "text": [d[2] for d in DOCS]}])
-    _write(store, "queries", gpl_format.QUERIES_SCHEMA,
-           [{"query_id": [q[0] for q in QUERIES], "doc_id": [q[1] for q in QUERIES], "text": [q[2] for q in QUERIES]}])
-    _write(store, "negatives", gpl_format.NEGATIVES_SCHEMA,
-           [{"query_id": [r[0] for r in part], "retriever": [r[1] for r in part], "doc_ids": [r[2] for r in part],
-             "scores": [[0.5] * len(r[2]) for r in part]} for part in NEGATIVES])
+    write_artifact(store, "corpus", DOCS)
+    write_artifact(store, "queries", QUERIES)
+    write_artifact(store, "negatives", [(*row, [0.5] * len(row[2])) for part in NEGATIVES for row in part],
+                   parts=[len(part) for part in NEGATIVES])
     rng = np.random.default_rng(0)
     margins = np.concatenate([MARGINS, rng.standard_normal(200).astype(np.float32) * 10])
-    triples = [(QUERIES[i % 4][0], QUERIES[i % 4][1], "d5" if i % 2 else "d4") for i in range(len(margins))]
-    _write(store, "triples", gpl_format.TRIPLES_SCHEMA, [{
-        "query_id": [t[0] for t in triples], "pos_doc_id": [t[1] for t in triples],
-        "neg_doc_id": [t[2] for t in triples], "pos_score": margins + 1, "neg_score": np.ones_like(margins),
-        "margin": margins}])
+    write_artifact(store, "triples", [(QUERIES[i % 4][0], QUERIES[i % 4][1], "d5" if i % 2 else "d4", m + 1, 1.0, m)
+                                      for i, m in enumerate(margins)])
 
 
 def _files(folder) -> dict[str, bytes]:

@@ -7,11 +7,12 @@ import math
 
 import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 
 from gplflow.adapters import metrics
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks import generate, ingest, promote, split
+from gplflow.tasks import promote, split
 from gplflow.tasks.evaluate import EvaluateConfig, heldout_eval_set, read_metrics, run_evaluate
 
 PASSAGES = {
@@ -25,17 +26,11 @@ PASSAGES = {
 
 
 def _corpus(store: ArtifactStore):
-    with store.writer(ingest.STAGE, config={"test": "heldout"}) as out:
-        out.write_part([pa.table({"doc_id": list(PASSAGES), "title": [""] * len(PASSAGES),
-                                  "text": list(PASSAGES.values())})], ingest.SCHEMA)
-    return store.require(ingest.STAGE)
+    return write_artifact(store, "corpus", [(doc_id, "", text) for doc_id, text in PASSAGES.items()])
 
 
 def _queries(store: ArtifactStore, rows: list[tuple[str, str, str]]):
-    with store.writer(generate.STAGE, config={"test": "heldout"}) as out:
-        out.write_part([pa.table({"query_id": [r[0] for r in rows], "doc_id": [r[1] for r in rows],
-                                  "text": [r[2] for r in rows]})], generate.SCHEMA)
-    return store.require(generate.STAGE)
+    return write_artifact(store, "queries", rows)
 
 
 def _generated(n_docs: int, qpp: int) -> list[tuple[str, str, str]]:

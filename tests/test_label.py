@@ -9,16 +9,15 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
+from artifact_rows import write_artifact
 from sentence_transformers import CrossEncoder, SentenceTransformer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gplflow.adapters import models
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
-from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
 from gplflow.tasks.label import (
     LabelConfig,
     draw_triples,
@@ -60,15 +59,6 @@ NEGATIVES = [
     ("q4", "dense", []),
 ]
 UNION = {"q1": ["d8", "d9", "d2", "d10", "d7"], "q2": ["d4", "d12", "d6", "d10", "d9"], "q3": ["d6", "d11"]}
-QUERY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
-NEG_SCHEMA = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("retriever", pa.string()),
-        ("doc_ids", pa.list_(pa.string())),
-        ("scores", pa.list_(pa.float32())),
-    ]
-)
 PASSAGES = {d: passage_text(t, x) for d, t, x in CORPUS}
 QTEXT = {q: t for q, _, t in QUERIES}
 
@@ -83,22 +73,10 @@ def tiny(tmp_path_factory):
     return build_tiny_models([x for _, _, x in CORPUS] + [t for *_, t in QUERIES], tmp_path_factory.mktemp("tiny"))
 
 
-def _write(store, stage, rows, schema, parts=1):
-    with store.writer(stage, config={"test": stage}) as out:
-        for chunk in np.array_split(np.arange(len(rows)), parts):
-            out.write_part([pa.Table.from_pylist([rows[i] for i in chunk], schema)], schema)
-    return store.require(stage)
-
-
 def _inputs(store, negatives=NEGATIVES, parts=1):
-    corpus = _write(
-        store, "corpus", [dict(zip(("doc_id", "title", "text"), r, strict=True)) for r in CORPUS], CORPUS_SCHEMA
-    )
-    queries = _write(
-        store, "queries", [dict(zip(("query_id", "doc_id", "text"), r, strict=True)) for r in QUERIES], QUERY_SCHEMA
-    )
-    rows = [{"query_id": q, "retriever": r, "doc_ids": d, "scores": [1.0] * len(d)} for q, r, d in negatives]
-    return corpus, queries, _write(store, "negatives", rows, NEG_SCHEMA, parts)
+    rows = [(q, r, d, [1.0] * len(d)) for q, r, d in negatives]
+    return (write_artifact(store, "corpus", CORPUS), write_artifact(store, "queries", QUERIES),
+            write_artifact(store, "negatives", rows, parts=parts))
 
 
 def _label(tmp_path, teacher, n, cfg=None, negatives=NEGATIVES, parts=1):

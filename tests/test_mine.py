@@ -7,12 +7,11 @@ an independent float32 ``SentenceTransformer.encode`` to 1e-4; with bf16 they ag
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
 from gplflow.tasks.mine import MineConfig, mine_fingerprint, run_mine
 
 MINILM = str(packaged_minilm_path())
@@ -54,14 +53,8 @@ N = 5
 
 def _store(root, docs: dict[str, tuple[str, str]], queries=QUERIES):
     store = ArtifactStore(root)
-    with store.writer("corpus", config={"test": len(docs)}) as out:
-        out.write_part([pa.table({"doc_id": list(docs), "title": [t for t, _ in docs.values()],
-                                  "text": [x for _, x in docs.values()]}, schema=CORPUS_SCHEMA)], CORPUS_SCHEMA)
-    schema = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
-    with store.writer("queries", config={"test": len(queries)}) as out:
-        columns = {name: [q[i] for q in queries] for i, name in enumerate(schema.names)}
-        out.write_part([pa.table(columns, schema=schema)], schema)
-    return store, store.require("corpus"), store.require("queries")
+    corpus = write_artifact(store, "corpus", [(doc_id, title, text) for doc_id, (title, text) in docs.items()])
+    return store, corpus, write_artifact(store, "queries", queries)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ The real thing (a server, a deployment, two workers) is tests/test_pool_server.p
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows import shards
 from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
 from gplflow.tasks.generate import GenerateConfig, GenerateJob
-from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
 
 DOCS = [(f"d{i}", "", f"Passage number {i} talks about topic {i % 3}. It has a second sentence too.")
         for i in range(10)]
@@ -21,10 +20,7 @@ DOCS = [(f"d{i}", "", f"Passage number {i} talks about topic {i % 3}. It has a s
 @pytest.fixture()
 def job(tmp_path) -> GenerateJob:
     store = ArtifactStore(tmp_path / "run")
-    with store.writer("corpus", config={"test": 1}) as out:
-        ids, titles, texts = (list(c) for c in zip(*DOCS, strict=True))
-        out.write_part([pa.table({"doc_id": ids, "title": titles, "text": texts}, schema=CORPUS_SCHEMA)],
-                       CORPUS_SCHEMA)
+    write_artifact(store, "corpus", DOCS)
     cfg = GenerateConfig(method="extractive", queries_per_passage=2, seed=1)
     return GenerateJob(cfg, store, store.require("corpus"), "", shard_size=3)
 

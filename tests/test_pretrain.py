@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
+from artifact_rows import write_artifact
 from prefect.logging import disable_run_logger
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
@@ -21,7 +21,6 @@ from gplflow.adapters.corpus_readers import iter_documents
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import TinyModels, build_tiny_models
 from gplflow.tasks import progress as progress_module
-from gplflow.tasks.ingest import SCHEMA
 from gplflow.tasks.pretrain import PretrainConfig, pretrain_fingerprint, pretrain_task, run_pretrain
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "data" / "demo" / "corpus.jsonl"
@@ -63,12 +62,7 @@ def no_network(monkeypatch):
 
 def make_corpus(root: Path, passages: list[tuple[str, str]]):
     store = ArtifactStore(root)
-    batch = pa.RecordBatch.from_pydict({"doc_id": [f"d{i}" for i in range(len(passages))],
-                                        "title": [t for t, _ in passages], "text": [x for _, x in passages]},
-                                       schema=SCHEMA)
-    with store.writer("corpus", config={"test": True}) as out:
-        out.write_part([batch], SCHEMA)
-    return store, store.require("corpus")
+    return store, write_artifact(store, "corpus", [(f"d{i}", title, text) for i, (title, text) in enumerate(passages)])
 
 
 def _window_means(history: list, width: int = 2) -> tuple[float, float]:

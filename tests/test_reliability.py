@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 from typer.testing import CliRunner
 
 from gplflow.adapters import gpl_format
@@ -70,13 +71,8 @@ def _csv_text_after_quote(tmp: Path) -> list[str]:
 def _run_with(tmp: Path, query_id: str = "q1") -> Path:
     """A run directory with a corpus and queries (the artifacts export reads)."""
     store = ArtifactStore(tmp / "run")
-    tables = {"corpus": pa.table({"doc_id": ["d1", "d2"], "title": ["", ""], "text": ["bees", "wasps"]},
-                                 schema=gpl_format.CORPUS_SCHEMA),
-              "queries": pa.table({"query_id": [query_id], "doc_id": ["d1"], "text": ["what are bees"]},
-                                  schema=gpl_format.QUERIES_SCHEMA)}
-    for stage, table in tables.items():
-        with store.writer(stage, config={"test": stage}) as out:
-            out.write_part([table], table.schema)
+    write_artifact(store, "corpus", [("d1", "", "bees"), ("d2", "", "wasps")])
+    write_artifact(store, "queries", [(query_id, "d1", "what are bees")])
     return tmp / "run"
 
 

@@ -6,8 +6,8 @@ import re
 import time
 from types import SimpleNamespace
 
-import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows import pipeline
@@ -16,7 +16,6 @@ from gplflow.flows.config import PipelineConfig
 from gplflow.flows.report import artifact_key, metrics_markdown, report_markdown, sample_queries, stage_rows
 from gplflow.tasks import progress as progress_module
 from gplflow.tasks.generate import GenerateConfig, GenerateJob, run_generate
-from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
 from gplflow.tasks.progress import ProgressArtifact
 from gplflow.tasks.train import progress_callback
 
@@ -58,10 +57,7 @@ EXTRACTIVE = GenerateConfig(method="extractive", queries_per_passage=2, seed=3)
 
 def make_corpus(run_dir) -> ArtifactStore:
     store = ArtifactStore(run_dir)
-    with store.writer("corpus", config={"tag": "report-test"}) as out:
-        ids, titles, texts = (list(col) for col in zip(*DOCS, strict=True))
-        out.write_part([pa.table({"doc_id": ids, "title": titles, "text": texts}, schema=CORPUS_SCHEMA)],
-                       CORPUS_SCHEMA)
+    write_artifact(store, "corpus", DOCS)
     return store
 
 
@@ -69,11 +65,8 @@ def make_corpus(run_dir) -> ArtifactStore:
 def run(tmp_path):
     """A run directory with a corpus, extractive queries in 3 shards, and a triples manifest made earlier."""
     store = make_corpus(tmp_path / "run")
-    with store.writer("triples", config={}) as out:
-        out.write_part([pa.table({"x": [1, 2, 3]})], pa.schema([("x", pa.int64())]))
-        out.count("triples", 3)
-        out.count("queries_without_negatives", 1)
-        out.extra["diagnostics"] = DIAGNOSTICS
+    write_artifact(store, "triples", [("q1", "d1", f"d{k}", 2.0, 1.0, 1.0) for k in (2, 3, 4)],
+                   counters={"triples": 3, "queries_without_negatives": 1}, extra={"diagnostics": DIAGNOSTICS})
     started = time.time()
     run_generate(EXTRACTIVE, store, store.require("corpus"), "", shard_size=2)
     return store, started

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 from transformers import TrainerCallback
 
 from gplflow.adapters.staging import ShardStaging
@@ -27,7 +27,6 @@ from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.flows.status import stage_status
 from gplflow.tasks import generate, train
 from gplflow.tasks.generate import GenerateConfig, GenerateJob, run_generate
-from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
 from gplflow.tasks.label import LabelConfig, LabelJob, run_label
 from gplflow.tasks.mine import MineConfig, MineJob, run_mine
 
@@ -80,10 +79,7 @@ def tiny(tmp_path_factory):
 
 def _corpus(run_dir: Path) -> ArtifactStore:
     store = ArtifactStore(run_dir)
-    with store.writer("corpus", config={"test": "corpus"}) as out:
-        ids, titles, texts = (list(c) for c in zip(*DOCS, strict=True))
-        out.write_part([pa.table({"doc_id": ids, "title": titles, "text": texts}, schema=CORPUS_SCHEMA)],
-                       CORPUS_SCHEMA)
+    write_artifact(store, "corpus", DOCS)
     return store
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from artifact_rows import write_artifact
 from typer.testing import CliRunner
 
 from gplflow.adapters.oom import OutOfMemoryError, halve_on_oom
@@ -137,15 +138,10 @@ def test_encoding_survives_an_injected_oom(monkeypatch) -> None:
 
 # --- status -----------------------------------------------------------------------------------------------
 
-def _publish(store: ArtifactStore, stage: str, ids: list[str]) -> None:
-    with store.writer(stage, config={"k": 1}) as out:
-        out.write_part([_table(ids)], SCHEMA)
-
-
 def test_status_complete_partial_corrupted_missing(tmp_path) -> None:
     store = ArtifactStore(tmp_path / "run")
-    _publish(store, "corpus", ["a", "b", "c"])
-    _publish(store, "negatives", ["x"])
+    write_artifact(store, "corpus", [(doc_id, "", f"passage {doc_id}") for doc_id in "abc"])
+    write_artifact(store, "negatives", [("x", "bm25", ["a"], [1.0])])
     staging = ShardStaging(store, "queries", "feedbeef")
     staging.prepare({"n_shards": 4, "shard_size": 1})
     staging.write_parquet(0, [_table(["q1", "q2"])], SCHEMA)
@@ -171,7 +167,7 @@ def test_status_complete_partial_corrupted_missing(tmp_path) -> None:
 
 def test_status_of_a_complete_stage_mentions_other_staged_work(tmp_path) -> None:
     store = ArtifactStore(tmp_path / "run")
-    _publish(store, "queries", ["q"])
+    write_artifact(store, "queries", [("q", "d", "a query")])
     ShardStaging(store, "queries", "0a1b").prepare({"n_shards": 2, "shard_size": 1})
     status = stage_status(store, "queries")
     assert status.state == "complete" and "0 of 2 shards for fingerprint 0a1b" in status.rerun

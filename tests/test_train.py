@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from artifact_rows import write_artifact
 from sentence_transformers import SentenceTransformer, util
 from sentence_transformers.sentence_transformer import losses
 from transformers import TrainerCallback
@@ -15,7 +16,6 @@ from transformers import TrainerCallback
 from gplflow.adapters import trainer as st_trainer
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
-from gplflow.tasks.ingest import SCHEMA as CORPUS_SCHEMA
 from gplflow.tasks.train import TrainConfig, run_train, train_fingerprint
 
 PASSAGES = [
@@ -46,11 +46,6 @@ QUERIES = [
     ("q10a", "d10", "why does a rainbow appear"), ("q10b", "d10", "sunlight refracted by raindrops"),
     ("q11a", "d11", "how does a bicycle chain work"), ("q11b", "d11", "pedals turn the rear wheel"),
 ]
-QUERY_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
-TRIPLE_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("pos_doc_id", pa.string()), ("neg_doc_id", pa.string()),
-    ("pos_score", pa.float32()), ("neg_score", pa.float32()), ("margin", pa.float32()),
-])
 
 
 def _passage(doc_id: str) -> str:
@@ -75,19 +70,16 @@ def tiny(tmp_path_factory):
     return build_tiny_models(texts, tmp_path_factory.mktemp("tiny-models"), seed=0)
 
 
-def _write(store: ArtifactStore, stage: str, schema: pa.Schema, rows: list[tuple]) -> None:
-    with store.writer(stage, config={"test": stage}) as out:
-        table = pa.Table.from_pylist([dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema)
-        out.write_part([table], schema)
+def _inputs(store: ArtifactStore) -> ArtifactStore:
+    """The corpus, queries and triples the tests train on."""
+    for stage, rows in (("corpus", PASSAGES), ("queries", QUERIES), ("triples", _triples())):
+        write_artifact(store, stage, rows)
+    return store
 
 
 @pytest.fixture()
 def store(tmp_path):
-    store = ArtifactStore(tmp_path / "run")
-    _write(store, "corpus", CORPUS_SCHEMA, PASSAGES)
-    _write(store, "queries", QUERY_SCHEMA, QUERIES)
-    _write(store, "triples", TRIPLE_SCHEMA, _triples())
-    return store
+    return _inputs(ArtifactStore(tmp_path / "run"))
 
 
 def _train(store, base, callbacks=(), **overrides):
@@ -188,7 +180,7 @@ def test_margin_mse_training_lowers_loss_and_changes_weights(store, tiny):
 def test_margin_mse_with_cosine_similarity_fits_cosine_margins(store, tiny):
     """A bi-encoder teacher's margins are cosine differences (within ±2): a cosine student can fit them."""
     scaled = [(*row[:3], row[3] / 10, row[4] / 10, row[5] / 10) for row in _triples()]
-    _write(store, "triples", TRIPLE_SCHEMA, scaled)
+    write_artifact(store, "triples", scaled)
     _, model = _train(store, tiny.bi_encoder, similarity="cos_sim", steps=30)
     assert model.manifest["inputs"]["triples"] == store.require("triples").fingerprint
     before, after = (_loss(m, "margin_mse", util.pairwise_cos_sim, 0.1) for m in (tiny.bi_encoder, store.url("model")))
@@ -239,10 +231,7 @@ def test_crashed_training_resumes_from_its_last_checkpoint(store, tiny, tmp_path
     assert [step for step, _ in info["loss_history"]] == [1, 2, 3, 4]  # history carried over from the checkpoint
 
     # The resumed run ends exactly where an uninterrupted one does (optimizer, schedule, data order, RNG).
-    fresh = ArtifactStore(tmp_path / "fresh")
-    for stage in ("corpus", "queries", "triples"):
-        _write(fresh, stage, *{"corpus": (CORPUS_SCHEMA, PASSAGES), "queries": (QUERY_SCHEMA, QUERIES),
-                               "triples": (TRIPLE_SCHEMA, _triples())}[stage])
+    fresh = _inputs(ArtifactStore(tmp_path / "fresh"))
     _, uninterrupted = _train(fresh, tiny.bi_encoder, **settings)
     assert uninterrupted.fingerprint == model.fingerprint
     resumed, straight = _weights(store.url("model")), _weights(fresh.url("model"))
@@ -271,10 +260,7 @@ def test_crash_after_the_last_step_publishes_without_training_again(store, tiny)
 
 def test_remote_run_dir_checkpoints_locally(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("GPLFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    remote = ArtifactStore("memory://gplflow-train-test")
-    _write(remote, "corpus", CORPUS_SCHEMA, PASSAGES)
-    _write(remote, "queries", QUERY_SCHEMA, QUERIES)
-    _write(remote, "triples", TRIPLE_SCHEMA, _triples())
+    remote = _inputs(ArtifactStore("memory://gplflow-train-test"))
     seen = []
 
     class _Where(TrainerCallback):

@@ -1,0 +1,51 @@
+"""The artifact contract (DESIGN.md): each artifact's folder name and the Parquet columns of its parts.
+
+One module at the bottom layer, so the stage that writes an artifact, the stages and adapters that read it (the
+UKPLab gpl interop), ``gplflow status`` and the tests name the same folders and the same columns.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from gplflow.adapters.metrics import METRICS
+
+# Folders under a run directory, one per artifact.
+CORPUS = "corpus"                # ingest (or import)
+PAIRS = "pairs"                  # flow supervised: a user's labelled pairs
+PRETRAIN = "pretrain"            # a sentence-transformers model folder
+QUERIES = "queries"              # generate
+HELDOUT = "heldout"              # split: the held-out queries
+QUERIES_TRAIN = "queries-train"  # split: the queries mining, labelling and training read
+NEGATIVES = "negatives"          # mine
+TRIPLES = "triples"              # label
+MODEL = "model"                  # train: a sentence-transformers model folder
+EVALUATE = "evaluate"            # metrics.json and per-query metrics
+PROMOTED = "promoted"            # promoted.json: which model the run publishes
+
+TRAINED = (PRETRAIN, MODEL)  # model folders written by a training loop that keeps checkpoints
+
+CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+# doc_id: the passage a query was generated from (its positive)
+QUERIES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
+# doc_ids ranked by the retriever, the query's positive removed; scores: the retriever's, in the same order
+NEGATIVES_SCHEMA = pa.schema([("query_id", pa.string()), ("retriever", pa.string()),
+                              ("doc_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
+# raw teacher scores; margin = pos_score - neg_score
+TRIPLES_SCHEMA = pa.schema([("query_id", pa.string()), ("pos_doc_id", pa.string()), ("neg_doc_id", pa.string()),
+                            ("pos_score", pa.float32()), ("neg_score", pa.float32()), ("margin", pa.float32())])
+SCORED_PAIRS_SCHEMA = pa.schema([("sentence1", pa.string()), ("sentence2", pa.string()), ("score", pa.float32())])
+RANKING_PAIRS_SCHEMA = pa.schema([("anchor", pa.string()), ("positive", pa.string()), ("negative", pa.string())])
+# one row per (evaluation, query, model), one column per metric
+EVALUATE_SCHEMA = pa.schema([("evaluation", pa.string()), ("query_id", pa.string()), ("model", pa.string()),
+                             *[(name, pa.float64()) for name in METRICS]])
+
+SCHEMAS = {CORPUS: CORPUS_SCHEMA, QUERIES: QUERIES_SCHEMA, HELDOUT: QUERIES_SCHEMA, QUERIES_TRAIN: QUERIES_SCHEMA,
+           NEGATIVES: NEGATIVES_SCHEMA, TRIPLES: TRIPLES_SCHEMA, EVALUATE: EVALUATE_SCHEMA}  # pairs: pairs_schema
+
+
+def pairs_schema(kind: str, with_negative: bool = True) -> pa.Schema:
+    """The ``pairs/`` columns: scored pairs, or ranking pairs with (or without) the negative column."""
+    if kind == "scored":
+        return SCORED_PAIRS_SCHEMA
+    return RANKING_PAIRS_SCHEMA if with_negative else pa.schema(list(RANKING_PAIRS_SCHEMA)[:2])
