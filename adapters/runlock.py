@@ -9,8 +9,11 @@ A lock whose holder is gone (same host, and its pid no longer runs, or now belon
 after the lock was taken) is stale: the next run takes it over and logs that it did. A holder on another
 host cannot be checked from here; the message says which file to remove once that run is known to be gone.
 
-Only local paths are locked. On an fsspec URL (``s3://``, ``gs://``) creating a file is not atomic, and a
-lock there would need a lease the live run renews; such run directories are not locked (a warning says so).
+On an fsspec URL (``s3://``, ``gs://``, ``memory://``) creating a file is not atomic and another host's pid
+cannot be checked, so the lock is a lease: the file also holds an expiry ``LEASE_S`` seconds ahead, which a
+thread of the live run renews every third of that. A lease not renewed in time is stale (its run died or lost
+the storage) and is taken over. Two runs racing for a free lease both write, wait, and read back: the one whose
+token is in the file holds it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +38,8 @@ logger = logging.getLogger(__name__)
 LOCK = ".lock"
 _ATTEMPTS = 5
 _UNREADABLE_GRACE_S = 30.0  # a lock file still empty after this long was left by a process killed mid-write
+LEASE_S = 120.0  # fsspec URLs: a lease not renewed for this long is stale
+SETTLE_S = 1.0  # fsspec URLs: how long racing writers wait before reading back who won
 
 
 class RunLockedError(ValueError):
@@ -45,9 +51,8 @@ def run_lock(run_dir: str) -> Iterator[None]:
     """Hold the run directory's lock for the duration of the block (released on error too)."""
     fs, root = fsspec.core.url_to_fs(str(run_dir))
     if not _is_local(fs):
-        logger.warning("%s: not a local path; the run directory is not locked (two runs on it are not kept "
-                       "apart)", run_dir)
-        yield
+        with Lease(fs, f"{root.rstrip('/')}/{LOCK}", str(run_dir)):
+            yield
         return
     Path(root).mkdir(parents=True, exist_ok=True)
     path = Path(root) / LOCK
@@ -85,6 +90,9 @@ def check_free(run_dir: str) -> None:
     """Fail now, as ``run_lock`` would, if a live run holds the run directory (a check before a slow start)."""
     fs, root = fsspec.core.url_to_fs(str(run_dir))
     if not _is_local(fs):
+        lease = Lease(fs, f"{root.rstrip('/')}/{LOCK}", str(run_dir))
+        if (holder := lease.holder()) is not None and not lease.expired(holder):
+            raise lease.locked(holder)
         return
     path = Path(root) / LOCK
     text = _read_text(path)
@@ -184,3 +192,79 @@ def _take_over(path: Path, stale_text: str, why: str) -> None:
         return
     aside.unlink(missing_ok=True)
     logger.warning("%s: taking over a stale lock (%s): %s", path, describe(_parse(stale_text)), why)
+
+
+class Lease:
+    """The lock of a run directory on an fsspec URL: a lock file with an expiry that a live run keeps renewing."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, run_dir: str, lease_s: float | None = None,
+                 settle_s: float | None = None):
+        self.fs, self.path, self.run_dir = fs, path, run_dir
+        self.lease_s = LEASE_S if lease_s is None else lease_s
+        self.settle_s = SETTLE_S if settle_s is None else settle_s
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                   "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        self._renewer = threading.Thread(target=self._renew, name="gplflow-lease", daemon=True)
+        self._renewer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=10)
+        if (holder := self.holder()) is not None and holder.get("token") == self.me["token"]:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path)
+
+    def acquire(self) -> None:
+        for _ in range(_ATTEMPTS):
+            holder = self.holder()
+            if holder is not None and not self.expired(holder):
+                raise self.locked(holder)
+            if holder is not None:
+                logger.warning("%s: taking over an expired lease (%s, not renewed for %.0f s)", self.path,
+                               describe(holder), time.time() - holder.get("renewed", holder.get("started", 0)))
+            self._write()
+            time.sleep(self.settle_s)  # a racing writer's file lands meanwhile; the last write wins
+            holder = self.holder()
+            if holder is not None and holder.get("token") == self.me["token"]:
+                return
+        raise RunLockedError(f"{self.run_dir}: could not take the lease {self.path}; other runs keep taking it")
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(self.path, "rb") as fh:
+                return _parse(fh.read().decode("utf-8", errors="replace"))
+        except FileNotFoundError:
+            return None
+
+    def expired(self, holder: dict[str, Any]) -> bool:
+        expires = holder.get("expires")
+        return not isinstance(expires, int | float) or expires < time.time()
+
+    def locked(self, holder: dict[str, Any]) -> RunLockedError:
+        return RunLockedError(f"{self.run_dir}: another run holds this run directory ({describe(holder)}, lease "
+                              f"renewed until {datetime.fromtimestamp(holder['expires']).isoformat(' ', 'seconds')}"
+                              f"); wait for it to end, or remove {self.path} if that run is gone")
+
+    def _write(self) -> None:
+        now = time.time()
+        with self.fs.open(self.path, "wb") as fh:
+            fh.write(json.dumps({**self.me, "renewed": now, "expires": now + self.lease_s}).encode())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            holder = self.holder()
+            if holder is None or holder.get("token") != self.me["token"]:
+                logger.error("%s: the lease is no longer this run's (%s); another run may write here now",
+                             self.path, describe(holder))
+                return
+            try:
+                self._write()
+            except OSError as err:  # storage unreachable for a moment: the next renewal tries again
+                logger.warning("%s: could not renew the lease: %s", self.path, err)

@@ -9,10 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from gplflow.adapters import runlock
 from gplflow.adapters.runlock import LOCK, RunLockedError, run_lock
 from gplflow.flows import pipeline
 from gplflow.flows.config import PipelineConfig
@@ -127,3 +129,56 @@ def test_the_pipeline_runs_its_stages_under_the_lock(tmp_path: Path, monkeypatch
         pipeline.run_pipeline(cfg, str(tmp_path / "run"))
     assert seen == [os.getpid()]
     assert not (tmp_path / "run" / LOCK).exists()
+
+
+# --- run directories on fsspec URLs: a lease the live run renews ---------------------------------------------
+
+@pytest.fixture
+def short_lease(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(runlock, "LEASE_S", 0.9)
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.05)
+    return 0.9
+
+
+def _lease_file(url: str) -> dict:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    with fs.open(f"{root}/{runlock.LOCK}", "rb") as fh:
+        return json.loads(fh.read())
+
+
+def test_a_url_run_directory_is_leased_renewed_and_released(short_lease: float) -> None:
+    url = f"memory://leases/{uuid.uuid4().hex}"
+    with runlock.run_lock(url):
+        first = _lease_file(url)
+        assert first["pid"] == os.getpid() and first["expires"] > time.time()
+        locked = rf"{url}: another run holds this run directory \(host"
+        with pytest.raises(runlock.RunLockedError, match=locked), runlock.run_lock(url):
+            pass
+        with pytest.raises(runlock.RunLockedError):
+            runlock.check_free(url)
+        time.sleep(short_lease * 1.5)  # longer than the lease: only renewal keeps it
+        renewed = _lease_file(url)
+        assert renewed["token"] == first["token"] and renewed["expires"] > first["expires"]
+        with pytest.raises(runlock.RunLockedError):
+            runlock.check_free(url)
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    assert not fs.exists(f"{root}/{runlock.LOCK}")  # released
+    runlock.check_free(url)
+
+
+def test_an_expired_lease_of_a_dead_run_is_taken_over(short_lease: float, caplog: pytest.LogCaptureFixture) -> None:
+    import fsspec
+
+    url = f"memory://leases/{uuid.uuid4().hex}"
+    fs, root = fsspec.core.url_to_fs(url)
+    dead = {"host": "gone-host", "pid": 4242, "started": time.time() - 600, "token": "dead",
+            "renewed": time.time() - 300, "expires": time.time() - 1}
+    with fs.open(f"{root}/{runlock.LOCK}", "wb") as fh:
+        fh.write(json.dumps(dead).encode())
+    with caplog.at_level(logging.WARNING, logger="gplflow.adapters.runlock"), runlock.run_lock(url):
+        assert _lease_file(url)["pid"] == os.getpid()
+    assert any("taking over an expired lease (host gone-host, pid 4242" in r.getMessage() for r in caplog.records)
