@@ -24,13 +24,15 @@ from typing import Any
 
 import fsspec
 
+from gplflow.adapters.errors import InputError, MissingInputError
+
 logger = logging.getLogger(__name__)
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 METRICS_FILE = "metrics.json"
 
 
-class BeirFormatError(ValueError):
+class BeirFormatError(InputError):
     """A malformed BEIR file; the message names the file and the line."""
 
 
@@ -76,7 +78,7 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
                 if line.strip():
                     yield number, line
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: no such file") from err
+        raise MissingInputError(f"{path}: no such file") from err
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -186,4 +188,4 @@ def load_metrics(folder: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: no such file (is this an evaluate/ artifact?)") from err
+        raise MissingInputError(f"{path}: no such file (is this an evaluate/ artifact?)") from err

@@ -39,6 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.utils import infer_compression
 
+from gplflow.adapters.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("beir", "jsonl", "csv", "tsv", "parquet", "textdir", "hf")
@@ -62,7 +64,7 @@ RECORD_FORMATS = ("jsonl", "csv", "tsv", "parquet")  # the single-file tables `i
 Select = Callable[[list[str], str], list[str]]
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """Bad corpus input; the message is one line naming the file, the line or row, and what was expected."""
 
 
@@ -76,7 +78,7 @@ class FieldMap:
 
     def __post_init__(self) -> None:
         if not self.id or not self.text or self.title == "":
-            raise ValueError(f"field names must be non-empty (title may be None), got {self}")
+            raise CorpusError(f"field names must be non-empty (title may be None), got {self}")
 
 
 @dataclass(frozen=True)

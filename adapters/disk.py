@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from gplflow.adapters.errors import GplflowError, InputError
+
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_SPACE_WORDS = ("no space left on device", "disk quota exceeded", "file too large", "errno 28", "errno 27",
                    "os error 28", "os error 27", "storagefull", "filetoolarge")
@@ -21,11 +23,11 @@ _WRITE_FAILED = "file write failed"  # torch's stream writer: no errno, so the d
 _ALMOST_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
 
 
-class NoSpaceError(OSError):
+class NoSpaceError(GplflowError, OSError):
     """The disk (or the file size limit) ran out while writing under a run; the message is one line."""
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """A run directory that is a file, lies under a file, or cannot be written; the message names it."""
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gplflow.adapters import models
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.oom import halve_on_oom
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def embedding_dim(model) -> int:
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dim = getter()
     if not dim:
-        raise ValueError(f"{type(model).__name__}: cannot tell the embedding dimension of this model")
+        raise InputError(f"{type(model).__name__}: cannot tell the embedding dimension of this model")
     return int(dim)
 
 

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 from gplflow.adapters import artifacts
 from gplflow.adapters.beir_io import BeirFormatError, id_field, iter_jsonl, iter_lines, read_qrels, text_field
 from gplflow.adapters.corpus_readers import FieldMap, iter_documents
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ CORPUS, NEGATIVES, TRAINING = "corpus.jsonl", "hard-negatives.jsonl", "gpl-train
 QRELS_HEADER = "query-id\tcorpus-id\tscore"
 
 
-class GplFormatError(ValueError):
+class GplFormatError(InputError):
     """A malformed file of a UKPLab gpl folder; the message names the file and the line."""
 
 
@@ -73,7 +74,7 @@ def format_margin(value: float) -> str:
 # ---------------------------------------------------------------------------------------------- export
 
 
-class ExportTargetError(ValueError):
+class ExportTargetError(InputError):
     """An export target that cannot be written: a file, or a folder with content and no ``force``."""
 
 
@@ -91,7 +92,7 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
     corpus, queries = store.load(artifacts.CORPUS), store.load(queries_stage)
     negatives, triples = store.load(artifacts.NEGATIVES), store.load(artifacts.TRIPLES)
     if not any((corpus, queries, negatives, triples)):
-        raise FileNotFoundError(f"{store.root_url}: none of corpus/, {queries_stage}/, negatives/, triples/ "
+        raise MissingInputError(f"{store.root_url}: none of corpus/, {queries_stage}/, negatives/, triples/ "
                                 "is a valid artifact; nothing to export")
     if queries is not None:  # ids the TSV files cannot carry are found before anything is written
         _check_tsv_ids(queries, ["query_id", "doc_id"])
@@ -232,7 +233,7 @@ def import_gpl(gpl_dir: str, store: ArtifactStore, prefix: str = "qgen") -> dict
     """
     fs, root = fsspec.core.url_to_fs(str(gpl_dir))
     if not fs.isdir(root):
-        raise FileNotFoundError(f"{gpl_dir}: not a folder")
+        raise MissingInputError(f"{gpl_dir}: not a folder")
     base = str(gpl_dir).rstrip("/")
     present = {n: f"{base}/{n}" for n in (CORPUS, queries_file(prefix), qrels_file(prefix), NEGATIVES, TRAINING)
                if fs.isfile(f"{root}/{n}")}
@@ -240,7 +241,7 @@ def import_gpl(gpl_dir: str, store: ArtifactStore, prefix: str = "qgen") -> dict
         raise GplFormatError(f"{present[queries_file(prefix)]}: found without {qrels_file(prefix)}, which names "
                              "each query's passage")
     if not present:
-        raise FileNotFoundError(f"{gpl_dir}: none of {CORPUS}, {queries_file(prefix)}, {NEGATIVES}, {TRAINING}")
+        raise MissingInputError(f"{gpl_dir}: none of {CORPUS}, {queries_file(prefix)}, {NEGATIVES}, {TRAINING}")
     importer = _Importer(store, present, prefix)
     return importer.run()
 

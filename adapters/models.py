@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from gplflow.adapters.errors import GplflowError, InputError
+
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
@@ -21,7 +23,7 @@ TINY = "tiny"
 _PACKAGED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(GplflowError, RuntimeError):
     """A model reference that cannot be resolved to weights on this machine."""
 
 
@@ -200,11 +202,11 @@ def truncated_copy(ref: str, layers: int, cache_dir: Path) -> Path:
     stacks = [(path, mod) for path, mod in encoder.named_modules()
               if isinstance(mod, torch.nn.ModuleList) and path.rsplit(".", 1)[-1] in ("layer", "layers")]
     if len(stacks) != 1:
-        raise ValueError(f"models.base_layers: cannot find the layer stack of {ref!r} "
+        raise InputError(f"models.base_layers: cannot find the layer stack of {ref!r} "
                          f"({type(encoder).__name__}); leave base_layers unset for this model")
     path, stack = stacks[0]
     if not 0 < layers <= len(stack):
-        raise ValueError(f"models.base_layers: {layers} is not between 1 and the {len(stack)} layers of {ref!r}")
+        raise InputError(f"models.base_layers: {layers} is not between 1 and the {len(stack)} layers of {ref!r}")
     parent = encoder.get_submodule(path.rsplit(".", 1)[0]) if "." in path else encoder
     setattr(parent, path.rsplit(".", 1)[-1], stack[:layers])
     for attr in _LAYER_COUNT_KEYS:

@@ -13,13 +13,15 @@ from typing import TypeVar
 
 import torch
 
+from gplflow.adapters.errors import GplflowError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class OutOfMemoryError(RuntimeError):
+class OutOfMemoryError(GplflowError, RuntimeError):
     """A batch did not fit in GPU memory even at half its size."""
 
 

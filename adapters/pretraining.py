@@ -46,6 +46,7 @@ from transformers import get_constant_schedule_with_warmup as constant_schedule
 from transformers.utils import logging as hf_logging
 
 from gplflow.adapters import models
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.text_noise import delete_words, split_sentences
 from gplflow.adapters.tiny_models import default_cache_dir
 from gplflow.adapters.trainer import loss_summary
@@ -228,7 +229,7 @@ class Tsdae:
                 self.module = DenoisingAutoEncoderLoss(self.encoder, tie_encoder_decoder=True).to(dev)
         except ValueError as err:
             arch = type(self.encoder.transformers_model).__name__
-            raise ValueError(f"TSDAE needs an encoder that transformers can also load as a decoder (an "
+            raise InputError(f"TSDAE needs an encoder that transformers can also load as a decoder (an "
                              f"*LMHeadModel: BERT, RoBERTa, ...); {arch} has none. Use pretrain method 'mlm'."
                              ) from err
 
@@ -504,7 +505,7 @@ def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoi
         objective = _sentence_objective(plan, base, dev, pooling)
         count("sentences", total)
     if not examples:
-        raise ValueError(f"pretrain ({plan.method}): the corpus yields no training example "
+        raise InputError(f"pretrain ({plan.method}): the corpus yields no training example "
                          f"(sentences need at least {plan.min_sentence_words} words)")
     count("examples", len(examples))
     state = fit(objective, examples, plan, checkpoints, dev, on_progress)

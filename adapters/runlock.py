@@ -33,6 +33,8 @@ from typing import Any
 
 import fsspec
 
+from gplflow.adapters.errors import GplflowError
+
 logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
@@ -42,7 +44,7 @@ LEASE_S = 120.0  # fsspec URLs: a lease not renewed for this long is stale
 SETTLE_S = 1.0  # fsspec URLs: how long racing writers wait before reading back who won
 
 
-class RunLockedError(ValueError):
+class RunLockedError(GplflowError, ValueError):
     """Another run holds the run directory; the message is one line naming the holder (host, pid, start)."""
 
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gplflow.adapters.disk import NoSpaceError, is_no_space, no_space, run_dir_error
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,12 @@ def content_signature(url: str | os.PathLike[str]) -> str:
     """
     fs, root = fsspec.core.url_to_fs(str(url))
     if not fs.exists(root):
-        raise FileNotFoundError(f"{url}: no such file or folder")
+        raise MissingInputError(f"{url}: no such file or folder")
     paths = sorted(fs.find(root)) if fs.isdir(root) else [root]
     digest = hashlib.sha256()
     for path in paths:
         if len(paths) > 1 and fs.isdir(path):  # find() lists a link to a folder as a file; it is not followed
-            raise ValueError(f"{path}: a link to a folder inside {url}; links to folders are not followed: copy "
+            raise InputError(f"{path}: a link to a folder inside {url}; links to folders are not followed: copy "
                              "the folder in, or remove the link")
         digest.update(path[len(root) :].encode() + b"\0" + _sha256(fs, path).encode())
     return digest.hexdigest()[:20]
@@ -203,7 +204,7 @@ class ArtifactStore:
     def require(self, stage: str) -> Artifact:
         artifact = self.load(stage)
         if artifact is None:
-            raise FileNotFoundError(f"{self.url(stage)}: no valid artifact ({'; '.join(self.problems(stage))})")
+            raise MissingInputError(f"{self.url(stage)}: no valid artifact ({'; '.join(self.problems(stage))})")
         return artifact
 
     @contextlib.contextmanager

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gplflow.adapters.errors import GplflowError, InputError
 from gplflow.adapters.store import ArtifactStore
 
 if TYPE_CHECKING:  # the config imports every stage (torch, Prefect): --help and status do without it
@@ -35,7 +36,8 @@ RunDirOption = Annotated[str | None, typer.Option("--run-dir", help="Where the s
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Errors a user can cause become one line on stderr and exit code 2 (GPLFLOW_DEBUG=1 shows tracebacks)."""
+    """A ``GplflowError`` (something the user can fix) becomes one line on stderr and exit code 2; any other
+    exception is a bug and keeps its traceback (exit code 1). GPLFLOW_DEBUG=1 shows user errors' tracebacks too."""
     try:
         yield
     except Exception as err:
@@ -49,14 +51,9 @@ def user_errors() -> Iterator[None]:
 _PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
 
 
-def user_message(err: Exception) -> str | None:
-    """The one line for an error a user can fix (bad input, a full disk, a path that cannot be used), else None."""
-    from gplflow.adapters.disk import NoSpaceError
-
-    user_types: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, NoSpaceError)
-    if (models := sys.modules.get("gplflow.adapters.models")) is not None:  # imported only when models were used
-        user_types += (models.ModelUnavailableError,)
-    if isinstance(err, user_types):
+def user_message(err: BaseException) -> str | None:
+    """The one line for an error a user can fix (a ``GplflowError``, or a path the system refused), else None."""
+    if isinstance(err, GplflowError):
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, OSError) and err.errno in _PATH_ERRNOS and err.filename:
         return f"{err.filename}: {err.strerror or type(err).__name__}"
@@ -296,7 +293,7 @@ def export(
 
     with user_errors():
         if fmt != "gpl":
-            raise ValueError(f"--format {fmt!r}: only 'gpl' is supported")
+            raise InputError(f"--format {fmt!r}: only 'gpl' is supported")
         counts = export_gpl(ArtifactStore(run_dir), str(out), force=force)
     for name, count in counts.items():
         console.print(f"{out / name}: {count}")

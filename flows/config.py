@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gplflow.adapters.errors import InputError
 from gplflow.tasks.base import Seed
 from gplflow.tasks.evaluate import EvaluateConfig
 from gplflow.tasks.generate import GenerateConfig
@@ -190,7 +191,7 @@ class PipelineConfig(_Frozen):
         return self.models.cross_encoder if self.teacher_slot == "cross_encoder" else self.models.bi_encoder_teacher_ref
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration a user wrote that cannot be used; the message names the key."""
 
 

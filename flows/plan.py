@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.flows.config import PipelineConfig
 from gplflow.tasks import generate, ingest, split
@@ -61,7 +62,7 @@ def make_plan(cfg: PipelineConfig, run_dir: str, calibrate: bool = True) -> Plan
     from gplflow.adapters import models
 
     if cfg.corpus is None:
-        raise ValueError("--plan needs corpus.path (a plan for an import.gpl_dir run is not supported)")
+        raise InputError("--plan needs corpus.path (a plan for an import.gpl_dir run is not supported)")
     with tempfile.TemporaryDirectory(prefix="gplflow-plan-") as scratch:
         corpus = _corpus(cfg.corpus, run_dir, Path(scratch))
         stages = _stages(cfg, corpus)

@@ -32,6 +32,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
 from gplflow.flows.stages import Run, Stage, shard_stage
 from gplflow.tasks.base import ShardJob
@@ -65,7 +66,7 @@ def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = N
     try:
         params = found.params(Run.from_store(cfg, run_dir))
     except KeyError as err:
-        raise FileNotFoundError(f"{run_dir}: no valid {err.args[0]} artifact; the shard's inputs must be published "
+        raise MissingInputError(f"{run_dir}: no valid {err.args[0]} artifact; the shard's inputs must be published "
                                 "(by the pipeline) in the run directory the workers share") from None
     job = found.resolve_job()(**params)
     job.check_shard(shard)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.staging import ShardStaging, staging_dirs
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.stages import artifact_names, condition
@@ -39,7 +40,7 @@ class _Partial:
 def run_status(store: ArtifactStore) -> list[StageStatus]:
     if not store.fs.isdir(store.root):
         what = "is a file, not a run folder" if store.fs.exists(store.root) else "no such run folder"
-        raise FileNotFoundError(f"{store.root_url}: {what}")
+        raise MissingInputError(f"{store.root_url}: {what}")
     return [stage_status(store, stage) for stage in artifact_names()]
 
 

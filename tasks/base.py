@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 from prefect.cache_policies import CachePolicy
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
-from gplflow.adapters.disk import NoSpaceError, is_no_space
+from gplflow.adapters.disk import is_no_space
+from gplflow.adapters.errors import GplflowError, InputError
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore, canonical_json, fingerprint
 
@@ -79,10 +80,10 @@ def stage_cache(stage: str, fingerprint_of: Callable[[dict[str, Any]], str]) -> 
 
 
 def retry_unless_deterministic(_task: Any, _task_run: Any, state: Any) -> bool:
-    """A Prefect ``retry_condition_fn``: a full disk fails the same way after the same work, so it is not retried
-    (a stage's ``retries`` are for crashes a second try can get past)."""
+    """A Prefect ``retry_condition_fn``: a user error (bad input, a full disk) fails the same way after the same
+    work, so it is not retried (a stage's ``retries`` are for crashes a second try can get past)."""
     error = getattr(state, "data", None)
-    return not (isinstance(error, BaseException) and (isinstance(error, NoSpaceError) or is_no_space(error)))
+    return not (isinstance(error, BaseException) and (isinstance(error, GplflowError) or is_no_space(error)))
 
 
 class ShardJob(ABC):
@@ -155,12 +156,12 @@ class ShardJob(ABC):
     def check_shard(self, k: int) -> None:
         """Shard k exists and the staging folder was prepared with this job's plan (by the flow that fans out)."""
         if not 0 <= k < self.n_shards:
-            raise ValueError(f"{self.stage}: shard {k} does not exist; the stage has {self.n_shards} shards "
+            raise InputError(f"{self.stage}: shard {k} does not exist; the stage has {self.n_shards} shards "
                              f"(0 to {self.n_shards - 1})")
         found = self.staging.read_plan()
         if found is None or canonical_json(found) != canonical_json(
                 {**self.plan(), "stage": self.stage, "fingerprint": self.fingerprint}):
-            raise ValueError(f"{self.staging.url}: no staging plan matching this process's config and inputs "
+            raise InputError(f"{self.staging.url}: no staging plan matching this process's config and inputs "
                              f"(fingerprint {self.fingerprint}); the worker and the flow that fanned out the "
                              "shards must see the same config file, overrides, models and run directory")
 

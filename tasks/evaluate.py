@@ -34,6 +34,7 @@ from pydantic import Field
 from gplflow.adapters import artifacts, beir_io, encoding
 from gplflow.adapters import metrics as trec
 from gplflow.adapters import models as model_io
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
@@ -65,14 +66,14 @@ class EvaluateConfig(StageConfig):
 
 def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
     if not cfg.qrels:
-        raise ValueError("evaluate.qrels is not set: name a BEIR qrels file (e.g. data/scifact/qrels/test.tsv)")
+        raise InputError("evaluate.qrels is not set: name a BEIR qrels file (e.g. data/scifact/qrels/test.tsv)")
     return cfg.qrels, cfg.queries or beir_io.default_queries_path(cfg.qrels)
 
 
 def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
             heldout_fp: str | None) -> dict[str, str]:
     if not cfg.qrels and not heldout_fp:
-        raise ValueError("evaluate: nothing to evaluate on; set evaluate.qrels or evaluate.heldout_fraction > 0")
+        raise InputError("evaluate: nothing to evaluate on; set evaluate.qrels or evaluate.heldout_fraction > 0")
     inputs = {"corpus": corpus_fp}
     if cfg.qrels:
         qrels, queries = _paths(cfg)
@@ -112,7 +113,7 @@ def _loadable(ref: str) -> str:
         return ref
     artifact = _artifact_at(ref)
     if artifact is None:
-        raise FileNotFoundError(f"model {ref}: no valid model artifact there (a URL must name a published "
+        raise MissingInputError(f"model {ref}: no valid model artifact there (a URL must name a published "
                                 "stage folder such as <run>/model)")
     return str(artifact.local_dir())
 
@@ -212,7 +213,7 @@ def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, sets: dict[str, b
     model = model_io.load_bi_encoder(_loadable(ref), max_seq_length=cfg.max_seq_length, inference=True)
     name = str(getattr(model, "similarity_fn_name", None) or "cosine")
     if name not in _SIMILARITY:
-        raise ValueError(f"model {label} ({ref}): similarity {name!r} is not supported for retrieval; "
+        raise InputError(f"model {label} ({ref}): similarity {name!r} is not supported for retrieval; "
                          f"expected one of {', '.join(_SIMILARITY)}")
     docs = encoding.encode(model, passages, role="document", batch_size=cfg.batch_size,
                            desc=f"{label}: encoding corpus")
@@ -301,10 +302,10 @@ def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dic
     store = ArtifactStore(run_dir)
     corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
-        raise FileNotFoundError(f"{store.url(artifacts.CORPUS)}: no valid corpus artifact with fingerprint {corpus_fp}")
+        raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus artifact with fingerprint {corpus_fp}")
     heldout = store.load(artifacts.HELDOUT, expect_fingerprint=heldout_fp) if heldout_fp else None
     if heldout_fp and heldout is None:
-        raise FileNotFoundError(f"{store.url(artifacts.HELDOUT)}: no valid held-out queries with fingerprint "
+        raise MissingInputError(f"{store.url(artifacts.HELDOUT)}: no valid held-out queries with fingerprint "
                                 f"{heldout_fp}")
     artifact = run_evaluate(cfg, store, corpus, models, adapted_fp, heldout)
     metrics = beir_io.load_metrics(artifact.local_dir())

@@ -35,6 +35,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from gplflow.adapters import artifacts, models
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.generation import QueryGenerator, SamplingParams
 from gplflow.adapters.oom import halve_on_oom
 from gplflow.adapters.staging import ShardStaging, sum_counters
@@ -121,7 +122,7 @@ def queries_per_passage(cfg: GenerateConfig, n_passages: int) -> tuple[int, int 
     QPP 3; otherwise QPP = ceil(target_queries / n), never below 3 (1,000 passages: 250; 999: 251).
     """
     if n_passages < 1:
-        raise ValueError("generate: the corpus has no passages")
+        raise InputError("generate: the corpus has no passages")
     if cfg.queries_per_passage != "auto":
         return int(cfg.queries_per_passage), None
     if n_passages > cfg.max_passages:
@@ -152,7 +153,7 @@ class GenerateJob(ShardJob):
         if shard_size < 1:
             raise ValueError(f"generate: shard_size must be >= 1, got {shard_size}")
         if cfg.remove_span:
-            raise ValueError("generate.remove_span is not supported: the queries artifact cannot carry a passage "
+            raise InputError("generate.remove_span is not supported: the queries artifact cannot carry a passage "
                              "with the span removed; set it to false")
         self.cfg, self.store, self.corpus, self.generator, self.shard_size = cfg, store, corpus, generator, shard_size
         self.fingerprint = generate_fingerprint(cfg, corpus.fingerprint, generator)
@@ -226,7 +227,7 @@ class GenerateJob(ShardJob):
             for k, record in enumerate(records):
                 out.add_part(self.staging.file(k, "parquet"), k, record["rows"])
             if sum(r["rows"] for r in records) == 0:
-                raise ValueError(f"generate: no queries from {self.corpus.url} ({out.counters}); every passage "
+                raise InputError(f"generate: no queries from {self.corpus.url} ({out.counters}); every passage "
                                  "was empty after truncation or every generated query was empty")
         self.staging.remove()
         artifact = self.store.require(STAGE)
@@ -405,6 +406,6 @@ def generate_job(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: s
     store = ArtifactStore(run_dir)
     corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
-        raise FileNotFoundError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
+        raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")
     return GenerateJob(cfg, store, corpus, generator, shard_size)

@@ -32,6 +32,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters import artifacts
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.scoring import PairScorer, load_scorer
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
@@ -257,7 +258,7 @@ def load_pool(corpus: Artifact, queries: Artifact, negatives: Artifact) -> Pool:
     query_ids = qtable.column("query_id").combine_chunks()
     if pc.count_distinct(query_ids).as_py() != len(query_ids):
         dup = pc.filter(query_ids[1:], pc.equal(query_ids[:-1], query_ids[1:]))[0]
-        raise ValueError(f"{queries.url}: query_id {dup} occurs more than once")
+        raise InputError(f"{queries.url}: query_id {dup} occurs more than once")
     positives = _rows_of(qtable.column("doc_id"), doc_ids, f"{queries.url}: positive doc_id")
     offsets, negs = _negatives(negatives, query_ids, doc_ids, positives)
     return Pool(query_ids, qtable.column("text").to_pylist(), doc_ids, positives, offsets, negs)
@@ -268,7 +269,7 @@ def _rows_of(values: pa.Array | pa.ChunkedArray, value_set: pa.Array, what: str)
     index = pc.index_in(values, value_set=value_set)
     if index.null_count:
         missing = pc.filter(values, pc.is_null(index))[0]
-        raise ValueError(f"{what} {missing} is not known (not in the artifact it refers to)")
+        raise InputError(f"{what} {missing} is not known (not in the artifact it refers to)")
     return index.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -301,7 +302,7 @@ def draw_triples(sizes: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.n
     rng = np.random.default_rng(seed)
     eligible = np.flatnonzero(sizes > 0)
     if eligible.size == 0:
-        raise ValueError("label: no query has any negative; run the mine stage first (or check its output)")
+        raise InputError("label: no query has any negative; run the mine stage first (or check its output)")
     base, extra = divmod(n, eligible.size)
     counts = np.full(eligible.size, base, dtype=np.int64)
     counts[rng.choice(eligible.size, size=extra, replace=False)] += 1
@@ -359,7 +360,7 @@ def _batches(
 def _input(store: ArtifactStore, stage: str, fp: str) -> Artifact:
     artifact = store.load(stage, expect_fingerprint=fp)
     if artifact is None:
-        raise FileNotFoundError(f"{store.url(stage)}: no valid artifact with fingerprint {fp}; rerun that stage")
+        raise MissingInputError(f"{store.url(stage)}: no valid artifact with fingerprint {fp}; rerun that stage")
     return artifact
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from gplflow.adapters import artifacts, models
 from gplflow.adapters.bm25 import BM25Index
 from gplflow.adapters.encoding import encode, passage_text, release_memory
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.vector_index import VectorIndex
@@ -65,12 +66,12 @@ def _checked(retrievers: Sequence[Sequence[str]], cfg: MineConfig) -> list[Retri
     out = [(str(ref), str(score)) for ref, score in retrievers]
     for ref, score in out:
         if score not in SCORES:
-            raise ValueError(f"retriever {ref!r}: score must be one of {', '.join(SCORES)}, got {score!r}")
+            raise InputError(f"retriever {ref!r}: score must be one of {', '.join(SCORES)}, got {score!r}")
     refs = [ref for ref, _ in out] + ([BM25] if cfg.bm25 else [])
     if dupes := sorted({ref for ref in refs if refs.count(ref) > 1}):
-        raise ValueError(f"mine: retriever {dupes[0]!r} listed twice (each retriever gives one row per query)")
+        raise InputError(f"mine: retriever {dupes[0]!r} listed twice (each retriever gives one row per query)")
     if not refs:
-        raise ValueError("mine: no retrievers; list at least one in models.retrievers or set mine.bm25: true")
+        raise InputError("mine: no retrievers; list at least one in models.retrievers or set mine.bm25: true")
     return out
 
 
@@ -92,7 +93,7 @@ class _Corpus:
     def read(cls, corpus: Artifact) -> _Corpus:
         table = corpus.read_table(["doc_id", "title", "text"])
         if table.num_rows == 0:
-            raise ValueError(f"{corpus.url}: the corpus is empty; nothing to mine")
+            raise InputError(f"{corpus.url}: the corpus is empty; nothing to mine")
         texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist(), strict=True)]
         return cls(np.array(table["doc_id"].to_pylist(), dtype=object), texts)
 
@@ -158,7 +159,7 @@ class MineJob(ShardJob):
 
     def run(self, on_progress: Progress | None = None) -> Artifact:
         if self.queries.rows == 0:
-            raise ValueError(f"{self.queries.url}: no queries; nothing to mine")
+            raise InputError(f"{self.queries.url}: no queries; nothing to mine")
         try:
             return super().run(on_progress)
         finally:
@@ -176,7 +177,7 @@ class MineJob(ShardJob):
 
     def publish(self) -> Artifact:
         if self.queries.rows == 0:
-            raise ValueError(f"{self.queries.url}: no queries; nothing to mine")
+            raise InputError(f"{self.queries.url}: no queries; nothing to mine")
         records = self.done_records()
         inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint}
         config = _config(self.cfg, self.retrievers)
@@ -280,7 +281,7 @@ def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
     for stage in stages:
         if (artifact := store.load(stage, expect_fingerprint=fp)) is not None:
             return artifact
-    raise FileNotFoundError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
+    raise MissingInputError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
 
 
 @task(name="mine hard negatives", task_run_name="mine hard negatives", retries=0, persist_result=True,

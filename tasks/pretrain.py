@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters import artifacts
+from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
@@ -121,7 +122,7 @@ def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model:
     store = ArtifactStore(run_dir)
     corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
-        raise FileNotFoundError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
+        raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")
     log = get_run_logger()
     progress = ProgressArtifact.start(f"pretrain-{cfg.method}", cfg.steps,

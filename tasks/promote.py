@@ -17,6 +17,7 @@ from prefect import task
 
 from gplflow.adapters import artifacts
 from gplflow.adapters import metrics as trec
+from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, fingerprint
 from gplflow.tasks.base import retry_unless_deterministic, stage_cache
 
@@ -88,6 +89,6 @@ def promote_task(rule: str, min_gain: float, run_dir: str, models: dict[str, str
     store = ArtifactStore(run_dir)
     evaluated = store.load("evaluate", expect_fingerprint=evaluate_fp) if evaluate_fp else None
     if evaluate_fp and evaluated is None:
-        raise FileNotFoundError(f"{store.url('evaluate')}: no valid evaluation with fingerprint {evaluate_fp}")
+        raise MissingInputError(f"{store.url('evaluate')}: no valid evaluation with fingerprint {evaluate_fp}")
     decision = evaluated.manifest["promotion"] if evaluated is not None else decide(rule, min_gain, None, None)
     return publish(store, decision, models, _inputs(model_fp, evaluate_fp)).fingerprint

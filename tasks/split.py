@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 
 from gplflow.adapters import artifacts
+from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.tasks.base import StageCache, retry_unless_deterministic, reuse, stage_fingerprint
 from gplflow.tasks.evaluate import EvaluateConfig
@@ -97,7 +98,7 @@ def split_task(cfg: EvaluateConfig, run_dir: str, queries_fp: str) -> dict[str, 
     store = ArtifactStore(run_dir)
     queries = store.load(artifacts.QUERIES, expect_fingerprint=queries_fp)
     if queries is None:
-        raise FileNotFoundError(f"{store.url(artifacts.QUERIES)}: no valid queries with fingerprint {queries_fp}")
+        raise MissingInputError(f"{store.url(artifacts.QUERIES)}: no valid queries with fingerprint {queries_fp}")
     found = run_split(cfg, store, queries)
     get_run_logger().info("held-out queries: %d (never mined, labelled nor trained on); training queries: %d",
                           found[HELDOUT].rows, found[TRAIN].rows)

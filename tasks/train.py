@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters import artifacts, models
+from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
@@ -94,7 +95,7 @@ def run_train_pairs(cfg: TrainConfig, store: ArtifactStore, base_model: str, pai
 
     kind = pairs.manifest.get("kind", "scored")
     if cfg.loss not in PAIR_LOSSES.get(kind, ()):
-        raise ValueError(f"train.loss {cfg.loss!r} does not train on {kind} pairs; expected one of "
+        raise InputError(f"train.loss {cfg.loss!r} does not train on {kind} pairs; expected one of "
                          f"{', '.join(PAIR_LOSSES.get(kind, ()))}")
     inputs = pairs_inputs(base_model, pairs.fingerprint)
     fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
@@ -131,9 +132,9 @@ def _training_data(cfg: TrainConfig, queries: Artifact, triples: Artifact | None
     if cfg.loss == "mnrl":
         return queries
     if cfg.loss != "margin_mse":
-        raise ValueError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
+        raise InputError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
     if triples is None:
-        raise ValueError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
+        raise InputError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
     return triples
 
 
@@ -171,7 +172,7 @@ def _load(store: ArtifactStore, stages: tuple[str, ...], fp: str) -> Artifact:
     for stage in stages:
         if (artifact := store.load(stage, expect_fingerprint=fp)) is not None:
             return artifact
-    raise FileNotFoundError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
+    raise MissingInputError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
 
 
 def _task_fingerprint(p: dict[str, Any]) -> str:

@@ -550,6 +550,48 @@ def test_config_errors_come_before_the_pipeline_and_prefect(tmp_path: Path) -> N
     print(f"config error after {seconds} s")  # the stage configs still import torch: see issue 11, item 6
 
 
+# --- 10. a user error is one line (exit 2); anything else is a bug and keeps its traceback (exit 1) ----------
+
+_FAILING_STATUS = """
+import sys
+import pyarrow
+from gplflow.adapters.errors import InputError
+import gplflow.flows.status
+
+def fail(*args, **kwargs):
+    raise {error}
+
+gplflow.flows.status.run_status = fail
+from gplflow.flows.cli import app
+app(sys.argv[1:])
+"""
+
+RAISED = [
+    ("InputError('runs/x: a problem the user can fix')", 2, "error: runs/x: a problem the user can fix"),
+    ("ValueError('a plain ValueError is a bug')", 1, "ValueError: a plain ValueError is a bug"),
+    ("pyarrow.lib.ArrowInvalid('a pyarrow bug')", 1, "pyarrow.lib.ArrowInvalid: a pyarrow bug"),  # a ValueError
+    ("FileNotFoundError(2, 'No such file', '/x/y')", 1, "FileNotFoundError: [Errno 2] No such file: '/x/y'"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("error", "code", "shown"), RAISED, ids=[r[0].split("(")[0] for r in RAISED])
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(error: str, code: int, shown: str,
+                                                                 tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FAILING_STATUS.format(error=error), "status", str(tmp_path)],
+                          capture_output=True, text=True, timeout=100, env={**os.environ, "COLUMNS": "400"})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == code, done.stderr
+    if code == 2:
+        assert lines == [shown], done.stderr
+    else:
+        assert lines[0] == "Traceback (most recent call last):" and lines[-1] == shown, done.stderr
+        assert not any(line.startswith("error:") for line in lines), done.stderr
+
+
 # --- 8 (cont.). a run directory that cannot be written: a read-only mount (tests run as root) ---------------
 
 @pytest.fixture()
@@ -644,6 +686,7 @@ def test_a_full_disk_is_not_retried() -> None:
 
     from prefect.states import Failed
 
+    from gplflow.adapters.corpus_readers import CorpusError
     from gplflow.adapters.disk import NoSpaceError
     from gplflow.tasks.base import retry_unless_deterministic
 
@@ -652,3 +695,5 @@ def test_a_full_disk_is_not_retried() -> None:
     wrapped = RuntimeError("[enforce fail] Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
     assert not retry_unless_deterministic(None, None, Failed(data=wrapped))
     assert retry_unless_deterministic(None, None, Failed(data=RuntimeError("CUDA error: an illegal memory access")))
+    # any other user error fails the same way on a second try
+    assert not retry_unless_deterministic(None, None, Failed(data=CorpusError("docs.jsonl line 3: missing 'text'")))
