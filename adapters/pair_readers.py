@@ -107,3 +107,42 @@ def _score(value: Any, column: str, score_max: float) -> float:
     if not 0.0 <= score <= score_max:  # NaN fails this too
         raise _RowError(f"score {value!r} is outside [0, {score_max:g}] (pairs.score_max sets the top of the scale)")
     return score / score_max
+
+
+def read_labels(path: str | Path, id_column: str = "doc_id", label_column: str = "label",
+                fmt: str | None = None) -> dict[str, str]:
+    """A file of (document id, label) rows, for the clustering evaluation: ``{doc_id: label}``.
+
+    The same record layer and one-line errors as the pairs; a document labelled twice is an error naming both
+    lines, an empty label too.
+    """
+    fmt = fmt or detect_format(path)
+    wanted = [id_column, label_column]
+
+    def select(names: list[str], where: str) -> list[str]:
+        missing = [repr(col) for col in wanted if col not in names]
+        if missing:
+            raise CorpusError(f"{where}: no {' and no '.join(missing)} column for labels (columns: {_listing(names)})")
+        return wanted
+
+    unit = "line" if fmt == "jsonl" else "row"
+    labels: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for pos, record in iter_records(path, fmt, select):
+        values = []
+        for col in wanted:
+            value = record.get(col)
+            if isinstance(value, int) and not isinstance(value, bool) and col == id_column:
+                value = str(value)
+            if not isinstance(value, str) or not normalize_whitespace(value):
+                raise CorpusError(f"{path} {unit} {pos}: field {col!r} must be a non-empty string, got "
+                                  f"{_type_name(value) if value is not None else 'nothing'}")
+            values.append(normalize_whitespace(value))
+        doc_id, label = values
+        if doc_id in labels:
+            raise CorpusError(f"{path} {unit} {pos}: document {doc_id!r} is labelled again (first at {unit} "
+                              f"{first[doc_id]})")
+        labels[doc_id], first[doc_id] = label, pos
+    if not labels:
+        raise CorpusError(f"{path}: no labels found, expected at least one")
+    return labels

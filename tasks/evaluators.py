@@ -1,0 +1,184 @@
+"""The evaluate stage's evaluators beside retrieval, each optional and configured under ``evaluate``:
+
+- ``sts``: sentence pairs with gold scores (the STS benchmark format, read like ``pairs``) → Spearman and
+  Pearson of each model's cosine similarity;
+- ``clustering``: a file of document id → label → k-means and HDBSCAN clusterings of each model's passage
+  embeddings, scored by V-measure and adjusted Rand index;
+- ``embedding_map``: a seeded sample of passages (and the held-out queries made from them) projected to 2-D by
+  UMAP, one panel per model, coloured by label (or by k-means cluster of the base when there are no labels),
+  saved as ``embedding-map.png`` in ``evaluate/``.
+
+They run inside the evaluate stage on the corpus embeddings retrieval already computed (one encoding per model),
+so they are cached with it: changing only an evaluator's settings recomputes only the evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from gplflow.adapters import embedding_eval, encoding
+from gplflow.adapters.errors import InputError
+from gplflow.adapters.pair_readers import iter_pairs, read_labels
+from gplflow.adapters.store import content_signature
+from gplflow.tasks.base import Seed, StageConfig
+from gplflow.tasks.pairs import PairColumnsConfig
+
+logger = logging.getLogger(__name__)
+
+MAP_FILE = "embedding-map.png"
+UNLABELLED = "(no label)"
+
+
+class StsConfig(StageConfig):
+    """Scored sentence pairs: (sentence1, sentence2, score in [0, score_max]), as ``pairs`` reads them."""
+
+    path: str
+    format: Literal["jsonl", "csv", "tsv", "parquet"] | None = None
+    columns: PairColumnsConfig = PairColumnsConfig()
+    score_max: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # STS-B: 5
+
+
+class ClusteringConfig(StageConfig):
+    """Gold topic labels of (some) passages: a JSONL/CSV/TSV/Parquet file of document id → label."""
+
+    labels: str
+    format: Literal["jsonl", "csv", "tsv", "parquet"] | None = None
+    id_column: str = Field(default="doc_id", min_length=1)
+    label_column: str = Field(default="label", min_length=1)
+    max_docs: int = Field(default=5_000, gt=1)  # a seeded sample of the labelled passages beyond this
+    min_cluster_size: int | None = Field(default=None, ge=2)  # HDBSCAN; None: items / (4 x labels), at least 2
+    seed: Seed = 0
+
+
+class EmbeddingMapConfig(StageConfig):
+    sample: int = Field(default=400, ge=10)  # passages drawn (seeded); their held-out queries are drawn too
+    queries: bool = True
+    seed: Seed = 0
+
+
+def signatures(sts: StsConfig | None, clustering: ClusteringConfig | None) -> dict[str, str]:
+    """What the evaluators read from outside the run, by content (for the evaluate stage's fingerprint)."""
+    found = {}
+    if sts is not None:
+        found["sts"] = content_signature(sts.path)
+    if clustering is not None:
+        found["labels"] = content_signature(clustering.labels)
+    return found
+
+
+class Evaluators:
+    """Collects each model's results for the configured evaluators; ``finish`` writes the map and sums up."""
+
+    def __init__(self, sts: StsConfig | None, clustering: ClusteringConfig | None,
+                 embedding_map: EmbeddingMapConfig | None, doc_ids: Sequence[str],
+                 heldout: dict[str, list[str]] | None = None, batch_size: int = 64):
+        self.batch_size = batch_size
+        self.sts = _read_sts(sts) if sts is not None else None
+        self.clustering = clustering
+        self.labelled = _labelled_rows(clustering, doc_ids) if clustering is not None else None
+        self.map_cfg = embedding_map
+        self.map_rows = _sample(len(doc_ids), embedding_map.sample, embedding_map.seed) if embedding_map else None
+        self.map_queries: list[str] = []
+        self.map_query_docs: list[int] = []
+        if embedding_map is not None and embedding_map.queries and heldout:
+            where = {int(r): k for k, r in enumerate(self.map_rows)}
+            position = {doc_id: row for row, doc_id in enumerate(doc_ids)}
+            for text, doc_id in zip(heldout["text"], heldout["doc_id"], strict=True):
+                if position.get(doc_id) in where:
+                    self.map_queries.append(text)
+                    self.map_query_docs.append(where[position[doc_id]])
+        self.doc_labels = ({int(r): lab for r, lab in zip(*self.labelled, strict=True)} if self.labelled else {})
+        self.results: dict[str, dict[str, Any]] = {"sts": {}, "clustering": {}}
+        self._map: dict[str, np.ndarray] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.sts is not None or self.clustering is not None or self.map_cfg is not None
+
+    def add(self, label: str, model: Any, docs: np.ndarray) -> None:
+        """Evaluate model ``label`` given its corpus embeddings ``docs`` (row i = document i)."""
+        if self.sts is not None:
+            left, right, gold = self.sts
+            emb = encoding.encode(model, left + right, role="query", batch_size=self.batch_size,
+                                  desc=f"{label}: encoding STS pairs")
+            self.results["sts"][label] = embedding_eval.sts_scores(emb[: len(left)], emb[len(left):], gold)
+        if self.labelled is not None:
+            rows, labels = self.labelled
+            self.results["clustering"][label] = embedding_eval.cluster_scores(
+                docs[rows], labels, seed=self.clustering.seed, min_cluster_size=self.clustering.min_cluster_size)
+        if self.map_rows is not None:
+            points = docs[self.map_rows]
+            if self.map_queries:
+                queries = encoding.encode(model, self.map_queries, role="query", batch_size=self.batch_size,
+                                          desc=f"{label}: encoding map queries")
+                points = np.concatenate([points, queries])
+            self._map[label] = points
+
+    def finish(self, folder: Path) -> dict[str, Any]:
+        """The evaluators' summary for ``metrics.json``; the map is written into ``folder``."""
+        summary: dict[str, Any] = {}
+        if self.sts is not None:
+            summary["sts"] = {"pairs": len(self.sts[2]), "models": self.results["sts"]}
+        if self.labelled is not None:
+            summary["clustering"] = {"items": len(self.labelled[0]), "labels": len(set(self.labelled[1])),
+                                     "models": self.results["clustering"]}
+        if self.map_rows is not None and self._map:
+            colours = self._colours()
+            n_docs = len(self.map_rows)
+            colours += [colours[k] for k in self.map_query_docs]
+            crosses = [False] * n_docs + [True] * len(self.map_query_docs)
+            embedding_eval.embedding_map(self._map, colours, folder / MAP_FILE, seed=self.map_cfg.seed,
+                                         markers=crosses, title=f"{n_docs} passages (dots) and "
+                                         f"{len(self.map_query_docs)} held-out queries (crosses), UMAP")
+            summary["embedding_map"] = {"file": MAP_FILE, "passages": n_docs, "queries": len(self.map_query_docs),
+                                        "coloured_by": "label" if self.doc_labels else "k-means cluster of base"}
+        return summary
+
+    def _colours(self) -> list[str]:
+        if self.doc_labels:
+            return [self.doc_labels.get(int(r), UNLABELLED) for r in self.map_rows]
+        from sklearn.cluster import KMeans
+
+        first = next(iter(self._map.values()))[: len(self.map_rows)]
+        k = max(2, min(8, len(first) // 25))
+        found = KMeans(n_clusters=k, n_init=10, random_state=self.map_cfg.seed).fit_predict(first)
+        return [f"cluster {c + 1}" for c in found]
+
+
+def _read_sts(cfg: StsConfig) -> tuple[list[str], list[str], list[float]]:
+    rows = list(iter_pairs(cfg.path, "scored", cfg.format, cfg.columns.model_dump(), cfg.score_max))
+    if len(rows) < 2:
+        raise InputError(f"evaluate.sts.path {cfg.path}: {len(rows)} pair; a correlation needs at least 2")
+    return [r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [r["score"] for r in rows]
+
+
+def _labelled_rows(cfg: ClusteringConfig, doc_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """The corpus rows that have a label (a seeded sample of ``max_docs`` beyond that), and their labels."""
+    labels = read_labels(cfg.labels, cfg.id_column, cfg.label_column, cfg.format)
+    rows = np.asarray([row for row, doc_id in enumerate(doc_ids) if doc_id in labels], dtype=np.int64)
+    unknown = len(labels) - len(rows)
+    if len(rows) < 2:
+        raise InputError(f"evaluate.clustering.labels {cfg.labels}: {len(rows)} of its {len(labels)} document ids "
+                         "are in the corpus; clustering needs at least 2")
+    if unknown:
+        logger.warning("%s: %d labelled documents are not in the corpus; they are left out", cfg.labels, unknown)
+    if len(rows) > cfg.max_docs:
+        rows = np.sort(rows[_sample(len(rows), cfg.max_docs, cfg.seed)])
+    found = [labels[doc_ids[r]] for r in rows]
+    if len(set(found)) < 2:
+        raise InputError(f"evaluate.clustering.labels {cfg.labels}: the corpus's labelled documents have "
+                         f"{len(set(found))} distinct label; clustering needs at least 2")
+    return rows, found
+
+
+def _sample(n: int, k: int, seed: int) -> np.ndarray:
+    """``min(n, k)`` sorted positions out of ``n``, drawn with ``seed``."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
