@@ -24,11 +24,6 @@ logger = logging.getLogger(__name__)
 Role = Literal["query", "document"]
 
 
-def passage_text(title: str | None, text: str) -> str:
-    """How a passage is shown to a bi-encoder: ``title + " " + text`` (as BEIR and UKPLab gpl do)."""
-    return f"{title} {text}" if title else text
-
-
 def encode(
     model,
     texts: Sequence[str],

@@ -34,6 +34,7 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from gplflow.adapters import models
+from gplflow.adapters.text import passage_texts
 from gplflow.adapters.tiny_models import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -95,12 +96,10 @@ def loss_summary(history: list[tuple[int, float]], keep: int = _MAX_HISTORY) -> 
 # --- datasets ---------------------------------------------------------------------------------------------
 
 
-def passage_texts(corpus: pa.Table) -> Dataset:
-    """(doc_id, passage) with passage = title + " " + text when the title is non-empty (as GPL does)."""
-    title = pc.fill_null(corpus["title"], "")
-    joined = pc.binary_join_element_wise(title, corpus["text"], " ")
-    passage = pc.if_else(pc.equal(title, ""), corpus["text"], joined)
-    return Dataset.from_dict({"doc_id": corpus["doc_id"], "passage": passage})
+def passage_lookup(corpus: pa.Table) -> Dataset:
+    """(doc_id, passage) of the corpus, passage as ``adapters/text.py`` reads it: the lookup training resolves
+    passage ids in."""
+    return Dataset.from_dict({"doc_id": corpus["doc_id"], "passage": passage_texts(corpus)})
 
 
 def query_texts(queries: pa.Table) -> Dataset:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from gplflow.adapters import encoding, models
+from gplflow.adapters.text import passage_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "demo" / "corpus.jsonl"
@@ -48,7 +49,7 @@ BATCH = 64
 
 def load_texts(path: Path) -> list[str]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [encoding.passage_text(r.get("title"), r["text"]) for r in rows]
+    return [passage_text(r.get("title"), r["text"]) for r in rows]
 
 
 def no_bf16():

@@ -62,10 +62,11 @@ import torch
 from gplflow.adapters import models
 from gplflow.adapters.scoring import BiEncoderScorer, CrossEncoderScorer, load_scorer
 from gplflow.adapters.store import ArtifactStore
+from gplflow.adapters.text import passage_texts
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.tasks.generate import GenerateConfig, run_generate
 from gplflow.tasks.ingest import IngestConfig, run_ingest
-from gplflow.tasks.label import LabelConfig, draw_triples, load_pool, passage_text
+from gplflow.tasks.label import LabelConfig, draw_triples, load_pool
 from gplflow.tasks.mine import MineConfig, run_mine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +105,7 @@ def build_triples(run_dir: Path | None, n: int, n_queries: int | None, seed: int
             negatives = run_mine(MineConfig(negatives_per_query=20, max_seq_length=256), store, corpus, queries,
                                  [(minilm, "cos_sim")])
         pool = load_pool(corpus, queries, negatives)
-        table = corpus.read_table(["title", "text"])
-        passages = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist(),
-                                                       strict=True)]
+        passages = passage_texts(corpus.read_table(["title", "text"]))
     sizes = np.diff(pool.offsets)
     if n_queries is not None and n_queries < np.count_nonzero(sizes):
         keep = np.random.default_rng(seed).choice(np.flatnonzero(sizes), size=n_queries, replace=False)

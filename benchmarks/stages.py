@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import standins
 
 from gplflow.adapters import encoding, models, scoring
+from gplflow.adapters.text import passage_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "demo" / "corpus.jsonl"
@@ -97,7 +98,7 @@ def load_inputs(n_passages: int) -> Inputs:
         suffix = f" ({i // len(rows)})" if i >= len(rows) else ""
         titles.append(row.get("title") or "")
         texts.append(row["text"] + suffix)
-    passages = [encoding.passage_text(t, x) for t, x in zip(titles, texts, strict=True)]
+    passages = [passage_text(t, x) for t, x in zip(titles, texts, strict=True)]
     queries, query_doc = [], []
     for d, text in enumerate(texts):
         sentences = [s for s in text.split(". ") if len(s.split()) >= 3] or [text]
@@ -467,7 +468,7 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
         clock = Clock()
         plan = trainer.TrainPlan(loss="margin_mse", steps=steps, batch_size=BATCH, learning_rate=2e-5,
                                  warmup_steps=1000, checkpoint_every=10**9, seed=0)
-        dataset = trainer.margin_mse_dataset(triples, qtable, trainer.passage_texts(corpus))
+        dataset = trainer.margin_mse_dataset(triples, qtable, trainer.passage_lookup(corpus))
         with tempfile.TemporaryDirectory() as out:
             trainer.fit(model, dataset, plan, Path(out) / "ckpt", device, [clock])
         secs, done = clock.clock.result()

@@ -148,10 +148,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def _passage_sample(corpus: Artifact, n: int) -> list[str]:
-    from gplflow.adapters.encoding import passage_text
+    from gplflow.adapters.text import passage_texts
 
-    table = corpus.read_table(["title", "text"]).slice(0, n)
-    texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist(), strict=True)]
+    texts = passage_texts(corpus.read_table(["title", "text"]).slice(0, n))
     return [texts[i % len(texts)] for i in range(n)]
 
 
@@ -226,7 +225,7 @@ def _train_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[st
     docs = pa.table({"doc_id": [f"d{i}" for i in range(n)], "title": [""] * n, "text": passages[:n]})
     queries = pa.table({"query_id": [f"q{i}" for i in range(n)], "doc_id": docs["doc_id"],
                         "text": [_pseudo_query(p) for p in passages[:n]]})
-    lookup = trainer.passage_texts(docs)
+    lookup = trainer.passage_lookup(docs)
     if cfg.train.loss in ("cosent", "cosine", "angle"):  # scored pairs (flow supervised)
         dataset = trainer.scored_pairs_dataset(pa.table({"sentence1": queries["text"], "sentence2": passages[:n],
                                                          "score": [float(i % 2) for i in range(n)]}))

@@ -40,6 +40,7 @@ from gplflow.adapters.generation import QueryGenerator, SamplingParams
 from gplflow.adapters.oom import halve_on_oom
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.adapters.text import passage_text
 from gplflow.tasks.base import (
     AutoOrPositive,
     Progress,
@@ -298,7 +299,7 @@ def load_t5(cfg: GenerateConfig, generator: str) -> QueryGenerator:
 def t5_queries(gen: QueryGenerator, cfg: GenerateConfig, qpp: int, shard: list[Passage], shard_no: int,
                progress: Callable[[int], Any]) -> list[list[str] | None]:
     """``qpp`` sampled queries per passage of one shard (None for a passage with no tokens)."""
-    encoded = gen.encode([f"{p.title} {p.text}" if p.title.strip() else p.text for p in shard])
+    encoded = gen.encode([passage_text(p.title, p.text) for p in shard])
     found: list[list[str] | None] = [None] * len(shard)
     # Length-sorted batches pay for little padding; ties broken by doc id, not by corpus position.
     order = sorted((i for i, ids in enumerate(encoded) if ids is not None),

@@ -36,6 +36,7 @@ from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.scoring import PairScorer, load_scorer
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
+from gplflow.adapters.text import passage_texts
 from gplflow.tasks.base import (
     AutoOrPositive,
     Progress,
@@ -316,12 +317,6 @@ def _pick(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
     return np.concatenate([rng.permutation(size) for _ in range(math.ceil(k / size))])[:k]
 
 
-def passage_text(title: str | None, text: str) -> str:
-    """What the teacher reads: ``title + " " + text``, or the text alone when there is no title."""
-    title = (title or "").strip()
-    return f"{title} {text}" if title else text
-
-
 def _passages(corpus: Artifact, rows: np.ndarray) -> list[str]:
     """Passage texts of the given (sorted) corpus rows, streamed so only these texts are held."""
     out: list[str] = []
@@ -330,11 +325,7 @@ def _passages(corpus: Artifact, rows: np.ndarray) -> list[str]:
         end = start + batch.num_rows
         lo, hi = np.searchsorted(rows, [start, end])
         if hi > lo:
-            taken = batch.take(pa.array(rows[lo:hi] - start))
-            out.extend(
-                passage_text(t, x)
-                for t, x in zip(taken.column("title").to_pylist(), taken.column("text").to_pylist(), strict=True)
-            )
+            out.extend(passage_texts(batch.take(pa.array(rows[lo:hi] - start))))
         start = end
     return out
 

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from gplflow.adapters import artifacts, models
 from gplflow.adapters.bm25 import BM25Index
-from gplflow.adapters.encoding import encode, passage_text, release_memory
+from gplflow.adapters.encoding import encode, release_memory
 from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks.base import (
     Progress,
@@ -94,8 +95,7 @@ class _Corpus:
         table = corpus.read_table(["doc_id", "title", "text"])
         if table.num_rows == 0:
             raise InputError(f"{corpus.url}: the corpus is empty; nothing to mine")
-        texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist(), strict=True)]
-        return cls(np.array(table["doc_id"].to_pylist(), dtype=object), texts)
+        return cls(np.array(table["doc_id"].to_pylist(), dtype=object), passage_texts(table))
 
 
 def run_mine(cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,

@@ -20,6 +20,7 @@ from pydantic import Field
 from gplflow.adapters import artifacts
 from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
+from gplflow.adapters.text import passage_text
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
@@ -106,11 +107,11 @@ def pretrain_plan(cfg: PretrainConfig) -> Any:
 
 def _texts(corpus: Artifact, method: str) -> Iterator[str]:
     """TSDAE, SimCSE and CT split the passage text into sentences (titles would merge into the first one);
-    MLM reads title + " " + text, the passage as GPL encodes it."""
+    MLM reads the passage as every other stage does (``adapters/text.py``: title + " " + text)."""
     for batch in corpus.iter_batches(["title", "text"]):
         titles, texts = batch.column("title").to_pylist(), batch.column("text").to_pylist()
         for title, text in zip(titles, texts, strict=True):
-            yield f"{title} {text}" if method == "mlm" and title else text
+            yield passage_text(title, text) if method == "mlm" else text
 
 
 @task(name="pretrain encoder", task_run_name="pretrain encoder ({cfg.method})", retries=1,

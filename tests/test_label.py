@@ -17,12 +17,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gplflow.adapters import models
 from gplflow.adapters.store import ArtifactStore
+from gplflow.adapters.text import passage_text
 from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.tasks.label import (
     LabelConfig,
     draw_triples,
     label_fingerprint,
-    passage_text,
     resolve_triples,
     run_label,
 )

@@ -130,14 +130,14 @@ class _CountSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def test_passage_text_joins_title_and_text():
+def test_passage_lookup_joins_title_and_text():
     table = pa.table({"doc_id": ["a", "b", "c"], "title": ["T", "", None], "text": ["x y", "z", "w"]})
-    assert st_trainer.passage_texts(table)["passage"] == ["T x y", "z", "w"]
+    assert st_trainer.passage_lookup(table)["passage"] == ["T x y", "z", "w"]
 
 
 def test_margin_mse_rows_resolve_ids_to_texts(store):
     triples = store.require("triples").read_table()
-    passages = st_trainer.passage_texts(store.require("corpus").read_table())
+    passages = st_trainer.passage_lookup(store.require("corpus").read_table())
     queries = st_trainer.query_texts(store.require("queries").read_table())
     rows = st_trainer.margin_mse_dataset(triples, queries, passages)
     first = rows[0]
@@ -152,7 +152,7 @@ def test_margin_mse_rows_resolve_ids_to_texts(store):
 def test_unknown_passage_id_is_a_clear_error(store):
     triples = store.require("triples").read_table()
     broken = triples.set_column(2, "neg_doc_id", pa.array(["d1"] * 5 + ["nope"] + ["d1"] * (len(triples) - 6)))
-    passages = st_trainer.passage_texts(store.require("corpus").read_table())
+    passages = st_trainer.passage_lookup(store.require("corpus").read_table())
     queries = st_trainer.query_texts(store.require("queries").read_table())
     with pytest.raises(ValueError, match=r"triples row 5: neg_doc_id 'nope'"):
         st_trainer.margin_mse_dataset(broken, queries, passages)
