@@ -40,12 +40,11 @@ from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
-from gplflow.tasks.evaluators import ClusteringConfig, EmbeddingMapConfig, Evaluators, StsConfig, signatures
 
 logger = logging.getLogger(__name__)
 
 STAGE = artifacts.EVALUATE
-CODE_VERSION = "evaluate-3"
+CODE_VERSION = "evaluate-2"
 TOP_K = 100
 REQUIRED_MODELS = ("base", "adapted")
 _SIMILARITY = {"cosine": "cos_sim", "dot": "dot"}
@@ -64,10 +63,6 @@ class EvaluateConfig(StageConfig):
     heldout_seed: Seed = 42
     promote: Literal["always", "if_better"] = "if_better"  # which model promoted/ names (tasks/promote.py)
     min_gain: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # if_better: least nDCG@10 gain over the base
-    # evaluators beside retrieval (tasks/evaluators.py), each off unless configured
-    sts: StsConfig | None = None
-    clustering: ClusteringConfig | None = None
-    embedding_map: EmbeddingMapConfig | None = None
 
 
 def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
@@ -78,7 +73,7 @@ def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
 
 def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
             heldout_fp: str | None) -> dict[str, str]:
-    if not cfg.qrels and not heldout_fp and cfg.sts is None and cfg.clustering is None:
+    if not cfg.qrels and not heldout_fp:
         raise InputError("evaluate: nothing to evaluate on; set evaluate.qrels or evaluate.heldout_fraction > 0")
     inputs = {"corpus": corpus_fp}
     if cfg.qrels:
@@ -86,7 +81,6 @@ def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
         inputs.update(qrels=content_signature(qrels), queries=content_signature(queries))
     if heldout_fp:
         inputs["heldout"] = heldout_fp
-    inputs.update(signatures(cfg.sts, cfg.clustering))
     inputs.update({f"model:{label}": ident for label, ident in model_ids.items()})
     return inputs
 
@@ -163,11 +157,8 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
         per_set: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in sets}
         similarity = {}
         for label, ref in models.items():
-            found, similarity[label] = _evaluate_model(cfg, ref, label, sets, doc_ids, passages, extras)
+            found, similarity[label] = _evaluate_model(cfg, ref, label, sets, doc_ids, passages)
             for name, per_query in found.items():
-        extras = Evaluators(cfg.sts, cfg.clustering, cfg.embedding_map, doc_ids,
-                            heldout.read_table(["doc_id", "text"]).to_pydict() if heldout is not None else None,
-                            cfg.batch_size)
                 per_set[name][label] = per_query
         summary = _summary(cfg, per_set, {name: _counts(s, doc_ids) for name, s in sets.items()}, models, similarity)
         out.write_part([_per_query_table(per_set)], artifacts.EVALUATE_SCHEMA)
@@ -175,7 +166,6 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
         for name, counts in summary["evaluations"].items():
             for key, value in counts["counts"].items():
                 out.count(f"{name}_{key}", value)
-        summary.update(extras.finish(out.local_dir()))
         out.extra["primary_metric"] = trec.PRIMARY
         out.extra["primary_evaluation"] = summary["primary_evaluation"]
         out.extra["promotion"] = summary["promotion"]
@@ -218,8 +208,7 @@ def _counts(evalset: beir_io.EvalSet, doc_ids: list[str]) -> dict[str, int]:
 
 
 def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, sets: dict[str, beir_io.EvalSet], doc_ids: list[str],
-                    passages: list[str], extras: Evaluators | None = None,
-                    ) -> tuple[dict[str, dict[str, dict[str, float]]], str]:
+                    passages: list[str]) -> tuple[dict[str, dict[str, dict[str, float]]], str]:
     """Per-query metrics of one model on each evaluation set (the corpus encoded once), and its similarity."""
     model = model_io.load_bi_encoder(_loadable(ref), max_seq_length=cfg.max_seq_length, inference=True)
     name = str(getattr(model, "similarity_fn_name", None) or "cosine")
@@ -244,8 +233,6 @@ def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, sets: dict[str, b
     return found, name
 
 
-    if extras is not None:
-        extras.add(label, model, docs)
 def _run(qids: list[str], doc_ids: list[str], scores: np.ndarray, positions: np.ndarray,
          ignore_identical_ids: bool) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
@@ -268,9 +255,9 @@ def _summary(cfg: EvaluateConfig, per_set: dict[str, dict[str, dict[str, dict[st
         means = {label: trec.mean_metrics(rows) for label, rows in per_model.items()}
         evaluations[name] = {"models": means, "delta": trec.delta(means["adapted"], means["base"]),
                              "counts": counts[name]}
-    primary = next((name for name in EVALUATIONS if name in evaluations), None)  # None: only STS or clustering
+    primary = next(name for name in EVALUATIONS if name in evaluations)
     return {"primary_metric": trec.PRIMARY, "primary_evaluation": primary, "evaluations": evaluations,
-            "promotion": promote.decide(cfg.promote, cfg.min_gain, primary, evaluations.get(primary or "")),
+            "promotion": promote.decide(cfg.promote, cfg.min_gain, primary, evaluations[primary]),
             "refs": dict(refs), "similarity": similarity}
 
 
