@@ -181,12 +181,36 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     if metrics:
         console.print(metrics_table(metrics))
         _verdict(metrics)
+    _evaluators(metrics, store)
     console.print(f"adapted model: {store.url('model')}  (SentenceTransformer(path) loads it)")
     _promoted((store.read_manifest("promoted") or {}).get("promotion"))
     from gplflow.flows.stages import artifact_names
 
     stages = [s for s in artifact_names() if store.read_manifest(s) is not None]
     console.print(f"artifacts: {summary['run_dir']}/{{{','.join(stages)}}}")
+
+
+def _evaluators(metrics: dict[str, Any] | None, store: ArtifactStore) -> None:
+    """STS and clustering per model, one line each, and where the embedding map is."""
+    from gplflow.flows.report import ordered_models
+
+    if not metrics:
+        return
+
+    def num(value: float | None) -> str:
+        return "undefined" if value is None else f"{value:.4f}"
+
+    if sts := metrics.get("sts"):
+        console.print(f"STS ({sts['pairs']} pairs), Spearman: " + ", ".join(
+            f"{m} {num(sts['models'][m]['spearman'])}" for m in ordered_models(sts)), highlight=False)
+    if clustering := metrics.get("clustering"):
+        console.print(f"clustering ({clustering['items']} passages, {clustering['labels']} labels), V-measure "
+                      "k-means/HDBSCAN: " + ", ".join(
+                          f"{m} {num(found['kmeans']['v_measure'])}/{num(found['hdbscan']['v_measure'])}"
+                          for m in ordered_models(clustering) for found in [clustering["models"][m]]),
+                      highlight=False)
+    if found := metrics.get("embedding_map"):
+        console.print(f"embedding map: {store.url('evaluate')}/{found['file']}", highlight=False)
 
 
 def _pairs(store: ArtifactStore) -> None:

@@ -277,16 +277,20 @@ def default_run_dir(cfg: PipelineConfig) -> str:
     return str(Path("runs") / cfg.name)
 
 
-_PATH_KEYS = (("corpus", "path"), ("pairs", "path"), ("evaluate", "qrels"), ("evaluate", "queries"),
-              ("import", "gpl_dir"))
+_PATH_KEYS = ("corpus.path", "pairs.path", "evaluate.qrels", "evaluate.queries", "evaluate.sts.path",
+              "evaluate.clustering.labels", "import.gpl_dir")
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file are relative to the file, so configs work from any directory."""
-    for section, key in _PATH_KEYS:
-        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+    for dotted in _PATH_KEYS:
+        *sections, key = dotted.split(".")
+        parent: Any = data
+        for section in sections:
+            parent = parent.get(section) if isinstance(parent, dict) else None
+        value = parent.get(key) if isinstance(parent, dict) else None
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-            data[section][key] = str((base / value).resolve())
+            parent[key] = str((base / value).resolve())
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -200,6 +200,45 @@ def diagnostics_markdown(diagnostics: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def evaluators_markdown(metrics: dict[str, Any] | None, store: ArtifactStore | None = None) -> str:
+    """STS and clustering beside retrieval (a table per evaluator, a column per model) and the embedding map."""
+    if not metrics:
+        return ""
+    parts = []
+    if sts := metrics.get("sts"):
+        models = ordered_models(sts)
+        parts += [f"### STS ({sts['pairs']} scored pairs; correlation of cosine similarity with the gold score)",
+                  "| measure | " + " | ".join(models) + " |", "|---|" + "--:|" * len(models),
+                  *(f"| {m} | " + " | ".join(_num(sts["models"][x].get(m)) for x in models) + " |"
+                    for m in ("spearman", "pearson"))]
+    if clustering := metrics.get("clustering"):
+        models = ordered_models(clustering)
+        parts += [f"### Clustering ({clustering['items']} labelled passages, {clustering['labels']} labels)",
+                  "| method, measure | " + " | ".join(models) + " |", "|---|" + "--:|" * len(models),
+                  *(f"| {method} {measure} | " + " | ".join(_num(clustering["models"][x][method][measure])
+                                                             for x in models) + " |"
+                    for method in ("kmeans", "hdbscan") for measure in ("v_measure", "ari"))]
+    if (found := metrics.get("embedding_map")) and store is not None:
+        image = embedded_png(store, found["file"])
+        parts += [f"### Embedding map ({found['passages']} passages, {found['queries']} held-out queries, coloured "
+                  f"by {found['coloured_by']})", f"![embedding map]({image})" if image else
+                  f"`{store.url('evaluate')}/{found['file']}`"]
+    return "\n".join(parts)
+
+
+def embedded_png(store: ArtifactStore, name: str, limit: int = 600_000) -> str | None:
+    """A PNG of the evaluate artifact as a data URI the UI's markdown shows inline (None when too large)."""
+    import base64
+
+    artifact = store.load("evaluate")
+    if artifact is None:
+        return None
+    path = artifact.local_dir() / name
+    if not path.is_file() or path.stat().st_size > limit:
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
 def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str, Any]) -> str:
     stages = stage_rows(store, _run_started(summary))
     parts = [
@@ -209,6 +248,7 @@ def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str
         promotion_markdown(_promotion(store, summary.get("metrics"))),
         "## Metrics",
         metrics_markdown(summary.get("metrics")),
+        evaluators_markdown(summary.get("metrics"), store),
         "## Label diagnostics",
         diagnostics_markdown((store.read_manifest("triples") or {}).get("diagnostics")),
         "## Sample of generated queries",

@@ -133,7 +133,8 @@ def _holds_out(run: Run) -> bool:
 
 
 def _evaluated(run: Run) -> bool:
-    return bool(run.cfg.evaluate.qrels) or run.heldout_fp is not None
+    e = run.cfg.evaluate
+    return bool(e.qrels) or e.sts is not None or e.clustering is not None or run.heldout_fp is not None
 
 
 STAGES: list[Stage] = [
@@ -181,7 +182,8 @@ STAGES: list[Stage] = [
           params=lambda run: {"cfg": run.cfg.evaluate, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "models": run.compared, "adapted_fp": run.fps["model"], "heldout_fp": run.heldout_fp},
           when=_evaluated,
-          condition="evaluate.qrels is set or queries are held out (evaluate.heldout_fraction > 0)"),
+          condition="evaluate.qrels, .sts or .clustering is set, or queries are held out "
+                    "(evaluate.heldout_fraction > 0)"),
     Stage("promote", ("promoted",), ("model", "evaluate"), "gplflow.tasks.promote:promote_task",
           params=lambda run: {"rule": run.cfg.evaluate.promote, "min_gain": run.cfg.evaluate.min_gain,
                               "run_dir": run.run_dir, "models": run.compared, "model_fp": run.fps["model"],

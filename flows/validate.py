@@ -143,6 +143,11 @@ def _evaluation(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
     """The qrels and queries files exist, are files, and parse (every judged query has a text)."""
     from gplflow.adapters.beir_io import BeirFormatError, default_queries_path, load_eval_set
 
+    for key, path, what in (("evaluate.sts.path", cfg.evaluate.sts and cfg.evaluate.sts.path, "STS pairs file"),
+                            ("evaluate.clustering.labels", cfg.evaluate.clustering and cfg.evaluate.clustering.labels,
+                             "labels file")):
+        if path and (problem := _missing(path, what, folder_ok=False)) is not None:
+            yield key, problem
     qrels = cfg.evaluate.qrels
     if not qrels:
         return

@@ -40,11 +40,12 @@ from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.tasks.evaluators import ClusteringConfig, EmbeddingMapConfig, Evaluators, StsConfig, signatures
 
 logger = logging.getLogger(__name__)
 
 STAGE = artifacts.EVALUATE
-CODE_VERSION = "evaluate-2"
+CODE_VERSION = "evaluate-3"
 TOP_K = 100
 REQUIRED_MODELS = ("base", "adapted")
 _SIMILARITY = {"cosine": "cos_sim", "dot": "dot"}
@@ -63,6 +64,10 @@ class EvaluateConfig(StageConfig):
     heldout_seed: Seed = 42
     promote: Literal["always", "if_better"] = "if_better"  # which model promoted/ names (tasks/promote.py)
     min_gain: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # if_better: least nDCG@10 gain over the base
+    # evaluators beside retrieval (tasks/evaluators.py), each off unless configured
+    sts: StsConfig | None = None
+    clustering: ClusteringConfig | None = None
+    embedding_map: EmbeddingMapConfig | None = None
 
 
 def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
@@ -73,7 +78,7 @@ def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
 
 def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
             heldout_fp: str | None) -> dict[str, str]:
-    if not cfg.qrels and not heldout_fp:
+    if not cfg.qrels and not heldout_fp and cfg.sts is None and cfg.clustering is None:
         raise InputError("evaluate: nothing to evaluate on; set evaluate.qrels or evaluate.heldout_fraction > 0")
     inputs = {"corpus": corpus_fp}
     if cfg.qrels:
@@ -81,6 +86,7 @@ def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
         inputs.update(qrels=content_signature(qrels), queries=content_signature(queries))
     if heldout_fp:
         inputs["heldout"] = heldout_fp
+    inputs.update(signatures(cfg.sts, cfg.clustering))
     inputs.update({f"model:{label}": ident for label, ident in model_ids.items()})
     return inputs
 
@@ -154,13 +160,17 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
         doc_ids = table.column("doc_id").to_pylist()
         passages = passage_texts(table)
         del table
+        extras = Evaluators(cfg.sts, cfg.clustering, cfg.embedding_map, doc_ids,
+                            heldout.read_table(["doc_id", "text"]).to_pydict() if heldout is not None else None,
+                            cfg.batch_size)
         per_set: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in sets}
         similarity = {}
         for label, ref in models.items():
-            found, similarity[label] = _evaluate_model(cfg, ref, label, sets, doc_ids, passages)
+            found, similarity[label] = _evaluate_model(cfg, ref, label, sets, doc_ids, passages, extras)
             for name, per_query in found.items():
                 per_set[name][label] = per_query
         summary = _summary(cfg, per_set, {name: _counts(s, doc_ids) for name, s in sets.items()}, models, similarity)
+        summary.update(extras.finish(out.local_dir()))
         out.write_part([_per_query_table(per_set)], artifacts.EVALUATE_SCHEMA)
         beir_io.save_metrics(out.local_dir(), summary)
         for name, counts in summary["evaluations"].items():
@@ -208,7 +218,8 @@ def _counts(evalset: beir_io.EvalSet, doc_ids: list[str]) -> dict[str, int]:
 
 
 def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, sets: dict[str, beir_io.EvalSet], doc_ids: list[str],
-                    passages: list[str]) -> tuple[dict[str, dict[str, dict[str, float]]], str]:
+                    passages: list[str], extras: Evaluators | None = None,
+                    ) -> tuple[dict[str, dict[str, dict[str, float]]], str]:
     """Per-query metrics of one model on each evaluation set (the corpus encoded once), and its similarity."""
     model = model_io.load_bi_encoder(_loadable(ref), max_seq_length=cfg.max_seq_length, inference=True)
     name = str(getattr(model, "similarity_fn_name", None) or "cosine")
@@ -228,6 +239,8 @@ def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, sets: dict[str, b
         scores, positions = index.search(queries, depth)
         found[set_name] = trec.evaluate_run(evalset.qrels.judgments, _run(qids, doc_ids, scores, positions, ignore),
                                             ignore)
+    if extras is not None:
+        extras.add(label, model, docs)
     del model, index
     encoding.release_memory()
     return found, name
@@ -255,9 +268,9 @@ def _summary(cfg: EvaluateConfig, per_set: dict[str, dict[str, dict[str, dict[st
         means = {label: trec.mean_metrics(rows) for label, rows in per_model.items()}
         evaluations[name] = {"models": means, "delta": trec.delta(means["adapted"], means["base"]),
                              "counts": counts[name]}
-    primary = next(name for name in EVALUATIONS if name in evaluations)
+    primary = next((name for name in EVALUATIONS if name in evaluations), None)  # None: only STS or clustering
     return {"primary_metric": trec.PRIMARY, "primary_evaluation": primary, "evaluations": evaluations,
-            "promotion": promote.decide(cfg.promote, cfg.min_gain, primary, evaluations[primary]),
+            "promotion": promote.decide(cfg.promote, cfg.min_gain, primary, evaluations.get(primary or "")),
             "refs": dict(refs), "similarity": similarity}
 
 

