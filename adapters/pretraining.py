@@ -47,7 +47,8 @@ from transformers.utils import logging as hf_logging
 
 from gplflow.adapters import models
 from gplflow.adapters.errors import InputError
-from gplflow.adapters.text_noise import delete_words, split_sentences
+from gplflow.adapters.text import split_sentences
+from gplflow.adapters.text_noise import delete_words
 from gplflow.adapters.tiny_models import default_cache_dir
 from gplflow.adapters.trainer import loss_summary
 

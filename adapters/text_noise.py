@@ -1,4 +1,4 @@
-"""Offline text tools for TSDAE: a sentence splitter, a word tokenizer and deletion noise.
+"""Offline text tools for TSDAE: a word tokenizer and deletion noise (sentences: ``adapters/text.py``).
 
 sentence-transformers' default TSDAE noise calls NLTK's punkt tokenizer, which downloads its data at run time
 and so fails on a machine without the internet. These regular expressions do the same job well enough for
@@ -10,17 +10,6 @@ from __future__ import annotations
 import random
 import re
 
-# Lower-cased tokens that end with a period without ending a sentence ("e.g. The" does not split).
-ABBREVIATIONS = frozenset({
-    "al.", "approx.", "ca.", "cf.", "co.", "corp.", "dept.", "dr.", "e.g.", "eq.", "est.", "fig.", "figs.",
-    "i.e.", "inc.", "jr.", "ltd.", "mr.", "mrs.", "ms.", "mt.", "no.", "nos.", "p.", "pp.", "prof.", "ref.",
-    "sec.", "sr.", "st.", "vol.", "vs.",
-})
-# A sentence end: terminal punctuation (with closing quotes or brackets), whitespace, then something that
-# starts a sentence (a capital or a digit, possibly after an opening quote or bracket).
-_BOUNDARY = re.compile(r"[.!?]+[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
-_PARAGRAPH = re.compile(r"\n\s*\n")
-_INITIALS = re.compile(r"(?:[A-Za-z]\.){1,3}")  # "J.", "U.S.", "U.S.A.": initials and dotted acronyms
 # Words (with inner apostrophes, hyphens, periods or commas: "don't", "well-known", "3.5", "10,000"),
 # or any single other non-space character (punctuation).
 _TOKEN = re.compile(r"\w+(?:['’.,\-]\w+)*|[^\w\s]")
@@ -28,31 +17,6 @@ _WORD = re.compile(r"\w")
 # Detokenizing: no space before closing punctuation, none after opening brackets.
 _SPACE_BEFORE = re.compile(r" ([.,;:!?%)\]}”’])")
 _SPACE_AFTER = re.compile(r"([(\[{“‘$]) ")
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of ``text``: split at . ! ? before a space and a capital or a digit, and at blank lines.
-
-    Abbreviations ("e.g.", "Dr."), initials ("J. Smith") and decimals ("3.5") stay inside their sentence.
-    """
-    sentences: list[str] = []
-    for paragraph in _PARAGRAPH.split(text):
-        start = 0
-        for match in _BOUNDARY.finditer(paragraph):
-            if _is_abbreviation(paragraph, match.start()):
-                continue
-            sentences.append(paragraph[start:match.end()].strip())
-            start = match.end()
-        sentences.append(paragraph[start:].strip())
-    return [" ".join(s.split()) for s in sentences if s]
-
-
-def _is_abbreviation(text: str, period: int) -> bool:
-    """Whether the period at ``period`` ends an abbreviation rather than a sentence."""
-    if text[period] != ".":
-        return False
-    word = text[: period + 1].rsplit(None, 1)[-1].lstrip("\"'“‘([")
-    return word.lower() in ABBREVIATIONS or _INITIALS.fullmatch(word) is not None
 
 
 def word_tokenize(text: str) -> list[str]:

@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
@@ -40,7 +39,7 @@ from gplflow.adapters.generation import QueryGenerator, SamplingParams
 from gplflow.adapters.oom import halve_on_oom
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
-from gplflow.adapters.text import passage_text
+from gplflow.adapters.text import passage_text, split_sentences
 from gplflow.tasks.base import (
     AutoOrPositive,
     Progress,
@@ -57,7 +56,7 @@ from gplflow.tasks.base import (
 logger = logging.getLogger(__name__)
 
 STAGE = artifacts.QUERIES
-CODE_VERSION = "generate-1"
+CODE_VERSION = "generate-2"  # 2: extractive queries cut by adapters/text.py split_sentences
 DEFAULT_SHARD_SIZE = 10_000
 AUTO_MIN_QPP = 3  # the paper's QPP for large corpora, and the least `auto` ever picks (as UKPLab gpl does)
 T5_ONLY_FIELDS = ("batch_size", "top_k", "top_p", "max_query_length", "prefix")
@@ -330,25 +329,6 @@ def _t5_maker(cfg: GenerateConfig, generator: str, qpp: int) -> QueryMaker:
 
 
 # --- extractive -------------------------------------------------------------------------------------------
-
-# A sentence ends at . ! ? … (optionally followed by a closing quote or bracket) before whitespace, or right
-# after a CJK full stop. Small and heuristic on purpose: no downloads, and fast.
-_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"'”’)\]])\s+|(?<=[。！？])")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``; a piece starting in lower case continues the one before ("e.g. the")."""
-    sentences: list[str] = []
-    for piece in _SENTENCE_END.split(text):
-        piece = piece.strip()
-        if not piece:
-            continue
-        if sentences and piece[0].islower():
-            sentences[-1] = f"{sentences[-1]} {piece}"
-        else:
-            sentences.append(piece)
-    return sentences
-
 
 def extractive_queries(text: str, n: int, rng: np.random.Generator, max_words: int) -> list[str] | None:
     """``n`` pseudo-queries cut from ``text`` (its first ``max_words`` words); None when it has no words.

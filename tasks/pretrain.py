@@ -27,7 +27,7 @@ from gplflow.tasks.progress import ProgressArtifact
 logger = logging.getLogger(__name__)
 
 STAGE = artifacts.PRETRAIN
-CODE_VERSION = "pretrain-1"
+CODE_VERSION = "pretrain-2"  # 2: sentences cut by adapters/text.py split_sentences
 
 
 class PretrainConfig(StageConfig):

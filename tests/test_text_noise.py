@@ -1,4 +1,4 @@
-"""The offline sentence splitter, word tokenizer and TSDAE deletion noise."""
+"""The offline word tokenizer and TSDAE deletion noise (the sentence splitter: tests/test_text.py)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,7 @@ import random
 
 import pytest
 
-from gplflow.adapters.text_noise import delete_words, detokenize, is_word, split_sentences, word_tokenize
-
-
-def test_split_sentences_keeps_abbreviations_initials_and_decimals():
-    paragraph = (
-        "Dr. Smith keeps 3.5 hives, e.g. near the river. Do bees sting? Yes! "
-        'They do when threatened. "Smoke calms them." J. R. Lee wrote that in 1998. '
-        "Colonies grew by 12.5 percent in the U.S. last year."
-    )
-    assert split_sentences(paragraph) == [
-        "Dr. Smith keeps 3.5 hives, e.g. near the river.",
-        "Do bees sting?",
-        "Yes!",
-        "They do when threatened.",
-        '"Smoke calms them."',
-        "J. R. Lee wrote that in 1998.",
-        "Colonies grew by 12.5 percent in the U.S. last year.",
-    ]
-
-
-def test_split_sentences_at_blank_lines_not_before_lowercase():
-    text = "A heading without a period\n\nFirst line. 42 bees left. the end is lowercase.\n  \n"
-    expected = ["A heading without a period", "First line.", "42 bees left. the end is lowercase."]
-    assert split_sentences(text) == expected
-    assert split_sentences("") == [] and split_sentences(" \n\n ") == []
+from gplflow.adapters.text_noise import delete_words, detokenize, is_word, word_tokenize
 
 
 def test_word_tokenize_and_detokenize():
