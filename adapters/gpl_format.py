@@ -89,8 +89,8 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
     fs, root = fsspec.core.url_to_fs(str(out_dir))
     root = root.rstrip("/") or "/"
     _check_target(fs, root, str(out_dir), force, store)
-    corpus, queries = store.load(artifacts.CORPUS), store.load(queries_stage)
-    negatives, triples = store.load(artifacts.NEGATIVES), store.load(artifacts.TRIPLES)
+    corpus, queries = store.consume(artifacts.CORPUS), store.consume(queries_stage)
+    negatives, triples = store.consume(artifacts.NEGATIVES), store.consume(artifacts.TRIPLES)
     if not any((corpus, queries, negatives, triples)):
         raise MissingInputError(f"{store.root_url}: none of corpus/, {queries_stage}/, negatives/, triples/ "
                                 "is a valid artifact; nothing to export")

@@ -1,7 +1,7 @@
 """Shard staging: the finished shards of a stage that is not published yet, kept across crashes.
 
 A shardable stage writes shard k into ``<run_dir>/.<stage>.shards-<fingerprint>/`` as ``part-0000k.<ext>``
-plus ``part-0000k.done.json`` (rows, size, sha256, the shard's counters, who computed it). The file is
+plus ``part-0000k.done.json`` (rows, size, sha256, mtime, the shard's counters, who computed it). The file is
 renamed into place before its done record, and the record is renamed into place last, so a shard with a
 valid record is complete, and a process killed mid-stage loses at most the shard it was computing.
 
@@ -9,7 +9,8 @@ valid record is complete, and a process killed mid-stage loses at most the shard
 content). A staging folder whose plan differs from the one a run asks for is stale and is discarded.
 
 Once every shard has a record the stage publishes the shards as one artifact (``ArtifactStore.writer``) and
-removes its staging folder.
+removes its staging folder. Whether a shard is done is checked cheaply (size and mtime); the shards are
+hashed before they are published, unless this process wrote or hashed them (see ``adapters/store.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gplflow.adapters.store import ROW_GROUP_SIZE, ArtifactStore, _sha256, canonical_json
+from gplflow.adapters.store import (
+    ROW_GROUP_SIZE,
+    ArtifactStore,
+    Check,
+    _sha256,
+    canonical_json,
+    file_state,
+    intact,
+    is_mtime,
+    remember_digest,
+    settle_mtime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +128,12 @@ class ShardStaging:
 
     # --- records ----------------------------------------------------------------------------------------
 
-    def record(self, k: int) -> dict[str, Any] | None:
-        """Shard k's done record if its file is there with the recorded size and sha256, else None."""
+    def record(self, k: int, check: Check = "cheap") -> dict[str, Any] | None:
+        """Shard k's done record if its file is there with the recorded size and sha256, else None.
+
+        ``check`` as in ``ArtifactStore.problems``: cheap to tell done shards from pending ones, ``consume``
+        before the shards are published.
+        """
         fs = self.store.fs
         try:
             record = _read_json(self.store, f"{self.path}/part-{k:05d}{_DONE}")
@@ -129,14 +145,14 @@ class ShardStaging:
             logger.warning("%s: shard %d has an unreadable done record; recomputing it", self.url, k)
             return None
         path = f"{self.path}/{record['file']}"
-        if not fs.exists(path) or fs.size(path) != record.get("size") or _sha256(fs, path) != record.get("sha256"):
+        if (state := file_state(fs, path)) is None or not intact(fs, path, state, record, check):
             logger.warning("%s: shard %d file %s is missing or changed; recomputing it", self.url, k,
                            record.get("file"))
             return None
         return record
 
-    def records(self, n: int) -> dict[int, dict[str, Any]]:
-        return {k: rec for k in range(n) if (rec := self.record(k)) is not None}
+    def records(self, n: int, check: Check = "cheap") -> dict[int, dict[str, Any]]:
+        return {k: rec for k in range(n) if (rec := self.record(k, check)) is not None}
 
     def pending(self, n: int) -> list[int]:
         done = self.records(n)
@@ -192,8 +208,15 @@ class ShardStaging:
         fs = self.store.fs
         final = f"{self.path}/{name}"
         fs.mv(tmp, final)
+        if self.store.is_local:
+            settle_mtime(final)
         finished = time.time()
-        record = {"shard": k, "file": name, "rows": rows, "size": fs.size(final), "sha256": _sha256(fs, final),
+        state = file_state(fs, final)
+        if state is None:
+            raise FileNotFoundError(f"{final}: vanished as shard {k} was being staged")
+        sha = _sha256(fs, final)
+        remember_digest(fs, final, state, sha)
+        record = {"shard": k, "file": name, "rows": rows, "size": state.size, "sha256": sha, "mtime": state.mtime,
                   "counters": dict(counters or {}), "finished": finished,
                   "seconds": None if started is None else round(finished - started, 3), **worker_identity()}
         self._write_json(f"part-{k:05d}{_DONE}", record)
@@ -227,7 +250,8 @@ def _valid_record(record: Any, k: int) -> bool:
     """A done record with the types ``record`` and the status rely on, naming shard k's own file."""
     return (isinstance(record, dict) and record.get("file") in (shard_file(k, "parquet"), shard_file(k, "npy"))
             and _is_count(record.get("size")) and isinstance(record.get("sha256"), str)
-            and _is_count(record.get("rows")) and isinstance(record.get("counters", {}), dict)
+            and is_mtime(record.get("mtime")) and _is_count(record.get("rows"))
+            and isinstance(record.get("counters", {}), dict)
             and all(isinstance(v, int | float) and not isinstance(v, bool)
                     for v in record.get("counters", {}).values()))
 

@@ -4,6 +4,12 @@ A stage folder holds ``part-00000.parquet …`` (or the files of a model folder)
 written last. A folder is published atomically: everything is written under a temporary name, then
 renamed. A folder whose manifest is missing, unreadable, or whose files do not match the recorded
 sizes and sha256 does not exist as far as every reader is concerned.
+
+Checked cheaply, verified fully where it matters. The manifest records each file's size, sha256 and
+modification time. A plain read (``load``: reuse decisions, status) checks presence and sizes, and hashes
+only a file whose mtime is not the recorded one. A stage about to read its inputs (``consume``) hashes them,
+and ``gplflow status --verify`` hashes everything. A per-process memo of the (url, size, mtime) this process
+published or hashed means no file is hashed twice in a process.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
@@ -35,6 +42,15 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ROW_GROUP_SIZE = 10_000
 _HASH_CHUNK = 1 << 20
+# A file whose mtime is at least this much older than the moment it was read cannot be rewritten without
+# its mtime changing, even where mtimes are whole seconds (or 2 s) or clock ticks; a younger one might be.
+SETTLE_SECONDS = 2.0
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "modified", "updated")  # local, s3, azure, …, gcs
+
+Check = Literal["cheap", "consume", "full"]
+"""How deep a read checks an artifact's files: ``cheap`` (sizes, and a hash only where the mtime is not the
+recorded one), ``consume`` (a hash unless this process published or hashed those very bytes), ``full`` (a
+hash now, memo or not)."""
 
 
 def canonical_json(obj: Any) -> str:
@@ -56,21 +72,131 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+# --- what a listing says of a file, and the per-process memo of hashed files ------------------------------
+
+@dataclass(frozen=True)
+class FileState:
+    """A file's size and modification time (None where the filesystem gives none), read without its bytes."""
+
+    size: int
+    mtime: float | None
+
+
+def file_state(fs: fsspec.AbstractFileSystem, path: str, info: Mapping[str, Any] | None = None) -> FileState | None:
+    """The file's size and mtime (from ``info`` when a listing already gave it); None when there is no file."""
+    if info is None:
+        try:
+            info = fs.info(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    if info.get("type") == "directory":
+        return None
+    return FileState(int(info["size"]), _mtime(fs, info))
+
+
+def _mtime(fs: fsspec.AbstractFileSystem, info: Mapping[str, Any]) -> float | None:
+    # The memory filesystem has no mtime; its 'created' is renewed by every write, so it serves as one.
+    for key in ("created",) if "memory" in _protocols(fs) else _MTIME_KEYS:
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(value).timestamp()
+    return None
+
+
+_DIGESTS: dict[tuple[str, int, float], str] = {}  # (url, size, mtime) -> sha256 this process saw for those bytes
+
+
+def _memo_key(fs: fsspec.AbstractFileSystem, path: str, state: FileState) -> tuple[str, int, float] | None:
+    return None if state.mtime is None else (fs.unstrip_protocol(path), state.size, state.mtime)
+
+
+def known_digest(fs: fsspec.AbstractFileSystem, path: str, state: FileState) -> str | None:
+    """The sha256 this process published or hashed for the file in exactly this state, if any."""
+    key = _memo_key(fs, path, state)
+    return None if key is None else _DIGESTS.get(key)
+
+
+def remember_digest(fs: fsspec.AbstractFileSystem, path: str, state: FileState, digest: str) -> None:
+    """Note that the file in ``state`` holds bytes with sha256 ``digest`` (this process wrote or hashed them)."""
+    if (key := _memo_key(fs, path, state)) is not None:
+        _DIGESTS[key] = digest
+
+
+def forget_digests() -> None:
+    """Empty the memo, as a new process starts (tests use it to read as another process would)."""
+    _DIGESTS.clear()
+
+
+def file_digest(fs: fsspec.AbstractFileSystem, path: str, state: FileState, *, fresh: bool = False) -> str:
+    """The file's sha256: the memo's when this process already hashed it in this state (unless ``fresh``), else
+    read; kept in the memo if its mtime had settled (a younger file could change within the same mtime)."""
+    if not fresh and (known := known_digest(fs, path, state)) is not None:
+        return known
+    started = time.time()
+    digest = _sha256(fs, path)
+    if state.mtime is not None and ("memory" in _protocols(fs) or started - state.mtime >= SETTLE_SECONDS):
+        remember_digest(fs, path, state, digest)
+    return digest
+
+
+def intact(fs: fsspec.AbstractFileSystem, path: str, state: FileState, record: Mapping[str, Any],
+           check: Check = "cheap") -> bool:
+    """Whether the file in ``state`` is the one ``record`` (its size, sha256 and mtime, if any) describes,
+    checked as deep as ``check`` says."""
+    if state.size != record["size"]:
+        return False
+    if check == "cheap" and state.mtime is not None and state.mtime == record.get("mtime"):
+        return True
+    return file_digest(fs, path, state, fresh=check == "full") == record["sha256"]
+
+
+def _carry_digest(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Give ``dst``, a link to or copy of ``src`` made just now, the memo entry of ``src`` if it has one."""
+    before = file_state(fs, src)
+    if before is None or (digest := known_digest(fs, src, before)) is None:
+        return
+    if (after := file_state(fs, dst)) is not None and after.size == before.size:
+        remember_digest(fs, dst, after, digest)
+
+
+def settle_mtime(path: str) -> None:
+    """Date a local file this process just wrote a few seconds back (whole, even seconds), so that any later
+    write changes its mtime, even one within the same second or clock tick (which would otherwise look like
+    no change to a size-and-mtime check); an older file is left as it is."""
+    stat = os.lstat(path)
+    now = time.time()
+    if now - stat.st_mtime >= SETTLE_SECONDS or os.path.islink(path):  # a link's target is not ours to date
+        return
+    stamp = int(now - SETTLE_SECONDS) // 2 * 2
+    os.utime(path, ns=(stat.st_atime_ns, stamp * 1_000_000_000))
+
+
 def content_signature(url: str | os.PathLike[str]) -> str:
     """sha256 over the relative names and bytes of a file or of every file under a folder.
 
-    Content, not modification times: a fresh clone of the same corpus has the same signature.
+    Content, not modification times: a fresh clone of the same corpus has the same signature. A file is read
+    at most once per process (while its size and mtime stay the same, see ``file_digest``).
     """
     fs, root = fsspec.core.url_to_fs(str(url))
-    if not fs.exists(root):
-        raise MissingInputError(f"{url}: no such file or folder")
-    paths = sorted(fs.find(root)) if fs.isdir(root) else [root]
+    try:
+        info = fs.info(root)
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingInputError(f"{url}: no such file or folder") from None
+    listing = fs.find(root, detail=True) if info.get("type") == "directory" else {root: info}
+    paths = sorted(listing)
     digest = hashlib.sha256()
     for path in paths:
         if len(paths) > 1 and fs.isdir(path):  # find() lists a link to a folder as a file; it is not followed
             raise InputError(f"{path}: a link to a folder inside {url}; links to folders are not followed: copy "
                              "the folder in, or remove the link")
-        digest.update(path[len(root) :].encode() + b"\0" + _sha256(fs, path).encode())
+        state = file_state(fs, path, listing[path])
+        sha = _sha256(fs, path) if state is None else file_digest(fs, path, state)
+        digest.update(path[len(root) :].encode() + b"\0" + sha.encode())
     return digest.hexdigest()[:20]
 
 
@@ -174,8 +300,9 @@ class ArtifactStore:
         logger.warning("%s: %s; treating the artifact as absent", path, problem)
         return None, problem
 
-    def problems(self, stage: str, expect_fingerprint: str | None = None) -> list[str]:
-        """Why the stage folder is not a valid artifact ([] when it is)."""
+    def problems(self, stage: str, expect_fingerprint: str | None = None, *, check: Check = "cheap") -> list[str]:
+        """Why the stage folder is not a valid artifact ([] when it is), its files checked as deep as ``check``
+        says (see ``Check``)."""
         manifest, problem = self._manifest(stage)
         if problem is not None:
             return [f"{self.url(stage)}: {problem}"]
@@ -186,25 +313,35 @@ class ArtifactStore:
         found = []
         for name, meta in manifest.get("files", {}).items():
             path = f"{self.path(stage)}/{name}"
-            if not self.fs.exists(path):
+            if (state := file_state(self.fs, path)) is None:
                 found.append(f"{self.url(stage)}/{name}: missing")
-            elif self.fs.size(path) != meta["size"] or _sha256(self.fs, path) != meta["sha256"]:
+            elif not intact(self.fs, path, state, meta, check):
                 found.append(f"{self.url(stage)}/{name}: checksum mismatch")
         return found
 
-    def load(self, stage: str, expect_fingerprint: str | None = None) -> Artifact | None:
-        """The published artifact of ``stage``, or None if it is absent, stale or corrupted."""
-        problems = self.problems(stage, expect_fingerprint)
+    def load(self, stage: str, expect_fingerprint: str | None = None, *, check: Check = "cheap") -> Artifact | None:
+        """The published artifact of ``stage``, or None if it is absent, stale or corrupted.
+
+        Cheap by default (sizes, and mtimes against the manifest): for deciding what to reuse and for status.
+        A stage about to read the artifact's rows calls ``consume`` instead.
+        """
+        problems = self.problems(stage, expect_fingerprint, check=check)
         if problems:
             if self.fs.exists(self.path(stage)):
                 logger.info("artifact %s not usable: %s", stage, "; ".join(problems[:3]))
             return None
         return Artifact(self, stage, self.read_manifest(stage))  # type: ignore[arg-type]
 
-    def require(self, stage: str) -> Artifact:
-        artifact = self.load(stage)
+    def consume(self, stage: str, expect_fingerprint: str | None = None) -> Artifact | None:
+        """``load`` for a stage about to read the artifact: every file's sha256 is checked, unless this process
+        published or already hashed those very bytes (an artifact written elsewhere is verified before use)."""
+        return self.load(stage, expect_fingerprint, check="consume")
+
+    def require(self, stage: str, *, check: Check = "cheap") -> Artifact:
+        artifact = self.load(stage, check=check)
         if artifact is None:
-            raise MissingInputError(f"{self.url(stage)}: no valid artifact ({'; '.join(self.problems(stage))})")
+            problems = self.problems(stage, check=check)
+            raise MissingInputError(f"{self.url(stage)}: no valid artifact ({'; '.join(problems)})")
         return artifact
 
     @contextlib.contextmanager
@@ -248,6 +385,8 @@ def manifest_shape_problem(manifest: Any) -> str | None:
     for name, meta in files.items():
         if not isinstance(meta, dict) or not _is_int(meta.get("size")) or not isinstance(meta.get("sha256"), str):
             return f"{MANIFEST}: files[{name!r}] is not {{size: integer, sha256: string}}"
+        if not is_mtime(meta.get("mtime")):  # manifests written before mtimes were recorded have none
+            return f"{MANIFEST}: files[{name!r}]['mtime'] is not a number"
         if name.startswith("/") or ".." in name.split("/"):
             return f"{MANIFEST}: file name {name!r} leaves the stage folder"
     if not _is_int(manifest.get("rows", 0)) or not isinstance(manifest.get("counters", {}), dict):
@@ -257,6 +396,11 @@ def manifest_shape_problem(manifest: Any) -> str | None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_mtime(value: Any) -> bool:
+    """A recorded mtime: a number, or None (absent: a record written before mtimes were kept)."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -312,14 +456,17 @@ class StageWriter:
         """
         name = f"part-{index:05d}.parquet"
         dst = f"{self.tmp}/{name}"
+        fs = self.store.fs
         if self.store.is_local:
             try:
                 os.link(src, dst)
             except OSError:
                 shutil.copyfile(src, dst)
+                settle_mtime(dst)
         else:
-            self.store.fs.copy(src, dst)
+            fs.copy(src, dst)
         self._rows[name] = rows
+        _carry_digest(fs, src, dst)  # a staged shard this process verified is not hashed again to publish it
 
     def local_dir(self) -> Path:
         """A local folder for stages that write files, not Parquet (model folders)."""
@@ -346,7 +493,12 @@ class StageWriter:
             name = path.split(self.tmp, 1)[-1].lstrip("/")
             if name == MANIFEST:
                 continue
-            files[name] = {"size": fs.size(path), "sha256": _sha256(fs, path)}
+            if self.store.is_local:
+                settle_mtime(path)
+            state = file_state(fs, path)
+            if state is None:
+                raise FileNotFoundError(f"{path}: vanished while {self.stage} was being published")
+            files[name] = {"size": state.size, "sha256": file_digest(fs, path, state), "mtime": state.mtime}
             if name in self._rows:
                 files[name]["rows"] = self._rows[name]
         manifest = {
@@ -371,7 +523,26 @@ class StageWriter:
             fs.rm(trash, recursive=True)
         else:
             fs.mv(self.tmp, final, recursive=True)
+        self._note_published(final, manifest)
         logger.info("published %s (%d rows, %d files)", self.store.url(self.stage), manifest["rows"], len(files))
+
+    def _note_published(self, final: str, manifest: dict[str, Any]) -> None:
+        """Put the published files in the memo; where the move gave them new mtimes (an object store copies),
+        record those in the manifest, replaced whole, so that later cheap reads need not hash them."""
+        fs = self.store.fs
+        moved = False
+        for name, meta in manifest["files"].items():
+            state = file_state(fs, f"{final}/{name}")
+            if state is None or state.size != meta["size"]:
+                continue  # changed already: the next read finds it
+            remember_digest(fs, f"{final}/{name}", state, meta["sha256"])
+            if state.mtime != meta["mtime"]:
+                meta["mtime"], moved = state.mtime, True
+        if moved:
+            tmp = f"{final}/.{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+            with fs.open(tmp, "w") as fh:
+                fh.write(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            fs.mv(tmp, f"{final}/{MANIFEST}")
 
     def _cleanup(self) -> None:
         fs = self.store.fs

@@ -282,12 +282,16 @@ def _diagnostics(diagnostics: dict[str, Any] | None) -> None:
 
 
 @app.command()
-def status(run_dir: Annotated[str, typer.Argument(help="A run directory.")]) -> None:
+def status(
+    run_dir: Annotated[str, typer.Argument(help="A run directory.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file against its manifest (reads all the "
+                                         "bytes); without it, sizes and modification times are checked.")] = False,
+) -> None:
     """Show each stage of a run as complete, partial (k of n shards), corrupted or missing, and what a rerun does."""
     from gplflow.flows.status import run_status
 
     with user_errors():
-        rows = run_status(ArtifactStore(run_dir))
+        rows = run_status(ArtifactStore(run_dir), verify)
     table = Table(title=f"run {run_dir}")
     for column in ("stage", "state", "rows", "shards", "fingerprint", "a rerun would"):
         table.add_column(column)

@@ -1,6 +1,9 @@
 """What ``gplflow status RUN_DIR`` reports: per stage complete / partial / corrupted / missing, and what a
 rerun with the same config would do.
 
+Files are checked cheaply (sizes, and mtimes against the manifest); with ``verify`` every file is hashed, so a
+stage whose bytes changed behind an unchanged size and mtime shows as corrupted too.
+
 Partial means work a killed run left behind that a rerun continues from: the finished shards of a
 shardable stage (``.<stage>.shards-<fingerprint>/``) or the last training checkpoint (``.checkpoints/``).
 """
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 
 from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.staging import ShardStaging, staging_dirs
-from gplflow.adapters.store import ArtifactStore
+from gplflow.adapters.store import ArtifactStore, Check
 from gplflow.flows.stages import artifact_names, condition
 
 CHECKPOINTS = ".checkpoints"
@@ -37,17 +40,18 @@ class _Partial:
     rows: int
 
 
-def run_status(store: ArtifactStore) -> list[StageStatus]:
+def run_status(store: ArtifactStore, verify: bool = False) -> list[StageStatus]:
     if not store.fs.isdir(store.root):
         what = "is a file, not a run folder" if store.fs.exists(store.root) else "no such run folder"
         raise MissingInputError(f"{store.root_url}: {what}")
-    return [stage_status(store, stage) for stage in artifact_names()]
+    return [stage_status(store, stage, verify) for stage in artifact_names()]
 
 
-def stage_status(store: ArtifactStore, stage: str) -> StageStatus:
+def stage_status(store: ArtifactStore, stage: str, verify: bool = False) -> StageStatus:
+    check: Check = "full" if verify else "cheap"
     manifest = store.read_manifest(stage)
-    problems = store.problems(stage)
-    partial = _staged(store, stage)
+    problems = store.problems(stage, check=check)
+    partial = _staged(store, stage, check)
     step = _checkpoint_step(store, stage)
     if not problems and manifest is not None:
         rerun = "reuse it"
@@ -74,7 +78,7 @@ def stage_status(store: ArtifactStore, stage: str) -> StageStatus:
     return StageStatus(stage, "missing", None, "", "", f"compute, if {when}" if when else "compute")
 
 
-def _staged(store: ArtifactStore, stage: str) -> _Partial | None:
+def _staged(store: ArtifactStore, stage: str, check: Check) -> _Partial | None:
     """The staging folder of ``stage`` with the most finished shards, if any."""
     best = None
     for fp in staging_dirs(store, stage):
@@ -82,7 +86,7 @@ def _staged(store: ArtifactStore, stage: str) -> _Partial | None:
         total = staging.n_shards()
         if total is None:
             continue
-        records = staging.records(total)
+        records = staging.records(total, check)
         found = _Partial(fp, len(records), total, sum(int(r.get("rows", 0)) for r in records.values()))
         if best is None or found.done > best.done:
             best = found

@@ -167,7 +167,7 @@ class ShardJob(ABC):
 
     def done_records(self) -> list[dict[str, Any]]:
         """Every shard's done record in shard order; an error naming the missing shards if any is not done."""
-        records = self.staging.records(self.n_shards)
+        records = self.staging.records(self.n_shards, check="consume")  # about to be published: hashed
         missing = [k for k in range(self.n_shards) if k not in records]
         if missing:
             raise RuntimeError(f"{self.stage}: shards {_ranges(missing)} of {self.n_shards} are not done "

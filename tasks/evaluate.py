@@ -35,7 +35,7 @@ from gplflow.adapters import artifacts, beir_io, encoding
 from gplflow.adapters import metrics as trec
 from gplflow.adapters import models as model_io
 from gplflow.adapters.errors import InputError, MissingInputError
-from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
+from gplflow.adapters.store import MANIFEST, Artifact, ArtifactStore, Check, content_signature
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
@@ -101,8 +101,9 @@ def model_identity(ref: str) -> str:
     return f"files:{content_signature(path)}" if path.is_dir() else ref
 
 
-def _artifact_at(ref: str) -> Artifact | None:
-    """The published, validated artifact a model reference points to, if it points to one."""
+def _artifact_at(ref: str, check: Check = "cheap") -> Artifact | None:
+    """The published, validated artifact a model reference points to, if it points to one (checked as deep as
+    ``check`` says: cheaply for its identity, fully before it is loaded)."""
     if "://" in ref:
         parent, _, name = ref.rstrip("/").rpartition("/")
     else:
@@ -111,14 +112,18 @@ def _artifact_at(ref: str) -> Artifact | None:
             return None
         parent, name = str(path.parent), path.name
     store = ArtifactStore(parent)
-    return store.load(name) if store.read_manifest(name) is not None else None
+    return store.load(name, check=check) if store.read_manifest(name) is not None else None
 
 
 def _loadable(ref: str) -> str:
-    """A reference ``load_bi_encoder`` takes: an artifact on remote storage is fetched to a local folder."""
+    """A reference ``load_bi_encoder`` takes: a model artifact is verified before it is loaded (see
+    ``ArtifactStore.consume``), and one on remote storage is fetched to a local folder."""
     if "://" not in ref:
+        path = Path(ref).expanduser()
+        if (path / MANIFEST).is_file():
+            ArtifactStore(path.parent).require(path.name, check="consume")
         return ref
-    artifact = _artifact_at(ref)
+    artifact = _artifact_at(ref, check="consume")
     if artifact is None:
         raise MissingInputError(f"model {ref}: no valid model artifact there (a URL must name a published "
                                 "stage folder such as <run>/model)")
@@ -313,10 +318,10 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dict[str, str],
                   adapted_fp: str | None = None, heldout_fp: str | None = None) -> str:
     store = ArtifactStore(run_dir)
-    corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
+    corpus = store.consume(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
         raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus artifact with fingerprint {corpus_fp}")
-    heldout = store.load(artifacts.HELDOUT, expect_fingerprint=heldout_fp) if heldout_fp else None
+    heldout = store.consume(artifacts.HELDOUT, expect_fingerprint=heldout_fp) if heldout_fp else None
     if heldout_fp and heldout is None:
         raise MissingInputError(f"{store.url(artifacts.HELDOUT)}: no valid held-out queries with fingerprint "
                                 f"{heldout_fp}")

@@ -385,7 +385,7 @@ def generate_job(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: s
                  shard_size: int = DEFAULT_SHARD_SIZE) -> GenerateJob:
     """The generate job for ``generate_task``'s parameters (the flow that fans shards out builds it the same way)."""
     store = ArtifactStore(run_dir)
-    corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
+    corpus = store.consume(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
         raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")

@@ -349,7 +349,7 @@ def _batches(
 
 
 def _input(store: ArtifactStore, stage: str, fp: str) -> Artifact:
-    artifact = store.load(stage, expect_fingerprint=fp)
+    artifact = store.consume(stage, expect_fingerprint=fp)
     if artifact is None:
         raise MissingInputError(f"{store.url(stage)}: no valid artifact with fingerprint {fp}; rerun that stage")
     return artifact

@@ -279,7 +279,7 @@ def _ranked(name: str, chunk: pa.RecordBatch, scores: np.ndarray, ids: np.ndarra
 
 def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
     for stage in stages:
-        if (artifact := store.load(stage, expect_fingerprint=fp)) is not None:
+        if (artifact := store.consume(stage, expect_fingerprint=fp)) is not None:
             return artifact
     raise MissingInputError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
 

@@ -121,7 +121,7 @@ def _texts(corpus: Artifact, method: str) -> Iterator[str]:
                                                                             p["base_model"])))
 def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model: str) -> str:
     store = ArtifactStore(run_dir)
-    corpus = store.load(artifacts.CORPUS, expect_fingerprint=corpus_fp)
+    corpus = store.consume(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
         raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
                                 "run ingest first")

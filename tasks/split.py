@@ -96,7 +96,7 @@ def run_split(cfg: EvaluateConfig, store: ArtifactStore, queries: Artifact) -> d
       cache_policy=StageCache(fingerprints=lambda p: split_fingerprints(p["cfg"], p["queries_fp"])))
 def split_task(cfg: EvaluateConfig, run_dir: str, queries_fp: str) -> dict[str, str]:
     store = ArtifactStore(run_dir)
-    queries = store.load(artifacts.QUERIES, expect_fingerprint=queries_fp)
+    queries = store.consume(artifacts.QUERIES, expect_fingerprint=queries_fp)
     if queries is None:
         raise MissingInputError(f"{store.url(artifacts.QUERIES)}: no valid queries with fingerprint {queries_fp}")
     found = run_split(cfg, store, queries)

@@ -170,7 +170,7 @@ def progress_callback(progress: ProgressArtifact) -> Any:
 
 def _load(store: ArtifactStore, stages: tuple[str, ...], fp: str) -> Artifact:
     for stage in stages:
-        if (artifact := store.load(stage, expect_fingerprint=fp)) is not None:
+        if (artifact := store.consume(stage, expect_fingerprint=fp)) is not None:
             return artifact
     raise MissingInputError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
 
