@@ -22,8 +22,6 @@ import contextlib
 import logging
 import os
 import random
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,10 +44,10 @@ from transformers import get_constant_schedule_with_warmup as constant_schedule
 from transformers.utils import logging as hf_logging
 
 from gplflow.adapters import models
+from gplflow.adapters.checkpoints import by_step
 from gplflow.adapters.errors import InputError
 from gplflow.adapters.text import split_sentences
 from gplflow.adapters.text_noise import delete_words
-from gplflow.adapters.tiny_models import default_cache_dir
 from gplflow.adapters.trainer import loss_summary
 
 logger = logging.getLogger(__name__)
@@ -58,8 +56,6 @@ METHODS = ("tsdae", "mlm", "simcse", "ct", "ct_inbatch")
 # TSDAE trains the CLS vector; MLM has no sentence vector: mean; the contrastive methods (None) train the
 # sentence vector the base already has (mean for a plain encoder folder)
 POOLING = {"tsdae": "cls", "mlm": "mean", "simcse": None, "ct": None, "ct_inbatch": None}
-CHECKPOINTS = ".checkpoints"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _KEEP_CHECKPOINTS = 2
 _MAX_HISTORY = 200  # loss points kept in the manifest
 MIN_CHUNK_TOKENS = 8  # MLM: a passage's last chunk shorter than this (with specials) is dropped
@@ -347,14 +343,8 @@ def save_model(model: SentenceTransformer, folder: Path) -> None:
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 
-def checkpoint_dir(run_root: Path | None, key: str) -> Path:
-    """``<run_dir>/.checkpoints/<key>`` for a local run directory, else under the local cache directory."""
-    return run_root / CHECKPOINTS / key if run_root is not None else default_cache_dir() / "checkpoints" / key
-
-
 def _checkpoints(folder: Path) -> list[Path]:
-    steps = {p: m.group(1) for p in folder.glob("checkpoint-*.pt") if (m := _CHECKPOINT.match(p.name))}
-    return sorted(steps, key=lambda p: int(steps[p]))
+    return by_step(folder.glob("checkpoint-*.pt"))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -373,11 +363,6 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path:
     for old in _checkpoints(folder)[:-_KEEP_CHECKPOINTS]:
         old.unlink()
     return path
-
-
-def remove_checkpoints(folder: Path) -> None:
-    """Drop a finished run's checkpoints (the published model replaces them)."""
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- the loop ---------------------------------------------------------------------------------------------

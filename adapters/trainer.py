@@ -10,7 +10,6 @@ from the newest complete one.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -34,8 +33,9 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from gplflow.adapters import models
+from gplflow.adapters.checkpoints import by_step
+from gplflow.adapters.checkpoints import step as checkpoint_step
 from gplflow.adapters.text import passage_texts
-from gplflow.adapters.tiny_models import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ LOSSES = ("margin_mse", "mnrl", "cosent", "cosine", "angle")
 # (AnglE by angle difference in complex space), CosineSimilarityLoss regresses the cosine on the score.
 # The score each loss teaches: MarginMSE fits dot-product margins (GPL); the others score by cosine.
 SIMILARITY = {"dot": "dot", "cos_sim": "cosine"}  # train.similarity -> the similarity saved with the model
-CHECKPOINTS = ".checkpoints"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _MAX_HISTORY = 100  # loss points kept in the manifest
 
 
@@ -194,20 +192,6 @@ def save_model(model: SentenceTransformer, folder: Path) -> None:
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 
-def checkpoint_dir(run_root: Path | None, key: str) -> Path:
-    """``<run_dir>/.checkpoints/<key>`` for a local run directory, else in the local cache directory.
-
-    The Trainer writes checkpoints with plain file I/O, so a remote (fsspec) run directory gets a local one
-    (``$GPLFLOW_CACHE_DIR/checkpoints/<key>``, default ``~/.cache/gplflow``).
-    """
-    return (run_root / CHECKPOINTS / key) if run_root is not None else (default_cache_dir() / "checkpoints" / key)
-
-
-def _step(path: Path) -> int:
-    match = _CHECKPOINT.match(path.name)
-    return int(match.group(1)) if match else -1
-
-
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint; incomplete ones (killed while saving) are removed.
 
@@ -215,18 +199,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """
     if not folder.is_dir():
         return None
-    found = sorted((p for p in folder.iterdir() if p.is_dir() and _step(p) >= 0), key=_step)
+    found = by_step(p for p in folder.iterdir() if p.is_dir())
     complete = [p for p in found if (p / TRAINER_STATE_NAME).is_file()]
     for path in found:
         if path not in complete:
             logger.warning("removing incomplete checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
     return complete[-1] if complete else None
-
-
-def remove_checkpoints(folder: Path) -> None:
-    """Drop a finished training's checkpoints (the published model replaces them)."""
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- training ---------------------------------------------------------------------------------------------
@@ -274,7 +253,7 @@ def fit(
     # saved with the model, so users (and the evaluate stage) score as it was trained
     model.similarity_fn_name = SIMILARITY[plan.similarity] if plan.loss == "margin_mse" else "cosine"
     resume = latest_checkpoint(checkpoints)
-    if resume is not None and _step(resume) >= plan.steps:
+    if resume is not None and (checkpoint_step(resume) or 0) >= plan.steps:
         return _from_final_checkpoint(model, resume)  # the Trainer would run one step past max_steps
     if resume is not None:
         logger.info("resuming training from %s", resume)
@@ -293,7 +272,7 @@ def fit(
         raise
     return TrainReport(
         global_step=trainer.state.global_step,
-        resumed_from_step=_step(resume) if resume is not None else None,
+        resumed_from_step=checkpoint_step(resume) if resume is not None else None,
         seconds=time.perf_counter() - started,
         loss_history=_losses(trainer.state),
     )

@@ -10,16 +10,13 @@ shardable stage (``.<stage>.shards-<fingerprint>/``) or the last training checkp
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from gplflow.adapters import artifacts, checkpoints
 from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.staging import ShardStaging, staging_dirs
 from gplflow.adapters.store import ArtifactStore, Check
 from gplflow.flows.stages import artifact_names, condition
-
-CHECKPOINTS = ".checkpoints"
-_STEP = re.compile(r"^checkpoint-(\d+)(\.pt)?$")
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ def stage_status(store: ArtifactStore, stage: str, verify: bool = False) -> Stag
     manifest = store.read_manifest(stage)
     problems = store.problems(stage, check=check)
     partial = _staged(store, stage, check)
-    step = _checkpoint_step(store, stage)
+    step = checkpoints.latest_step(store, stage) if stage in artifacts.TRAINED else None
     if not problems and manifest is not None:
         rerun = "reuse it"
         if partial is not None and partial.fingerprint != manifest.get("fingerprint"):
@@ -91,18 +88,3 @@ def _staged(store: ArtifactStore, stage: str, check: Check) -> _Partial | None:
         if best is None or found.done > best.done:
             best = found
     return best
-
-
-def _checkpoint_step(store: ArtifactStore, stage: str) -> int | None:
-    """The newest training checkpoint step a killed ``model``/``pretrain`` run left, if any."""
-    root = f"{store.root}/{CHECKPOINTS}"
-    if stage not in ("model", "pretrain") or not store.fs.exists(root):
-        return None
-    steps = []
-    for folder in store.fs.ls(root, detail=False):
-        if not folder.rstrip("/").rsplit("/", 1)[-1].startswith(f"{stage}-"):
-            continue
-        for path in store.fs.ls(folder, detail=False):
-            if match := _STEP.match(path.rstrip("/").rsplit("/", 1)[-1]):
-                steps.append(int(match.group(1)))
-    return max(steps) if steps else None

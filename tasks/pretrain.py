@@ -18,6 +18,8 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters import artifacts
+from gplflow.adapters.checkpoints import folder as checkpoint_folder
+from gplflow.adapters.checkpoints import remove as remove_checkpoints
 from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.adapters.text import passage_text
@@ -77,7 +79,7 @@ def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, ba
     fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
     if (found := reuse(store, STAGE, fp)) is not None:
         return found
-    checkpoints = pretraining.checkpoint_dir(Path(store.root) if store.is_local else None, f"{STAGE}-{fp}")
+    checkpoints = checkpoint_folder(store, STAGE, fp)
     config = cfg.model_dump(mode="json")
     with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
         report = pretraining.pretrain(pretrain_plan(cfg), base_model, _texts(corpus, cfg.method), checkpoints,
@@ -85,7 +87,7 @@ def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, ba
         for name, value in report.counters.items():
             out.count(name, value)
         out.extra["pretrain"] = {"base_model": base_model, **report.as_dict()}
-    pretraining.remove_checkpoints(checkpoints)
+    remove_checkpoints(checkpoints)
     info = out.extra["pretrain"]
     start = f"resumed at step {report.resumed_from_step}" if report.resumed_from_step else "from the start"
     logger.info("pretrained %s with %s for %d steps on %d examples (%s): loss %s -> %s", base_model,

@@ -12,6 +12,8 @@ from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters import artifacts, models
+from gplflow.adapters.checkpoints import folder as checkpoint_folder
+from gplflow.adapters.checkpoints import remove as remove_checkpoints
 from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
@@ -116,12 +118,12 @@ def _fit_and_publish(cfg: TrainConfig, store: ArtifactStore, base_model: str, in
     plan = trainer.TrainPlan(loss=cfg.loss, steps=cfg.steps, batch_size=cfg.batch_size,
                              learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                              checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, similarity=cfg.similarity)
-    checkpoints = trainer.checkpoint_dir(Path(store.root) if store.is_local else None, f"{STAGE}-{fp}")
+    checkpoints = checkpoint_folder(store, STAGE, fp)
     with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
         report = trainer.fit(model, dataset, plan, checkpoints, models.device(), callbacks)
         trainer.save_model(model, out.local_dir())
         out.extra["train"] = info = {"base_model": base_model, "examples": len(dataset), **report.as_dict()}
-    trainer.remove_checkpoints(checkpoints)
+    remove_checkpoints(checkpoints)
     logger.info("trained %s for %d steps (resumed at %s): loss %s -> %s", cfg.loss, info["steps"],
                 info["resumed_from_step"], info["loss_first"], info["loss_last"])
     return store.require(STAGE)
