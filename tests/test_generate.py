@@ -251,8 +251,8 @@ def test_generate_task_wrapper(tmp_path):
     with disable_run_logger():
         fp = generate_task.fn(cfg, str(tmp_path), corpus.fingerprint, "ignored", shard_size=4)
     assert fp == generate_fingerprint(cfg, corpus.fingerprint, "") == store.require("queries").fingerprint
-    key = generate_task.cache_key_fn(None, {"cfg": cfg, "corpus_fp": corpus.fingerprint, "generator": "x"})
-    assert key == f"gplflow-queries-{fp}"
+    params = {"cfg": cfg, "corpus_fp": corpus.fingerprint, "generator": "x", "run_dir": str(tmp_path)}
+    assert generate_task.cache_policy.compute_key(None, params, {}) == f"gplflow-queries-{fp}"  # the artifact is valid
     with pytest.raises(FileNotFoundError, match="run ingest first"):
         generate_task.fn(cfg, str(tmp_path), "not-the-corpus", "", shard_size=4)
     assert gen.STAGE == "queries"

@@ -220,8 +220,8 @@ def test_pretrain_task_reports_progress(tmp_path, passages, tiny, monkeypatch):
     assert fp == store.require("pretrain").fingerprint == pretrain_fingerprint(cfg, corpus.fingerprint,
                                                                                str(tiny.bi_encoder))
     assert updates == [("id1", 50.0), ("id1", 100.0)]  # at most every 5 %; 100 % once
-    params = {"cfg": cfg, "corpus_fp": corpus.fingerprint, "base_model": str(tiny.bi_encoder)}
-    assert pretrain_task.cache_key_fn(None, params) == f"gplflow-pretrain-{fp}"
+    params = {"cfg": cfg, "corpus_fp": corpus.fingerprint, "base_model": str(tiny.bi_encoder), "run_dir": str(tmp_path)}
+    assert pretrain_task.cache_policy.compute_key(None, params, {}) == f"gplflow-pretrain-{fp}"
 
 
 def test_tsdae_can_keep_mean_pooling(tmp_path, passages, tiny):
