@@ -178,7 +178,7 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
         console.print(f"pretraining: {cfg.pretrain.method}, {cfg.pretrain.steps} steps")
     _diagnostics((store.read_manifest("triples") or {}).get("diagnostics"))
     metrics = summary.get("metrics")
-    if metrics:
+    if metrics and metrics["evaluations"]:
         console.print(metrics_table(metrics))
         _verdict(metrics)
     _evaluators(metrics, store)
@@ -252,7 +252,7 @@ def _verdict(metrics: dict[str, Any]) -> None:
     from gplflow.flows.report import EVALUATIONS
 
     name = metrics["primary_evaluation"]
-    delta = metrics["evaluations"][name].get("delta", {}).get("ndcg@10")
+    delta = metrics["evaluations"][name].get("delta", {}).get("ndcg@10") if name else None
     if delta is None:
         return
     where = f"{EVALUATIONS[name][0]} nDCG@10"

@@ -152,8 +152,8 @@ def ordered_models(results: dict[str, Any]) -> list[str]:
 def metrics_markdown(metrics: dict[str, Any] | None) -> str:
     """One table, the evaluations side by side (qrels, then held-out): per evaluation a column per model and
     ``adapted − base``; below it, what each evaluation was run on."""
-    if not metrics:
-        return "_No evaluation (set `evaluate.qrels` or `evaluate.heldout_fraction`)._"
+    if not metrics or not metrics["evaluations"]:
+        return "_No retrieval evaluation (set `evaluate.qrels` or `evaluate.heldout_fraction`)._"
     evaluations = [(name, metrics["evaluations"][name]) for name in EVALUATIONS if name in metrics["evaluations"]]
     columns = [(name, model) for name, results in evaluations for model in [*ordered_models(results), None]]
     header = [f"{EVALUATIONS[name][0]} {model or 'adapted − base'}" for name, model in columns]
@@ -284,8 +284,8 @@ def _headline(cfg: PipelineConfig) -> str:
 
 
 def _verdict(metrics: dict[str, Any] | None) -> str:
-    if not metrics:
-        return "_Not evaluated._"
+    if not metrics or metrics.get("primary_evaluation") is None:  # None: only STS or clustering ran
+        return "_Not evaluated._" if not metrics else "_No retrieval evaluation (no qrels, no held-out queries)._"
     name = metrics["primary_evaluation"]
     delta = metrics["evaluations"][name].get("delta", {}).get("ndcg@10")
     if delta is None:
