@@ -38,14 +38,13 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.beir_io import BeirFormatError, id_field, iter_jsonl, iter_lines, read_qrels, text_field
 from gplflow.adapters.corpus_readers import FieldMap, iter_documents
 from gplflow.adapters.errors import InputError, MissingInputError
-from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature, fingerprint
+from gplflow.adapters.store import Artifact, ArtifactStore, content_signature, fingerprint, row_batches
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +284,7 @@ class _Importer:
             with self.store.writer(stage, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
                 out.extra["source"] = "ukplab-gpl"
                 schema = artifacts.SCHEMAS[stage]
-                out.write_part(_batches(rows(out.count), schema), schema)
+                out.write_part(row_batches(rows(out.count), schema), schema)
             artifact = self.store.require(stage)
         if remember is not None:
             remember(artifact)
@@ -424,13 +423,3 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
     except BeirFormatError as err:
         raise GplFormatError(str(err)) from err
 
-
-def _batches(rows: Iterator[dict[str, Any]], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    chunk: list[dict[str, Any]] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == ROW_GROUP_SIZE:
-            yield pa.RecordBatch.from_pylist(chunk, schema=schema)
-            chunk = []
-    if chunk:
-        yield pa.RecordBatch.from_pylist(chunk, schema=schema)

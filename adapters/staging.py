@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gplflow.adapters.store import (
-    ROW_GROUP_SIZE,
     ArtifactStore,
     Check,
     _sha256,
@@ -40,6 +39,7 @@ from gplflow.adapters.store import (
     is_mtime,
     remember_digest,
     settle_mtime,
+    write_parquet,
 )
 
 logger = logging.getLogger(__name__)
@@ -170,13 +170,8 @@ class ShardStaging:
         ``started`` (a ``time.time()``) is when the shard's computation began: the record keeps its seconds.
         """
         tmp = self._tmp(k)
-        rows = 0
-        with self.store.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema) as out:
-            for batch in batches:
-                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-                if table.num_rows:
-                    out.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
-                    rows += table.num_rows
+        with self.store.fs.open(tmp, "wb") as fh:
+            rows = write_parquet(fh, batches, schema)
         return self._commit(k, tmp, shard_file(k, "parquet"), rows, counters, started)
 
     def write_array(self, k: int, array: np.ndarray, counters: Mapping[str, Any] | None = None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -256,6 +257,26 @@ class Artifact:
         return target
 
 
+def write_parquet(fh: Any, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema) -> int:
+    """Write record batches (or tables), cast to ``schema``, to the open file ``fh`` as Parquet in row groups of
+    ROW_GROUP_SIZE; returns the rows written. The one write loop of stage parts and staged shards."""
+    rows = 0
+    with pq.ParquetWriter(fh, schema) as out:
+        for batch in batches:
+            table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+            if table.num_rows:
+                out.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                rows += table.num_rows
+    return rows
+
+
+def row_batches(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """Rows (dicts) as record batches of ROW_GROUP_SIZE rows, streamed, so a source is never held whole."""
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, ROW_GROUP_SIZE)):
+        yield pa.RecordBatch.from_pylist(chunk, schema=schema)
+
+
 def _is_part(name: str) -> bool:
     return name.startswith("part-") and name.endswith(".parquet")
 
@@ -439,13 +460,8 @@ class StageWriter:
         """Write one Parquet part from record batches (row groups of ROW_GROUP_SIZE); returns its rows."""
         index = len(self._rows) if index is None else index
         name = f"part-{index:05d}.parquet"
-        rows = 0
-        with self.store.fs.open(f"{self.tmp}/{name}", "wb") as fh, pq.ParquetWriter(fh, schema) as out:
-            for batch in batches:
-                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-                if table.num_rows:
-                    out.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
-                    rows += table.num_rows
+        with self.store.fs.open(f"{self.tmp}/{name}", "wb") as fh:
+            rows = write_parquet(fh, batches, schema)
         self._rows[name] = rows
         return rows
 

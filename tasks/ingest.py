@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-import pyarrow as pa
 from prefect import get_run_logger, task
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.corpus_readers import CorpusError, Document, FieldMap, detect_format, iter_documents
-from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
+from gplflow.adapters.store import Artifact, ArtifactStore, content_signature, row_batches
 from gplflow.tasks.base import StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def run_ingest(cfg: IngestConfig, store: ArtifactStore) -> Artifact:
                       code_version=CODE_VERSION) as out:
         out.extra["format"] = fmt
         docs = _checked(iter_documents(cfg.path, fmt, fields), cfg, out.count)
-        rows = out.write_part(_batches(docs), artifacts.CORPUS_SCHEMA)
+        rows = out.write_part(row_batches(_rows(docs), artifacts.CORPUS_SCHEMA), artifacts.CORPUS_SCHEMA)
         if rows == 0:
             raise CorpusError(f"{cfg.path}: no documents left after dropping {out.counters.get('empty_text', 0)} "
                               "with empty text")
@@ -63,22 +62,9 @@ def _checked(docs: Iterator[Document], cfg: IngestConfig, count) -> Iterator[Doc
         yield doc
 
 
-def _batches(docs: Iterator[Document]) -> Iterator[pa.RecordBatch]:
-    chunk: list[Document] = []
+def _rows(docs: Iterator[Document]) -> Iterator[dict[str, str]]:
     for doc in docs:
-        chunk.append(doc)
-        if len(chunk) == ROW_GROUP_SIZE:
-            yield _to_batch(chunk)
-            chunk = []
-    if chunk:
-        yield _to_batch(chunk)
-
-
-def _to_batch(docs: list[Document]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pydict(
-        {"doc_id": [d.doc_id for d in docs], "title": [d.title for d in docs], "text": [d.text for d in docs]},
-        schema=artifacts.CORPUS_SCHEMA,
-    )
+        yield {"doc_id": doc.doc_id, "title": doc.title, "text": doc.text}
 
 
 @task(name="ingest corpus", task_run_name="ingest corpus", retries=0, persist_result=True,

@@ -7,18 +7,18 @@ are spread (min, mean, max and a five-bin histogram), so a skewed label set show
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import pyarrow as pa
 from prefect import get_run_logger, task
 from pydantic import Field
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.corpus_readers import detect_format
 from gplflow.adapters.pair_readers import iter_pairs
-from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore, content_signature
+from gplflow.adapters.store import Artifact, ArtifactStore, content_signature, row_batches
 from gplflow.tasks.base import StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def run_pairs(cfg: PairsConfig, store: ArtifactStore) -> Artifact:
                       code_version=CODE_VERSION) as out:
         out.extra.update(format=fmt, kind=cfg.kind, columns=schema.names)
         scores: list[float] = []
-        out.write_part(_batches(_chain(first, rows), schema, scores), schema)
+        out.write_part(row_batches(_noting_scores(itertools.chain([first], rows), scores), schema), schema)
         if scores:
             out.extra["scores"] = score_summary(scores)
     artifact = store.require(STAGE)
@@ -81,22 +81,12 @@ def score_summary(scores: list[float], bins: int = HISTOGRAM_BINS) -> dict[str, 
             "histogram": histogram, "bins": [round(i / bins, 6) for i in range(bins + 1)]}
 
 
-def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    yield first
-    yield from rest
-
-
-def _batches(rows: Iterator[dict[str, Any]], schema: pa.Schema, scores: list[float]) -> Iterator[pa.RecordBatch]:
-    chunk: list[dict[str, Any]] = []
+def _noting_scores(rows: Iterator[dict[str, Any]], scores: list[float]) -> Iterator[dict[str, Any]]:
+    """The rows, unchanged; the score of each scored pair is appended to ``scores`` on the way."""
     for row in rows:
-        chunk.append(row)
         if "score" in row:
             scores.append(row["score"])
-        if len(chunk) == ROW_GROUP_SIZE:
-            yield pa.RecordBatch.from_pylist(chunk, schema=schema)
-            chunk = []
-    if chunk:
-        yield pa.RecordBatch.from_pylist(chunk, schema=schema)
+        yield row
 
 
 @task(name="read labelled pairs", task_run_name="read labelled pairs", retries=0, persist_result=True,
