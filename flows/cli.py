@@ -200,6 +200,10 @@ def _evaluators(metrics: dict[str, Any] | None, store: ArtifactStore) -> None:
     def num(value: float | None) -> str:
         return "undefined" if value is None else f"{value:.4f}"
 
+    if agreement := metrics.get("teacher_agreement"):
+        console.print(f"teacher agreement on the held-out queries: {agreement['share']:.1%} of "
+                      f"{agreement['queries']} (source passage above the base model's {agreement['candidates']} "
+                      "candidates)", highlight=False)
     if sts := metrics.get("sts"):
         console.print(f"STS ({sts['pairs']} pairs), Spearman: " + ", ".join(
             f"{m} {num(sts['models'][m]['spearman'])}" for m in ordered_models(sts)), highlight=False)

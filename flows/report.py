@@ -205,6 +205,10 @@ def evaluators_markdown(metrics: dict[str, Any] | None, store: ArtifactStore | N
     if not metrics:
         return ""
     parts = []
+    if agreement := metrics.get("teacher_agreement"):
+        parts.append(f"- teacher agreement on the held-out queries: {agreement['share']:.1%} of {agreement['queries']}"
+                     f" (the {agreement['teacher'].replace('_', '-')} teacher scores the source passage above all "
+                     f"{agreement['candidates']} passages the base model retrieves for the query)")
     if sts := metrics.get("sts"):
         models = ordered_models(sts)
         parts += [f"### STS ({sts['pairs']} scored pairs; correlation of cosine similarity with the gold score)",

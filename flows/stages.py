@@ -132,6 +132,18 @@ def _holds_out(run: Run) -> bool:
     return True
 
 
+def _teacher(run: Run) -> Any:
+    """GPL's teacher, for its agreement on the held-out queries (None when the run has no teacher or none held out)."""
+    from gplflow.tasks.evaluators import Teacher
+
+    if not run.cfg.is_gpl or run.heldout_fp is None:
+        return None
+    label = run.cfg.label
+    return Teacher(kind=label.teacher, ref=run.models[run.cfg.teacher_slot], max_seq_length=label.max_seq_length,
+                   batch_size=label.batch_size, normalize=label.bi_encoder_score == "cos_sim",
+                   candidates=run.cfg.mine.negatives_per_query)
+
+
 def _evaluated(run: Run) -> bool:
     e = run.cfg.evaluate
     return bool(e.qrels) or e.sts is not None or e.clustering is not None or run.heldout_fp is not None
@@ -180,7 +192,8 @@ STAGES: list[Stage] = [
           when=lambda run: run.cfg.flow == "supervised"),
     Stage("evaluate", ("evaluate",), ("corpus", "heldout", "model"), "gplflow.tasks.evaluate:evaluate_task",
           params=lambda run: {"cfg": run.cfg.evaluate, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
-                              "models": run.compared, "adapted_fp": run.fps["model"], "heldout_fp": run.heldout_fp},
+                              "models": run.compared, "adapted_fp": run.fps["model"], "heldout_fp": run.heldout_fp,
+                              "teacher": _teacher(run)},
           when=_evaluated,
           condition="evaluate.qrels, .sts or .clustering is set, or queries are held out "
                     "(evaluate.heldout_fraction > 0)"),

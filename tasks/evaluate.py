@@ -35,12 +35,12 @@ from gplflow.adapters import artifacts, beir_io, encoding
 from gplflow.adapters import metrics as trec
 from gplflow.adapters import models as model_io
 from gplflow.adapters.errors import InputError, MissingInputError
-from gplflow.adapters.store import MANIFEST, Artifact, ArtifactStore, Check, content_signature
+from gplflow.adapters.store import MANIFEST, Artifact, ArtifactStore, Check, canonical_json, content_signature
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
-from gplflow.tasks.evaluators import ClusteringConfig, EmbeddingMapConfig, Evaluators, StsConfig, signatures
+from gplflow.tasks.evaluators import ClusteringConfig, EmbeddingMapConfig, Evaluators, StsConfig, Teacher, signatures
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
 
 
 def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
-            heldout_fp: str | None) -> dict[str, str]:
+            heldout_fp: str | None, teacher: Teacher | None = None) -> dict[str, str]:
     if not cfg.qrels and not heldout_fp and cfg.sts is None and cfg.clustering is None:
         raise InputError("evaluate: nothing to evaluate on; set evaluate.qrels or evaluate.heldout_fraction > 0")
     inputs = {"corpus": corpus_fp}
@@ -86,6 +86,8 @@ def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
         inputs.update(qrels=content_signature(qrels), queries=content_signature(queries))
     if heldout_fp:
         inputs["heldout"] = heldout_fp
+        if teacher is not None:
+            inputs["teacher"] = canonical_json(teacher.model_dump(mode="json"))
     inputs.update(signatures(cfg.sts, cfg.clustering))
     inputs.update({f"model:{label}": ident for label, ident in model_ids.items()})
     return inputs
@@ -140,22 +142,25 @@ def _model_ids(model_refs: Mapping[str, str], adapted_fp: str | None) -> dict[st
 
 
 def fingerprint_for(cfg: EvaluateConfig, corpus_fp: str, model_refs: Mapping[str, str],
-                    adapted_fp: str | None = None, heldout_fp: str | None = None) -> str:
+                    adapted_fp: str | None = None, heldout_fp: str | None = None,
+                    teacher: Teacher | None = None) -> str:
     """The fingerprint ``run_evaluate`` publishes under for these model references (and held-out queries)."""
-    return stage_fingerprint(STAGE, cfg, _inputs(cfg, corpus_fp, _model_ids(model_refs, adapted_fp), heldout_fp),
-                             CODE_VERSION)
+    inputs = _inputs(cfg, corpus_fp, _model_ids(model_refs, adapted_fp), heldout_fp, teacher)
+    return stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
 
 
 def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, models: dict[str, str],
-                 adapted_fp: str | None = None, heldout: Artifact | None = None) -> Artifact:
+                 adapted_fp: str | None = None, heldout: Artifact | None = None,
+                 teacher: Teacher | None = None) -> Artifact:
     """Evaluate each model (label -> reference: ``base``, ``adapted``, optionally more) on the qrels (when
     ``cfg.qrels``) and on the held-out queries (when ``heldout`` has rows), and decide the promotion.
 
-    ``adapted_fp`` (the model artifact's fingerprint) saves hashing the adapted model folder when known.
+    ``adapted_fp`` (the model artifact's fingerprint) saves hashing the adapted model folder when known; with
+    ``teacher`` (GPL runs) the teacher's agreement on the held-out queries is measured too.
     """
     heldout = heldout if heldout is not None and heldout.rows else None
     ids = _model_ids(models, adapted_fp)
-    inputs = _inputs(cfg, corpus.fingerprint, ids, heldout.fingerprint if heldout is not None else None)
+    inputs = _inputs(cfg, corpus.fingerprint, ids, heldout.fingerprint if heldout is not None else None, teacher)
     if (found := reuse(store, STAGE, stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION))) is not None:
         return found
     # The writer is opened first so that the manifest's timings cover the evaluation, not only the writing.
@@ -167,7 +172,7 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
         del table
         extras = Evaluators(cfg.sts, cfg.clustering, cfg.embedding_map, doc_ids,
                             heldout.read_table(["doc_id", "text"]).to_pydict() if heldout is not None else None,
-                            cfg.batch_size)
+                            cfg.batch_size, teacher, passages)
         per_set: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in sets}
         similarity = {}
         for label, ref in models.items():
@@ -314,9 +319,10 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 @task(name="evaluate retrieval", task_run_name="evaluate retrieval", retries=0, persist_result=True,
       retry_condition_fn=retry_unless_deterministic,
       cache_policy=stage_cache(STAGE, lambda p: fingerprint_for(p["cfg"], p["corpus_fp"], p["models"],
-                                                                        p.get("adapted_fp"), p.get("heldout_fp"))))
+                                                                        p.get("adapted_fp"), p.get("heldout_fp"),
+                                                                        p.get("teacher"))))
 def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dict[str, str],
-                  adapted_fp: str | None = None, heldout_fp: str | None = None) -> str:
+                  adapted_fp: str | None = None, heldout_fp: str | None = None, teacher: Teacher | None = None) -> str:
     store = ArtifactStore(run_dir)
     corpus = store.consume(artifacts.CORPUS, expect_fingerprint=corpus_fp)
     if corpus is None:
@@ -325,7 +331,7 @@ def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dic
     if heldout_fp and heldout is None:
         raise MissingInputError(f"{store.url(artifacts.HELDOUT)}: no valid held-out queries with fingerprint "
                                 f"{heldout_fp}")
-    artifact = run_evaluate(cfg, store, corpus, models, adapted_fp, heldout)
+    artifact = run_evaluate(cfg, store, corpus, models, adapted_fp, heldout, teacher)
     metrics = beir_io.load_metrics(artifact.local_dir())
     sets = ", ".join(f"{name} ({r['counts']['queries']} queries)" for name, r in metrics["evaluations"].items())
     create_table_artifact(key="evaluation", table=metrics_table(metrics),

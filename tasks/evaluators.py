@@ -6,7 +6,10 @@
   embeddings, scored by V-measure and adjusted Rand index;
 - ``embedding_map``: a seeded sample of passages (and the held-out queries made from them) projected to 2-D by
   UMAP, one panel per model, coloured by label (or by k-means cluster of the base when there are no labels),
-  saved as ``embedding-map.png`` in ``evaluate/``.
+  saved as ``embedding-map.png`` in ``evaluate/``;
+- teacher agreement on the held-out queries (GPL runs, not configured: the run's teacher): how often the teacher
+  scores the passage a query was generated from above every candidate the base model retrieves for it. The
+  label stage reports the same on the training queries; a teacher that is weak on the domain shows in both.
 
 They run inside the evaluate stage on the corpus embeddings retrieval already computed (one encoding per model),
 so they are cached with it: changing only an evaluator's settings recomputes only the evaluation.
@@ -72,13 +75,29 @@ def signatures(sts: StsConfig | None, clustering: ClusteringConfig | None) -> di
     return found
 
 
+class Teacher(StageConfig):
+    """The run's labelling model, for teacher agreement on the held-out queries (see ``label``)."""
+
+    kind: Literal["cross_encoder", "bi_encoder"]
+    ref: str
+    max_seq_length: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    normalize: bool = False
+    candidates: int = Field(default=20, gt=0)  # the base model's top passages each held-out query is ranked among
+
+
 class Evaluators:
     """Collects each model's results for the configured evaluators; ``finish`` writes the map and sums up."""
 
     def __init__(self, sts: StsConfig | None, clustering: ClusteringConfig | None,
                  embedding_map: EmbeddingMapConfig | None, doc_ids: Sequence[str],
-                 heldout: dict[str, list[str]] | None = None, batch_size: int = 64):
+                 heldout: dict[str, list[str]] | None = None, batch_size: int = 64,
+                 teacher: Teacher | None = None, passages: Sequence[str] = ()):
         self.batch_size = batch_size
+        self.teacher = teacher if teacher is not None and heldout and heldout["text"] else None
+        self.heldout, self.passages = heldout, passages
+        self.position = {doc_id: row for row, doc_id in enumerate(doc_ids)}
+        self._candidates: np.ndarray | None = None
         self.sts = _read_sts(sts) if sts is not None else None
         self.clustering = clustering
         self.labelled = _labelled_rows(clustering, doc_ids) if clustering is not None else None
@@ -112,6 +131,8 @@ class Evaluators:
             rows, labels = self.labelled
             self.results["clustering"][label] = embedding_eval.cluster_scores(
                 docs[rows], labels, seed=self.clustering.seed, min_cluster_size=self.clustering.min_cluster_size)
+        if self.teacher is not None and label == "base":
+            self._candidates = self._retrieve(model, docs)
         if self.map_rows is not None:
             points = docs[self.map_rows]
             if self.map_queries:
@@ -123,6 +144,8 @@ class Evaluators:
     def finish(self, folder: Path) -> dict[str, Any]:
         """The evaluators' summary for ``metrics.json``; the map is written into ``folder``."""
         summary: dict[str, Any] = {}
+        if self.teacher is not None and self._candidates is not None:
+            summary["teacher_agreement"] = self._agreement()
         if self.sts is not None:
             summary["sts"] = {"pairs": len(self.sts[2]), "models": self.results["sts"]}
         if self.labelled is not None:
@@ -140,6 +163,31 @@ class Evaluators:
                                         "coloured_by": "label" if self.doc_labels else "k-means cluster of base"}
         return summary
 
+    def _retrieve(self, model: Any, docs: np.ndarray) -> np.ndarray:
+        """Each held-out query's ``teacher.candidates`` best passages by the base model, its source left out."""
+        queries = encoding.encode(model, self.heldout["text"], role="query", batch_size=self.batch_size,
+                                  desc="base: encoding held-out queries for the teacher")
+        scores = _unit(queries) @ _unit(docs).T
+        sources = np.asarray([self.position[d] for d in self.heldout["doc_id"]])
+        scores[np.arange(len(sources)), sources] = -np.inf
+        k = min(self.teacher.candidates, docs.shape[0] - 1)
+        return np.argpartition(-scores, k - 1, axis=1)[:, :k] if k > 0 else np.empty((len(sources), 0), np.int64)
+
+    def _agreement(self) -> dict[str, Any]:
+        """The share of held-out queries whose source passage the teacher scores above all their candidates."""
+        from gplflow.adapters.scoring import load_scorer
+
+        t = self.teacher
+        sources = np.asarray([self.position[d] for d in self.heldout["doc_id"]])
+        rows = np.concatenate([sources[:, None], self._candidates], axis=1)  # column 0: the source
+        scorer = load_scorer(t.kind, t.ref, max_seq_length=t.max_seq_length, batch_size=t.batch_size,
+                             normalize=t.normalize)
+        pair_q = np.repeat(np.arange(len(rows)), rows.shape[1])
+        scores = scorer.score(self.heldout["text"], self.passages, pair_q, rows.reshape(-1)).reshape(rows.shape)
+        first = scores[:, 0] > scores[:, 1:].max(axis=1) if rows.shape[1] > 1 else np.ones(len(rows), bool)
+        return {"share": float(first.mean()), "queries": len(rows), "candidates": int(rows.shape[1] - 1),
+                "teacher": t.kind}
+
     def _colours(self) -> list[str]:
         if self.doc_labels:
             return [self.doc_labels.get(int(r), UNLABELLED) for r in self.map_rows]
@@ -149,6 +197,11 @@ class Evaluators:
         k = max(2, min(8, len(first) // 25))
         found = KMeans(n_clusters=k, n_init=10, random_state=self.map_cfg.seed).fit_predict(first)
         return [f"cluster {c + 1}" for c in found]
+
+
+def _unit(emb: np.ndarray) -> np.ndarray:
+    emb = np.asarray(emb, dtype=np.float32)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
 def _read_sts(cfg: StsConfig) -> tuple[list[str], list[str], list[float]]:

@@ -88,3 +88,29 @@ def test_a_labels_file_with_a_document_labelled_twice_names_both_rows(tmp_path):
     with pytest.raises(CorpusError, match=r"labels.tsv row 3: document 'bee-1' is labelled again \(first at row 1\)"):
         run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm})
     assert store.load("evaluate") is None  # nothing half-written
+
+
+def test_teacher_agreement_on_held_out_queries_counts_the_source_ranked_first(tmp_path):
+    """MiniLM as teacher: queries that paraphrase their source are agreed on; one whose 'source' is unrelated is not."""
+    import pyarrow as pa
+
+    from gplflow.tasks.evaluators import Teacher
+
+    store = ArtifactStore(tmp_path / "run")
+    corpus = write_artifact(store, "corpus", [(d, "", t) for d, t in PASSAGES.items()])
+    heldout_rows = [("h1", "bee-1", "how do bees turn nectar into honey"),
+                    ("h2", "sea-2", "why are there two tides a day"),
+                    ("h3", "code-3", "what do beekeepers use smoke for")]  # its true answer is bee-4, not code-3
+    heldout = write_artifact(store, "heldout", heldout_rows)
+    assert isinstance(heldout.read_table(), pa.Table)
+    minilm = str(packaged_minilm_path())
+    teacher = Teacher(kind="bi_encoder", ref=minilm, max_seq_length=128, batch_size=8, candidates=5)
+    cfg = EvaluateConfig(batch_size=8)
+
+    run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm}, heldout=heldout, teacher=teacher)
+
+    found = read_metrics(store)["teacher_agreement"]
+    assert found == {"share": pytest.approx(2 / 3), "queries": 3, "candidates": 5, "teacher": "bi_encoder"}
+    assert fingerprint_for(cfg, corpus.fingerprint, {"base": minilm, "adapted": minilm}, None, heldout.fingerprint,
+                           teacher) != fingerprint_for(cfg, corpus.fingerprint, {"base": minilm, "adapted": minilm},
+                                                       None, heldout.fingerprint)
