@@ -213,6 +213,10 @@ def _evaluators(metrics: dict[str, Any] | None, store: ArtifactStore) -> None:
                           f"{m} {num(found['kmeans']['v_measure'])}/{num(found['hdbscan']['v_measure'])}"
                           for m in ordered_models(clustering) for found in [clustering["models"][m]]),
                       highlight=False)
+    if found := metrics.get("mteb"):
+        console.print(f"MTEB: {found['skipped']}" if "skipped" in found else "MTEB main scores: " + "; ".join(
+            f"{t}: " + ", ".join(f"{m} {num(found['models'][m].get(t))}" for m in ordered_models(found))
+            for t in found["tasks"]), highlight=False)
     if found := metrics.get("embedding_map"):
         console.print(f"embedding map: {store.url('evaluate')}/{found['file']}", highlight=False)
 

@@ -222,6 +222,15 @@ def evaluators_markdown(metrics: dict[str, Any] | None, store: ArtifactStore | N
                   *(f"| {method} {measure} | " + " | ".join(_num(clustering["models"][x][method][measure])
                                                              for x in models) + " |"
                     for method in ("kmeans", "hdbscan") for measure in ("v_measure", "ari"))]
+    if found := metrics.get("mteb"):
+        if "skipped" in found:
+            parts.append(f"### MTEB\n_{found['skipped']}._")
+        else:
+            models = ordered_models(found)
+            parts += [f"### MTEB (mteb {found['version']}; each task's main score)",
+                      "| task | " + " | ".join(models) + " |", "|---|" + "--:|" * len(models),
+                      *(f"| {t} | " + " | ".join(_num(found["models"][m].get(t)) for m in models) + " |"
+                        for t in found["tasks"])]
     if (found := metrics.get("embedding_map")) and store is not None:
         image = embedded_png(store, found["file"])
         parts += [f"### Embedding map ({found['passages']} passages, {found['queries']} held-out queries, coloured "

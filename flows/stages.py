@@ -146,7 +146,7 @@ def _teacher(run: Run) -> Any:
 
 def _evaluated(run: Run) -> bool:
     e = run.cfg.evaluate
-    return bool(e.qrels) or e.sts is not None or e.clustering is not None or run.heldout_fp is not None
+    return bool(e.qrels) or any(x is not None for x in (e.sts, e.clustering, e.mteb)) or run.heldout_fp is not None
 
 
 STAGES: list[Stage] = [
@@ -195,7 +195,7 @@ STAGES: list[Stage] = [
                               "models": run.compared, "adapted_fp": run.fps["model"], "heldout_fp": run.heldout_fp,
                               "teacher": _teacher(run)},
           when=_evaluated,
-          condition="evaluate.qrels, .sts or .clustering is set, or queries are held out "
+          condition="evaluate.qrels, .sts, .clustering or .mteb is set, or queries are held out "
                     "(evaluate.heldout_fraction > 0)"),
     Stage("promote", ("promoted",), ("model", "evaluate"), "gplflow.tasks.promote:promote_task",
           params=lambda run: {"rule": run.cfg.evaluate.promote, "min_gain": run.cfg.evaluate.min_gain,

@@ -148,6 +148,8 @@ def _evaluation(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
                              "labels file")):
         if path and (problem := _missing(path, what, folder_ok=False)) is not None:
             yield key, problem
+    if cfg.evaluate.mteb is not None:
+        yield from _mteb(cfg)
     qrels = cfg.evaluate.qrels
     if not qrels:
         return
@@ -163,6 +165,19 @@ def _evaluation(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
     except (BeirFormatError, OSError) as err:
         key = "evaluate.queries" if str(err).startswith(queries) else "evaluate.qrels"
         yield key, str(err).splitlines()[0]
+
+
+def _mteb(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
+    """Every MTEB task named resolves (when mteb is installed; without it the evaluation skips them)."""
+    from gplflow.adapters.errors import InputError
+    from gplflow.tasks.evaluators import mteb_tasks, mteb_version
+
+    if mteb_version() is None:
+        return
+    try:
+        mteb_tasks(cfg.evaluate.mteb)
+    except InputError as err:
+        yield "evaluate.mteb.tasks", str(err).removeprefix("evaluate.mteb.tasks: ")
 
 
 def _missing(path: str, what: str, folder_ok: bool = True) -> str | None:

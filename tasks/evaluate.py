@@ -40,7 +40,15 @@ from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
-from gplflow.tasks.evaluators import ClusteringConfig, EmbeddingMapConfig, Evaluators, StsConfig, Teacher, signatures
+from gplflow.tasks.evaluators import (
+    ClusteringConfig,
+    EmbeddingMapConfig,
+    Evaluators,
+    MtebConfig,
+    StsConfig,
+    Teacher,
+    signatures,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,7 @@ class EvaluateConfig(StageConfig):
     sts: StsConfig | None = None
     clustering: ClusteringConfig | None = None
     embedding_map: EmbeddingMapConfig | None = None
+    mteb: MtebConfig | None = None  # run when the mteb package is installed
 
 
 def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
@@ -78,7 +87,7 @@ def _paths(cfg: EvaluateConfig) -> tuple[str, str]:
 
 def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
             heldout_fp: str | None, teacher: Teacher | None = None) -> dict[str, str]:
-    if not cfg.qrels and not heldout_fp and cfg.sts is None and cfg.clustering is None:
+    if not cfg.qrels and not heldout_fp and cfg.sts is None and cfg.clustering is None and cfg.mteb is None:
         raise InputError("evaluate: nothing to evaluate on; set evaluate.qrels or evaluate.heldout_fraction > 0")
     inputs = {"corpus": corpus_fp}
     if cfg.qrels:
@@ -88,7 +97,7 @@ def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
         inputs["heldout"] = heldout_fp
         if teacher is not None:
             inputs["teacher"] = canonical_json(teacher.model_dump(mode="json"))
-    inputs.update(signatures(cfg.sts, cfg.clustering))
+    inputs.update(signatures(cfg.sts, cfg.clustering, cfg.mteb))
     inputs.update({f"model:{label}": ident for label, ident in model_ids.items()})
     return inputs
 
@@ -172,7 +181,7 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
         del table
         extras = Evaluators(cfg.sts, cfg.clustering, cfg.embedding_map, doc_ids,
                             heldout.read_table(["doc_id", "text"]).to_pydict() if heldout is not None else None,
-                            cfg.batch_size, teacher, passages)
+                            cfg.batch_size, teacher, passages, cfg.mteb)
         per_set: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in sets}
         similarity = {}
         for label, ref in models.items():

