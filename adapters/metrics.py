@@ -16,7 +16,7 @@ number of queries it did return).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pytrec_eval
@@ -71,12 +71,3 @@ def delta(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, 
     """``after - before`` for each metric both have."""
     return {name: float(after[name] - before[name]) for name in METRICS if name in after and name in before}
 
-
-def table_rows(models: Mapping[str, Mapping[str, float]], extra: Iterable[tuple[str, Mapping[str, float]]] = (),
-               digits: int = 4) -> list[dict[str, object]]:
-    """One row per model (``model`` then each metric under its display name), rounded for reading."""
-    rows = []
-    for label, values in [*models.items(), *extra]:
-        rows.append({"model": label, **{DISPLAY[m]: round(float(values[m]), digits) for m in METRICS
-                                        if m in values}})
-    return rows

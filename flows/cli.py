@@ -236,38 +236,25 @@ def _pairs(store: ArtifactStore) -> None:
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
-    """The evaluations side by side: per evaluation (qrels, then held-out) a column per model and the delta."""
-    from gplflow.flows.report import EVALUATIONS, METRICS, ordered_models
+    """The evaluations side by side (``tasks/evaluation_table.py``) as a rich table."""
+    from gplflow.tasks.evaluation_table import metrics_table as evaluation_table
 
-    found = [(name, metrics["evaluations"][name]) for name in EVALUATIONS if name in metrics["evaluations"]]
-    table = Table(title="retrieval: " + "; ".join(f"{EVALUATIONS[n][0]} = {r['counts']['queries']} "
-                                                   f"{EVALUATIONS[n][1]}" for n, r in found))
+    found = evaluation_table(metrics)
+    table = Table(title="retrieval: " + "; ".join(f"{e.label} = {e.queries} {e.what}" for e in found.evaluated))
     table.add_column("metric")
-    columns = [(name, model) for name, results in found for model in [*ordered_models(results), None]]
-    for name, model in columns:
-        table.add_column(f"{EVALUATIONS[name][0]} {model or 'adapted − base'}", justify="right")
-    for metric in METRICS:
-        cells = []
-        for name, model in columns:
-            results = metrics["evaluations"][name]
-            value = results["models"][model][metric] if model else results.get("delta", {}).get(metric)
-            cells.append("–" if value is None else f"{value:+.4f}" if model is None else f"{value:.4f}")
+    for column in found.columns:
+        table.add_column(column.title, justify="right")
+    for metric, cells in found.text_rows():
         table.add_row(metric, *cells)
     return table
 
 
 def _verdict(metrics: dict[str, Any]) -> None:
-    from gplflow.flows.report import EVALUATIONS
+    from gplflow.tasks.evaluation_table import metrics_table as evaluation_table
 
-    name = metrics["primary_evaluation"]
-    delta = metrics["evaluations"][name].get("delta", {}).get("ndcg@10") if name else None
-    if delta is None:
-        return
-    where = f"{EVALUATIONS[name][0]} nDCG@10"
-    if delta > 0:
-        console.print(f"[green]The adapted model beats its base on {where} by {delta:+.4f}.[/]")
-    else:
-        console.print(f"[bold yellow]The adapted model does NOT beat its base on {where} ({delta:+.4f}).[/]")
+    found = evaluation_table(metrics)
+    if found.verdict:
+        console.print(f"[green]{found.verdict}[/]" if found.beats else f"[bold yellow]{found.verdict}[/]")
 
 
 def _promoted(promotion: dict[str, Any] | None) -> None:

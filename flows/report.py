@@ -17,16 +17,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.stages import artifact_names, made_by
+from gplflow.tasks.evaluation_table import metrics_table, ordered_models
 
 if TYPE_CHECKING:  # the config imports every stage (torch); the report's stage rows need none of it
     from gplflow.flows.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("ndcg@10", "map@100", "recall@100", "mrr@10")
-EVALUATIONS = {"qrels": ("qrels", "judged queries"), "heldout": ("held-out", "held-out synthetic queries, never "
-                                                                             "trained on")}
-MODEL_ORDER = ("base", "pretrained", "adapted")  # metrics columns; other labels follow, sorted
 SAMPLE_QUERIES = 6
 
 
@@ -144,32 +141,19 @@ def sample_queries(store: ArtifactStore, n: int = SAMPLE_QUERIES) -> list[tuple[
     return [(q["text"], q["doc_id"], *passages.get(q["doc_id"], ("", ""))) for q in picked]
 
 
-def ordered_models(results: dict[str, Any]) -> list[str]:
-    """Metric columns of one evaluation: base, pretrained, adapted, then any other label (sorted)."""
-    return sorted(results.get("models", {}), key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else 9, m))
-
-
 def metrics_markdown(metrics: dict[str, Any] | None) -> str:
-    """One table, the evaluations side by side (qrels, then held-out): per evaluation a column per model and
-    ``adapted − base``; below it, what each evaluation was run on."""
+    """The evaluations side by side (``tasks/evaluation_table.py``) as a markdown table; below it, what each
+    evaluation was run on."""
     if not metrics or not metrics["evaluations"]:
         return "_No retrieval evaluation (set `evaluate.qrels` or `evaluate.heldout_fraction`)._"
-    evaluations = [(name, metrics["evaluations"][name]) for name in EVALUATIONS if name in metrics["evaluations"]]
-    columns = [(name, model) for name, results in evaluations for model in [*ordered_models(results), None]]
-    header = [f"{EVALUATIONS[name][0]} {model or 'adapted − base'}" for name, model in columns]
-    lines = ["| metric | " + " | ".join(header) + " |", "|---" + "|--:" * len(columns) + "|"]
-    for metric in METRICS:
-        cells = []
-        for name, model in columns:
-            results = metrics["evaluations"][name]
-            value = results["models"][model].get(metric) if model else results.get("delta", {}).get(metric)
-            cells.append("–" if value is None else f"{value:+.4f}" if model is None else f"{value:.4f}")
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines += [f"- {EVALUATIONS[name][0]}: {r['counts'].get('queries', '?')} {EVALUATIONS[name][1]} over "
-              f"{r['counts'].get('docs', '?')} passages" for name, r in evaluations]
-    lines.append(f"- primary: {EVALUATIONS[metrics['primary_evaluation']][0]} "
-                 f"{metrics.get('primary_metric', METRICS[0])}")
+    table = metrics_table(metrics)
+    lines = ["| metric | " + " | ".join(c.title for c in table.columns) + " |",
+             "|---" + "|--:" * len(table.columns) + "|",
+             *(f"| {metric} | " + " | ".join(cells) + " |" for metric, cells in table.text_rows()),
+             "",
+             *(f"- {e.label}: {e.queries} {e.what} over {e.docs} passages" for e in table.evaluated)]
+    if table.primary:
+        lines.append(f"- primary: {table.primary}")
     return "\n".join(lines)
 
 
@@ -299,12 +283,8 @@ def _headline(cfg: PipelineConfig) -> str:
 def _verdict(metrics: dict[str, Any] | None) -> str:
     if not metrics or metrics.get("primary_evaluation") is None:  # None: only STS or clustering ran
         return "_Not evaluated._" if not metrics else "_No retrieval evaluation (no qrels, no held-out queries)._"
-    name = metrics["primary_evaluation"]
-    delta = metrics["evaluations"][name].get("delta", {}).get("ndcg@10")
-    if delta is None:
-        return "_Not evaluated._"
-    word = "beats" if delta > 0 else "does NOT beat"
-    return f"**The adapted model {word} its base on {EVALUATIONS[name][0]} nDCG@10 ({delta:+.4f}).**"
+    verdict = metrics_table(metrics).verdict
+    return f"**{verdict}**" if verdict else "_Not evaluated._"
 
 
 def _promotion(store: ArtifactStore, metrics: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.tasks.evaluation_table import metrics_table
 from gplflow.tasks.evaluators import (
     ClusteringConfig,
     EmbeddingMapConfig,
@@ -312,19 +313,6 @@ def read_metrics(store: ArtifactStore) -> dict[str, Any] | None:
     return beir_io.load_metrics(artifact.local_dir()) if artifact is not None else None
 
 
-def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for a table (a Prefect table artifact, markdown): per evaluation, one per model, then
-    ``adapted − base``; each row names its evaluation."""
-    rows = []
-    for name, results in metrics["evaluations"].items():
-        found = results["models"]
-        order = [*REQUIRED_MODELS, *sorted(set(found) - set(REQUIRED_MODELS))]
-        extra = [("adapted − base", results["delta"])] if results.get("delta") else []
-        rows += [{"evaluation": name, **row}
-                 for row in trec.table_rows({label: found[label] for label in order if label in found}, extra)]
-    return rows
-
-
 @task(name="evaluate retrieval", task_run_name="evaluate retrieval", retries=0, persist_result=True,
       retry_condition_fn=retry_unless_deterministic,
       cache_policy=stage_cache(STAGE, lambda p: fingerprint_for(p["cfg"], p["corpus_fp"], p["models"],
@@ -343,7 +331,7 @@ def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dic
     artifact = run_evaluate(cfg, store, corpus, models, adapted_fp, heldout, teacher)
     metrics = beir_io.load_metrics(artifact.local_dir())
     sets = ", ".join(f"{name} ({r['counts']['queries']} queries)" for name, r in metrics["evaluations"].items())
-    create_table_artifact(key="evaluation", table=metrics_table(metrics),
+    create_table_artifact(key="evaluation", table=metrics_table(metrics, shown=trec.METRICS).records(),
                           description=f"Retrieval on {sets} over {corpus.rows} passages")
     log = get_run_logger()
     for name, results in metrics["evaluations"].items():

@@ -14,10 +14,10 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.tasks.evaluate import (
     EvaluateConfig,
     fingerprint_for,
-    metrics_table,
     read_metrics,
     run_evaluate,
 )
+from gplflow.tasks.evaluation_table import metrics_table
 
 PASSAGES = {
     "bees": "Honey bees make honey by collecting flower nectar and evaporating it inside the hive.",
@@ -123,10 +123,11 @@ def test_run_evaluate_end_to_end_with_minilm(tmp_path):
     again = run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm})
     assert again.manifest["timings"] == artifact.manifest["timings"]  # reused, not recomputed
 
-    rows = metrics_table(full)
+    rows = metrics_table(full, shown=metrics.METRICS).records()
     assert [(r["evaluation"], r["model"]) for r in rows] == [("qrels", "base"), ("qrels", "adapted"),
                                                              ("qrels", "adapted − base")]
     assert rows[0]["nDCG@10"] == round(result["models"]["base"]["ndcg@10"], 4) and rows[2]["nDCG@10"] == 0.0
+    assert list(rows[0])[2:] == [metrics.DISPLAY[m] for m in metrics.METRICS]
 
 
 def test_fingerprint_follows_qrels_content_and_models(tmp_path):
