@@ -83,7 +83,6 @@ class GenerateConfig(StageConfig):
     max_query_length: int = Field(default=64, gt=0)     # tokens of a generated query
     max_passage_length: int = Field(default=350, gt=0)  # passage tokens given to the generator (extractive: words)
     prefix: str = ""                  # an optional prompt prefix put before every passage
-    remove_span: bool = False         # extractive: remove the chosen sentence from the passage (ICT)
 
     def batch_for(self, device: str) -> int:
         """Passages per ``generate`` call on ``device`` (``auto``: AUTO_BATCH)."""
@@ -152,9 +151,6 @@ class GenerateJob(ShardJob):
                  shard_size: int = DEFAULT_SHARD_SIZE):
         if shard_size < 1:
             raise ValueError(f"generate: shard_size must be >= 1, got {shard_size}")
-        if cfg.remove_span:
-            raise InputError("generate.remove_span is not supported: the queries artifact cannot carry a passage "
-                             "with the span removed; set it to false")
         self.cfg, self.store, self.corpus, self.generator, self.shard_size = cfg, store, corpus, generator, shard_size
         self.fingerprint = generate_fingerprint(cfg, corpus.fingerprint, generator)
         self.staging = ShardStaging(store, STAGE, self.fingerprint)

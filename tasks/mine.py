@@ -47,7 +47,7 @@ BM25 = "bm25"
 SCORES = ("cos_sim", "dot")
 DEFAULT_SHARD_SIZE = 10_000  # corpus passages per encoding shard
 # where mine_task looks for the queries fingerprint (queries-train: the queries left after the held-out split)
-QUERY_STAGES = (artifacts.QUERIES_TRAIN, "queries-filtered", artifacts.QUERIES)
+QUERY_STAGES = (artifacts.QUERIES_TRAIN, artifacts.QUERIES)
 
 
 class MineConfig(StageConfig):

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = artifacts.MODEL
 CODE_VERSION = "train-1"
-QUERY_STAGES = (artifacts.QUERIES_TRAIN, artifacts.QUERIES, "queries-filtered")  # the mnrl pairs come from any
+QUERY_STAGES = (artifacts.QUERIES_TRAIN, artifacts.QUERIES)  # the mnrl pairs come from either
 
 
 # the losses each kind of labelled pairs (tasks/pairs.py) trains with; the first is flow supervised's default

@@ -237,10 +237,8 @@ def test_extractive_spans():
     assert extractive_queries(" \n ", 3, np.random.default_rng(0), max_words=350) is None
 
 
-def test_remove_span_and_bad_shard_size_are_errors(tmp_path):
+def test_bad_shard_size_is_an_error(tmp_path):
     store, corpus = make_corpus(tmp_path)
-    with pytest.raises(ValueError, match="remove_span"):
-        run_generate(GenerateConfig(**EXTRACTIVE, remove_span=True), store, corpus, "")
     with pytest.raises(ValueError, match="shard_size"):
         run_generate(GenerateConfig(**EXTRACTIVE), store, corpus, "", shard_size=0)
 
