@@ -22,6 +22,9 @@ TRIPLES = "triples"              # label
 MODEL = "model"                  # train: a sentence-transformers model folder
 EVALUATE = "evaluate"            # metrics.json and per-query metrics
 PROMOTED = "promoted"            # promoted.json: which model the run publishes
+CROSS_ENCODER = "cross-encoder"  # flow augmented_sbert: a CrossEncoder folder trained on the gold pairs
+SILVER_CANDIDATES = "silver-candidates"  # flow augmented_sbert: unlabelled pairs sampled with BM25 / the bi-encoder
+SILVER = "silver"                # flow augmented_sbert: the candidates scored by the cross-encoder
 
 TRAINED = (PRETRAIN, MODEL)  # model folders written by a training loop that keeps checkpoints
 
@@ -36,12 +39,19 @@ TRIPLES_SCHEMA = pa.schema([("query_id", pa.string()), ("pos_doc_id", pa.string(
                             ("pos_score", pa.float32()), ("neg_score", pa.float32()), ("margin", pa.float32())])
 SCORED_PAIRS_SCHEMA = pa.schema([("sentence1", pa.string()), ("sentence2", pa.string()), ("score", pa.float32())])
 RANKING_PAIRS_SCHEMA = pa.schema([("anchor", pa.string()), ("positive", pa.string()), ("negative", pa.string())])
+# sampler: how the pair was found ("bm25" or "semantic"): sentence2 is among sentence1's nearest neighbours
+SILVER_CANDIDATES_SCHEMA = pa.schema([("sentence1", pa.string()), ("sentence2", pa.string()),
+                                      ("sampler", pa.string())])
+# score: the cross-encoder's probability (sigmoid of its logit) in [0, 1], the scale of the gold scores
+SILVER_SCHEMA = pa.schema([("sentence1", pa.string()), ("sentence2", pa.string()), ("score", pa.float32()),
+                           ("sampler", pa.string())])
 # one row per (evaluation, query, model), one column per metric
 EVALUATE_SCHEMA = pa.schema([("evaluation", pa.string()), ("query_id", pa.string()), ("model", pa.string()),
                              *[(name, pa.float64()) for name in METRICS]])
 
 SCHEMAS = {CORPUS: CORPUS_SCHEMA, QUERIES: QUERIES_SCHEMA, HELDOUT: QUERIES_SCHEMA, QUERIES_TRAIN: QUERIES_SCHEMA,
-           NEGATIVES: NEGATIVES_SCHEMA, TRIPLES: TRIPLES_SCHEMA, EVALUATE: EVALUATE_SCHEMA}  # pairs: pairs_schema
+           NEGATIVES: NEGATIVES_SCHEMA, TRIPLES: TRIPLES_SCHEMA, EVALUATE: EVALUATE_SCHEMA,
+           SILVER_CANDIDATES: SILVER_CANDIDATES_SCHEMA, SILVER: SILVER_SCHEMA}  # pairs: pairs_schema
 
 
 def pairs_schema(kind: str, with_negative: bool = True) -> pa.Schema:

@@ -156,17 +156,21 @@ def load_bi_encoder(ref: str, tiny_path: Path | None = None, max_seq_length: int
     return for_inference(model) if inference else model
 
 
-def load_cross_encoder(ref: str, tiny_path: Path | None = None, max_length: int | None = None):
-    """A CrossEncoder that returns raw logits (identity activation: margins need logits, not sigmoids),
-    ready for inference (bf16 weights where that pays)."""
+def load_cross_encoder(ref: str, tiny_path: Path | None = None, max_length: int | None = None,
+                       inference: bool = True):
+    """A CrossEncoder that returns raw logits (identity activation: margins need logits, not sigmoids).
+
+    ``inference=True``: ready for inference (bf16 weights where that pays). ``inference=False`` (training): fp32
+    weights and one output logit; a folder holding a plain encoder gets a new, randomly initialised head.
+    """
     from sentence_transformers import CrossEncoder
 
     name = resolve(ref, tiny_path)
     tokenizer_threads()
     with _explain_offline(ref):
-        model = CrossEncoder(name, device=device(), max_length=max_length,
-                             activation_fn=torch.nn.Identity())
-    return for_inference(model)
+        model = CrossEncoder(name, device=device(), max_length=max_length, activation_fn=torch.nn.Identity(),
+                             num_labels=None if inference else 1)
+    return for_inference(model) if inference else model
 
 
 def load_seq2seq(ref: str, tiny_path: Path | None = None):

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gplflow.adapters.errors import InputError
+from gplflow.tasks.augment import AugmentConfig
 from gplflow.tasks.base import Seed
 from gplflow.tasks.evaluate import EvaluateConfig
 from gplflow.tasks.generate import GenerateConfig
@@ -21,6 +22,8 @@ from gplflow.tasks.mine import MineConfig
 from gplflow.tasks.pairs import PairsConfig
 from gplflow.tasks.pretrain import PretrainConfig
 from gplflow.tasks.train import PAIR_LOSSES, TrainConfig
+
+PAIR_FLOWS = ("supervised", "augmented_sbert")  # the flows that train on labelled pairs, not generated queries
 
 
 class _Frozen(BaseModel):
@@ -70,16 +73,19 @@ class ImportConfig(_Frozen):
 
 class PipelineConfig(_Frozen):
     name: str = "gpl"
-    flow: Literal["gpl", "genq", "supervised"] = "gpl"  # supervised: fine-tune the base on `pairs`
+    # supervised: fine-tune the base on `pairs`; augmented_sbert: on `pairs` and the silver pairs a cross-encoder
+    # trained on them labels (`augment`)
+    flow: Literal["gpl", "genq", "supervised", "augmented_sbert"] = "gpl"
     profile: Literal["default", "tiny"] = "default"  # tiny: every model slot not set explicitly is `tiny`
     corpus: IngestConfig | None = None  # may be omitted when import.gpl_dir holds a corpus.jsonl
-    pairs: PairsConfig | None = None  # flow supervised: the labelled pairs it trains on
+    pairs: PairsConfig | None = None  # flows supervised and augmented_sbert: the labelled (gold) pairs
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig = PretrainConfig()
     generate: GenerateConfig = GenerateConfig()
     mine: MineConfig = MineConfig()
     label: LabelConfig = LabelConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()  # flow augmented_sbert
     evaluate: EvaluateConfig = EvaluateConfig()
     execution: ExecutionConfig = ExecutionConfig()
     import_: ImportConfig = Field(default=ImportConfig(), alias="import")
@@ -98,8 +104,9 @@ class PipelineConfig(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _supervised_loss(cls, data: Any) -> Any:
-        """flow supervised without a train.loss: the first loss of its kind of pairs (scored: cosent)."""
-        if not isinstance(data, dict) or data.get("flow") != "supervised":
+        """flow supervised or augmented_sbert without a train.loss: the first loss of its kind of pairs (scored:
+        cosent)."""
+        if not isinstance(data, dict) or data.get("flow") not in PAIR_FLOWS:
             return data
         train, pairs = data.get("train"), data.get("pairs")
         if (train is None or (isinstance(train, dict) and "loss" not in train)) and isinstance(pairs, dict):
@@ -114,16 +121,22 @@ class PipelineConfig(_Frozen):
             raise ValueError("missing key 'corpus' (or import.gpl_dir with a corpus.jsonl)")
         if self.flow == "genq" and self.train.loss != "mnrl":
             raise ValueError(f"flow 'genq' trains with train.loss=mnrl, not {self.train.loss}")
-        if self.flow == "supervised":
+        if "augment" in self.model_fields_set and self.flow != "augmented_sbert":
+            raise ValueError(f"'augment' is read by flow 'augmented_sbert' only, not by flow '{self.flow}'")
+        if self.trains_on_pairs:
             if self.pairs is None:
-                raise ValueError("flow 'supervised' needs the key 'pairs' (path of the labelled pairs file)")
+                raise ValueError(f"flow '{self.flow}' needs the key 'pairs' (path of the labelled pairs file)")
+            if self.flow == "augmented_sbert" and self.pairs.kind != "scored":
+                raise ValueError("flow 'augmented_sbert' needs scored pairs (pairs.kind: scored): its cross-encoder "
+                                 f"learns their scores, not {self.pairs.kind} pairs")
             allowed = PAIR_LOSSES[self.pairs.kind]
             if self.train.loss not in allowed:
-                raise ValueError(f"flow 'supervised' trains {self.pairs.kind} pairs with train.loss "
+                raise ValueError(f"flow '{self.flow}' trains {self.pairs.kind} pairs with train.loss "
                                  f"{' or '.join(allowed)}, not {self.train.loss}")
         else:
             if self.pairs is not None:
-                raise ValueError(f"'pairs' is read by flow 'supervised' only, not by flow '{self.flow}'")
+                raise ValueError(f"'pairs' is read by flows 'supervised' and 'augmented_sbert' only, not by flow "
+                                 f"'{self.flow}'")
             if self.train.loss not in ("margin_mse", "mnrl"):
                 raise ValueError(f"train.loss {self.train.loss} trains on labelled pairs: set flow: supervised")
         return self
@@ -171,9 +184,14 @@ class PipelineConfig(_Frozen):
         return self.flow == "gpl" and self.train.loss == "margin_mse"
 
     @property
+    def trains_on_pairs(self) -> bool:
+        """Flows supervised and augmented_sbert train on the user's labelled pairs (augmented_sbert adds silver)."""
+        return self.flow in PAIR_FLOWS
+
+    @property
     def uses_queries(self) -> bool:
-        """GPL and GenQ train on generated queries; flow supervised on the user's pairs."""
-        return self.flow != "supervised"
+        """GPL and GenQ train on generated queries; the pair flows on the user's pairs."""
+        return not self.trains_on_pairs
 
     @property
     def n_triples(self) -> int:

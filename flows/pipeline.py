@@ -1,4 +1,5 @@
-"""The GPL, GenQ and supervised flows: the registry's stages (flows/stages.py) in order, each a Prefect task.
+"""The GPL, GenQ, supervised and Augmented SBERT flows: the registry's stages (flows/stages.py) in order, each a
+Prefect task.
 
 Each stage task is cached on its stage fingerprint, trusted only while the artifact store says its artifact is
 valid (``tasks.base.StageCache``): a reused stage shows as Cached, a deleted or corrupted one is recomputed.
@@ -107,5 +108,15 @@ def supervised_pipeline(config_path: str | None = None, overrides: list[str] | N
                         run_dir: str | None = None) -> dict[str, Any]:
     """Fine-tune on labelled pairs: ingest → read pairs → (pretrain →) train → evaluate on the qrels."""
     overrides = [*(overrides or []), "flow=supervised"]
+    cfg = PipelineConfig.load(config_path, overrides)
+    return run_pipeline(cfg, run_dir or default_run_dir(cfg), config_path, overrides)
+
+
+@flow(name="augmented-sbert-pipeline", flow_run_name=flow_run_name)
+def augmented_sbert_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
+                             run_dir: str | None = None) -> dict[str, Any]:
+    """Augmented SBERT: ingest → read gold pairs → train a cross-encoder on them → sample pairs (BM25, semantic
+    search) → label them with the cross-encoder (silver) → train on gold + silver → evaluate on the qrels."""
+    overrides = [*(overrides or []), "flow=augmented_sbert"]
     cfg = PipelineConfig.load(config_path, overrides)
     return run_pipeline(cfg, run_dir or default_run_dir(cfg), config_path, overrides)

@@ -83,12 +83,14 @@ def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
     used = sample or n
     queries = used * qpp
     sampled = f" (a seeded sample of {used} of {n})" if sample else ""
-    out = [] if cfg.flow == "supervised" else [  # supervised trains on the user's pairs: no queries
+    out = [] if not cfg.uses_queries else [  # the pair flows train on the user's pairs: no queries
         StagePlan("generate", used, "passages", f"{used} passages{sampled} x {qpp} = {queries} queries "
                   f"({cfg.generate.method})")]
     if cfg.pretrain.method != "none":
         out.append(StagePlan("pretrain", cfg.pretrain.steps, "steps", f"{cfg.pretrain.method}, {cfg.pretrain.steps} "
                              f"steps of batch {cfg.pretrain.batch_size}"))
+    if cfg.flow == "augmented_sbert":
+        out += _augment_stages(cfg, n)
     if cfg.is_gpl:
         dense = len(cfg.models.retrievers)
         miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
@@ -106,11 +108,32 @@ def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
     examples = cfg.train.steps * cfg.train.batch_size
     out.append(StagePlan("train", cfg.train.steps, "steps", f"{cfg.train.loss}, {cfg.train.steps} steps of batch "
                          f"{cfg.train.batch_size} ({examples} examples)"))
-    if cfg.evaluate.qrels or (split.active(cfg.evaluate) and cfg.flow != "supervised"):
+    if cfg.evaluate.qrels or (split.active(cfg.evaluate) and cfg.uses_queries):
         compared = 3 if cfg.pretrain.method != "none" else 2
         out.append(StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the "
                              "judged or held-out queries)"))
     return out
+
+
+def _augment_stages(cfg: PipelineConfig, n: int) -> list[StagePlan]:
+    """Augmented SBERT's three stages, counted from the gold pairs file (read once) and the corpus size."""
+    from gplflow.adapters.corpus_readers import detect_format
+    from gplflow.adapters.pair_readers import iter_pairs
+
+    p, a, c = cfg.pairs, cfg.augment, cfg.augment.cross_encoder
+    if p is None:  # not a valid augmented_sbert config (its validation requires pairs)
+        return []
+    rows = list(iter_pairs(p.path, p.kind, p.format or detect_format(p.path), p.columns.model_dump(), p.score_max))
+    sentences = len({text for row in rows for text in (row["sentence1"], row["sentence2"])})
+    steps = c.steps or c.epochs * math.ceil(len(rows) / c.batch_size)
+    pool = sentences + min(a.corpus_passages, n)
+    samplers = {"bm25": "BM25", "semantic": "the bi-encoder", "both": "BM25 and the bi-encoder"}[a.sampling]
+    target = a.silver_target(len(rows))
+    return [StagePlan("cross-encoder", steps, "steps", f"{steps} steps of batch {c.batch_size} on {len(rows)} gold "
+                      "pairs"),
+            StagePlan("sample", pool, "texts", f"{pool} texts ({sentences} gold sentences + up to "
+                      f"{a.corpus_passages} passages) searched with {samplers}, top {a.top_k}"),
+            StagePlan("silver", target, "pairs", f"at most {target} sampled pairs scored by the cross-encoder")]
 
 
 def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -> None:
@@ -131,6 +154,9 @@ def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -
         "mine": lambda: _mine_rate(cfg, resolved, passages),
         "label": lambda: _label_rate(cfg, resolved, passages),
         "train": lambda: _train_rate(cfg, resolved, passages),
+        "cross-encoder": lambda: _cross_train_rate(cfg, resolved, passages),
+        "sample": lambda: _sample_rate(cfg, resolved, passages),
+        "silver": lambda: _cross_score_rate(cfg, resolved, passages),
         "evaluate": lambda: _encode_rate(resolved["base"], passages, cfg.evaluate.max_seq_length,
                                          cfg.evaluate.batch_size),
     }
@@ -181,7 +207,7 @@ def _generate_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list
     return len(shard) / _clock(lambda: generate.t5_queries(gen, g, qpp, shard, 0, lambda _n: None))
 
 
-def _encode_rate(ref: str, texts: list[str], max_seq_length: int, batch_size: int) -> float:
+def _encode_rate(ref: str, texts: list[str], max_seq_length: int | None, batch_size: int) -> float:
     from gplflow.adapters import encoding, models
 
     model = models.load_bi_encoder(ref, max_seq_length=max_seq_length, inference=True)
@@ -248,6 +274,57 @@ def _train_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[st
     with tempfile.TemporaryDirectory(prefix="gplflow-plan-train-") as out:
         trainer.fit(model, dataset, plan, Path(out), models.device(), [Clock()])
     return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
+def _cross_train_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Steps per second of the cross-encoder's training on (pseudo-query, passage) pairs (steps after the first)."""
+    from transformers import TrainerCallback
+
+    from gplflow.adapters import cross_training, models
+
+    c = cfg.augment.cross_encoder
+    n = CALIBRATION_STEPS * c.batch_size
+    texts = [passages[i % len(passages)] for i in range(n)]
+    pairs = cross_training.ScoredPairs([_pseudo_query(t) for t in texts], texts, [float(i % 2) for i in range(n)])
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    model = models.load_cross_encoder(resolved["cross_encoder"], max_length=c.max_seq_length, inference=False)
+    plan = cross_training.CrossTrainPlan(epochs=1, steps=CALIBRATION_STEPS, batch_size=c.batch_size,
+                                         learning_rate=c.learning_rate, warmup_ratio=0.0, seed=c.seed)
+    cross_training.fit(model, pairs, plan, [Clock()])
+    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
+def _sample_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Pool texts per second: encoded (semantic search) and/or indexed and searched with BM25."""
+    from gplflow.adapters.bm25 import BM25Index
+
+    texts = passages[:CALIBRATION_TEXTS]
+    seconds_per_text = 0.0
+    if cfg.augment.sampling in ("semantic", "both"):
+        seconds_per_text += 1 / _encode_rate(resolved["base"], texts, None, cfg.augment.batch_size)
+    if cfg.augment.sampling in ("bm25", "both"):
+        k = cfg.augment.top_k + 1
+        seconds_per_text += _clock(lambda: BM25Index(texts, show_progress=False).search(texts, k)) / len(texts)
+    return 1 / seconds_per_text
+
+
+def _cross_score_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Pairs per second the cross-encoder scores (the one training starts from: the same architecture)."""
+    import numpy as np
+
+    from gplflow.adapters.scoring import load_scorer
+
+    a = cfg.augment
+    scorer = load_scorer("cross_encoder", resolved["cross_encoder"], max_seq_length=a.cross_encoder.max_seq_length,
+                         batch_size=a.batch_size)
+    texts = passages[:CALIBRATION_TEXTS]
+    every = np.arange(len(texts))
+    return len(texts) / _clock(lambda: scorer.score(texts, texts, every, np.roll(every, 1)))
 
 
 def _pretrain_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:

@@ -46,7 +46,7 @@ def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
                               + (f" (scores in [0, {cfg.pairs.score_max:g}])" if cfg.pairs.kind == "scored" else "")))
     if cfg.pretrain.method != "none":
         rows.append(("pretrain", f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"))
-    if cfg.flow != "supervised":
+    if cfg.uses_queries:
         rows.append(("generate", f"{g.method}, queries per passage: {g.queries_per_passage}, seed {g.seed}"))
     if cfg.is_gpl:
         m, lb = cfg.mine, cfg.label
@@ -54,6 +54,13 @@ def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
         rows.append(("mine", f"{m.negatives_per_query} negatives per query from each retriever{bm25}"))
         n = cfg.n_triples
         rows.append(("label", f"{n} triples ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"))
+    if cfg.flow == "augmented_sbert":
+        a, c = cfg.augment, cfg.augment.cross_encoder
+        length = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
+        rows.append(("augment", f"cross-encoder: {length} of batch {c.batch_size}, lr {c.learning_rate:g}, seed "
+                                f"{c.seed}; silver: {a.silver_pairs or f'{a.silver_per_gold} per gold pair'}, "
+                                f"top {a.top_k} {a.sampling} neighbours, pool: gold sentences + up to "
+                                f"{a.corpus_passages} passages, seed {a.seed}"))
     rows.append(("train", f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, "
                           f"max length {t.max_seq_length}, seed {t.seed}"))
     e = cfg.evaluate
@@ -76,6 +83,8 @@ def model_rows(cfg: PipelineConfig, resolved: dict[str, Any]) -> list[tuple[str,
             rows.append((f"miner ({score})", ref.name, path))
         kind = cfg.label.teacher.replace("_", "-")
         rows.append((f"teacher ({kind})", cfg.teacher_ref, resolved.get(cfg.teacher_slot, "")))
+    if cfg.flow == "augmented_sbert":
+        rows.append(("cross-encoder (trained from)", m.cross_encoder, resolved.get("cross_encoder", "")))
     layers = f", its first {m.base_layers} layer{'s' if m.base_layers > 1 else ''}" if m.base_layers else ""
     rows.append((f"base (student{layers})", m.base, resolved.get("base", "")))
     return rows
@@ -236,6 +245,35 @@ def embedded_png(store: ArtifactStore, name: str, limit: int = 600_000) -> str |
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def silver_markdown(store: ArtifactStore) -> list[str]:
+    """Augmented SBERT's silver pairs: how many, how each sampler's scores spread, and how well the cross-encoder
+    that labelled them fits the gold pairs (none when the run has no ``silver/``)."""
+    silver = store.read_manifest("silver")
+    if silver is None:
+        return []
+    candidates = store.read_manifest("silver-candidates") or {}
+    fit = (store.read_manifest("cross-encoder") or {}).get("train", {}).get("gold_fit", {})
+    before, after = fit.get("before", {}), fit.get("after", {})
+    columns = ("count", "min", "p05", "p25", "p50", "p75", "p95", "max", "mean")
+    spreads = [("all", silver.get("scores", {})), *sorted(silver.get("by_sampler", {}).items())]
+
+    def cell(found: dict[str, Any], column: str) -> str:
+        value = found.get(column, found.get("quantiles", {}).get(column))
+        return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    pool = candidates.get("pool", {})
+    return ["## Silver pairs",
+            f"{silver.get('rows')} pairs sampled (of {candidates.get('target')} asked for) from "
+            f"{pool.get('texts')} texts ({pool.get('gold_sentences')} gold sentences, "
+            f"{pool.get('corpus_passages')} corpus passages) and scored by the cross-encoder (sigmoid of its logit). "
+            f"On the gold pairs it trained on: BCE {before.get('bce')} → {after.get('bce')}, Spearman "
+            f"{before.get('spearman')} → {after.get('spearman')}.",
+            "| sampler | " + " | ".join(columns) + " | histogram (fifths of [0, 1]) |",
+            "|---" + "|--:" * len(columns) + "|---|",
+            *(f"| {name} | " + " | ".join(cell(found, c) for c in columns)
+              + f" | {'/'.join(map(str, found.get('histogram', [])))} |" for name, found in spreads)]
+
+
 def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str, Any]) -> str:
     stages = stage_rows(store, _run_started(summary))
     parts = [
@@ -248,6 +286,7 @@ def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str
         evaluators_markdown(summary.get("metrics"), store),
         "## Label diagnostics",
         diagnostics_markdown((store.read_manifest("triples") or {}).get("diagnostics")),
+        *silver_markdown(store),
         "## Sample of generated queries",
         "Each query, and below it the passage it was generated from (its positive).",
         *(f"{i}. **{_inline(q, 200)}**\n   > {_passage(d, title, text)}"
@@ -276,6 +315,10 @@ def _headline(cfg: PipelineConfig) -> str:
     if cfg.flow == "supervised" and cfg.pairs is not None:
         return (f"Supervised fine-tuning ({cfg.train.loss}) on {cfg.pairs.kind} labelled pairs{pretrain}: "
                 f"{cfg.train.steps} training steps of batch {cfg.train.batch_size}")
+    if cfg.flow == "augmented_sbert":
+        return (f"Augmented SBERT ({cfg.train.loss}) on gold pairs and silver pairs a cross-encoder labelled "
+                f"({cfg.augment.sampling} sampling){pretrain}: {cfg.train.steps} training steps of batch "
+                f"{cfg.train.batch_size}")
     return (f"{method}{pretrain}: {cfg.generate.method} queries, {cfg.train.steps} training steps of batch "
             f"{cfg.train.batch_size}")
 

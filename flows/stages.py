@@ -132,6 +132,10 @@ def _holds_out(run: Run) -> bool:
     return True
 
 
+def _augments(run: Run) -> bool:
+    return run.cfg.flow == "augmented_sbert"
+
+
 def _teacher(run: Run) -> Any:
     """GPL's teacher, for its agreement on the held-out queries (None when the run has no teacher or none held out)."""
     from gplflow.tasks.evaluators import Teacher
@@ -154,11 +158,24 @@ STAGES: list[Stage] = [
           params=lambda run: {"cfg": run.cfg.corpus, "run_dir": run.run_dir}),
     Stage("read pairs", ("pairs",), (), "gplflow.tasks.pairs:pairs_task",
           params=lambda run: {"cfg": run.cfg.pairs, "run_dir": run.run_dir},
-          when=lambda run: run.cfg.flow == "supervised", condition="the flow is supervised"),
+          when=lambda run: run.cfg.trains_on_pairs, condition="the flow is supervised or augmented_sbert"),
     Stage("pretrain", ("pretrain",), ("corpus",), "gplflow.tasks.pretrain:pretrain_task",
           params=lambda run: {"cfg": run.cfg.pretrain, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "base_model": run.models["base"]},
           when=lambda run: run.cfg.pretrain.method != "none", condition="pretrain.method is not none"),
+    Stage("train cross-encoder", ("cross-encoder",), ("pairs",), "gplflow.tasks.augment:cross_encoder_task",
+          params=lambda run: {"cfg": run.cfg.augment, "run_dir": run.run_dir, "start": run.models["cross_encoder"],
+                              "pairs_fp": run.fps["pairs"]},
+          when=_augments, condition="the flow is augmented_sbert"),
+    Stage("sample pairs", ("silver-candidates",), ("corpus", "pairs"), "gplflow.tasks.augment:sample_task",
+          params=lambda run: {"cfg": run.cfg.augment, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
+                              "pairs_fp": run.fps["pairs"], "bi_encoder": run.start},
+          when=_augments, condition="the flow is augmented_sbert"),
+    Stage("label silver", ("silver",), ("silver-candidates", "cross-encoder"), "gplflow.tasks.augment:silver_task",
+          params=lambda run: {"cfg": run.cfg.augment, "run_dir": run.run_dir,
+                              "candidates_fp": run.fps["silver-candidates"],
+                              "cross_encoder_fp": run.fps["cross-encoder"]},
+          when=_augments, condition="the flow is augmented_sbert"),
     Stage("generate", ("queries",), ("corpus",), "gplflow.tasks.generate:generate_task",
           job="gplflow.tasks.generate:generate_job",
           params=lambda run: {"cfg": run.cfg.generate, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
@@ -190,6 +207,10 @@ STAGES: list[Stage] = [
           params=lambda run: {"cfg": run.cfg.train, "run_dir": run.run_dir, "base_model": run.start,
                               "pairs_fp": run.fps["pairs"]},
           when=lambda run: run.cfg.flow == "supervised"),
+    Stage("train on gold + silver", ("model",), ("pairs", "silver"), "gplflow.tasks.train:train_pairs_task",
+          params=lambda run: {"cfg": run.cfg.train, "run_dir": run.run_dir, "base_model": run.start,
+                              "pairs_fp": run.fps["pairs"], "silver_fp": run.fps["silver"]},
+          when=_augments),
     Stage("evaluate", ("evaluate",), ("corpus", "heldout", "model"), "gplflow.tasks.evaluate:evaluate_task",
           params=lambda run: {"cfg": run.cfg.evaluate, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "models": run.compared, "adapted_fp": run.fps["model"], "heldout_fp": run.heldout_fp,

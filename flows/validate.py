@@ -71,8 +71,10 @@ def _model_slots(cfg: PipelineConfig) -> list[tuple[str, str]]:
     slots = [("models.base", models.base)]
     if cfg.import_.gpl_dir:
         return slots
-    if cfg.generate.method == "t5" and cfg.flow != "supervised":
+    if cfg.generate.method == "t5" and cfg.uses_queries:
         slots.append(("models.generator", models.generator))
+    if cfg.flow == "augmented_sbert":  # the cross-encoder it trains starts from this one
+        slots.append(("models.cross_encoder", models.cross_encoder))
     if cfg.is_gpl:
         slots += [(f"models.retrievers.{i}.name", r.name) for i, r in enumerate(models.retrievers)]
         if cfg.label.teacher == "cross_encoder":

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 from prefect import get_run_logger, task
 from pydantic import Field
 
@@ -44,14 +45,15 @@ class TrainConfig(StageConfig):
     seed: Seed = 42
 
 
-def _base_signature(base_model: str) -> str:
-    """A local folder is named by its content (a retrained base at the same path is a new input)."""
-    return f"content:{content_signature(base_model)}" if Path(base_model).exists() else f"hub:{base_model}"
+def model_signature(model: str) -> str:
+    """A model as a stage input: a local folder is named by its content (a retrained base at the same path is a
+    new input), a hub name by its name."""
+    return f"content:{content_signature(model)}" if Path(model).exists() else f"hub:{model}"
 
 
 def _inputs(cfg: TrainConfig, base_model: str, data_fp: str, corpus_fp: str) -> dict[str, str]:
     data = "triples" if cfg.loss == "margin_mse" else "queries"
-    return {"base_model": _base_signature(base_model), "corpus": corpus_fp, data: data_fp}
+    return {"base_model": model_signature(base_model), "corpus": corpus_fp, data: data_fp}
 
 
 def train_fingerprint(cfg: TrainConfig, base_model: str, data_fp: str, corpus_fp: str) -> str:
@@ -81,29 +83,37 @@ def run_train(
                             callbacks)
 
 
-def pairs_inputs(base_model: str, pairs_fp: str) -> dict[str, str]:
-    return {"base_model": _base_signature(base_model), "pairs": pairs_fp}
+def pairs_inputs(base_model: str, pairs_fp: str, silver_fp: str | None = None) -> dict[str, str]:
+    inputs = {"base_model": model_signature(base_model), "pairs": pairs_fp}
+    return {**inputs, "silver": silver_fp} if silver_fp else inputs
 
 
-def train_pairs_fingerprint(cfg: TrainConfig, base_model: str, pairs_fp: str) -> str:
-    """The fingerprint of a model trained on labelled pairs (flow supervised): no corpus, no queries."""
-    return stage_fingerprint(STAGE, cfg, pairs_inputs(base_model, pairs_fp), CODE_VERSION)
+def train_pairs_fingerprint(cfg: TrainConfig, base_model: str, pairs_fp: str, silver_fp: str | None = None) -> str:
+    """The fingerprint of a model trained on labelled pairs (flow supervised), and on the silver pairs too
+    (flow augmented_sbert): no corpus, no queries."""
+    return stage_fingerprint(STAGE, cfg, pairs_inputs(base_model, pairs_fp, silver_fp), CODE_VERSION)
 
 
 def run_train_pairs(cfg: TrainConfig, store: ArtifactStore, base_model: str, pairs: Artifact,
-                    callbacks: Sequence[Any] = ()) -> Artifact:
-    """Fine-tune ``base_model`` on the ``pairs/`` artifact (flow supervised) and publish ``model/``."""
+                    callbacks: Sequence[Any] = (), silver: Artifact | None = None) -> Artifact:
+    """Fine-tune ``base_model`` on the ``pairs/`` artifact (flow supervised), or on the gold pairs and the
+    ``silver/`` pairs a cross-encoder labelled (flow augmented_sbert, tasks/augment.py), and publish ``model/``."""
     from gplflow.adapters import trainer
 
     kind = pairs.manifest.get("kind", "scored")
     if cfg.loss not in PAIR_LOSSES.get(kind, ()):
         raise InputError(f"train.loss {cfg.loss!r} does not train on {kind} pairs; expected one of "
                          f"{', '.join(PAIR_LOSSES.get(kind, ()))}")
-    inputs = pairs_inputs(base_model, pairs.fingerprint)
+    if silver is not None and kind != "scored":
+        raise InputError(f"train: silver pairs are scored pairs; the gold pairs are {kind} pairs")
+    inputs = pairs_inputs(base_model, pairs.fingerprint, silver.fingerprint if silver is not None else None)
     fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
     if (found := reuse(store, STAGE, fp)) is not None:
         return found
     table = pairs.read_table()
+    if silver is not None:  # gold first, then silver: the trainer's seeded sampler shuffles them together
+        gold = table.select(["sentence1", "sentence2", "score"])
+        table = pa.concat_tables([gold, silver.read_table(gold.column_names).cast(gold.schema)])
     build = trainer.scored_pairs_dataset if kind == "scored" else trainer.ranking_pairs_dataset
     return _fit_and_publish(cfg, store, base_model, inputs, fp, lambda: build(table), callbacks)
 
@@ -204,16 +214,19 @@ def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, 
 @task(name="train bi-encoder on pairs", task_run_name="train bi-encoder on pairs", retries=1,
       persist_result=True,  # a retry resumes from the last checkpoint
       retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: train_pairs_fingerprint(p["cfg"], p["base_model"],
-                                                                                p["pairs_fp"])))
-def train_pairs_task(cfg: TrainConfig, run_dir: str, base_model: str, pairs_fp: str) -> str:
+      cache_policy=stage_cache(STAGE, lambda p: train_pairs_fingerprint(p["cfg"], p["base_model"], p["pairs_fp"],
+                                                                                p.get("silver_fp"))))
+def train_pairs_task(cfg: TrainConfig, run_dir: str, base_model: str, pairs_fp: str,
+                     silver_fp: str | None = None) -> str:
     store = ArtifactStore(run_dir)
-    progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} on labelled pairs "
+    what = "gold and silver pairs" if silver_fp else "labelled pairs"
+    progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} on {what} "
                                       f"for {cfg.steps} steps of batch {cfg.batch_size}")
+    silver = _load(store, (artifacts.SILVER,), silver_fp) if silver_fp else None
     artifact = run_train_pairs(cfg, store, base_model, _load(store, (artifacts.PAIRS,), pairs_fp),
-                               callbacks=[progress_callback(progress)])
+                               callbacks=[progress_callback(progress)], silver=silver)
     progress.finish()
     info = artifact.manifest.get("train", {})
-    get_run_logger().info("model: %s on labelled pairs, %s steps in %ss, loss %s -> %s", cfg.loss, info.get("steps"),
+    get_run_logger().info("model: %s on %s, %s steps in %ss, loss %s -> %s", cfg.loss, what, info.get("steps"),
                           info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
     return artifact.fingerprint

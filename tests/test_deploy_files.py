@@ -24,7 +24,8 @@ from gplflow.flows.pipeline import default_run_dir
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "gpu-pool"
 # deployment name -> the Prefect flow name its entrypoint must point to
-FLOWS = {"gpl-pipeline": "gpl-pipeline", "gplflow-shard": "gplflow-shard"}
+FLOWS = {"gpl-pipeline": "gpl-pipeline", "augmented-sbert-pipeline": "augmented-sbert-pipeline",
+         "gplflow-shard": "gplflow-shard"}
 PROJECT_DIR_PLACEHOLDER = "{{ $GPLFLOW_PROJECT_DIR }}"
 
 

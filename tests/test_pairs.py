@@ -158,7 +158,7 @@ def test_supervised_config_defaults_and_checks(tmp_path):
                                   "train": {"loss": "mnrl"}})
     with pytest.raises(ConfigError, match="needs the key 'pairs'"):
         PipelineConfig.from_dict({"flow": "supervised", "corpus": {"path": "c"}})
-    with pytest.raises(ConfigError, match="'pairs' is read by flow 'supervised' only"):
+    with pytest.raises(ConfigError, match="'pairs' is read by flows 'supervised' and 'augmented_sbert' only"):
         PipelineConfig.from_dict({"corpus": {"path": "c"}, "pairs": pairs})
     with pytest.raises(ConfigError, match=r"train\.loss cosine trains on labelled pairs"):
         PipelineConfig.from_dict({"corpus": {"path": "c"}, "train": {"loss": "cosine"}})

@@ -1,0 +1,319 @@
+"""Augmented SBERT (Thakur et al., NAACL 2021): a small gold set of scored pairs made into a larger silver set.
+
+Three stages sit between reading the gold pairs (tasks/pairs.py) and training the bi-encoder on gold + silver
+(tasks/train.py ``run_train_pairs``):
+
+1. ``cross-encoder/``: a cross-encoder trained on the gold pairs (binary cross-entropy on scores in [0, 1]).
+   Its manifest says how well it fits the gold pairs before and after (loss, Spearman).
+2. ``silver-candidates/``: new, unlabelled pairs. The pool is the gold pairs' sentences plus a seeded sample
+   of corpus passages; each pool text, in a seeded order, is paired with its ``top_k`` nearest pool texts by
+   BM25 and/or by the bi-encoder's cosine (semantic search). Pairs are unordered and kept once; gold pairs
+   are dropped. The paper's point: random pairs are nearly all unrelated, so a bi-encoder learns little from
+   them, while BM25 and semantic-search neighbours spread over the whole range of scores.
+3. ``silver/``: the candidates scored by the cross-encoder (the sigmoid of its logit, the gold scale); the
+   manifest holds their size and how the scores spread, per sampler too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from prefect import get_run_logger, task
+from pydantic import Field
+
+from gplflow.adapters import artifacts
+from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.tasks.pairs import score_summary
+from gplflow.tasks.train import model_signature
+
+logger = logging.getLogger(__name__)
+
+CROSS_ENCODER, CANDIDATES, SILVER = artifacts.CROSS_ENCODER, artifacts.SILVER_CANDIDATES, artifacts.SILVER
+CODE_VERSION = "augment-1"
+SAMPLERS = {"bm25": ("bm25",), "semantic": ("semantic",), "both": ("bm25", "semantic")}
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+class CrossEncoderTrainConfig(StageConfig):
+    """The cross-encoder trained on the gold pairs (the paper: 4 epochs of batch 16, 10 % warm-up)."""
+
+    epochs: int = Field(default=4, gt=0)
+    steps: int | None = Field(default=None, gt=0)  # exactly this many steps instead of `epochs`
+    batch_size: int = Field(default=16, gt=0)
+    learning_rate: float = Field(default=2e-5, ge=0.0, allow_inf_nan=False)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_seq_length: int = Field(default=128, gt=0)
+    seed: Seed = 42
+
+
+class AugmentConfig(StageConfig):
+    """Flow augmented_sbert: how the silver pairs are sampled and labelled."""
+
+    cross_encoder: CrossEncoderTrainConfig = CrossEncoderTrainConfig()
+    sampling: Literal["bm25", "semantic", "both"] = "both"
+    top_k: int = Field(default=3, gt=0)  # neighbours of each pool text, per sampler
+    silver_per_gold: int = Field(default=4, gt=0)  # silver pairs = this x the gold pairs ...
+    silver_pairs: int | None = Field(default=None, gt=0)  # ... unless this sets their number
+    # a seeded sample of this many corpus passages joins the gold sentences in the pool (0: the gold sentences
+    # alone, the paper's in-domain setting)
+    corpus_passages: int = Field(default=10_000, ge=0)
+    batch_size: int = Field(default=64, gt=0)  # encoding (semantic search) and cross-encoder scoring
+    seed: Seed = 42
+
+    def silver_target(self, gold_pairs: int) -> int:
+        return self.silver_pairs or self.silver_per_gold * gold_pairs
+
+
+def _sampling_config(cfg: AugmentConfig) -> dict[str, Any]:
+    """What the sampled pairs depend on (not the cross-encoder's training)."""
+    return cfg.model_dump(mode="json", exclude={"cross_encoder"})
+
+
+# --- 1. the cross-encoder -------------------------------------------------------------------------------------
+
+
+def _cross_inputs(start: str, pairs_fp: str) -> dict[str, str]:
+    return {"start": model_signature(start), "pairs": pairs_fp}
+
+
+def cross_encoder_fingerprint(cfg: AugmentConfig, start: str, pairs_fp: str) -> str:
+    return stage_fingerprint(CROSS_ENCODER, cfg.cross_encoder, _cross_inputs(start, pairs_fp), CODE_VERSION)
+
+
+def run_cross_encoder(cfg: AugmentConfig, store: ArtifactStore, start: str, pairs: Artifact) -> Artifact:
+    """Train a cross-encoder from ``start`` (a cross-encoder, or any encoder: it gets a new head) on the gold
+    pairs and publish ``cross-encoder/``."""
+    from gplflow.adapters import cross_training, models  # torch and sentence-transformers: only when training
+
+    if pairs.manifest.get("kind", "scored") != "scored":
+        raise InputError("flow augmented_sbert trains its cross-encoder on scored pairs (pairs.kind: scored)")
+    inputs = _cross_inputs(start, pairs.fingerprint)
+    fp = stage_fingerprint(CROSS_ENCODER, cfg.cross_encoder, inputs, CODE_VERSION)
+    if (found := reuse(store, CROSS_ENCODER, fp)) is not None:
+        return found
+    c = cfg.cross_encoder
+    table = pairs.read_table(["sentence1", "sentence2", "score"])
+    gold = cross_training.ScoredPairs(*(table[name].to_pylist() for name in table.column_names))
+    model = models.load_cross_encoder(start, max_length=c.max_seq_length, inference=False)
+    plan = cross_training.CrossTrainPlan(epochs=c.epochs, steps=c.steps, batch_size=c.batch_size,
+                                         learning_rate=c.learning_rate, warmup_ratio=c.warmup_ratio, seed=c.seed)
+    with store.writer(CROSS_ENCODER, config=c.model_dump(mode="json"), inputs=inputs,
+                      code_version=CODE_VERSION) as out:
+        before = cross_training.fit_on(model, gold, cfg.batch_size)
+        report = cross_training.fit(model, gold, plan)
+        after = cross_training.fit_on(model, gold, cfg.batch_size)
+        cross_training.save(model, out.local_dir())
+        out.extra["train"] = info = {"start": start, "examples": len(gold), **report.as_dict(),
+                                     "gold_fit": {"before": before, "after": after}}
+    logger.info("cross-encoder: %d steps on %d gold pairs; their loss %s -> %s, Spearman %s -> %s", info["steps"],
+                len(gold), before["bce"], after["bce"], before["spearman"], after["spearman"])
+    return store.require(CROSS_ENCODER)
+
+
+# --- 2. sampling --------------------------------------------------------------------------------------------
+
+
+def _sample_inputs(cfg: AugmentConfig, corpus_fp: str, pairs_fp: str, bi_encoder: str) -> dict[str, str]:
+    inputs = {"corpus": corpus_fp, "pairs": pairs_fp}
+    return {**inputs, "bi_encoder": model_signature(bi_encoder)} if "semantic" in SAMPLERS[cfg.sampling] else inputs
+
+
+def sample_fingerprint(cfg: AugmentConfig, corpus_fp: str, pairs_fp: str, bi_encoder: str) -> str:
+    return stage_fingerprint(CANDIDATES, _sampling_config(cfg), _sample_inputs(cfg, corpus_fp, pairs_fp, bi_encoder),
+                             CODE_VERSION)
+
+
+def run_sample(cfg: AugmentConfig, store: ArtifactStore, corpus: Artifact, pairs: Artifact,
+               bi_encoder: str) -> Artifact:
+    """Sample unlabelled pairs from the gold sentences and corpus passages and publish ``silver-candidates/``.
+
+    ``bi_encoder`` finds the semantic-search neighbours (the model the flow goes on to train).
+    """
+    inputs = _sample_inputs(cfg, corpus.fingerprint, pairs.fingerprint, bi_encoder)
+    fp = stage_fingerprint(CANDIDATES, _sampling_config(cfg), inputs, CODE_VERSION)
+    if (found := reuse(store, CANDIDATES, fp)) is not None:
+        return found
+    gold = pairs.read_table(["sentence1", "sentence2"])
+    sentences = list(dict.fromkeys(gold["sentence1"].to_pylist() + gold["sentence2"].to_pylist()))
+    passages = _corpus_sample(corpus, cfg.corpus_passages, cfg.seed)
+    pool = list(dict.fromkeys(sentences + passages))  # a passage equal to a gold sentence is one text
+    if len(pool) < 2:
+        raise InputError("augment: fewer than two distinct texts to pair (set augment.corpus_passages above 0)")
+    target = cfg.silver_target(gold.num_rows)
+    neighbours = {name: _neighbours(name, pool, cfg, bi_encoder) for name in SAMPLERS[cfg.sampling]}
+    gold_keys = {_key(a, b) for a, b in zip(gold["sentence1"].to_pylist(), gold["sentence2"].to_pylist(),
+                                            strict=True)}
+    rows, dropped = select_pairs(pool, neighbours, gold_keys, cfg.top_k, target, cfg.seed)
+    if not rows:
+        raise InputError(f"augment: no pair sampled besides the gold pairs from {len(pool)} texts; raise "
+                         "augment.top_k or augment.corpus_passages")
+    if len(rows) < target:
+        logger.warning("augment: %d silver pairs sampled, fewer than the %d asked for: every pool text's top %d "
+                       "neighbours are used (raise augment.top_k or augment.corpus_passages for more)",
+                       len(rows), target, cfg.top_k)
+    table = pa.Table.from_pylist(rows, schema=artifacts.SILVER_CANDIDATES_SCHEMA)
+    with store.writer(CANDIDATES, config=_sampling_config(cfg), inputs=inputs, code_version=CODE_VERSION) as out:
+        out.write_part([table], artifacts.SILVER_CANDIDATES_SCHEMA)
+        for reason, n in sorted(dropped.items()):
+            out.count(reason, n)
+        out.extra.update(target=target, gold_pairs=gold.num_rows,
+                         pool={"gold_sentences": len(sentences), "corpus_passages": len(passages), "texts": len(pool)},
+                         sampled=dict(Counter(row["sampler"] for row in rows)))
+    logger.info("sampled %d pairs (of %d asked for) from %d texts", len(rows), target, len(pool))
+    return store.require(CANDIDATES)
+
+
+def _corpus_sample(corpus: Artifact, n: int, seed: int) -> list[str]:
+    """``n`` passages of the corpus (all when it has fewer), drawn with ``seed``, in corpus order."""
+    from gplflow.adapters.text import passage_texts
+
+    if n == 0:
+        return []
+    table = corpus.read_table(["title", "text"])
+    if n < table.num_rows:
+        table = table.take(np.sort(np.random.default_rng(seed).choice(table.num_rows, size=n, replace=False)))
+    return passage_texts(table)
+
+
+def _neighbours(sampler: str, pool: list[str], cfg: AugmentConfig, bi_encoder: str) -> np.ndarray:
+    """Each pool text's nearest pool texts, best first, itself among them (positions; -1: none)."""
+    k = min(cfg.top_k + 1, len(pool))  # one more: a text is its own nearest neighbour
+    if sampler == "bm25":
+        from gplflow.adapters.bm25 import BM25Index
+
+        scores, ids = BM25Index(pool, show_progress=False).search(pool, k)
+        return np.where(scores > 0, ids, -1)  # a text sharing no word with the anchor is no neighbour
+    from gplflow.adapters import encoding, models
+    from gplflow.adapters.vector_index import VectorIndex
+
+    model = models.load_bi_encoder(bi_encoder, inference=True)
+    vectors = encoding.encode(model, pool, batch_size=cfg.batch_size, normalize=True, desc="encoding the pool")
+    del model
+    encoding.release_memory()
+    return VectorIndex(vectors, score="cos_sim", seed=cfg.seed, copy=False).search(vectors, k)[1]
+
+
+def _key(a: str, b: str) -> tuple[str, str]:
+    """A pair without its order: (a, b) and (b, a) are one pair."""
+    return (a, b) if a <= b else (b, a)
+
+
+def select_pairs(pool: list[str], neighbours: dict[str, np.ndarray], gold: set[tuple[str, str]], top_k: int,
+                 target: int, seed: int) -> tuple[list[dict[str, str]], Counter[str]]:
+    """Up to ``target`` pairs (anchor, one of its ``top_k`` neighbours), anchors in a seeded order, each sampler's
+    neighbours in turn; a pair is kept once (either order, either sampler), never when it is a gold pair."""
+    rows: list[dict[str, str]] = []
+    seen = set(gold)
+    dropped: Counter[str] = Counter()
+    for anchor in np.random.default_rng(seed).permutation(len(pool)):
+        for sampler, ids in neighbours.items():
+            for other in [i for i in ids[anchor] if i >= 0 and i != anchor][:top_k]:
+                key = _key(pool[anchor], pool[other])
+                if key in seen:
+                    dropped["dropped_gold" if key in gold else "dropped_duplicate"] += 1
+                    continue
+                seen.add(key)
+                rows.append({"sentence1": pool[anchor], "sentence2": pool[other], "sampler": sampler})
+                if len(rows) == target:
+                    return rows, dropped
+    return rows, dropped
+
+
+# --- 3. labelling -------------------------------------------------------------------------------------------
+
+
+def _silver_config(cfg: AugmentConfig) -> dict[str, Any]:
+    return {"batch_size": cfg.batch_size, "max_seq_length": cfg.cross_encoder.max_seq_length}
+
+
+def silver_fingerprint(cfg: AugmentConfig, candidates_fp: str, cross_encoder_fp: str) -> str:
+    return stage_fingerprint(SILVER, _silver_config(cfg), {CANDIDATES: candidates_fp, CROSS_ENCODER: cross_encoder_fp},
+                             CODE_VERSION)
+
+
+def run_silver(cfg: AugmentConfig, store: ArtifactStore, candidates: Artifact, cross_encoder: Artifact) -> Artifact:
+    """Score every candidate with the cross-encoder and publish ``silver/`` with the scores' spread."""
+    from gplflow.adapters.cross_training import sigmoid
+    from gplflow.adapters.scoring import load_scorer
+
+    inputs = {CANDIDATES: candidates.fingerprint, CROSS_ENCODER: cross_encoder.fingerprint}
+    fp = stage_fingerprint(SILVER, _silver_config(cfg), inputs, CODE_VERSION)
+    if (found := reuse(store, SILVER, fp)) is not None:
+        return found
+    table = candidates.read_table(["sentence1", "sentence2", "sampler"])
+    scorer = load_scorer("cross_encoder", str(cross_encoder.local_dir()),
+                         max_seq_length=cfg.cross_encoder.max_seq_length, batch_size=cfg.batch_size)
+    every = np.arange(table.num_rows)
+    scores = sigmoid(scorer.score(table["sentence1"].to_pylist(), table["sentence2"].to_pylist(), every, every))
+    silver = pa.table({"sentence1": table["sentence1"], "sentence2": table["sentence2"],
+                       "score": pa.array(scores, pa.float32()), "sampler": table["sampler"]},
+                      schema=artifacts.SILVER_SCHEMA)
+    samplers = np.asarray(table["sampler"].to_pylist())
+    with store.writer(SILVER, config=_silver_config(cfg), inputs=inputs, code_version=CODE_VERSION) as out:
+        out.write_part([silver], artifacts.SILVER_SCHEMA)
+        out.extra["scores"] = score_distribution(scores)
+        out.extra["by_sampler"] = {name: score_distribution(scores[samplers == name])
+                                   for name in sorted(set(samplers))}
+    logger.info("silver: %d pairs, scores %s", len(scores), out.extra["scores"])
+    return store.require(SILVER)
+
+
+def score_distribution(scores: np.ndarray) -> dict[str, Any]:
+    """How many scores, their min, mean, max, five-bin histogram (tasks/pairs.py ``score_summary``) and quantiles."""
+    if len(scores) == 0:
+        return {"count": 0}
+    values = np.asarray(scores, dtype=np.float64)
+    quantiles = {f"p{round(q * 100):02d}": round(float(np.quantile(values, q)), 6) for q in QUANTILES}
+    return {"count": len(values), **score_summary(values.tolist()), "quantiles": quantiles}
+
+
+# --- the Prefect tasks ------------------------------------------------------------------------------------------
+
+
+def _load(store: ArtifactStore, stage: str, fp: str) -> Artifact:
+    if (artifact := store.consume(stage, expect_fingerprint=fp)) is None:
+        raise MissingInputError(f"{store.url(stage)}: no valid artifact with fingerprint {fp}")
+    return artifact
+
+
+@task(name="train cross-encoder", task_run_name="train cross-encoder", retries=1, persist_result=True,
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(CROSS_ENCODER, lambda p: cross_encoder_fingerprint(p["cfg"], p["start"],
+                                                                                  p["pairs_fp"])))
+def cross_encoder_task(cfg: AugmentConfig, run_dir: str, start: str, pairs_fp: str) -> str:
+    store = ArtifactStore(run_dir)
+    artifact = run_cross_encoder(cfg, store, start, _load(store, artifacts.PAIRS, pairs_fp))
+    info = artifact.manifest["train"]
+    get_run_logger().info("cross-encoder: %s steps in %ss; on the gold pairs %s", info["steps"], info["seconds"],
+                          info["gold_fit"])
+    return artifact.fingerprint
+
+
+@task(name="sample silver pairs", task_run_name="sample silver pairs", retries=1, persist_result=True,
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(CANDIDATES, lambda p: sample_fingerprint(p["cfg"], p["corpus_fp"], p["pairs_fp"],
+                                                                        p["bi_encoder"])))
+def sample_task(cfg: AugmentConfig, run_dir: str, corpus_fp: str, pairs_fp: str, bi_encoder: str) -> str:
+    store = ArtifactStore(run_dir)
+    artifact = run_sample(cfg, store, _load(store, artifacts.CORPUS, corpus_fp),
+                          _load(store, artifacts.PAIRS, pairs_fp), bi_encoder)
+    get_run_logger().info("silver candidates: %d pairs (%s)", artifact.rows, artifact.manifest.get("sampled"))
+    return artifact.fingerprint
+
+
+@task(name="label silver pairs", task_run_name="label silver pairs", retries=1, persist_result=True,
+      retry_condition_fn=retry_unless_deterministic,
+      cache_policy=stage_cache(SILVER, lambda p: silver_fingerprint(p["cfg"], p["candidates_fp"],
+                                                                    p["cross_encoder_fp"])))
+def silver_task(cfg: AugmentConfig, run_dir: str, candidates_fp: str, cross_encoder_fp: str) -> str:
+    store = ArtifactStore(run_dir)
+    artifact = run_silver(cfg, store, _load(store, CANDIDATES, candidates_fp),
+                          _load(store, CROSS_ENCODER, cross_encoder_fp))
+    get_run_logger().info("silver: %d pairs, scores %s", artifact.rows, artifact.manifest.get("scores"))
+    return artifact.fingerprint
