@@ -48,11 +48,10 @@ from gplflow.adapters.checkpoints import by_step
 from gplflow.adapters.errors import InputError
 from gplflow.adapters.text import split_sentences
 from gplflow.adapters.text_noise import delete_words
-from gplflow.adapters.trainer import loss_summary
+from gplflow.adapters.trainer import loss_summary, save_model
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tsdae", "mlm", "simcse", "ct", "ct_inbatch")
 # TSDAE trains the CLS vector; MLM has no sentence vector: mean; the contrastive methods (None) train the
 # sentence vector the base already has (mean for a plain encoder folder)
 POOLING = {"tsdae": "cls", "mlm": "mean", "simcse": None, "ct": None, "ct_inbatch": None}
@@ -65,9 +64,9 @@ ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, mean loss 
 Counter = Callable[[str, int], None]  # (counter name, increment)
 
 
-@dataclass(frozen=True)
-class PretrainPlan:
-    """What the loop needs from the stage config (free of pydantic so this module stands alone)."""
+class PretrainSettings(Protocol):
+    """What the loop reads of the pretrain stage's config, passed whole (``tasks/pretrain.py`` PretrainConfig,
+    whose fields hold the defaults, the bounds and what each setting means)."""
 
     method: str
     steps: int
@@ -76,34 +75,27 @@ class PretrainPlan:
     max_seq_length: int
     seed: int
     checkpoint_every: int
-    log_every: int
-    warmup_steps: int = 0
-    noise_ratio: float = 0.6
-    mlm_probability: float = 0.15
-    min_sentence_words: int = 3
-    pooling: str | None = None  # the output's pooling; None: the method's own (TSDAE cls, MLM mean, else the base's)
-    scale: float = 20.0  # SimCSE and CT in-batch: cosine similarities x scale (= 1/temperature) before softmax
-    ct_negatives: int = 7  # CT: random pairs per identical pair (the paper's K)
+    log_every: int | None
+    warmup_steps: int
+    noise_ratio: float
+    mlm_probability: float
+    min_sentence_words: int
+    pooling: str | None
+    scale: float
+    ct_negatives: int
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pretraining method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.pooling not in (None, "cls", "mean"):
-            raise ValueError(f"pretrain pooling {self.pooling!r}: expected cls or mean")
-        if min(self.steps, self.batch_size, self.max_seq_length, self.checkpoint_every, self.log_every,
-               self.ct_negatives) < 1:
-            raise ValueError("steps, batch_size, max_seq_length, checkpoint_every, log_every and ct_negatives "
-                             "must be >= 1")
-        if not self.scale > 0:
-            raise ValueError(f"pretrain scale {self.scale!r}: expected > 0")
 
-    @property
-    def rows_per_step(self) -> int:
-        """Examples one step reads: a batch; for CT, one per pair plus a second one for each random pair."""
-        if self.method != "ct":
-            return self.batch_size
-        identical = -(-self.batch_size // (self.ct_negatives + 1))
-        return 2 * self.batch_size - identical
+def rows_per_step(cfg: PretrainSettings) -> int:
+    """Examples one step reads: a batch; for CT, one per pair plus a second one for each random pair."""
+    if cfg.method != "ct":
+        return cfg.batch_size
+    identical = -(-cfg.batch_size // (cfg.ct_negatives + 1))
+    return 2 * cfg.batch_size - identical
+
+
+def log_every(cfg: PretrainSettings) -> int:
+    """Steps between loss points and progress calls: ``log_every``, or about 100 per run when it is not set."""
+    return cfg.log_every or max(1, cfg.steps // 100)
 
 
 @dataclass
@@ -311,16 +303,16 @@ class ContrastiveTension:
     beside it, and name ``model2`` the model to use after training (its CT docs: it usually does better), so
     ``model2``, this class's ``encoder``, is what is saved. For ``ct`` the labels are left to the loss: a pair is
     positive when its two token sequences are equal, so a sentence that recurs in the corpus is never pushed
-    from itself. ``ct_inbatch`` learns its similarity scale (starting at ``plan.scale``), as the loss does.
+    from itself. ``ct_inbatch`` learns its similarity scale (starting at ``cfg.scale``), as the loss does.
     """
 
-    def __init__(self, base: SentenceTransformer, plan: PretrainPlan, dev: str, pooling: str):
+    def __init__(self, base: SentenceTransformer, cfg: PretrainSettings, dev: str, pooling: str):
         self.encoder = _with_pooling(base, pooling, dev)
         self.dev = dev
-        self.in_batch = plan.method == "ct_inbatch"
-        self.pairs, self.negatives = plan.batch_size, plan.ct_negatives
+        self.in_batch = cfg.method == "ct_inbatch"
+        self.pairs, self.negatives = cfg.batch_size, cfg.ct_negatives
         if self.in_batch:
-            self.module = ContrastiveTensionLossInBatchNegatives(self.encoder, scale=plan.scale).to(dev)
+            self.module = ContrastiveTensionLossInBatchNegatives(self.encoder, scale=cfg.scale).to(dev)
         else:
             self.module = ContrastiveTensionLoss(self.encoder).to(dev)
 
@@ -332,12 +324,6 @@ class ContrastiveTension:
 
     def save(self, folder: Path) -> None:
         save_model(self.encoder, folder)  # model2 in the loss
-
-
-def save_model(model: SentenceTransformer, folder: Path) -> None:
-    """A sentence-transformers folder; the model card is written without looking anything up on the Hub."""
-    model.model_card_data.local_files_only = True
-    model.save(str(folder))
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -376,14 +362,14 @@ class _State:
     resumed_from: int | None = None
 
 
-def _batch(n: int, plan: PretrainPlan, step: int, cache: dict[int, np.ndarray]) -> list[int]:
+def _batch(n: int, cfg: PretrainSettings, step: int, cache: dict[int, np.ndarray]) -> list[int]:
     """Step ``step``'s example indices: a seeded permutation per epoch, cut into full batches."""
-    size = plan.rows_per_step
+    size = rows_per_step(cfg)
     per_epoch = max(1, n // size)
     epoch, k = divmod(step, per_epoch)
     if epoch not in cache:
         cache.clear()
-        cache[epoch] = np.random.default_rng([plan.seed, epoch]).permutation(n)
+        cache[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n)
     return cache[epoch][k * size : (k + 1) * size].tolist()
 
 
@@ -407,11 +393,11 @@ def _checkpoint(folder: Path, state: _State, objective: Objective, optimizer, sc
     })
 
 
-def _train_step(objective: Objective, examples: list, plan: PretrainPlan, step: int, optimizer, scheduler,
+def _train_step(objective: Objective, examples: list, cfg: PretrainSettings, step: int, optimizer, scheduler,
                 cache: dict[int, np.ndarray], dev: str, bf16: bool) -> float:
-    seed = step_seed(plan.seed, step)
+    seed = step_seed(cfg.seed, step)
     torch.manual_seed(seed)  # dropout
-    rows = [examples[i] for i in _batch(len(examples), plan, step, cache)]
+    rows = [examples[i] for i in _batch(len(examples), cfg, step, cache)]
     with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=bf16):
         loss = objective.loss(rows, seed)
     loss.backward()
@@ -422,33 +408,34 @@ def _train_step(objective: Objective, examples: list, plan: PretrainPlan, step: 
     return float(loss.detach())
 
 
-def fit(objective: Objective, examples: list, plan: PretrainPlan, checkpoints: Path, dev: str,
+def fit(objective: Objective, examples: list, cfg: PretrainSettings, checkpoints: Path, dev: str,
         on_progress: ProgressFn | None = None) -> _State:
-    """Train ``objective`` for ``plan.steps`` steps in all, continuing from the newest checkpoint if any."""
+    """Train ``objective`` for ``cfg.steps`` steps in all, continuing from the newest checkpoint if any."""
     params = [p for p in objective.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
-    scheduler = constant_schedule(optimizer, min(plan.warmup_steps, plan.steps))
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = constant_schedule(optimizer, min(cfg.warmup_steps, cfg.steps))
     state = _resume(checkpoints, objective, optimizer, scheduler, dev)
     objective.module.train()
     bf16 = models.bf16_pays(objective.module, dev)  # autocast: the weights and the optimizer stay fp32
     cache: dict[int, np.ndarray] = {}
-    with tqdm(total=plan.steps, initial=state.step, desc=f"pretrain ({plan.method})", unit="step") as bar:
-        while state.step < plan.steps:
-            loss = _train_step(objective, examples, plan, state.step, optimizer, scheduler, cache, dev, bf16)
+    every = log_every(cfg)
+    with tqdm(total=cfg.steps, initial=state.step, desc=f"pretrain ({cfg.method})", unit="step") as bar:
+        while state.step < cfg.steps:
+            loss = _train_step(objective, examples, cfg, state.step, optimizer, scheduler, cache, dev, bf16)
             state.window.append(loss)
             state.step += 1
             bar.update(1)
-            logged = state.step % plan.log_every == 0 or state.step == plan.steps
+            logged = state.step % every == 0 or state.step == cfg.steps
             if logged:
                 state.history.append((state.step, float(np.mean(state.window))))
                 state.window = []
                 bar.set_postfix(loss=f"{state.history[-1][1]:.4f}")
-            if state.step % plan.checkpoint_every == 0 and state.step < plan.steps:
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
                 _checkpoint(checkpoints, state, objective, optimizer, scheduler)
             if logged:
-                logger.debug("pretrain step %d/%d: loss %.4f", state.step, plan.steps, state.history[-1][1])
+                logger.debug("pretrain step %d/%d: loss %.4f", state.step, cfg.steps, state.history[-1][1])
                 if on_progress is not None:
-                    on_progress(state.step, plan.steps, state.history[-1][1])
+                    on_progress(state.step, cfg.steps, state.history[-1][1])
     objective.module.eval()
     return state
 
@@ -459,15 +446,15 @@ def _base_pooling(base: SentenceTransformer) -> str:
     return mode if isinstance(mode, str) else "mean"
 
 
-def _sentence_objective(plan: PretrainPlan, base: SentenceTransformer, dev: str, pooling: str) -> Objective:
-    if plan.method == "tsdae":
-        return Tsdae(base, plan.noise_ratio, dev, pooling)
-    if plan.method == "simcse":
-        return SimCse(base, plan.scale, dev, pooling)
-    return ContrastiveTension(base, plan, dev, pooling)
+def _sentence_objective(cfg: PretrainSettings, base: SentenceTransformer, dev: str, pooling: str) -> Objective:
+    if cfg.method == "tsdae":
+        return Tsdae(base, cfg.noise_ratio, dev, pooling)
+    if cfg.method == "simcse":
+        return SimCse(base, cfg.scale, dev, pooling)
+    return ContrastiveTension(base, cfg, dev, pooling)
 
 
-def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoints: Path, out_dir: Path,
+def pretrain(cfg: PretrainSettings, base_model: str, texts: Iterable[str], checkpoints: Path, out_dir: Path,
              on_progress: ProgressFn | None = None) -> PretrainReport:
     """Pretrain ``base_model`` on ``texts`` (passages); save the encoder as a sentence-transformers folder."""
     started = time.perf_counter()
@@ -477,24 +464,24 @@ def pretrain(plan: PretrainPlan, base_model: str, texts: Iterable[str], checkpoi
         counters[name] = counters.get(name, 0) + value
 
     dev = models.device()
-    base = models.load_bi_encoder(base_model, max_seq_length=plan.max_seq_length)
-    pooling = plan.pooling or POOLING[plan.method] or _base_pooling(base)
-    limit = plan.steps * plan.rows_per_step  # more examples than the run can see are never needed
-    torch.manual_seed(plan.seed)  # the decoder's or MLM head's new weights
-    if plan.method == "mlm":
-        passages, total = reservoir_sample(texts, limit, plan.seed)
-        examples = mlm_chunks(base.tokenizer, passages, plan.max_seq_length, count)
-        objective: Objective = MaskedLM(base, plan.mlm_probability, plan.seed, dev, pooling)
+    base = models.load_bi_encoder(base_model, max_seq_length=cfg.max_seq_length)
+    pooling = cfg.pooling or POOLING[cfg.method] or _base_pooling(base)
+    limit = cfg.steps * rows_per_step(cfg)  # more examples than the run can see are never needed
+    torch.manual_seed(cfg.seed)  # the decoder's or MLM head's new weights
+    if cfg.method == "mlm":
+        passages, total = reservoir_sample(texts, limit, cfg.seed)
+        examples = mlm_chunks(base.tokenizer, passages, cfg.max_seq_length, count)
+        objective: Objective = MaskedLM(base, cfg.mlm_probability, cfg.seed, dev, pooling)
         count("passages", total)
     else:
-        examples, total = reservoir_sample(sentences(texts, plan.min_sentence_words, count), limit, plan.seed)
-        objective = _sentence_objective(plan, base, dev, pooling)
+        examples, total = reservoir_sample(sentences(texts, cfg.min_sentence_words, count), limit, cfg.seed)
+        objective = _sentence_objective(cfg, base, dev, pooling)
         count("sentences", total)
     if not examples:
-        raise InputError(f"pretrain ({plan.method}): the corpus yields no training example "
-                         f"(sentences need at least {plan.min_sentence_words} words)")
+        raise InputError(f"pretrain ({cfg.method}): the corpus yields no training example "
+                         f"(sentences need at least {cfg.min_sentence_words} words)")
     count("examples", len(examples))
-    state = fit(objective, examples, plan, checkpoints, dev, on_progress)
+    state = fit(objective, examples, cfg, checkpoints, dev, on_progress)
     objective.save(out_dir)
-    return PretrainReport(plan.method, pooling, state.step, state.resumed_from, len(examples),
+    return PretrainReport(cfg.method, pooling, state.step, state.resumed_from, len(examples),
                           time.perf_counter() - started, state.history, counters)

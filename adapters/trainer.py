@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,11 +46,12 @@ LOSSES = ("margin_mse", "mnrl", "cosent", "cosine", "angle")
 # The score each loss teaches: MarginMSE fits dot-product margins (GPL); the others score by cosine.
 SIMILARITY = {"dot": "dot", "cos_sim": "cosine"}  # train.similarity -> the similarity saved with the model
 _MAX_HISTORY = 100  # loss points kept in the manifest
+_KEEP_CHECKPOINTS = 2  # the newest checkpoints kept while training
 
 
-@dataclass(frozen=True)
-class TrainPlan:
-    """What the trainer needs from the stage config (kept free of pydantic so this module stands alone)."""
+class TrainSettings(Protocol):
+    """What ``fit`` reads of the train stage's config, passed whole (``tasks/train.py`` TrainConfig, whose fields
+    hold the defaults, the bounds and what each setting means)."""
 
     loss: str
     steps: int
@@ -58,8 +60,7 @@ class TrainPlan:
     warmup_steps: int
     checkpoint_every: int
     seed: int
-    similarity: str = "dot"  # margin_mse: the student's score (mnrl always uses cosine)
-    save_total_limit: int = 2
+    similarity: str
 
 
 @dataclass
@@ -211,7 +212,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 # --- training ---------------------------------------------------------------------------------------------
 
 
-def training_args(plan: TrainPlan, output_dir: Path, dev: str,
+def training_args(cfg: TrainSettings, output_dir: Path, dev: str,
                   bf16: bool = False) -> SentenceTransformerTrainingArguments:
     """Trainer arguments: fixed steps, seeded order, checkpoints, no evaluation, no trackers.
 
@@ -220,18 +221,18 @@ def training_args(plan: TrainPlan, output_dir: Path, dev: str,
     """
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
-        max_steps=plan.steps,
-        per_device_train_batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate,
-        warmup_steps=min(plan.warmup_steps, plan.steps),  # an int >= 1 is a step count (a float < 1 a ratio)
-        seed=plan.seed,
-        data_seed=plan.seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES if plan.loss == "mnrl" else BatchSamplers.BATCH_SAMPLER,
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=min(cfg.warmup_steps, cfg.steps),  # an int >= 1 is a step count (a float < 1 a ratio)
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if cfg.loss == "mnrl" else BatchSamplers.BATCH_SAMPLER,
         save_strategy="steps",
-        save_steps=plan.checkpoint_every,
-        save_total_limit=plan.save_total_limit,
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=_KEEP_CHECKPOINTS,
         eval_strategy="no",
-        logging_steps=max(1, min(100, plan.steps // 100)),
+        logging_steps=max(1, min(100, cfg.steps // 100)),
         report_to="none",
         bf16=bf16,
         fp16=dev == "cuda" and not models.bf16_supported(dev),
@@ -243,25 +244,25 @@ def training_args(plan: TrainPlan, output_dir: Path, dev: str,
 def fit(
     model: SentenceTransformer,
     dataset: Dataset,
-    plan: TrainPlan,
+    cfg: TrainSettings,
     checkpoints: Path,
     dev: str,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainReport:
-    """Train ``model`` in place for ``plan.steps`` steps, resuming from the newest checkpoint if there is one."""
+    """Train ``model`` in place for ``cfg.steps`` steps, resuming from the newest checkpoint if there is one."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     # saved with the model, so users (and the evaluate stage) score as it was trained
-    model.similarity_fn_name = SIMILARITY[plan.similarity] if plan.loss == "margin_mse" else "cosine"
+    model.similarity_fn_name = SIMILARITY[cfg.similarity] if cfg.loss == "margin_mse" else "cosine"
     resume = latest_checkpoint(checkpoints)
-    if resume is not None and (checkpoint_step(resume) or 0) >= plan.steps:
+    if resume is not None and (checkpoint_step(resume) or 0) >= cfg.steps:
         return _from_final_checkpoint(model, resume)  # the Trainer would run one step past max_steps
     if resume is not None:
         logger.info("resuming training from %s", resume)
     trainer = SentenceTransformerTrainer(
         model=offline_model_card(model),
-        args=training_args(plan, checkpoints, dev, bf16=models.bf16_pays(model, dev)),
+        args=training_args(cfg, checkpoints, dev, bf16=models.bf16_pays(model, dev)),
         train_dataset=dataset,
-        loss=make_loss(plan.loss, model, plan.similarity),
+        loss=make_loss(cfg.loss, model, cfg.similarity),
         callbacks=list(callbacks),
     )
     started = time.perf_counter()

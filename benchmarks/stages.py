@@ -429,6 +429,7 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
     from transformers import TrainerCallback
 
     from gplflow.adapters import trainer
+    from gplflow.tasks.train import TrainConfig
 
     n = (steps + 1) * BATCH
     q, pos, neg = draw_triples(inputs, n, seed=1)
@@ -466,11 +467,11 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
 
     def project(model: Any) -> tuple[float, float, Any]:
         clock = Clock()
-        plan = trainer.TrainPlan(loss="margin_mse", steps=steps, batch_size=BATCH, learning_rate=2e-5,
-                                 warmup_steps=1000, checkpoint_every=10**9, seed=0)
+        settings = TrainConfig(loss="margin_mse", steps=steps, batch_size=BATCH, learning_rate=2e-5,
+                               warmup_steps=1000, checkpoint_every=10**9, seed=0)
         dataset = trainer.margin_mse_dataset(triples, qtable, trainer.passage_lookup(corpus))
         with tempfile.TemporaryDirectory() as out:
-            trainer.fit(model, dataset, plan, Path(out) / "ckpt", device, [clock])
+            trainer.fit(model, dataset, settings, Path(out) / "ckpt", device, [clock])
         secs, done = clock.clock.result()
         return secs, done, clock.clock.losses
 
@@ -491,11 +492,11 @@ def bench_pretrain(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int
     from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
     from gplflow.adapters import pretraining
+    from gplflow.tasks.pretrain import PretrainConfig
 
     batch = 8  # the TSDAE / MLM recipes' batch
-    plan = pretraining.PretrainPlan(method="mlm", steps=steps, batch_size=batch, learning_rate=3e-5,
-                                    warmup_steps=0, max_seq_length=MAX_SEQ, checkpoint_every=10**9, seed=0,
-                                    log_every=1)
+    settings = PretrainConfig(method="mlm", steps=steps, batch_size=batch, learning_rate=3e-5, warmup_steps=0,
+                              max_seq_length=MAX_SEQ, checkpoint_every=10**9, seed=0, log_every=1)
     texts = inputs.passages[: (steps + 1) * batch]
 
     def reference(loaded: Any) -> tuple[float, float, Any]:
@@ -521,7 +522,7 @@ def bench_pretrain(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int
     def project(_: Any) -> tuple[float, float, Any]:
         clock = StepClock(device)
         with tempfile.TemporaryDirectory() as out:
-            pretraining.pretrain(plan, m.student, texts, Path(out) / "ckpt", Path(out) / "model",
+            pretraining.pretrain(settings, m.student, texts, Path(out) / "ckpt", Path(out) / "model",
                                  on_progress=lambda _step, _total, loss: clock.tick(loss))
         secs, done = clock.result()
         return secs, done, clock.losses

@@ -267,12 +267,11 @@ def _train_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[st
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             stamps.append(time.perf_counter())
 
-    plan = trainer.TrainPlan(loss=cfg.train.loss, steps=CALIBRATION_STEPS, batch_size=b,
-                             learning_rate=cfg.train.learning_rate, warmup_steps=0, checkpoint_every=10**9,
-                             seed=cfg.train.seed, similarity=cfg.train.similarity)
+    settings = cfg.train.model_copy(update={"steps": CALIBRATION_STEPS, "batch_size": b, "warmup_steps": 0,
+                                            "checkpoint_every": 10**9})
     model = models.load_bi_encoder(resolved["base"], max_seq_length=cfg.train.max_seq_length)
     with tempfile.TemporaryDirectory(prefix="gplflow-plan-train-") as out:
-        trainer.fit(model, dataset, plan, Path(out), models.device(), [Clock()])
+        trainer.fit(model, dataset, settings, Path(out), models.device(), [Clock()])
     return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
 
 
@@ -329,13 +328,11 @@ def _cross_score_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: l
 
 def _pretrain_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
     from gplflow.adapters import pretraining
-    from gplflow.tasks.pretrain import pretrain_plan
-
     stamps: list[float] = []
-    plan = pretrain_plan(cfg.pretrain.model_copy(update={"steps": CALIBRATION_STEPS, "log_every": 1,
-                                                 "checkpoint_every": 10**9, "warmup_steps": 0}))
+    settings = cfg.pretrain.model_copy(update={"steps": CALIBRATION_STEPS, "log_every": 1,
+                                               "checkpoint_every": 10**9, "warmup_steps": 0})
     with tempfile.TemporaryDirectory(prefix="gplflow-plan-pretrain-") as out:
-        pretraining.pretrain(plan, resolved["base"], passages, Path(out) / "ckpt", Path(out) / "model",
+        pretraining.pretrain(settings, resolved["base"], passages, Path(out) / "ckpt", Path(out) / "model",
                              on_progress=lambda _step, _total, _loss: stamps.append(time.perf_counter()))
     return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from prefect import get_run_logger, task
 from pydantic import Field
@@ -82,8 +82,8 @@ def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, ba
     checkpoints = checkpoint_folder(store, STAGE, fp)
     config = cfg.model_dump(mode="json")
     with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
-        report = pretraining.pretrain(pretrain_plan(cfg), base_model, _texts(corpus, cfg.method), checkpoints,
-                                      out.local_dir(), on_progress)
+        report = pretraining.pretrain(cfg, base_model, _texts(corpus, cfg.method), checkpoints, out.local_dir(),
+                                      on_progress)
         for name, value in report.counters.items():
             out.count(name, value)
         out.extra["pretrain"] = {"base_model": base_model, **report.as_dict()}
@@ -93,18 +93,6 @@ def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, ba
     logger.info("pretrained %s with %s for %d steps on %d examples (%s): loss %s -> %s", base_model,
                 cfg.method, report.steps, report.examples, start, info["loss_first"], info["loss_last"])
     return store.require(STAGE)
-
-
-def pretrain_plan(cfg: PretrainConfig) -> Any:
-    from gplflow.adapters.pretraining import PretrainPlan
-
-    log_every = cfg.log_every or max(1, cfg.steps // 100)
-    return PretrainPlan(method=cfg.method, steps=cfg.steps, batch_size=cfg.batch_size,
-                    learning_rate=cfg.learning_rate, max_seq_length=cfg.max_seq_length, seed=cfg.seed,
-                    checkpoint_every=cfg.checkpoint_every, log_every=log_every, warmup_steps=cfg.warmup_steps,
-                    noise_ratio=cfg.noise_ratio, mlm_probability=cfg.mlm_probability,
-                    min_sentence_words=cfg.min_sentence_words, pooling=cfg.pooling, scale=cfg.scale,
-                    ct_negatives=cfg.ct_negatives)
 
 
 def _texts(corpus: Artifact, method: str) -> Iterator[str]:

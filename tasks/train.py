@@ -125,12 +125,9 @@ def _fit_and_publish(cfg: TrainConfig, store: ArtifactStore, base_model: str, in
 
     model = models.load_bi_encoder(base_model, max_seq_length=cfg.max_seq_length)
     dataset = make_dataset()
-    plan = trainer.TrainPlan(loss=cfg.loss, steps=cfg.steps, batch_size=cfg.batch_size,
-                             learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, similarity=cfg.similarity)
     checkpoints = checkpoint_folder(store, STAGE, fp)
     with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
-        report = trainer.fit(model, dataset, plan, checkpoints, models.device(), callbacks)
+        report = trainer.fit(model, dataset, cfg, checkpoints, models.device(), callbacks)
         trainer.save_model(model, out.local_dir())
         out.extra["train"] = info = {"base_model": base_model, "examples": len(dataset), **report.as_dict()}
     remove_checkpoints(checkpoints)

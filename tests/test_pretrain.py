@@ -283,26 +283,26 @@ def test_ct_batches_have_one_identical_pair_per_group_and_are_fixed_by_the_step(
     assert seconds == ["s0", "s2", "s4", "s6", "s7", "s9", "s11", "s13"]  # pairs 0 and 4 identical
     assert pretraining.ct_pairs(rows[:4], pairs=8, negatives=3) == (["s0", "s1"], ["s0", "s2"])  # rows ran out
 
-    plan = pretraining.PretrainPlan(method="ct", steps=10, batch_size=8, learning_rate=0.0, max_seq_length=32,
-                                    seed=3, checkpoint_every=5, log_every=5, ct_negatives=7)
-    assert plan.rows_per_step == 15  # 8 first sentences + 7 second ones for the random pairs
-    assert pretraining.PretrainPlan(**{**plan.__dict__, "ct_negatives": 3}).rows_per_step == 14
-    assert pretraining.PretrainPlan(**{**plan.__dict__, "method": "ct_inbatch"}).rows_per_step == 8
-    batches = [pretraining._batch(100, plan, step, {}) for step in range(7)]
+    cfg = PretrainConfig(method="ct", steps=10, batch_size=8, learning_rate=0.0, max_seq_length=32, seed=3,
+                         checkpoint_every=5, log_every=5, ct_negatives=7)
+    assert pretraining.rows_per_step(cfg) == 15  # 8 first sentences + 7 second ones for the random pairs
+    assert pretraining.rows_per_step(cfg.model_copy(update={"ct_negatives": 3})) == 14
+    assert pretraining.rows_per_step(cfg.model_copy(update={"method": "ct_inbatch"})) == 8
+    batches = [pretraining._batch(100, cfg, step, {}) for step in range(7)]
     assert all(len(b) == 15 and len(set(b)) == 15 for b in batches)
-    assert batches == [pretraining._batch(100, plan, step, {}) for step in range(7)]  # a resumed run's batches
-    with pytest.raises(ValueError, match="expected one of tsdae, mlm, simcse, ct, ct_inbatch"):
-        pretraining.PretrainPlan(**{**plan.__dict__, "method": "bogus"})
+    assert batches == [pretraining._batch(100, cfg, step, {}) for step in range(7)]  # a resumed run's batches
+    assert pretraining.log_every(cfg) == 5 and pretraining.log_every(cfg.model_copy(update={"log_every": None})) == 1
+    assert pretraining.log_every(cfg.model_copy(update={"log_every": None, "steps": 1000})) == 10  # ~100 points
 
 
 def test_ct_saves_the_encoder_the_loss_keeps_for_inference(tmp_path, passages, tiny):
     """sentence-transformers' CT losses train a copy (model1) beside the given encoder (model2), the one kept."""
-    plan = pretraining.PretrainPlan(method="ct", steps=3, batch_size=8, learning_rate=1e-3, max_seq_length=32,
-                                    seed=0, checkpoint_every=10, log_every=1)
+    cfg = PretrainConfig(method="ct", steps=3, batch_size=8, learning_rate=1e-3, max_seq_length=32, seed=0,
+                         checkpoint_every=10, log_every=1)
     base = SentenceTransformer(str(tiny.bi_encoder), device="cpu")
-    objective = pretraining.ContrastiveTension(base, plan, "cpu", "mean")
+    objective = pretraining.ContrastiveTension(base, cfg, "cpu", "mean")
     sentences = list(pretraining.sentences((text for _, text in passages[:4]), 3, lambda name, n: None))
-    pretraining.fit(objective, sentences, plan, tmp_path / "ckpt", "cpu")
+    pretraining.fit(objective, sentences, cfg, tmp_path / "ckpt", "cpu")
     objective.save(tmp_path / "out")
     saved = load_file(tmp_path / "out" / "model.safetensors")
     kept = objective.module.model2.transformers_model.state_dict()
