@@ -98,6 +98,7 @@ class ShardJob(ABC):
     fingerprint: str
     store: ArtifactStore
     staging: ShardStaging
+    shard_size: int
     _on_progress: Progress | None = None
 
     @property
@@ -137,6 +138,11 @@ class ShardJob(ABC):
             self.run_shard(k)
         return self.publish()
 
+    def result(self, on_progress: Progress | None = None) -> Artifact:
+        """The stage's artifact: reused while one made from exactly this job's inputs validates, else ``run``."""
+        found = reuse(self.store, self.stage, self.fingerprint)
+        return found if found is not None else self.run(on_progress)
+
     def run_reported(self, key: str, description: str) -> Artifact:
         """The stage's artifact: reused while it validates, else computed under a Prefect progress artifact."""
         from gplflow.tasks.progress import ProgressArtifact
@@ -174,11 +180,11 @@ class ShardJob(ABC):
                                f"(no valid completion record in {self.staging.url})")
         return [records[k] for k in range(self.n_shards)]
 
-
-def shard_summary(records: list[dict[str, Any]], shard_size: int) -> dict[str, Any]:
-    """What a manifest keeps of its shards: their size, and per shard its rows, seconds and who computed it."""
-    keep = ("rows", "seconds", "host", "pid", "worker", "finished")
-    return {"count": len(records), "size": shard_size, "shards": [{k: r.get(k) for k in keep} for r in records]}
+    def shard_summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a manifest keeps of its shards: their size, and per shard its rows, seconds and who computed it."""
+        keep = ("rows", "seconds", "host", "pid", "worker", "finished")
+        return {"count": len(records), "size": self.shard_size,
+                "shards": [{k: r.get(k) for k in keep} for r in records]}
 
 
 def _ranges(numbers: list[int]) -> str:

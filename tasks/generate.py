@@ -47,8 +47,6 @@ from gplflow.tasks.base import (
     ShardJob,
     StageConfig,
     retry_unless_deterministic,
-    reuse,
-    shard_summary,
     stage_cache,
     stage_fingerprint,
 )
@@ -136,10 +134,7 @@ def run_generate(cfg: GenerateConfig, store: ArtifactStore, corpus: Artifact, ge
     Shards a killed run finished are kept (see ``adapters/staging.py``) and not computed again.
     ``on_progress(n)`` is told of passages done, ``n`` at a time.
     """
-    job = GenerateJob(cfg, store, corpus, generator, shard_size)
-    if (found := reuse(store, STAGE, job.fingerprint)) is not None:
-        return found
-    return job.run(on_progress)
+    return GenerateJob(cfg, store, corpus, generator, shard_size).result(on_progress)
 
 
 class GenerateJob(ShardJob):
@@ -213,7 +208,7 @@ class GenerateJob(ShardJob):
         config, inputs = _fingerprint_parts(self.cfg, self.corpus.fingerprint, self.generator)
         with self.store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
             out.extra["shard_size"] = self.shard_size
-            out.extra["shards"] = shard_summary(records, self.shard_size)
+            out.extra["shards"] = self.shard_summary(records)
             out.count("passages", self.corpus.rows)
             out.count("queries_per_passage", self.qpp)
             if self.sample is not None:

@@ -44,8 +44,6 @@ from gplflow.tasks.base import (
     ShardJob,
     StageConfig,
     retry_unless_deterministic,
-    reuse,
-    shard_summary,
     stage_cache,
     stage_fingerprint,
 )
@@ -118,10 +116,7 @@ def run_label(
 
     ``on_progress(n)`` is told of pairs scored, a shard at a time.
     """
-    job = LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size)
-    if (found := reuse(store, STAGE, job.fingerprint)) is not None:
-        return found
-    return job.run(on_progress)
+    return LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size).result(on_progress)
 
 
 class LabelJob(ShardJob):
@@ -208,7 +203,7 @@ class LabelJob(ShardJob):
             out.count("scored_pairs", sum_counters(records).get("scored_pairs", 0))
             out.extra["teacher"] = {"kind": self.cfg.teacher, "ref": self.teacher}
             out.extra["diagnostics"] = diagnostics = label_diagnostics(tq, pos_score, neg_score)
-            out.extra["shards"] = shard_summary(records, self.shard_size)
+            out.extra["shards"] = self.shard_summary(records)
         self.staging.remove()
         artifact = self.store.require(STAGE)
         logger.info("labelled %d triples over %d distinct pairs (%s); %s", artifact.rows, len(draw.keys),

@@ -33,8 +33,6 @@ from gplflow.tasks.base import (
     ShardJob,
     StageConfig,
     retry_unless_deterministic,
-    reuse,
-    shard_summary,
     stage_cache,
     stage_fingerprint,
 )
@@ -105,10 +103,7 @@ def run_mine(cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: A
 
     ``on_progress(n)`` is told of texts done: passages encoded, then queries encoded and searched.
     """
-    job = MineJob(cfg, store, corpus, queries, retrievers, shard_size)
-    if (found := reuse(store, STAGE, job.fingerprint)) is not None:
-        return found
-    return job.run(on_progress)
+    return MineJob(cfg, store, corpus, queries, retrievers, shard_size).result(on_progress)
 
 
 class MineJob(ShardJob):
@@ -196,7 +191,7 @@ class MineJob(ShardJob):
                 names.append(BM25)
             out.count("retrievers", len(names))
             out.extra["retrievers"] = names
-            out.extra["shards"] = shard_summary(records, self.shard_size)
+            out.extra["shards"] = self.shard_summary(records)
         self.staging.remove()
         artifact = self.store.require(STAGE)
         logger.info("mined negatives for %d queries with %s (%d short lists)", self.queries.rows, ", ".join(names),
