@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from artifact_rows import write_artifact
 from typer.testing import CliRunner
 
 from gplflow.adapters import staging as staging_module
@@ -101,10 +102,10 @@ def test_a_warm_rerun_hashes_no_file_again(tmp_path: Path, hashed: Counter[str])
     assert all(_count(hashed, "corpus", name) == 2 for name in parts)
 
 
-def _publish(store: ArtifactStore, stage: str = "corpus", ids: tuple[str, ...] = ("a", "b", "c")) -> str:
-    with store.writer(stage, config={"k": 1}) as out:
-        out.write_part([pa.table({"doc_id": list(ids)}, schema=SCHEMA)], SCHEMA)
-    return f"{store.path(stage)}/part-00000.parquet"
+def _publish(store: ArtifactStore, ids: tuple[str, ...] = ("a", "b", "c")) -> str:
+    """A published corpus of one part; returns the part's path."""
+    write_artifact(store, "corpus", [(doc_id, "", f"passage {doc_id}") for doc_id in ids])
+    return f"{store.path('corpus')}/part-00000.parquet"
 
 
 def _flip_keeping_size_and_mtime(path: str) -> None:
