@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.flows import shards
 from gplflow.flows.config import ConfigError, PipelineConfig, default_run_dir
 from gplflow.flows.report import artifact_key, publish_report
-from gplflow.flows.stages import STAGES, Run
+from gplflow.flows.stages import STAGES, Run, Stage
 from gplflow.flows.validate import validate_run
 
 logger = logging.getLogger(__name__)
@@ -36,19 +37,35 @@ def import_gpl_task(gpl_dir: str, run_dir: str) -> dict[str, str]:
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None = None,
-                 overrides: list[str] | None = None) -> dict[str, Any]:
+                 overrides: list[str] | None = None, reuse_from: Sequence[str] = ()) -> dict[str, Any]:
     """The stages in order, holding the run directory's lock; returns the fingerprints and the metrics (if any).
 
     ``config_path`` and ``overrides`` (what ``cfg`` was loaded from) are what pool workers load
     (``execution.mode: pool``); without them the whole config is passed to the workers as overrides.
+    ``reuse_from``: other run directories whose artifacts, where one has exactly the fingerprint a stage would
+    publish here, are adopted instead of computed again (``gplflow compare`` runs methods side by side so).
     """
     validate_run(cfg, run_dir, config_path, overrides or ())  # models, qrels, run directory: before any stage
     with run_lock(run_dir):  # a second run on this run directory fails here, before any stage
-        return _run_stages(cfg, run_dir, config_path, overrides)
+        return _run_stages(cfg, run_dir, config_path, overrides, reuse_from)
+
+
+def _adopt(stage: Stage, params: dict[str, Any], run: Run, donors: Sequence[str]) -> None:
+    """Copy in the artifacts ``stage`` would publish from the first donor run directory that has them, valid."""
+    fingerprints = getattr(getattr(stage.resolve_task(), "cache_policy", None), "fingerprints", None)
+    if fingerprints is None:
+        return
+    for name, fp in fingerprints(params).items():
+        if run.store.load(name, expect_fingerprint=fp) is not None:
+            continue
+        for donor in donors:
+            if (found := ArtifactStore(donor).load(name, expect_fingerprint=fp)) is not None:
+                run.store.adopt(found)
+                break
 
 
 def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None,
-                overrides: list[str] | None) -> dict[str, Any]:
+                overrides: list[str] | None, reuse_from: Sequence[str] = ()) -> dict[str, Any]:
     started = time.time()
     pool = shards.PoolSource.of(cfg, config_path, overrides) if cfg.execution.mode == "pool" else None
     run = Run(cfg, run_dir)
@@ -60,6 +77,8 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
         if all(name in run.fps for name in stage.makes) or not stage.when(run):  # imported, or not this run's
             continue
         params = stage.params(run)
+        if reuse_from and stage.portable:
+            _adopt(stage, params, run, reuse_from)
         if stage.job is not None:  # pool mode: the shards run on the workers first, the task publishes them
             shards.fan_out(cfg, stage, params, pool)
         run.record(stage, stage.resolve_task()(**params))

@@ -37,6 +37,7 @@ class Stage:
     when: Callable[[Run], bool] = lambda run: True  # whether this run computes the stage
     condition: str = ""  # ``when`` in words, for `gplflow status` ("" = every run)
     job: str | Callable[..., Any] | None = None  # shard job (same parameters as the task): pool mode fans it out
+    portable: bool = True  # its artifact means the same in another run directory (gplflow compare may adopt it)
 
     @property
     def name(self) -> str:
@@ -217,11 +218,12 @@ STAGES: list[Stage] = [
                               "teacher": _teacher(run)},
           when=_evaluated,
           condition="evaluate.qrels, .sts, .clustering or .mteb is set, or queries are held out "
-                    "(evaluate.heldout_fraction > 0)"),
+                    "(evaluate.heldout_fraction > 0)", portable=False),  # names its run's model folders
     Stage("promote", ("promoted",), ("model", "evaluate"), "gplflow.tasks.promote:promote_task",
           params=lambda run: {"rule": run.cfg.evaluate.promote, "min_gain": run.cfg.evaluate.min_gain,
                               "run_dir": run.run_dir, "models": run.compared, "model_fp": run.fps["model"],
-                              "evaluate_fp": run.fps.get("evaluate")}),
+                              "evaluate_fp": run.fps.get("evaluate")},
+          portable=False),  # points at its run's model/
 ]
 
 

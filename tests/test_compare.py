@@ -1,0 +1,82 @@
+"""`gplflow compare`: methods side by side in sibling run directories, shared stages adopted, one table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gplflow.adapters.store import ArtifactStore
+from gplflow.flows.compare import CompareConfig, compare_pipeline, comparison_markdown
+from gplflow.flows.config import ConfigError
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+N_DOCS = 30
+SHARED = ("corpus", "queries", "heldout", "queries-train", "negatives", "triples")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def compare_file(tmp_path) -> Path:
+    docs = [json.loads(line) for line in (DEMO / "corpus.jsonl").read_text().splitlines()[:N_DOCS]]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    base = {"name": "base", "profile": "tiny", "corpus": {"path": "corpus.jsonl"},
+            "generate": {"method": "extractive", "queries_per_passage": 2, "seed": 1},
+            "mine": {"negatives_per_query": 3, "batch_size": 16},
+            "label": {"teacher": "bi_encoder", "triples": 32, "seed": 1},
+            "train": {"steps": 2, "batch_size": 4, "max_seq_length": 32, "warmup_steps": 0},
+            "evaluate": {"heldout_fraction": 0.2, "max_seq_length": 32}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    compare = {"name": "cmp", "base": "base.yaml",
+               "methods": [{"name": "gpl"}, {"name": "gpl-4-steps", "set": ["train.steps=4"]}]}
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(compare))
+    return tmp_path / "compare.yaml"
+
+
+@pytest.mark.slow
+def test_compare_runs_each_method_adopting_the_stages_they_share(prefect_api, compare_file, tmp_path):
+    root = tmp_path / "runs"
+    found = compare_pipeline(str(compare_file), str(root))
+
+    first, second = ArtifactStore(root / "gpl"), ArtifactStore(root / "gpl-4-steps")
+    for stage in SHARED:  # adopted, not recomputed: the same manifest, the same bytes (hard links here)
+        assert (root / "gpl-4-steps" / stage / "manifest.json").read_bytes() == \
+            (root / "gpl" / stage / "manifest.json").read_bytes()
+        part = next(p.name for p in (root / "gpl" / stage).iterdir() if p.name.startswith("part-"))
+        assert os.path.samefile(root / "gpl" / stage / part, root / "gpl-4-steps" / stage / part)
+    assert first.require("model").fingerprint != second.require("model").fingerprint
+    assert second.require("model").manifest["train"]["steps"] == 4
+
+    assert [row["method"] for row in found["rows"]] == ["base", "gpl", "gpl-4-steps"]
+    heldout = [row["held-out nDCG@10"] for row in found["rows"]]
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in heldout)
+    table = (root / "comparison.md").read_text()
+    assert "| gpl-4-steps | – | " in table and table.count("\n|") == 5  # header, rule and three rows
+
+
+def test_a_compare_file_is_checked_before_anything_runs(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"corpus": {"path": "c.jsonl"}}))
+    (tmp_path / "dupes.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "methods": [{"name": "a"},
+                                                                                         {"name": "a"}]}))
+    with pytest.raises(ConfigError, match="repeated: a"):
+        CompareConfig.load(tmp_path / "dupes.yaml")
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "methods": [
+        {"name": "ok"}, {"name": "bad", "set": ["train.stepz=3"]}]}))
+    with pytest.raises(ConfigError, match=r"method bad: .*train.stepz"):
+        list(CompareConfig.load(tmp_path / "typo.yaml").method_configs())
+
+
+def test_the_comparison_table_shows_a_missing_value_as_a_dash():
+    rows = [{"method": "base", "qrels nDCG@10": 0.5, "held-out nDCG@10": None, "STS Spearman": None,
+             "k-means V-measure": 0.25, "seconds": None, "promoted": None}]
+    assert "| base | 0.5000 | – | – | 0.2500 | – | – |" in comparison_markdown("x", rows)
