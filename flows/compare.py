@@ -28,7 +28,7 @@ import yaml
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gplflow.flows.config import ConfigError, PipelineConfig
+from gplflow.flows.config import _PATH_KEYS, ConfigError, PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class CompareConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = "compare"
+    source: str = ""  # the compare file (set by load): path overrides are relative to its folder
     base: str  # the pipeline config every method starts from (relative to the compare file)
     methods: tuple[Method, ...] = Field(min_length=1)
 
@@ -76,12 +77,20 @@ class CompareConfig(BaseModel):
             raise ConfigError(f"{path}: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in err.errors())) from err
         base = Path(found.base)
-        return found.model_copy(update={"base": str(base if base.is_absolute() else (path.parent / base).resolve())})
+        return found.model_copy(update={"base": str(base if base.is_absolute() else (path.parent / base).resolve()),
+                                        "source": str(path.resolve())})
+
+    def _resolved(self, item: str) -> str:
+        """A path override (``pairs.path=../data/x.tsv``) is relative to the compare file, as paths in a config."""
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in _PATH_KEYS and "://" not in value and not Path(value).is_absolute():
+            return f"{key}={(Path(self.source).parent / value).resolve()}"
+        return item
 
     def method_configs(self) -> Iterator[tuple[Method, PipelineConfig, list[str]]]:
         """Each method's pipeline config (named ``<compare name>-<method>``), checked before anything runs."""
         for method in self.methods:
-            overrides = [*method.set, f"name={self.name}-{method.name}"]
+            overrides = [*(self._resolved(item) for item in method.set), f"name={self.name}-{method.name}"]
             try:
                 yield method, PipelineConfig.load(self.base, overrides), overrides
             except ConfigError as err:
