@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from rich.table import Table
 
 from gplflow.adapters.errors import GplflowError, InputError
 from gplflow.adapters.store import ArtifactStore
+from gplflow.flows.logs import last_run_log, run_log, setup_terminal
 
 if TYPE_CHECKING:  # the config imports every stage (torch, Prefect): --help and status do without it
     from gplflow.flows.config import PipelineConfig
@@ -40,11 +40,18 @@ def user_errors() -> Iterator[None]:
     exception is a bug and keeps its traceback (exit code 1). GPLFLOW_DEBUG=1 shows user errors' tracebacks too."""
     try:
         yield
+    except typer.Exit:
+        raise
     except Exception as err:
         message = user_message(err)
+        log = last_run_log()
         if message is None or os.environ.get("GPLFLOW_DEBUG"):
+            if log is not None and message is None:
+                err_console.print(f"[bold red]internal error[/] (a bug; full log: {log}):", highlight=False,
+                                  soft_wrap=True)
             raise
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        where = f" (full log: {log})" if log is not None else ""
+        err_console.print(f"[bold red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -60,16 +67,9 @@ def user_message(err: BaseException) -> str | None:
     return None
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not verbose:  # one line per request to the Prefect API is noise in a terminal
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    _setup_logging(verbose)
+    setup_terminal(verbose)
 
 
 @app.command()
@@ -132,7 +132,8 @@ def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = F
 
     # the flow's name is what the Prefect UI lists the run under
     pipeline = {"genq": genq_pipeline, "supervised": supervised_pipeline}.get(cfg.flow, gpl_pipeline)
-    summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
+    with run_log(run_dir, cfg.name):  # Prefect's tracebacks of a failed stage go there, not to the terminal
+        summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
     print_summary(cfg, summary)
 
 
