@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,7 @@ def demo(run_dir: RunDirOption = None, overrides: SetOption = None, plan: PlanOp
 def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = False) -> None:
     from gplflow.adapters.runlock import check_free
     from gplflow.flows.config import PipelineConfig, default_run_dir
+    from gplflow.flows.interrupt import signal_of, stop_on_signals, temporary_server
     from gplflow.flows.validate import validate_run
 
     cfg = PipelineConfig.load(config, overrides)  # fail fast, before Prefect starts
@@ -132,8 +134,15 @@ def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = F
 
     # the flow's name is what the Prefect UI lists the run under
     pipeline = {"genq": genq_pipeline, "supervised": supervised_pipeline}.get(cfg.flow, gpl_pipeline)
-    with run_log(run_dir, cfg.name):  # Prefect's tracebacks of a failed stage go there, not to the terminal
-        summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
+    try:  # Prefect's tracebacks of a failed stage go to the run's log file, not to the terminal
+        with run_log(run_dir, cfg.name), stop_on_signals(), temporary_server():
+            summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: the stages done and the shards staged are kept
+        signum = signal_of(err)
+        err_console.print(f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): the run stopped; the same "
+                          f"command resumes it (finished stages are reused; full log: {last_run_log()})",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + signum) from None
     print_summary(cfg, summary)
 
 

@@ -1,20 +1,34 @@
 """``gplflow run`` as a user runs it: its own process, on Prefect's temporary server, in a fresh PREFECT_HOME.
 
 A config error raised inside a stage is one line on the terminal (the tracebacks Prefect logs go to the run's
-log file).
+log file). Ctrl-C and SIGTERM stop a run within seconds and mark its flow run Crashed; after those and SIGKILL
+no process is left behind, and a rerun resumes the run; a temporary server that a killed run left is stopped
+by the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
+
+from gplflow.flows.interrupt import SERVER_APP, stop_orphans
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+SMALL = ["train.steps=4", "train.checkpoint_every=2", "train.warmup_steps=0", "mine.negatives_per_query=4"]
+STOP_WITHIN_S = 15.0
+START_WITHIN_S = 240.0  # a loaded machine starts Prefect's server and reaches mining in well under this
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +46,36 @@ def _start(tmp: Path, args: list[str], log: str) -> subprocess.Popen:
                                 env=_env(tmp), start_new_session=True, cwd=tmp)
 
 
+def _demo(tmp: Path) -> Path:
+    """configs/demo.yaml with nothing to evaluate (the test waits for mining, not for evaluators)."""
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg["corpus"]["path"] = str((DEMO.parent / cfg["corpus"]["path"]).resolve())
+    cfg["evaluate"] = {"heldout_fraction": 0}
+    path = tmp / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run_args(tmp: Path, run_dir: Path) -> list[str]:
+    return ["run", str(_demo(tmp)), "--run-dir", str(run_dir), *(a for s in SMALL for a in ("--set", s))]
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def _alive(processes: list[psutil.Process]) -> list[str]:
+    found = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def _kill(child: subprocess.Popen, others: list[psutil.Process]) -> None:
@@ -47,6 +86,81 @@ def _kill(child: subprocess.Popen, others: list[psutil.Process]) -> None:
     if child.poll() is None:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
+
+
+def _interrupt_while_mining(tmp: Path, run_dir: Path, signum: int, log: str) -> tuple[float, int, list[str]]:
+    """Start the run, wait until its mining task runs, send ``signum`` (SIGINT to the process group, as Ctrl-C
+    does; any other to the process, as ``kill`` does); returns seconds to exit, exit code, processes left."""
+    child = _start(tmp, _run_args(tmp, run_dir), log)
+    family: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + START_WITHIN_S
+        while "mine hard negatives" not in _running_tasks(tmp):
+            assert child.poll() is None, (tmp / log).read_text()[-3000:]
+            assert time.monotonic() < deadline, "mining did not start"
+            time.sleep(0.2)
+        family = _descendants(child.pid)
+        assert any(SERVER_APP in " ".join(p.cmdline()) for p in family), _alive(family)
+        sent = time.monotonic()
+        os.killpg(child.pid, signum) if signum == signal.SIGINT else os.kill(child.pid, signum)
+        code = child.wait(timeout=60)
+        seconds = time.monotonic() - sent
+        while _alive(family) and time.monotonic() < sent + STOP_WITHIN_S:  # a server told to stop as its parent
+            time.sleep(0.2)                                                # died takes a moment to go
+        return seconds, code, _alive(family)
+    finally:
+        _kill(child, family)
+
+
+def _running_tasks(tmp: Path) -> list[str]:
+    """The task runs the Prefect database of tmp/prefect holds as Running (none while it is not created yet)."""
+    try:
+        with contextlib.closing(sqlite3.connect(tmp / "prefect" / "prefect.db", timeout=1)) as db:
+            return [row[0] for row in db.execute("SELECT name FROM task_run WHERE state_type = 'RUNNING'")]
+    except sqlite3.Error:
+        return []
+
+
+def _flow_run_states(tmp: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(tmp / "prefect" / "prefect.db")) as db:
+        return [row[0] for row in db.execute("SELECT state_type FROM flow_run ORDER BY created")]
+
+
+INTERRUPTS = [(signal.SIGINT, 130, "interrupted (SIGINT): the run stopped; the same command resumes it"),
+              (signal.SIGTERM, 143, "interrupted (SIGTERM): the run stopped; the same command resumes it"),
+              (signal.SIGKILL, -signal.SIGKILL, "")]  # nothing to print: the server goes with its parent
+
+
+@pytest.mark.timeout(1200)
+def test_ctrl_c_sigterm_and_sigkill_stop_the_run_within_seconds_and_a_rerun_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    kept: dict[str, str] = {}
+    for signum, expected, said in INTERRUPTS:
+        name = signal.Signals(signum).name
+        seconds, code, left = _interrupt_while_mining(tmp_path, run_dir, signum, f"{name}.log")
+        output = (tmp_path / f"{name}.log").read_text()
+        print(f"{name}: exit {code} after {seconds:.1f} s; processes left: {left}")
+        assert code == expected and seconds < STOP_WITHIN_S and left == [], output[-3000:]
+        assert said in output and "Traceback" not in output and "httpx" not in output, output[-3000:]
+        assert not (run_dir / "negatives").exists()
+        kept = kept or {stage: (run_dir / stage / "manifest.json").read_text() for stage in ("corpus", "queries")}
+        assert {stage: (run_dir / stage / "manifest.json").read_text() for stage in kept} == kept  # reused
+    assert (run_dir / ".lock").exists() and len(list((tmp_path / "prefect" / "gplflow-servers").iterdir())) == 1
+
+    rerun = _start(tmp_path, _run_args(tmp_path, run_dir), "rerun.log")
+    try:
+        code = rerun.wait(timeout=600)
+    finally:
+        _kill(rerun, [])
+    output = (tmp_path / "rerun.log").read_text()
+    assert code == 0, output[-3000:]
+    assert {stage: (run_dir / stage / "manifest.json").read_text() for stage in kept} == kept
+    assert (run_dir / "model" / "manifest.json").exists()
+    # the killed run could not say it ended: its flow run stays Running
+    assert _flow_run_states(tmp_path) == ["CRASHED", "CRASHED", "RUNNING", "COMPLETED"]
+    assert list((tmp_path / "prefect" / "gplflow-servers").iterdir()) == []  # the killed run's record too
+    log = (run_dir / "logs" / "gplflow.log").read_text()
+    assert "Execution was aborted by an interrupt signal" in log and "aborted by a termination signal" in log
 
 
 @pytest.mark.timeout(300)
@@ -69,3 +183,33 @@ def test_an_error_inside_a_stage_is_one_line_and_the_log_file_has_the_traceback(
     assert "Traceback (most recent call last)" in text and "CorpusError" in text
     assert "prefect.task_runs" in text and "prefect.flow_runs" in text
     assert not (tmp_path / "run" / "corpus").exists()
+
+
+def test_a_temporary_server_left_by_a_killed_run_is_stopped_by_the_next(tmp_path: Path) -> None:
+    """A recorded server whose run is gone is stopped; one whose run still goes on, or a pid that is no
+    longer a Prefect server, is left alone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_started = psutil.Process(gone.pid).create_time()
+    gone.wait(timeout=30)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    orphan = subprocess.Popen([*sleeper, SERVER_APP])  # looks like a temporary server
+    kept = subprocess.Popen([*sleeper, SERVER_APP])  # a server whose run (this process) still runs
+    stranger = subprocess.Popen(sleeper)  # some other process that got a recorded pid
+    folder = tmp_path / "gplflow-servers"
+    folder.mkdir()
+    me = psutil.Process()
+    try:
+        for process, parent, started in ((orphan, gone.pid, gone_started), (stranger, gone.pid, gone_started),
+                                         (kept, me.pid, me.create_time())):
+            record = {"pid": process.pid, "started": psutil.Process(process.pid).create_time(), "parent": parent,
+                      "parent_started": started}
+            (folder / f"{process.pid}.json").write_text(json.dumps(record))
+        (folder / "1.json").write_text("{oops")
+        assert stop_orphans(folder) == [orphan.pid]
+        assert orphan.wait(timeout=10) is not None
+        assert kept.poll() is None and stranger.poll() is None
+        assert sorted(p.name for p in folder.iterdir()) == [f"{kept.pid}.json"]
+    finally:
+        for process in (orphan, kept, stranger):
+            process.kill()
+            process.wait(timeout=30)
