@@ -1,4 +1,4 @@
-"""The ``gplflow`` command line: ingest, run, demo, status, export."""
+"""The ``gplflow`` command line: ingest, run, demo, compare, status, export."""
 
 from __future__ import annotations
 
@@ -120,7 +120,6 @@ def demo(run_dir: RunDirOption = None, overrides: SetOption = None, plan: PlanOp
 def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = False) -> None:
     from gplflow.adapters.runlock import check_free
     from gplflow.flows.config import PipelineConfig, default_run_dir
-    from gplflow.flows.interrupt import signal_of, stop_on_signals, temporary_server
     from gplflow.flows.validate import validate_run
 
     cfg = PipelineConfig.load(config, overrides)  # fail fast, before Prefect starts
@@ -134,16 +133,54 @@ def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = F
 
     # the flow's name is what the Prefect UI lists the run under
     pipeline = {"genq": genq_pipeline, "supervised": supervised_pipeline}.get(cfg.flow, gpl_pipeline)
-    try:  # Prefect's tracebacks of a failed stage go to the run's log file, not to the terminal
-        with run_log(run_dir, cfg.name), stop_on_signals(), temporary_server():
-            summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
-    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: the stages done and the shards staged are kept
+    with flow_session(run_dir, cfg.name):
+        summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
+    print_summary(cfg, summary)
+
+
+@contextlib.contextmanager
+def flow_session(run_dir: str, name: str) -> Iterator[None]:
+    """Around a flow the CLI runs: Prefect's tracebacks of a failed stage go to the run's log file, not to the
+    terminal; Ctrl-C, SIGTERM and SIGHUP stop it within seconds (the stages done and the shards staged are kept)
+    and stop the temporary Prefect server."""
+    from gplflow.flows.interrupt import signal_of, stop_on_signals, temporary_server
+
+    try:
+        with run_log(run_dir, name), stop_on_signals(), temporary_server():
+            yield
+    except KeyboardInterrupt as err:
         signum = signal_of(err)
         err_console.print(f"[bold yellow]interrupted[/] ({signal.Signals(signum).name}): the run stopped; the same "
                           f"command resumes it (finished stages are reused; full log: {last_run_log()})",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(128 + signum) from None
-    print_summary(cfg, summary)
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="A compare file: a base config and the methods to run on it "
+                                           "(see configs/compare.yaml).")],
+    run_root: Annotated[str | None, typer.Option("--run-root", help="Folder of the methods' run directories "
+                                                 "(default runs/<name>).")] = None,
+) -> None:
+    """Run several methods on one corpus into sibling run directories and print one comparison table."""
+    with user_errors():
+        from gplflow.flows.compare import COLUMNS, CompareConfig, compare_pipeline
+
+        found = CompareConfig.load(config)
+        list(found.method_configs())  # every method's config, before Prefect starts
+        root = run_root or str(Path("runs") / found.name)
+        with flow_session(root, found.name):
+            result = compare_pipeline(str(config), root)
+    table = Table(title=f"compare '{found.name}' ({result['run_root']}/<method>)")
+    for column in ("method", *COLUMNS, "promoted"):
+        table.add_column(column, justify="left" if column in ("method", "promoted") else "right")
+    for row in result["rows"]:
+        cells = [row.get(c) for c in COLUMNS]
+        table.add_row(row["method"], *("–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                                       for v in cells), row.get("promoted") or "")
+    console.print(table)
+    console.print(f"table: {result['run_root']}/comparison.md", highlight=False)
 
 
 def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
