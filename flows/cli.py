@@ -105,7 +105,8 @@ def run(
     run_dir: RunDirOption = None,
     plan: PlanOption = False,
 ) -> None:
-    """Run the GPL (or GenQ: flow=genq; or fine-tuning on labelled pairs: flow=supervised) pipeline of CONFIG."""
+    """Run the GPL (or GenQ: flow=genq; fine-tuning on labelled pairs: flow=supervised; Augmented SBERT:
+    flow=augmented_sbert) pipeline of CONFIG."""
     with user_errors():
         _run(config, overrides or [], run_dir, plan)
 
@@ -129,10 +130,11 @@ def _run(config: Path, overrides: list[str], run_dir: str | None, plan: bool = F
         print_plan(cfg, run_dir)
         return
     check_free(run_dir)  # likewise a run directory another run holds (the flow takes the lock itself)
-    from gplflow.flows.pipeline import genq_pipeline, gpl_pipeline, supervised_pipeline
+    from gplflow.flows.pipeline import augmented_sbert_pipeline, genq_pipeline, gpl_pipeline, supervised_pipeline
 
     # the flow's name is what the Prefect UI lists the run under
-    pipeline = {"genq": genq_pipeline, "supervised": supervised_pipeline}.get(cfg.flow, gpl_pipeline)
+    pipeline = {"genq": genq_pipeline, "supervised": supervised_pipeline,
+                "augmented_sbert": augmented_sbert_pipeline}.get(cfg.flow, gpl_pipeline)
     with flow_session(run_dir, cfg.name):
         summary = pipeline(config_path=str(config), overrides=overrides, run_dir=run_dir)
     print_summary(cfg, summary)
@@ -209,7 +211,7 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     models, m = summary["models"], cfg.models
     console.rule(f"gplflow run '{cfg.name}' finished in {summary['seconds']} s")
     store = ArtifactStore(summary["run_dir"])
-    if cfg.flow == "supervised":
+    if cfg.trains_on_pairs:
         _pairs(store)
     else:
         console.print("generator: " + (_ref(m.generator, models["generator"]) if cfg.generate.method == "t5"
@@ -276,10 +278,30 @@ def _pairs(store: ArtifactStore) -> None:
               f"{'/'.join(map(str, scores['histogram']))})" if scores else "")
     console.print(f"labelled pairs: {pairs.get('rows')} {pairs.get('kind', '')} pairs from "
                   f"{pairs.get('config', {}).get('path')}{spread}", highlight=False)
+    if (silver := store.read_manifest("silver")) is not None:
+        _silver(silver, (store.read_manifest("cross-encoder") or {}).get("train", {}).get("gold_fit", {}))
     info = model.get("train", {})
     if info.get("loss_first") is not None:
         console.print(f"training: {model.get('config', {}).get('loss')}, {info.get('steps')} steps, loss "
                       f"{info['loss_first']:.4f} → {info['loss_last']:.4f}", highlight=False)
+
+
+def _silver(silver: dict[str, Any], fit: dict[str, Any]) -> None:
+    """augmented_sbert: how well its cross-encoder fits the gold pairs, and how the silver pairs it labelled score."""
+    before, after = fit.get("before", {}), fit.get("after", {})
+    if after:
+        console.print(f"cross-encoder on the gold pairs: BCE {before.get('bce')} → {after.get('bce')}, Spearman "
+                      f"{before.get('spearman')} → {after.get('spearman')}", highlight=False)
+
+    def quantile(found: dict[str, Any], name: str) -> Any:
+        value = found.get(name, found.get("quantiles", {}).get(name))
+        return f"{value:.3f}" if isinstance(value, float) else value
+
+    scores = silver.get("scores", {})
+    samplers = ", ".join(f"{name} {found.get('count')}" for name, found in sorted(silver.get("by_sampler", {}).items()))
+    console.print(f"silver pairs: {silver.get('rows')} ({samplers}), scores p05 {quantile(scores, 'p05')} / p50 "
+                  f"{quantile(scores, 'p50')} / p95 {quantile(scores, 'p95')}, mean {quantile(scores, 'mean')}, per "
+                  f"fifth {'/'.join(map(str, scores.get('histogram', [])))}", highlight=False)
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
