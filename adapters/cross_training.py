@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,9 +31,9 @@ from gplflow.adapters.trainer import TrainReport
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CrossTrainPlan:
-    """What the cross-encoder trainer needs from the stage config (free of pydantic, as ``trainer.TrainPlan``)."""
+class CrossTrainSettings(Protocol):
+    """What ``fit`` reads of the cross-encoder's config, passed whole (``tasks/augment.py``
+    CrossEncoderTrainConfig, whose fields hold the defaults and the bounds)."""
 
     epochs: int
     steps: int | None  # when set, exactly this many steps (``epochs`` is then ignored)
@@ -54,26 +55,26 @@ class ScoredPairs:
         return len(self.scores)
 
 
-def fit(model: CrossEncoder, pairs: ScoredPairs, plan: CrossTrainPlan,
+def fit(model: CrossEncoder, pairs: ScoredPairs, cfg: CrossTrainSettings,
         callbacks: Sequence[TrainerCallback] = ()) -> TrainReport:
     """Train ``model`` (``models.load_cross_encoder(ref, inference=False)``) in place with binary cross-entropy
     of its logit against the scores."""
     dev = models.device()
     with tempfile.TemporaryDirectory(prefix="gplflow-cross-encoder-") as scratch:  # the trainer wants a folder
-        return _fit(model, pairs, plan, dev, Path(scratch), callbacks)
+        return _fit(model, pairs, cfg, dev, Path(scratch), callbacks)
 
 
-def _fit(model: CrossEncoder, pairs: ScoredPairs, plan: CrossTrainPlan, dev: str, output_dir: Path,
+def _fit(model: CrossEncoder, pairs: ScoredPairs, cfg: CrossTrainSettings, dev: str, output_dir: Path,
          callbacks: Sequence[TrainerCallback]) -> TrainReport:
     args = CrossEncoderTrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=plan.epochs,
-        max_steps=plan.steps or -1,
-        per_device_train_batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate,
-        warmup_ratio=plan.warmup_ratio,
-        seed=plan.seed,
-        data_seed=plan.seed,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_ratio=cfg.warmup_ratio,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
         save_strategy="no",
         eval_strategy="no",
         logging_steps=1,  # a few hundred steps at most: every loss goes in the history (thinned in the manifest)

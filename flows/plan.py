@@ -292,9 +292,8 @@ def _cross_train_rate(cfg: PipelineConfig, resolved: dict[str, Any], passages: l
             stamps.append(time.perf_counter())
 
     model = models.load_cross_encoder(resolved["cross_encoder"], max_length=c.max_seq_length, inference=False)
-    plan = cross_training.CrossTrainPlan(epochs=1, steps=CALIBRATION_STEPS, batch_size=c.batch_size,
-                                         learning_rate=c.learning_rate, warmup_ratio=0.0, seed=c.seed)
-    cross_training.fit(model, pairs, plan, [Clock()])
+    settings = c.model_copy(update={"epochs": 1, "steps": CALIBRATION_STEPS, "warmup_ratio": 0.0})
+    cross_training.fit(model, pairs, settings, [Clock()])
     return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
 
 

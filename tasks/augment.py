@@ -101,12 +101,10 @@ def run_cross_encoder(cfg: AugmentConfig, store: ArtifactStore, start: str, pair
     table = pairs.read_table(["sentence1", "sentence2", "score"])
     gold = cross_training.ScoredPairs(*(table[name].to_pylist() for name in table.column_names))
     model = models.load_cross_encoder(start, max_length=c.max_seq_length, inference=False)
-    plan = cross_training.CrossTrainPlan(epochs=c.epochs, steps=c.steps, batch_size=c.batch_size,
-                                         learning_rate=c.learning_rate, warmup_ratio=c.warmup_ratio, seed=c.seed)
     with store.writer(CROSS_ENCODER, config=c.model_dump(mode="json"), inputs=inputs,
                       code_version=CODE_VERSION) as out:
         before = cross_training.fit_on(model, gold, cfg.batch_size)
-        report = cross_training.fit(model, gold, plan)
+        report = cross_training.fit(model, gold, c)
         after = cross_training.fit_on(model, gold, cfg.batch_size)
         cross_training.save(model, out.local_dir())
         out.extra["train"] = info = {"start": start, "examples": len(gold), **report.as_dict(),
