@@ -271,7 +271,8 @@ def _evaluators(metrics: dict[str, Any] | None, store: ArtifactStore) -> None:
 
 
 def _pairs(store: ArtifactStore) -> None:
-    """The labelled pairs a supervised run trained on: how many, which kind, the score spread, and the loss."""
+    """The labelled pairs a supervised or augmented_sbert run trained on: how many, which kind, the score spread,
+    the silver pairs (augmented_sbert), and the loss."""
     pairs, model = store.read_manifest("pairs") or {}, store.read_manifest("model") or {}
     scores = pairs.get("scores")
     spread = (f", scores {scores['min']:.2f}-{scores['max']:.2f} (mean {scores['mean']:.2f}, per fifth "
@@ -282,7 +283,8 @@ def _pairs(store: ArtifactStore) -> None:
         _silver(silver, (store.read_manifest("cross-encoder") or {}).get("train", {}).get("gold_fit", {}))
     info = model.get("train", {})
     if info.get("loss_first") is not None:
-        console.print(f"training: {model.get('config', {}).get('loss')}, {info.get('steps')} steps, loss "
+        data = f" on {info.get('examples')} pairs (gold + silver)" if silver is not None else ""
+        console.print(f"training: {model.get('config', {}).get('loss')}{data}, {info.get('steps')} steps, loss "
                       f"{info['loss_first']:.4f} → {info['loss_last']:.4f}", highlight=False)
 
 
