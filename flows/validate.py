@@ -87,7 +87,7 @@ def _model_slots(cfg: PipelineConfig) -> list[tuple[str, str]]:
 def model_problem(ref: str) -> str | None:
     """Why ``ref`` cannot be loaded here, or None: a local folder needs a model config; a hub name that is not
     a local folder must be in the Hugging Face cache when the hub is off (``HF_HUB_OFFLINE=1``)."""
-    from gplflow.adapters.models import TINY, ModelUnavailableError, resolve
+    from gplflow.adapters.model_refs import TINY, ModelUnavailableError, resolve
 
     if ref == TINY:
         return None

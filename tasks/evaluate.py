@@ -31,10 +31,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
-from gplflow.adapters import artifacts, beir_io, encoding
+from gplflow.adapters import artifacts, beir_io
 from gplflow.adapters import metrics as trec
-from gplflow.adapters import models as model_io
 from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.lazy import lazy
 from gplflow.adapters.store import MANIFEST, Artifact, ArtifactStore, Check, canonical_json, content_signature
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
@@ -50,6 +50,10 @@ from gplflow.tasks.evaluators import (
     Teacher,
     signatures,
 )
+
+# torch, transformers, bm25s: loaded when a stage computes, not when a config is read
+encoding = lazy("gplflow.adapters.encoding")
+model_io = lazy("gplflow.adapters.models")
 
 logger = logging.getLogger(__name__)
 

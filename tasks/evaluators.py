@@ -27,12 +27,16 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from gplflow.adapters import embedding_eval, encoding
+from gplflow.adapters import embedding_eval
 from gplflow.adapters.errors import InputError
+from gplflow.adapters.lazy import lazy
 from gplflow.adapters.pair_readers import iter_pairs, read_labels
 from gplflow.adapters.store import content_signature
 from gplflow.tasks.base import Seed, StageConfig
 from gplflow.tasks.pairs import PairColumnsConfig
+
+# torch, transformers, bm25s: loaded when a stage computes, not when a config is read
+encoding = lazy("gplflow.adapters.encoding")
 
 logger = logging.getLogger(__name__)
 

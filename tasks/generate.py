@@ -33,10 +33,9 @@ from prefect import get_run_logger, task
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from gplflow.adapters import artifacts, models
+from gplflow.adapters import artifacts
 from gplflow.adapters.errors import InputError, MissingInputError
-from gplflow.adapters.generation import QueryGenerator, SamplingParams
-from gplflow.adapters.oom import halve_on_oom
+from gplflow.adapters.lazy import lazy
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.text import passage_text, split_sentences
@@ -50,6 +49,11 @@ from gplflow.tasks.base import (
     stage_cache,
     stage_fingerprint,
 )
+
+# torch, transformers, bm25s: loaded when a stage computes, not when a config is read
+models = lazy("gplflow.adapters.models")
+generation = lazy("gplflow.adapters.generation")
+oom = lazy("gplflow.adapters.oom")
 
 logger = logging.getLogger(__name__)
 
@@ -278,15 +282,15 @@ def _derived_seed(*parts: int) -> int:
 
 # --- t5 ---------------------------------------------------------------------------------------------------
 
-def load_t5(cfg: GenerateConfig, generator: str) -> QueryGenerator:
+def load_t5(cfg: GenerateConfig, generator: str) -> generation.QueryGenerator:
     """The generator model with the stage's sampling settings (loaded once per process and stage)."""
     tokenizer, model = models.load_seq2seq(generator)
-    params = SamplingParams(top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_query_length,
+    params = generation.SamplingParams(top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_query_length,
                             max_input_length=cfg.max_passage_length, prefix=cfg.prefix)
-    return QueryGenerator(tokenizer, model, params)
+    return generation.QueryGenerator(tokenizer, model, params)
 
 
-def t5_queries(gen: QueryGenerator, cfg: GenerateConfig, qpp: int, shard: list[Passage], shard_no: int,
+def t5_queries(gen: generation.QueryGenerator, cfg: GenerateConfig, qpp: int, shard: list[Passage], shard_no: int,
                progress: Callable[[int], Any]) -> list[list[str] | None]:
     """``qpp`` sampled queries per passage of one shard (None for a passage with no tokens)."""
     encoded = gen.encode([passage_text(p.title, p.text) for p in shard])
@@ -303,7 +307,7 @@ def t5_queries(gen: QueryGenerator, cfg: GenerateConfig, qpp: int, shard: list[P
         def sample(part: list[int], seed: int = seed) -> list[list[str]]:
             return gen.generate([encoded[i] for i in part], qpp, seed)
 
-        for part, queries_of in halve_on_oom(sample, members, what="generate.batch_size"):
+        for part, queries_of in oom.halve_on_oom(sample, members, what="generate.batch_size"):
             for i, queries in zip(part, queries_of, strict=True):
                 found[i] = queries
         progress(len(members))

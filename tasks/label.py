@@ -33,7 +33,7 @@ from pydantic import Field
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.errors import InputError, MissingInputError
-from gplflow.adapters.scoring import PairScorer, load_scorer
+from gplflow.adapters.lazy import lazy
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
 from gplflow.adapters.text import passage_texts
@@ -48,6 +48,9 @@ from gplflow.tasks.base import (
     stage_fingerprint,
 )
 from gplflow.tasks.label_diagnostics import label_diagnostics, summary_line
+
+# torch, transformers, bm25s: loaded when a stage computes, not when a config is read
+scoring = lazy("gplflow.adapters.scoring")
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ class LabelJob(ShardJob):
         self.staging = ShardStaging(store, STAGE, self.fingerprint)
         self._sources = (queries, negatives, n_triples)
         self._draw: _Draw | None = None
-        self._scorer: PairScorer | None = None
+        self._scorer: scoring.PairScorer | None = None
 
     @property
     def draw(self) -> _Draw:
@@ -174,7 +177,7 @@ class LabelJob(ShardJob):
         pair_q, pair_d = keys // n_docs, keys % n_docs
         used_docs = np.unique(pair_d)
         if self._scorer is None:
-            self._scorer = load_scorer(self.cfg.teacher, self.teacher, max_seq_length=self.cfg.max_seq_length,
+            self._scorer = scoring.load_scorer(self.cfg.teacher, self.teacher, max_seq_length=self.cfg.max_seq_length,
                                        batch_size=self.cfg.batch_size, normalize=self.cfg.bi_encoder_score == "cos_sim")
         logger.info("label shard %d: scoring %d distinct pairs with %s", k, len(keys), self.teacher)
         scores = self._scorer.score(draw.pool.query_texts, _passages(self.corpus, used_docs), pair_q,

@@ -20,10 +20,9 @@ from prefect import get_run_logger, task
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from gplflow.adapters import artifacts, models
-from gplflow.adapters.bm25 import BM25Index
-from gplflow.adapters.encoding import encode, release_memory
+from gplflow.adapters import artifacts
 from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.lazy import lazy
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.text import passage_texts
@@ -36,6 +35,11 @@ from gplflow.tasks.base import (
     stage_cache,
     stage_fingerprint,
 )
+
+# torch, transformers, bm25s: loaded when a stage computes, not when a config is read
+models = lazy("gplflow.adapters.models")
+bm25 = lazy("gplflow.adapters.bm25")
+encoding = lazy("gplflow.adapters.encoding")
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +169,7 @@ class MineJob(ShardJob):
         r, c = divmod(k, self.slices)
         ref, score = self.retrievers[r]
         texts = self.docs.texts[c * self.shard_size : (c + 1) * self.shard_size]
-        emb = encode(self._load(ref), texts, role="document", batch_size=self.cfg.batch_size,
+        emb = encoding.encode(self._load(ref), texts, role="document", batch_size=self.cfg.batch_size,
                      normalize=score == "cos_sim", desc=f"encoding corpus ({_short(ref)}) {c + 1}/{self.slices}",
                      setting="mine.batch_size", on_progress=self.advance)
         return self.staging.write_array(k, emb, {"encoded_passages": len(texts)}, started)
@@ -217,7 +221,7 @@ class MineJob(ShardJob):
     def _drop_model(self) -> None:
         if self._model is not None:
             self._model = None
-            release_memory()
+            encoding.release_memory()
 
 
 def _short(ref: str, width: int = 32) -> str:
@@ -234,19 +238,19 @@ def _dense_batches(cfg: MineConfig, ref: str, score: str, emb: np.ndarray, model
     try:
         k = cfg.negatives_per_query + 1 + cfg.extra_k
         for chunk in chunks:
-            q = encode(model, chunk["text"].to_pylist(), role="query", batch_size=cfg.batch_size,
+            q = encoding.encode(model, chunk["text"].to_pylist(), role="query", batch_size=cfg.batch_size,
                        normalize=normalize, desc="encoding queries", show_progress=chunk.num_rows > 1000,
                        setting="mine.batch_size")
             scores, ids = index.search(q, k)
             yield _ranked(ref, chunk, scores, ids, docs.doc_ids, cfg.negatives_per_query, count)
     finally:
         index = None
-        release_memory()
+        encoding.release_memory()
 
 
 def _bm25_batches(cfg: MineConfig, docs: _Corpus, chunks: Iterator[pa.RecordBatch],
                   count: Callable[[str, int], None]) -> Iterator[pa.RecordBatch]:
-    index = BM25Index(docs.texts)
+    index = bm25.BM25Index(docs.texts)
     k = cfg.negatives_per_query + 1 + cfg.extra_k
     for chunk in chunks:
         scores, ids = index.search(chunk["text"].to_pylist(), k)

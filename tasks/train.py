@@ -12,13 +12,16 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from pydantic import Field
 
-from gplflow.adapters import artifacts, models
+from gplflow.adapters import artifacts
 from gplflow.adapters.checkpoints import folder as checkpoint_folder
 from gplflow.adapters.checkpoints import remove as remove_checkpoints
 from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.lazy import lazy
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
+
+models = lazy("gplflow.adapters.models")  # torch: loaded when a stage computes, not when a config is read
 
 logger = logging.getLogger(__name__)
 
