@@ -4,7 +4,8 @@ Both are deterministic: a retry fails the same way after the same work, so they 
 names the path (and the mount point that is full), and never retried. A full disk shows up as an ``OSError``
 with ``errno`` ENOSPC (EDQUOT for a quota, EFBIG for ``ulimit -f``), as pyarrow's ``OSError`` whose message
 holds "[errno 28] No space left on device", as safetensors' "No space left on device (os error 28)", or as
-torch's ``RuntimeError`` "file write failed" while the disk has no space left.
+torch's ``RuntimeError`` "file write failed" or "unexpected pos" (its zip writer's short write, a checkpoint's
+optimizer state) while the disk has no space left or a file size limit is set.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gplflow.adapters.errors import GplflowError, InputError
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_SPACE_WORDS = ("no space left on device", "disk quota exceeded", "file too large", "errno 28", "errno 27",
                    "os error 28", "os error 27", "storagefull", "filetoolarge")
-_WRITE_FAILED = "file write failed"  # torch's stream writer: no errno, so the disk is asked
+_WRITE_FAILED = ("file write failed", "unexpected pos")  # torch's stream writer: no errno, so the disk is asked
 _ALMOST_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
 
 
@@ -39,15 +40,26 @@ def is_no_space(err: BaseException, path: str | os.PathLike[str] | None = None) 
         text = str(current).lower()
         if any(word in text for word in _NO_SPACE_WORDS):
             return True
-        if _WRITE_FAILED in text and path is not None and _free_bytes(path) < _ALMOST_FULL:
+        if any(words in text for words in _WRITE_FAILED) and path is not None and (
+                _free_bytes(path) < _ALMOST_FULL or _file_size_limited()):
             return True
     return False
+
+
+def _file_size_limited() -> bool:
+    """Whether this process may not write files past some size (``ulimit -f``)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return False
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return soft != resource.RLIM_INFINITY
 
 
 def no_space(err: BaseException, path: str | os.PathLike[str]) -> NoSpaceError:
     """A one-line ``NoSpaceError`` for ``err``, naming the mount point that is full and the path written."""
     code = next((e.errno for e in _chain(err) if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS),
-                errno.ENOSPC)
+                errno.EFBIG if _file_size_limited() and _free_bytes(path) >= _ALMOST_FULL else errno.ENOSPC)
     why = {errno.EFBIG: "a file reached the size limit (ulimit -f)", errno.EDQUOT: "disk quota exceeded"}
     detail = f" ({why[code]})" if code in why else ""
     return NoSpaceError(code, f"no space left on {mount_point(path)}: writing {path} failed{detail}; free some "

@@ -682,6 +682,50 @@ def test_ingest_past_a_file_size_limit_is_one_line(tmp_path: Path) -> None:
     _nothing_half_written(tmp_path / "run")
 
 
+_LIMITED_TRAIN = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from gplflow.adapters.store import ArtifactStore
+from gplflow.tasks.train import TrainConfig, run_train
+store = ArtifactStore(sys.argv[1])
+corpus, queries = store.require("corpus"), store.require("queries")
+cfg = TrainConfig(loss="mnrl", steps=4, batch_size=4, checkpoint_every=2, max_seq_length=32, warmup_steps=0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))  # the tiny model's weights are ~1.2 MB
+try:
+    run_train(cfg, store, sys.argv[2], corpus, queries, None)
+except Exception as err:
+    print("ERROR", type(err).__name__, str(err).splitlines()[0])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_past_a_file_size_limit_is_one_error_and_left_nowhere(tmp_path: Path) -> None:
+    """Training whose first checkpoint cannot be written: a NoSpaceError naming where, no half checkpoint left
+    (the next run must not resume from it), no model/ and no temporary folder."""
+    import subprocess
+    import sys
+
+    from artifact_rows import write_artifact
+
+    from gplflow.adapters.store import ArtifactStore
+    from gplflow.adapters.tiny_models import build_tiny_models
+
+    texts = [f"bees make honey from nectar number {i}" for i in range(24)]
+    tiny = build_tiny_models(texts, tmp_path / "tiny", seed=0)
+    store = ArtifactStore(tmp_path / "run")
+    write_artifact(store, "corpus", [(f"d{i}", "", t) for i, t in enumerate(texts)])
+    write_artifact(store, "queries", [(f"q{i}", f"d{i}", f"how bees make honey {i}") for i in range(24)])
+    done = subprocess.run([sys.executable, "-c", _LIMITED_TRAIN, str(tmp_path / "run"), str(tiny.bi_encoder)],
+                          capture_output=True, text=True, timeout=240)
+    [error] = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert error.startswith("ERROR NoSpaceError ") and "no space left on " in error, (error, done.stderr[-2000:])
+    assert f"writing {tmp_path}/run/model failed (a file reached the size limit (ulimit -f))" in error
+    checkpoints = list((tmp_path / "run" / ".checkpoints").glob("model-*/checkpoint-*"))
+    assert checkpoints == [], checkpoints  # the half-written one was removed
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".checkpoints")) == [
+        "corpus", "queries"]  # no model/, no .model.tmp-*
+
+
 def test_a_full_disk_is_not_retried() -> None:
     import errno as errnos
 
