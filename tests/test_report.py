@@ -123,7 +123,7 @@ def test_metrics_side_by_side_qrels_then_heldout_each_base_pretrained_adapted_th
     assert "- qrels: 12 judged queries over 6 passages" in lines
     assert "- held-out: 4 held-out synthetic queries, never trained on over 6 passages" in lines
     assert lines[-1] == "- primary: qrels ndcg@10"
-    assert metrics_markdown(None).startswith("_No evaluation")
+    assert metrics_markdown(None).startswith("_No retrieval evaluation")
 
 
 def test_diagnostics_and_promotion_markdown():
@@ -186,7 +186,7 @@ def test_report_of_a_genq_run_without_evaluation(run, tmp_path):
     store, started = run
     cfg = config(tmp_path, flow="genq", train={"loss": "mnrl", "steps": 5}, evaluate={})
     text = report_markdown(cfg, store, {**summary(store, started), "metrics": None})
-    assert "_Not evaluated._" in text and "_No evaluation (set `evaluate.qrels` or" in text
+    assert "_Not evaluated._" in text and "_No retrieval evaluation (set `evaluate.qrels` or" in text
     assert "GenQ (MNRL)" in text and "miner" not in text and "| label |" not in text
     layered = config(tmp_path, models={"base": "my/base", "base_layers": 2})
     text = report_markdown(layered, store, {**summary(store, started), "models": {"base": "my/base"}})

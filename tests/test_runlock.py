@@ -118,7 +118,7 @@ def test_racing_runs_have_one_winner(tmp_path: Path) -> None:
 def test_the_pipeline_runs_its_stages_under_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
 
-    def stages(cfg, run_dir, config_path, overrides):
+    def stages(cfg, run_dir, config_path, overrides, reuse_from=()):
         seen.append(json.loads((Path(run_dir) / LOCK).read_text())["pid"])
         raise RuntimeError("a stage failed")
 
