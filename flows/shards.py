@@ -32,7 +32,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 
-from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.errors import GplflowError, InputError, MissingInputError
 from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
 from gplflow.flows.stages import Run, Stage, shard_stage
 from gplflow.tasks.base import ShardJob
@@ -46,6 +46,11 @@ GPU_SLOTS = 1  # shards per GPU at a time, when the limit does not exist yet
 
 class PoolSetupError(InputError):
     """Pool mode cannot start: no server the workers reach, or no shard deployment on it."""
+
+
+class PoolRunError(GplflowError, RuntimeError):
+    """Pool mode could not finish a stage: shards kept failing on the workers, or the Prefect API stayed away.
+    One line naming the shards and their runs (the workers' logs hold the tracebacks); a rerun resumes."""
 
 
 def canonical_stage(stage: str) -> str:
@@ -212,7 +217,7 @@ class DeploymentDispatcher:
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure > self.api_patience_s:
-                    raise RuntimeError(f"the Prefect API did not answer {what} for {now - first_failure:.0f} s "
+                    raise PoolRunError(f"the Prefect API did not answer {what} for {now - first_failure:.0f} s "
                                        f"({type(err).__name__}: {err}); the shards on the workers may still finish: "
                                        "rerun the pipeline to publish them") from err
                 _logger().warning("Prefect API: %s failed (%s: %s); trying again in %.0f s", what,
@@ -353,7 +358,7 @@ def run_shards(job: ShardJob, pending: list[int], dispatcher: Any, parameters: d
             return
         log.warning("%s: shards %s failed: %s", job.stage, sorted(failed), _describe(failed))
         pending = sorted(failed)
-    raise RuntimeError(f"{job.stage}: shards {sorted(failed)} failed {1 + execution.shard_retries} times on "
+    raise PoolRunError(f"{job.stage}: shards {sorted(failed)} failed {1 + execution.shard_retries} times on "
                        f"pool {POOL}: {_describe(failed)}")
 
 
