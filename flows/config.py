@@ -121,7 +121,8 @@ class PipelineConfig(_Frozen):
             raise ValueError("missing key 'corpus' (or import.gpl_dir with a corpus.jsonl)")
         if self.flow == "genq" and self.train.loss != "mnrl":
             raise ValueError(f"flow 'genq' trains with train.loss=mnrl, not {self.train.loss}")
-        if "augment" in self.model_fields_set and self.flow != "augmented_sbert":
+        # a default augment section is allowed (a dumped config holds one), a set one only where it is read
+        if self.augment != AugmentConfig() and self.flow != "augmented_sbert":
             raise ValueError(f"'augment' is read by flow 'augmented_sbert' only, not by flow '{self.flow}'")
         if self.trains_on_pairs:
             if self.pairs is None:

@@ -181,6 +181,10 @@ def test_augmented_config_defaults_and_checks():
                                     "augment": {"sampling": "bm25", "silver_pairs": 50}})
     assert cfg.train.loss == "cosent" and cfg.trains_on_pairs and not cfg.uses_queries
     assert cfg.augment.silver_target(109) == 50 and AugmentConfig().silver_target(10) == 40
+    # a dumped config loads back (pool workers get it so), the default augment section under any flow
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+    gpl = PipelineConfig.from_dict({"corpus": {"path": "c"}})
+    assert PipelineConfig.from_dict(gpl.to_dict()) == gpl
     with pytest.raises(ConfigError, match="needs scored pairs"):
         PipelineConfig.from_dict({"flow": "augmented_sbert", "corpus": {"path": "c"},
                                   "pairs": {**pairs, "kind": "ranking"}, "train": {"loss": "mnrl"}})
