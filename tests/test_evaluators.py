@@ -158,3 +158,20 @@ def test_an_unknown_mteb_task_is_a_config_error_before_any_stage(tmp_path):
         "mteb.mocks.mock_tasks.clustering:NoSuchTask"]}}})
     [(key, message)] = list(_mteb(cfg))
     assert key == "evaluate.mteb.tasks" and "NoSuchTask" in message
+
+
+def test_changing_an_evaluator_changes_no_fingerprint_but_the_evaluations(tmp_path):
+    """Only evaluate (and promote, which follows it) read the evaluator settings: the split keeps its own keys."""
+    from gplflow.flows.config import PipelineConfig
+    from gplflow.flows.stages import STAGES
+    from gplflow.tasks.split import split_fingerprints
+
+    base = {"corpus": {"path": str(tmp_path)}, "evaluate": {"heldout_fraction": 0.1}}
+    plain = PipelineConfig.from_dict(base)
+    more = PipelineConfig.from_dict({**base, "evaluate": {"heldout_fraction": 0.1, "sts": {"path": "x.tsv"},
+                                                          "clustering": {"labels": "y.tsv"},
+                                                          "embedding_map": {"sample": 50}}})
+    assert split_fingerprints(plain.evaluate, "q") == split_fingerprints(more.evaluate, "q")
+    readers = {stage.step for stage in STAGES
+               if "evaluate" in stage.params.__code__.co_names or "_teacher" in stage.params.__code__.co_names}
+    assert readers == {"split", "evaluate", "promote"}  # nothing upstream of evaluation reads its settings
