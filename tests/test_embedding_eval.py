@@ -60,3 +60,14 @@ def test_the_embedding_map_is_a_png_with_one_panel_per_model(tmp_path):
     width = int.from_bytes(data[16:20], "big")
     height = int.from_bytes(data[20:24], "big")
     assert width > height * 1.5  # two panels side by side
+
+
+def test_hdbscan_clusters_a_projection_of_many_high_dimensional_points():
+    """60 points per label in 64 dimensions: raw density is too thin for HDBSCAN, the 5-d projection is not."""
+    rng = np.random.default_rng(0)
+    labels = [name for name in ("a", "b", "c") for _ in range(60)]
+    centres = {name: rng.standard_normal(64) * 3 for name in "abc"}
+    emb = np.stack([centres[x] + rng.standard_normal(64) for x in labels])
+    found = cluster_scores(emb, labels, seed=0)
+    assert found["hdbscan"]["space"] == "umap-5d"
+    assert found["hdbscan"]["v_measure"] > 0.9 and found["kmeans"]["v_measure"] > 0.9
