@@ -40,3 +40,35 @@ def resolve(ref: str, tiny_path: Path | None = None) -> str:
     if ref.startswith((".", "/", "~")):
         raise ModelUnavailableError(f"model folder {ref!r} does not exist")
     return ref
+
+
+def model_signature(ref: str) -> str:
+    """A model as a stage input, the same in every stage: a local folder by its content (file names and bytes;
+    hashed once per process per file state), so a folder replaced in place is a new input; a hub name by the
+    revision the Hugging Face cache holds for it (else by its name); ``""`` (no model) as itself."""
+    from gplflow.adapters.store import content_signature
+
+    if not ref:
+        return ""
+    path = Path(resolve(ref)) if ref != TINY else None
+    if path is not None and path.exists():
+        return f"content:{content_signature(path)}"
+    revision = _cached_revision(ref)
+    return f"hub:{ref}@{revision}" if revision else f"hub:{ref}"
+
+
+def _cached_revision(name: str) -> str | None:
+    """The commit of ``name``'s snapshot in the Hugging Face cache, if it holds one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for repo in ([name] if "/" in name else [name, f"sentence-transformers/{name}"]):
+        for file in ("config.json", "modules.json"):
+            try:
+                found = try_to_load_from_cache(repo, file)
+            except ValueError:  # not a valid repo id
+                return None
+            if isinstance(found, str) and "/snapshots/" in found:
+                return found.split("/snapshots/", 1)[1].split("/", 1)[0]
+    return None

@@ -27,10 +27,10 @@ from pydantic import Field
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.pairs import score_summary
-from gplflow.tasks.train import model_signature
 
 logger = logging.getLogger(__name__)
 

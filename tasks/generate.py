@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from gplflow.adapters import artifacts
 from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.lazy import lazy
+from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.text import passage_text, split_sentences
@@ -108,7 +109,7 @@ def _fingerprint_parts(cfg: GenerateConfig, corpus_fp: str, generator: str) -> t
     if cfg.method == "extractive":
         config = {k: v for k, v in config.items() if k not in T5_ONLY_FIELDS}
         generator = ""
-    return config, {"corpus": corpus_fp, "generator": generator}
+    return config, {"corpus": corpus_fp, "generator": model_signature(generator)}
 
 
 def generate_fingerprint(cfg: GenerateConfig, corpus_fp: str, generator: str) -> str:

@@ -34,6 +34,7 @@ from pydantic import Field
 from gplflow.adapters import artifacts
 from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.lazy import lazy
+from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.staging import ShardStaging, sum_counters
 from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
 from gplflow.adapters.text import passage_texts
@@ -81,7 +82,8 @@ def _fingerprint_parts(
     cfg: LabelConfig, n_triples: int, corpus_fp: str, queries_fp: str, negatives_fp: str, teacher: str
 ) -> tuple[dict, dict]:
     config = {**cfg.model_dump(mode="json"), "triples": n_triples}
-    inputs = {"corpus": corpus_fp, "queries": queries_fp, "negatives": negatives_fp, "teacher": teacher}
+    inputs = {"corpus": corpus_fp, "queries": queries_fp, "negatives": negatives_fp,
+              "teacher": model_signature(teacher)}  # by content: a teacher folder replaced in place labels anew
     return config, inputs
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from gplflow.adapters import artifacts
 from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.lazy import lazy
+from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.text import passage_texts
@@ -82,9 +83,15 @@ def _config(cfg: MineConfig, retrievers: list[Retriever]) -> dict:
     return {**cfg.model_dump(mode="json"), "retrievers": [{"model": ref, "score": s} for ref, s in retrievers]}
 
 
+def _inputs(corpus_fp: str, queries_fp: str, retrievers: list[Retriever]) -> dict[str, str]:
+    """The corpus, the queries and each retriever by content (a folder replaced in place mines anew)."""
+    return {"corpus": corpus_fp, "queries": queries_fp,
+            **{f"retriever:{k}": model_signature(ref) for k, (ref, _) in enumerate(retrievers)}}
+
+
 def mine_fingerprint(cfg: MineConfig, corpus_fp: str, queries_fp: str, retrievers: Sequence[Sequence[str]]) -> str:
-    config = _config(cfg, _checked(retrievers, cfg))
-    return stage_fingerprint(STAGE, config, {"corpus": corpus_fp, "queries": queries_fp}, CODE_VERSION)
+    checked = _checked(retrievers, cfg)
+    return stage_fingerprint(STAGE, _config(cfg, checked), _inputs(corpus_fp, queries_fp, checked), CODE_VERSION)
 
 
 @dataclass
@@ -178,7 +185,7 @@ class MineJob(ShardJob):
         if self.queries.rows == 0:
             raise InputError(f"{self.queries.url}: no queries; nothing to mine")
         records = self.done_records()
-        inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint}
+        inputs = _inputs(self.corpus.fingerprint, self.queries.fingerprint, self.retrievers)
         config = _config(self.cfg, self.retrievers)
         schema = artifacts.NEGATIVES_SCHEMA
         with self.store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Literal
 
 from prefect import get_run_logger, task
@@ -21,7 +20,8 @@ from gplflow.adapters import artifacts
 from gplflow.adapters.checkpoints import folder as checkpoint_folder
 from gplflow.adapters.checkpoints import remove as remove_checkpoints
 from gplflow.adapters.errors import MissingInputError
-from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
+from gplflow.adapters.model_refs import model_signature
+from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.adapters.text import passage_text
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
@@ -57,7 +57,7 @@ class PretrainConfig(StageConfig):
 
 def _inputs(corpus_fp: str, base_model: str) -> dict[str, str]:
     """A local base folder is named by its content (a retrained base at the same path is a new input)."""
-    base = f"content:{content_signature(base_model)}" if Path(base_model).exists() else f"hub:{base_model}"
+    base = model_signature(base_model)
     return {"corpus": corpus_fp, "base_model": base}
 
 

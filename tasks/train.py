@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -17,7 +16,8 @@ from gplflow.adapters.checkpoints import folder as checkpoint_folder
 from gplflow.adapters.checkpoints import remove as remove_checkpoints
 from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.lazy import lazy
-from gplflow.adapters.store import Artifact, ArtifactStore, content_signature
+from gplflow.adapters.model_refs import model_signature
+from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.progress import ProgressArtifact
 
@@ -46,12 +46,6 @@ class TrainConfig(StageConfig):
     warmup_steps: int = Field(default=1000, ge=0)  # clamped to `steps`
     checkpoint_every: int = Field(default=10_000, gt=0)
     seed: Seed = 42
-
-
-def model_signature(model: str) -> str:
-    """A model as a stage input: a local folder is named by its content (a retrained base at the same path is a
-    new input), a hub name by its name."""
-    return f"content:{content_signature(model)}" if Path(model).exists() else f"hub:{model}"
 
 
 def _inputs(cfg: TrainConfig, base_model: str, data_fp: str, corpus_fp: str) -> dict[str, str]:

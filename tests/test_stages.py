@@ -176,3 +176,36 @@ def test_imports_go_one_way_and_form_no_circle():
         return None
 
     assert [c for name in graph if (c := circle(name, name, (name,)))] == []
+
+
+def test_a_model_folder_replaced_in_place_is_a_new_input_of_every_stage_that_uses_it(tmp_path):
+    """generate, mine, label, pretrain and train fingerprint a local model folder by content, not by path."""
+    from gplflow.adapters.model_refs import model_signature
+    from gplflow.adapters.store import forget_digests
+    from gplflow.tasks.generate import GenerateConfig, generate_fingerprint
+    from gplflow.tasks.label import LabelConfig, label_fingerprint
+    from gplflow.tasks.mine import MineConfig, mine_fingerprint
+    from gplflow.tasks.pretrain import PretrainConfig, pretrain_fingerprint
+    from gplflow.tasks.train import TrainConfig, train_fingerprint
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "model.safetensors").write_bytes(b"weights one")
+    ref = str(folder)
+
+    def fingerprints() -> list[str]:
+        forget_digests()  # as a new process would
+        return [generate_fingerprint(GenerateConfig(), "c", ref),
+                mine_fingerprint(MineConfig(), "c", "q", [(ref, "dot")]),
+                label_fingerprint(LabelConfig(), 8, "c", "q", "n", ref),
+                pretrain_fingerprint(PretrainConfig(method="tsdae"), "c", ref),
+                train_fingerprint(TrainConfig(), ref, "t", "c")]
+
+    before = fingerprints()
+    assert fingerprints() == before  # the same folder, the same inputs
+    (folder / "model.safetensors").write_bytes(b"weights two")  # retrained and saved over the old one
+    after = fingerprints()
+    assert all(a != b for a, b in zip(before, after, strict=True)), (before, after)
+    assert model_signature("sentence-transformers/not-cached-here").startswith("hub:sentence-transformers/")
+    assert model_signature("") == ""
