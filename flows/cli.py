@@ -178,9 +178,10 @@ def compare(
     for column in ("method", *COLUMNS, "promoted"):
         table.add_column(column, justify="left" if column in ("method", "promoted") else "right")
     for row in result["rows"]:
-        cells = [row.get(c) for c in COLUMNS]
-        table.add_row(row["method"], *("–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-                                       for v in cells), row.get("promoted") or "")
+        cells = [row.get(c) for c in COLUMNS[:-1]]
+        seconds = row.get("seconds")
+        table.add_row(row["method"], *("–" if v is None else f"{v:.4f}" for v in cells),
+                      "–" if seconds is None else f"{seconds:.0f}", row.get("promoted") or "")
     console.print(table)
     console.print(f"table: {result['run_root']}/comparison.md", highlight=False)
 
