@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POOL = "gpu-pool"
 # deployment name -> the Prefect flow name its entrypoint must point to
 FLOWS = {"gpl-pipeline": "gpl-pipeline", "augmented-sbert-pipeline": "augmented-sbert-pipeline",
+         "supervised-pipeline": "supervised-pipeline", "gplflow-compare": "gplflow-compare",
          "gplflow-shard": "gplflow-shard"}
 PROJECT_DIR_PLACEHOLDER = "{{ $GPLFLOW_PROJECT_DIR }}"
 
