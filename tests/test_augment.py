@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from demo_slice import beir_slice
 from scipy.stats import spearmanr
 from sentence_transformers.cross_encoder import CrossEncoder
 from typer.testing import CliRunner
@@ -41,19 +42,10 @@ N_GOLD = 40
 
 def _slice(root: Path, n_docs: int = N_DOCS, n_pairs: int = N_GOLD) -> tuple[Path, Path]:
     """The first demo passages (BEIR folder with the qrels judged on them) and the first gold pairs."""
-    docs = [json.loads(line) for line in (DEMO / "corpus.jsonl").read_text().splitlines()[:n_docs]]
-    ids = {d["_id"] for d in docs}
-    (root / "corpus" / "qrels").mkdir(parents=True)
-    (root / "corpus" / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    lines = (DEMO / "qrels" / "test.tsv").read_text().splitlines()
-    kept = [line for line in lines[1:] if line.split("\t")[1] in ids]
-    qids = {line.split("\t")[0] for line in kept}
-    (root / "corpus" / "qrels" / "test.tsv").write_text("\n".join([lines[0], *kept]) + "\n")
-    queries = [line for line in (DEMO / "queries.jsonl").read_text().splitlines() if json.loads(line)["_id"] in qids]
-    (root / "corpus" / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    corpus, _ = beir_slice(root, n_docs)
     pairs = root / "pairs.tsv"
     pairs.write_text("\n".join((DEMO / "pairs.tsv").read_text().splitlines()[: n_pairs + 1]) + "\n")
-    return root / "corpus", pairs
+    return corpus, pairs
 
 
 @pytest.fixture(scope="module")

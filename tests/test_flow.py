@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from demo_slice import beir_slice
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -41,17 +42,8 @@ def _prefect_api():
 def config(tmp_path_factory) -> Path:
     """A BEIR slice of the demo corpus (the first 36 passages, the queries judged on them) and a tiny config."""
     root = tmp_path_factory.mktemp("flowdata")
-    docs = [json.loads(line) for line in (DEMO / "corpus.jsonl").read_text().splitlines()[:N_DOCS]]
-    ids = {d["_id"] for d in docs}
-    (root / "corpus" / "qrels").mkdir(parents=True)
-    (root / "corpus" / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    lines = (DEMO / "qrels" / "test.tsv").read_text().splitlines()
-    kept = [line for line in lines[1:] if line.split("\t")[1] in ids]
-    qids = {line.split("\t")[0] for line in kept}
-    assert len(qids) >= 3, "the slice must keep a few judged queries"
-    (root / "corpus" / "qrels" / "test.tsv").write_text("\n".join([lines[0], *kept]) + "\n")
-    queries = [line for line in (DEMO / "queries.jsonl").read_text().splitlines() if json.loads(line)["_id"] in qids]
-    (root / "corpus" / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    _, judged = beir_slice(root, N_DOCS)
+    assert judged >= 3, "the slice must keep a few judged queries"
     cfg = {
         "name": "flow-test",
         "profile": "tiny",
