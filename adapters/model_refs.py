@@ -53,12 +53,13 @@ def model_signature(ref: str) -> str:
     path = Path(resolve(ref)) if ref != TINY else None
     if path is not None and path.exists():
         return f"content:{content_signature(path)}"
-    revision = _cached_revision(ref)
+    revision = cached_revision(ref)
     return f"hub:{ref}@{revision}" if revision else f"hub:{ref}"
 
 
-def _cached_revision(name: str) -> str | None:
-    """The commit of ``name``'s snapshot in the Hugging Face cache, if it holds one."""
+def cached_revision(name: str) -> str | None:
+    """The commit of ``name``'s snapshot in the Hugging Face cache, if it holds a model config of it
+    (sentence-transformers' short names are looked up under ``sentence-transformers/`` too)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:

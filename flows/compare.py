@@ -51,7 +51,6 @@ class CompareConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = "compare"
-    source: str = ""  # the compare file (set by load): path overrides are relative to its folder
     base: str  # the pipeline config every method starts from (relative to the compare file)
     methods: tuple[Method, ...] = Field(min_length=1)
 
@@ -77,24 +76,27 @@ class CompareConfig(BaseModel):
             raise ConfigError(f"{path}: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in err.errors())) from err
         base = Path(found.base)
+        methods = tuple(m.model_copy(update={"set": tuple(_resolved(item, path.parent) for item in m.set)})
+                        for m in found.methods)
         return found.model_copy(update={"base": str(base if base.is_absolute() else (path.parent / base).resolve()),
-                                        "source": str(path.resolve())})
-
-    def _resolved(self, item: str) -> str:
-        """A path override (``pairs.path=../data/x.tsv``) is relative to the compare file, as paths in a config."""
-        key, sep, value = item.partition("=")
-        if sep and key.strip() in _PATH_KEYS and "://" not in value and not Path(value).is_absolute():
-            return f"{key}={(Path(self.source).parent / value).resolve()}"
-        return item
+                                        "methods": methods})
 
     def method_configs(self) -> Iterator[tuple[Method, PipelineConfig, list[str]]]:
         """Each method's pipeline config (named ``<compare name>-<method>``), checked before anything runs."""
         for method in self.methods:
-            overrides = [*(self._resolved(item) for item in method.set), f"name={self.name}-{method.name}"]
+            overrides = [*method.set, f"name={self.name}-{method.name}"]
             try:
                 yield method, PipelineConfig.load(self.base, overrides), overrides
             except ConfigError as err:
                 raise ConfigError(f"method {method.name}: {err}") from err
+
+
+def _resolved(item: str, folder: Path) -> str:
+    """A path override (``pairs.path=../data/x.tsv``) is relative to the compare file, as paths in a config."""
+    key, sep, value = item.partition("=")
+    if sep and key.strip() in _PATH_KEYS and "://" not in value and not Path(value).is_absolute():
+        return f"{key}={(folder / value).resolve()}"
+    return item
 
 
 def run_compare(config_path: str | Path, run_root: str | None = None) -> dict[str, Any]:

@@ -127,18 +127,10 @@ def offline() -> bool:
 
 
 def _cached(name: str) -> bool:
-    """Whether the Hugging Face cache holds a config of ``name`` (sentence-transformers' short names too)."""
-    from huggingface_hub import try_to_load_from_cache
+    """Whether the Hugging Face cache holds ``name`` (sentence-transformers' short names too)."""
+    from gplflow.adapters.model_refs import cached_revision
 
-    repos = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
-    for repo in repos:
-        for file in _CONFIG_FILES:
-            try:
-                if isinstance(try_to_load_from_cache(repo, file), str):
-                    return True
-            except ValueError:  # not a valid repo id
-                return False
-    return False
+    return cached_revision(name) is not None
 
 
 def _evaluation(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:

@@ -172,10 +172,6 @@ class Evaluators:
         self.results: dict[str, dict[str, Any]] = {"sts": {}, "clustering": {}, "mteb": {}}
         self._map: dict[str, np.ndarray] = {}
 
-    @property
-    def active(self) -> bool:
-        return self.sts is not None or self.clustering is not None or self.map_cfg is not None
-
     def add(self, label: str, model: Any, docs: np.ndarray) -> None:
         """Evaluate model ``label`` given its corpus embeddings ``docs`` (row i = document i)."""
         if self.sts is not None:
@@ -228,13 +224,16 @@ class Evaluators:
 
     def _retrieve(self, model: Any, docs: np.ndarray) -> np.ndarray:
         """Each held-out query's ``teacher.candidates`` best passages by the base model, its source left out."""
+        from gplflow.adapters.vector_index import VectorIndex
+
         queries = encoding.encode(model, self.heldout["text"], role="query", batch_size=self.batch_size,
                                   desc="base: encoding held-out queries for the teacher")
-        scores = _unit(queries) @ _unit(docs).T
         sources = np.asarray([self.position[d] for d in self.heldout["doc_id"]])
-        scores[np.arange(len(sources)), sources] = -np.inf
         k = min(self.teacher.candidates, docs.shape[0] - 1)
-        return np.argpartition(-scores, k - 1, axis=1)[:, :k] if k > 0 else np.empty((len(sources), 0), np.int64)
+        if k <= 0:
+            return np.empty((len(sources), 0), np.int64)
+        _, found = VectorIndex(docs, score="cos_sim", kind="flat").search(queries, k + 1)  # one spare: the source
+        return np.stack([row[row != source][:k] for row, source in zip(found, sources, strict=True)])
 
     def _agreement(self) -> dict[str, Any]:
         """The share of held-out queries whose source passage the teacher scores above all their candidates."""
@@ -269,11 +268,6 @@ def _run_mteb(model: Any, tasks: list[Any], batch_size: int) -> dict[str, float]
     found = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False,
                           encode_kwargs={"batch_size": batch_size})
     return {result.task_name: float(result.get_score()) for result in found.task_results}
-
-
-def _unit(emb: np.ndarray) -> np.ndarray:
-    emb = np.asarray(emb, dtype=np.float32)
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
 def _read_sts(cfg: StsConfig) -> tuple[list[str], list[str], list[float]]:
