@@ -43,14 +43,18 @@ def test_waiting_for_shards_rides_out_a_paused_server(server: PrefectServer, cap
     )
     from prefect.states import Completed
 
-    settings = {PREFECT_API_URL: server.api_url, PREFECT_API_REQUEST_TIMEOUT: REQUEST_TIMEOUT_S,
-                PREFECT_CLIENT_MAX_RETRIES: 0}  # no retries inside Prefect's client: the dispatcher's own are tested
-    with temporary_settings(settings):
+    # Setting up and finishing the runs use the client's usual timeout and retries: a loaded machine may answer
+    # those slowly or with a 503, and they are not what is tested. Only the dispatcher's wait runs with a short
+    # request timeout and no retries inside Prefect's client, so that its own retries are what rides out the pause.
+    patient = {PREFECT_API_URL: server.api_url}
+    strict = {**patient, PREFECT_API_REQUEST_TIMEOUT: REQUEST_TIMEOUT_S, PREFECT_CLIENT_MAX_RETRIES: 0}
+    with temporary_settings(patient):
         with get_client(sync_client=True) as client:
             runs = [client.create_flow_run(probe, name=f"generate shard {k}") for k in range(2)]
         attempts = [shards.Attempt(k, run.id, run.name) for k, run in enumerate(runs)]
         group = server.process.proc.pid
         stopped_for: list[float] = []
+        finished: list[str] = []
 
         def pause_then_finish() -> None:
             time.sleep(1.0)  # the dispatcher is polling by now
@@ -64,13 +68,16 @@ def test_waiting_for_shards_rides_out_a_paused_server(server: PrefectServer, cap
             with get_client(sync_client=True) as other:
                 for run in runs:
                     other.set_flow_run_state(run.id, Completed(), force=True)
+                    finished.append(run.name)
 
         helper = threading.Thread(target=contextvars.copy_context().run, args=(pause_then_finish,), daemon=True)
-        helper.start()
+    helper.start()
+    with temporary_settings(strict):
         with caplog.at_level(logging.WARNING, logger="gplflow.flows.shards"):
             shards.DeploymentDispatcher(poll_s=0.25, api_patience_s=60).wait(attempts)
-        helper.join(timeout=60)
+    helper.join(timeout=60)
 
+    assert finished == [run.name for run in runs], "the helper could not mark the runs completed"
     assert stopped_for and stopped_for[0] >= PAUSE_S
     assert [a.state for a in attempts] == ["COMPLETED", "COMPLETED"]
     retried = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
