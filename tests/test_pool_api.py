@@ -72,9 +72,8 @@ def test_waiting_for_shards_rides_out_a_paused_server(server: PrefectServer, cap
 
         helper = threading.Thread(target=contextvars.copy_context().run, args=(pause_then_finish,), daemon=True)
     helper.start()
-    with temporary_settings(strict):
-        with caplog.at_level(logging.WARNING, logger="gplflow.flows.shards"):
-            shards.DeploymentDispatcher(poll_s=0.25, api_patience_s=60).wait(attempts)
+    with temporary_settings(strict), caplog.at_level(logging.WARNING, logger="gplflow.flows.shards"):
+        shards.DeploymentDispatcher(poll_s=0.25, api_patience_s=60).wait(attempts)
     helper.join(timeout=60)
 
     assert finished == [run.name for run in runs], "the helper could not mark the runs completed"
