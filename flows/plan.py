@@ -8,19 +8,20 @@ the trainer) on a small batch of the corpus, after one warm-up call. Nothing is 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gplflow.adapters.errors import InputError
 from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.flows.config import PipelineConfig
-from gplflow.tasks import generate, ingest, split
+from gplflow.tasks import generate, ingest
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,11 @@ CALIBRATION_PASSAGES = 16  # passages given to the generator (at most one batch)
 
 @dataclass
 class StagePlan:
-    """One stage: how much work, in which unit, and the calibrated rate (None when it could not be measured)."""
+    """One stage: how much work, in which unit, and the calibrated rate (None when it could not be measured).
+
+    ``measure`` times the stage's own compute path on a few passages (given the resolved models and the passage
+    sample) and returns its rate in ``unit`` per second.
+    """
 
     stage: str
     work: float
@@ -39,6 +44,7 @@ class StagePlan:
     detail: str
     rate: float | None = None
     note: str = ""
+    measure: Callable[[dict[str, Any], list[str]], float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def seconds(self) -> float | None:
@@ -65,7 +71,7 @@ def make_plan(cfg: PipelineConfig, run_dir: str, calibrate: bool = True) -> Plan
         raise InputError("--plan needs corpus.path (a plan for an import.gpl_dir run is not supported)")
     with tempfile.TemporaryDirectory(prefix="gplflow-plan-") as scratch:
         corpus = _corpus(cfg.corpus, run_dir, Path(scratch))
-        stages = _stages(cfg, corpus)
+        stages = planned_stages(cfg, corpus.rows)
         if calibrate:
             _calibrate(cfg, corpus, stages)
     return Plan(models.device(), corpus.rows, stages)
@@ -77,63 +83,122 @@ def _corpus(cfg: ingest.IngestConfig, run_dir: str, scratch: Path) -> Artifact:
     return found or ingest.run_ingest(cfg, ArtifactStore(str(scratch)))
 
 
-def _stages(cfg: PipelineConfig, corpus: Artifact) -> list[StagePlan]:
-    n = corpus.rows
-    qpp, sample = generate.queries_per_passage(cfg.generate, n)
-    used = sample or n
-    queries = used * qpp
-    sampled = f" (a seeded sample of {used} of {n})" if sample else ""
-    out = [] if not cfg.uses_queries else [  # the pair flows train on the user's pairs: no queries
-        StagePlan("generate", used, "passages", f"{used} passages{sampled} x {qpp} = {queries} queries "
-                  f"({cfg.generate.method})")]
-    if cfg.pretrain.method != "none":
-        out.append(StagePlan("pretrain", cfg.pretrain.steps, "steps", f"{cfg.pretrain.method}, {cfg.pretrain.steps} "
-                             f"steps of batch {cfg.pretrain.batch_size}"))
-    if cfg.flow == "augmented_sbert":
-        out += _augment_stages(cfg, n)
-    if cfg.is_gpl:
-        dense = len(cfg.models.retrievers)
-        miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
-        out.append(StagePlan("mine", dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages "
-                             f"+ {queries} queries), {cfg.mine.negatives_per_query} negatives from "
-                             f"{', '.join(miners)}"))
-        triples = cfg.n_triples
-        pairs = triples + min(triples, queries)  # each triple's negative pair; a query's positive pair once
-        detail = f"{triples} triples, about {pairs} distinct pairs for the {cfg.label.teacher} teacher"
-        if cfg.label.teacher == "cross_encoder":
-            out.append(StagePlan("label", pairs, "pairs", detail))
-        else:  # each distinct text is encoded once: at most the queries with triples and every passage
-            texts = min(triples, queries) + n
-            out.append(StagePlan("label", texts, "texts", f"{detail}: at most {texts} texts encoded"))
-    examples = cfg.train.steps * cfg.train.batch_size
-    out.append(StagePlan("train", cfg.train.steps, "steps", f"{cfg.train.loss}, {cfg.train.steps} steps of batch "
-                         f"{cfg.train.batch_size} ({examples} examples)"))
-    if cfg.evaluate.qrels or (split.active(cfg.evaluate) and cfg.uses_queries):
-        compared = 3 if cfg.pretrain.method != "none" else 2
-        out.append(StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the "
-                             "judged or held-out queries)"))
+def planned_stages(cfg: PipelineConfig, n: int) -> list[StagePlan]:
+    """The registry's stages this config computes, in order, each with the work its ``estimate`` counts.
+
+    The registry's own ``when`` decides which stages run, on a run whose artifacts are all still to be made.
+    Stages without an estimate (ingest, split, promote: cheap next to the rest) are left out of the table.
+    """
+    from gplflow.flows.stages import STAGES, Run
+
+    run = Run(cfg, "", planning=True)
+    out = []
+    for stage in STAGES:
+        if not stage.when(run):
+            continue
+        run.fps.update(dict.fromkeys(stage.makes, "planned"))
+        if stage.estimate is not None:
+            found = stage.resolve_estimate()(cfg, n)
+            found.stage = stage.step
+            out.append(found)
     return out
 
 
-def _augment_stages(cfg: PipelineConfig, n: int) -> list[StagePlan]:
-    """Augmented SBERT's three stages, counted from the gold pairs file (read once) and the corpus size."""
-    from gplflow.adapters.corpus_readers import detect_format
+def generate_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    qpp, sample = generate.queries_per_passage(cfg.generate, n)
+    used = sample or n
+    sampled = f" (a seeded sample of {used} of {n})" if sample else ""
+    return StagePlan("generate", used, "passages", f"{used} passages{sampled} x {qpp} = {used * qpp} queries "
+                     f"({cfg.generate.method})",
+                     measure=lambda resolved, passages: _generate_rate(cfg, resolved, passages, qpp))
+
+
+def _queries(cfg: PipelineConfig, n: int) -> int:
+    qpp, sample = generate.queries_per_passage(cfg.generate, n)
+    return (sample or n) * qpp
+
+
+def pretrain_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    p = cfg.pretrain
+    return StagePlan("pretrain", p.steps, "steps", f"{p.method}, {p.steps} steps of batch {p.batch_size}",
+                     measure=lambda resolved, passages: _pretrain_rate(cfg, resolved, passages))
+
+
+def mine_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    dense, queries = len(cfg.models.retrievers), _queries(cfg, n)
+    miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
+    return StagePlan("mine", dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages + "
+                     f"{queries} queries), {cfg.mine.negatives_per_query} negatives from {', '.join(miners)}",
+                     measure=lambda resolved, passages: _mine_rate(cfg, resolved, passages))
+
+
+def label_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    triples, queries = cfg.n_triples, _queries(cfg, n)
+    pairs = triples + min(triples, queries)  # each triple's negative pair; a query's positive pair once
+    detail = f"{triples} triples, about {pairs} distinct pairs for the {cfg.label.teacher} teacher"
+    measure = lambda resolved, passages: _label_rate(cfg, resolved, passages)  # noqa: E731
+    if cfg.label.teacher == "cross_encoder":
+        return StagePlan("label", pairs, "pairs", detail, measure=measure)
+    texts = min(triples, queries) + n  # each distinct text is encoded once: the queries with triples, every passage
+    return StagePlan("label", texts, "texts", f"{detail}: at most {texts} texts encoded", measure=measure)
+
+
+def train_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    t = cfg.train
+    return StagePlan("train", t.steps, "steps", f"{t.loss}, {t.steps} steps of batch {t.batch_size} "
+                     f"({t.steps * t.batch_size} examples)",
+                     measure=lambda resolved, passages: _train_rate(cfg, resolved, passages))
+
+
+def evaluate_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    compared = 3 if cfg.pretrain.method != "none" else 2
+    return StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the judged or "
+                     "held-out queries)", measure=lambda resolved, passages: _encode_rate(
+                         resolved["base"], passages, cfg.evaluate.max_seq_length, cfg.evaluate.batch_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _gold(path: str, kind: str, fmt: str, columns: tuple[tuple[str, Any], ...], score_max: float | None
+          ) -> tuple[int, int]:
+    """The gold pairs file's row count and distinct sentences (read once per plan)."""
     from gplflow.adapters.pair_readers import iter_pairs
 
-    p, a, c = cfg.pairs, cfg.augment, cfg.augment.cross_encoder
-    if p is None:  # not a valid augmented_sbert config (its validation requires pairs)
-        return []
-    rows = list(iter_pairs(p.path, p.kind, p.format or detect_format(p.path), p.columns.model_dump(), p.score_max))
-    sentences = len({text for row in rows for text in (row["sentence1"], row["sentence2"])})
-    steps = c.steps or c.epochs * math.ceil(len(rows) / c.batch_size)
+    rows = list(iter_pairs(path, kind, fmt, dict(columns), score_max))
+    return len(rows), len({text for row in rows for text in (row["sentence1"], row["sentence2"])})
+
+
+def _gold_counts(cfg: PipelineConfig) -> tuple[int, int]:
+    from gplflow.adapters.corpus_readers import detect_format
+
+    p = cfg.pairs
+    assert p is not None  # augmented_sbert's validation requires pairs
+    return _gold(str(p.path), p.kind, p.format or detect_format(p.path), tuple(p.columns.model_dump().items()),
+                 p.score_max)
+
+
+def cross_encoder_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    c = cfg.augment.cross_encoder
+    rows, _ = _gold_counts(cfg)
+    steps = c.steps or c.epochs * math.ceil(rows / c.batch_size)
+    return StagePlan("cross-encoder", steps, "steps", f"{steps} steps of batch {c.batch_size} on {rows} gold pairs",
+                     measure=lambda resolved, passages: _cross_train_rate(cfg, resolved, passages))
+
+
+def sample_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    a = cfg.augment
+    _, sentences = _gold_counts(cfg)
     pool = sentences + min(a.corpus_passages, n)
     samplers = {"bm25": "BM25", "semantic": "the bi-encoder", "both": "BM25 and the bi-encoder"}[a.sampling]
-    target = a.silver_target(len(rows))
-    return [StagePlan("cross-encoder", steps, "steps", f"{steps} steps of batch {c.batch_size} on {len(rows)} gold "
-                      "pairs"),
-            StagePlan("sample", pool, "texts", f"{pool} texts ({sentences} gold sentences + up to "
-                      f"{a.corpus_passages} passages) searched with {samplers}, top {a.top_k}"),
-            StagePlan("silver", target, "pairs", f"at most {target} sampled pairs scored by the cross-encoder")]
+    return StagePlan("sample", pool, "texts", f"{pool} texts ({sentences} gold sentences + up to "
+                     f"{a.corpus_passages} passages) searched with {samplers}, top {a.top_k}",
+                     measure=lambda resolved, passages: _sample_rate(cfg, resolved, passages))
+
+
+def silver_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    rows, _ = _gold_counts(cfg)
+    target = cfg.augment.silver_target(rows)
+    return StagePlan("silver", target, "pairs", f"at most {target} sampled pairs scored by the cross-encoder",
+                     measure=lambda resolved, passages: _cross_score_rate(cfg, resolved, passages))
 
 
 def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -> None:
@@ -147,22 +212,12 @@ def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -
             stage.note = f"not calibrated: {_first_line(err)}"
         return
     passages = _passage_sample(corpus, max(CALIBRATION_TEXTS, CALIBRATION_STEPS * 3 * cfg.train.batch_size))
-    measure: dict[str, Callable[[], float]] = {
-        "generate": lambda: _generate_rate(cfg, resolved, passages,
-                                           generate.queries_per_passage(cfg.generate, corpus.rows)[0]),
-        "pretrain": lambda: _pretrain_rate(cfg, resolved, passages),
-        "mine": lambda: _mine_rate(cfg, resolved, passages),
-        "label": lambda: _label_rate(cfg, resolved, passages),
-        "train": lambda: _train_rate(cfg, resolved, passages),
-        "cross-encoder": lambda: _cross_train_rate(cfg, resolved, passages),
-        "sample": lambda: _sample_rate(cfg, resolved, passages),
-        "silver": lambda: _cross_score_rate(cfg, resolved, passages),
-        "evaluate": lambda: _encode_rate(resolved["base"], passages, cfg.evaluate.max_seq_length,
-                                         cfg.evaluate.batch_size),
-    }
     for stage in stages:
+        if stage.measure is None:
+            stage.note = "not calibrated: the stage has no rate measurement"
+            continue
         try:
-            stage.rate = measure[stage.stage]()
+            stage.rate = stage.measure(resolved, passages)
         except Exception as err:  # the stage keeps its counts; the note says why
             logger.debug("calibrating %s failed", stage.stage, exc_info=True)
             stage.note = f"not calibrated: {_first_line(err)}"

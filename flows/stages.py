@@ -38,6 +38,7 @@ class Stage:
     condition: str = ""  # ``when`` in words, for `gplflow status` ("" = every run)
     job: str | Callable[..., Any] | None = None  # shard job (same parameters as the task): pool mode fans it out
     portable: bool = True  # its artifact means the same in another run directory (gplflow compare may adopt it)
+    estimate: str | Callable[..., Any] | None = None  # (cfg, passages) -> its work and rate for `gplflow run --plan`
 
     @property
     def name(self) -> str:
@@ -45,6 +46,11 @@ class Stage:
 
     def resolve_task(self) -> Any:
         return _resolve(self.task)
+
+    def resolve_estimate(self) -> Any:
+        if self.estimate is None:
+            raise ValueError(f"stage {self.step!r} has no estimate")
+        return _resolve(self.estimate)
 
     def resolve_job(self) -> Any:
         if self.job is None:
@@ -67,6 +73,7 @@ class Run:
     run_dir: str
     fps: dict[str, str] = field(default_factory=dict)  # artifact -> fingerprint, filled as stages publish
     resolved: dict[str, Any] | None = None
+    planning: bool = False  # `gplflow run --plan`: ``fps`` names the artifacts the run will make, none exist yet
 
     @classmethod
     def from_store(cls, cfg: PipelineConfig, run_dir: str) -> Run:
@@ -114,6 +121,8 @@ class Run:
         """The held-out queries' fingerprint, when the run has some (a tiny corpus may hold out none)."""
         if "heldout" not in self.fps:
             return None
+        if self.planning:
+            return self.fps["heldout"]
         found = self.store.load("heldout", expect_fingerprint=self.fps["heldout"])
         return found.fingerprint if found is not None and found.rows else None
 
@@ -161,24 +170,28 @@ STAGES: list[Stage] = [
           params=lambda run: {"cfg": run.cfg.pairs, "run_dir": run.run_dir},
           when=lambda run: run.cfg.trains_on_pairs, condition="the flow is supervised or augmented_sbert"),
     Stage("pretrain", ("pretrain",), ("corpus",), "gplflow.tasks.pretrain:pretrain_task",
+          estimate="gplflow.flows.plan:pretrain_estimate",
           params=lambda run: {"cfg": run.cfg.pretrain, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "base_model": run.models["base"]},
           when=lambda run: run.cfg.pretrain.method != "none", condition="pretrain.method is not none"),
     Stage("train cross-encoder", ("cross-encoder",), ("pairs",), "gplflow.tasks.augment:cross_encoder_task",
+          estimate="gplflow.flows.plan:cross_encoder_estimate",
           params=lambda run: {"cfg": run.cfg.augment, "run_dir": run.run_dir, "start": run.models["cross_encoder"],
                               "pairs_fp": run.fps["pairs"]},
           when=_augments, condition="the flow is augmented_sbert"),
     Stage("sample pairs", ("silver-candidates",), ("corpus", "pairs"), "gplflow.tasks.augment:sample_task",
+          estimate="gplflow.flows.plan:sample_estimate",
           params=lambda run: {"cfg": run.cfg.augment, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "pairs_fp": run.fps["pairs"], "bi_encoder": run.start},
           when=_augments, condition="the flow is augmented_sbert"),
     Stage("label silver", ("silver",), ("silver-candidates", "cross-encoder"), "gplflow.tasks.augment:silver_task",
+          estimate="gplflow.flows.plan:silver_estimate",
           params=lambda run: {"cfg": run.cfg.augment, "run_dir": run.run_dir,
                               "candidates_fp": run.fps["silver-candidates"],
                               "cross_encoder_fp": run.fps["cross-encoder"]},
           when=_augments, condition="the flow is augmented_sbert"),
     Stage("generate", ("queries",), ("corpus",), "gplflow.tasks.generate:generate_task",
-          job="gplflow.tasks.generate:generate_job",
+          job="gplflow.tasks.generate:generate_job", estimate="gplflow.flows.plan:generate_estimate",
           params=lambda run: {"cfg": run.cfg.generate, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "generator": run.models["generator"] if run.cfg.generate.method == "t5" else "",
                               "shard_size": run.cfg.execution.shard_size},
@@ -187,32 +200,36 @@ STAGES: list[Stage] = [
           params=lambda run: {"cfg": run.cfg.evaluate, "run_dir": run.run_dir, "queries_fp": run.fps["queries"]},
           when=_holds_out, condition="evaluate.heldout_fraction > 0"),
     Stage("mine", ("negatives",), ("corpus", "queries-train"), "gplflow.tasks.mine:mine_task",
-          job="gplflow.tasks.mine:mine_job",
+          job="gplflow.tasks.mine:mine_job", estimate="gplflow.flows.plan:mine_estimate",
           params=lambda run: {"cfg": run.cfg.mine, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "queries_fp": run.fps[run.train_queries], "retrievers": run.models["retrievers"],
                               "shard_size": run.cfg.execution.shard_size},
           when=lambda run: run.cfg.is_gpl and "triples" not in run.fps, condition="the flow is gpl (margin_mse)"),
     Stage("label", ("triples",), ("corpus", "queries-train", "negatives"), "gplflow.tasks.label:label_task",
-          job="gplflow.tasks.label:label_job",
+          job="gplflow.tasks.label:label_job", estimate="gplflow.flows.plan:label_estimate",
           params=lambda run: {"cfg": run.cfg.label, "run_dir": run.run_dir, "n_triples": run.cfg.n_triples,
                               "corpus_fp": run.fps["corpus"], "queries_fp": run.fps[run.train_queries],
                               "negatives_fp": run.fps["negatives"], "teacher": run.models[run.cfg.teacher_slot],
                               "queries_stage": run.train_queries, "shard_size": run.cfg.execution.shard_size},
           when=lambda run: run.cfg.is_gpl, condition="the flow is gpl (margin_mse)"),
     Stage("train", ("model",), ("corpus", "queries-train", "triples"), "gplflow.tasks.train:train_task",
+          estimate="gplflow.flows.plan:train_estimate",
           params=lambda run: {"cfg": run.cfg.train, "run_dir": run.run_dir, "base_model": run.start,
                               "corpus_fp": run.fps["corpus"], "queries_fp": run.fps[run.train_queries],
                               "triples_fp": run.fps["triples"] if run.cfg.is_gpl else None},
           when=lambda run: run.cfg.uses_queries),
     Stage("train on pairs", ("model",), ("pairs",), "gplflow.tasks.train:train_pairs_task",
+          estimate="gplflow.flows.plan:train_estimate",
           params=lambda run: {"cfg": run.cfg.train, "run_dir": run.run_dir, "base_model": run.start,
                               "pairs_fp": run.fps["pairs"]},
           when=lambda run: run.cfg.flow == "supervised"),
     Stage("train on gold + silver", ("model",), ("pairs", "silver"), "gplflow.tasks.train:train_pairs_task",
+          estimate="gplflow.flows.plan:train_estimate",
           params=lambda run: {"cfg": run.cfg.train, "run_dir": run.run_dir, "base_model": run.start,
                               "pairs_fp": run.fps["pairs"], "silver_fp": run.fps["silver"]},
           when=_augments),
     Stage("evaluate", ("evaluate",), ("corpus", "heldout", "model"), "gplflow.tasks.evaluate:evaluate_task",
+          estimate="gplflow.flows.plan:evaluate_estimate",
           params=lambda run: {"cfg": run.cfg.evaluate, "run_dir": run.run_dir, "corpus_fp": run.fps["corpus"],
                               "models": run.compared, "adapted_fp": run.fps["model"], "heldout_fp": run.heldout_fp,
                               "teacher": _teacher(run)},

@@ -200,10 +200,10 @@ def test_the_plan_counts_the_augmented_stages(tmp_path):
                                                 "corpus_passages": 10},
                                     "train": {"steps": 5}})
     plan = {s.stage: s for s in make_plan(cfg, str(tmp_path / "run"), calibrate=False).stages}
-    assert list(plan) == ["cross-encoder", "sample", "silver", "train"]
-    assert plan["cross-encoder"].work == 2 * 3  # 2 epochs of ceil(40 / 16) steps
-    assert plan["silver"].work == 4 * N_GOLD
-    assert plan["sample"].work <= 2 * N_GOLD + 10
+    assert list(plan) == ["train cross-encoder", "sample pairs", "label silver", "train on gold + silver"]
+    assert plan["train cross-encoder"].work == 2 * 3  # 2 epochs of ceil(40 / 16) steps
+    assert plan["label silver"].work == 4 * N_GOLD
+    assert plan["sample pairs"].work <= 2 * N_GOLD + 10
 
 
 # --- the flow, end to end ----------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 The toy stage counts the words of each passage into ``wordcounts/``. It is added to ``flows.stages.STAGES``
 and nowhere else; the test runs a GenQ flow (extractive queries, tiny models) with it and checks the artifact's
 values, its status row, its report row, that a rerun serves it from the cache (Cached in Prefect), and that a
-deleted part is recomputed.
+deleted part is recomputed. With an ``estimate`` the same entry also shows in ``gplflow run --plan``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from prefect import task
 
 from gplflow.adapters.store import ArtifactStore, fingerprint
 from gplflow.flows import stages
+from gplflow.flows.config import PipelineConfig
 from gplflow.flows.pipeline import genq_pipeline
 from gplflow.flows.report import stage_rows
 from gplflow.flows.stages import Stage
@@ -53,6 +55,13 @@ def count_words_task(run_dir: str, corpus_fp: str) -> str:
 TOY_STAGE = Stage("count words", (TOY,), ("corpus",), count_words_task,
                   params=lambda run: {"run_dir": run.run_dir, "corpus_fp": run.fps["corpus"]},
                   when=lambda run: run.cfg.name.startswith("toy"), condition="the run's name starts with toy")
+
+
+def _toy_estimate(cfg, n: int):
+    from gplflow.flows.plan import StagePlan
+
+    return StagePlan("count words", n, "passages", f"{n} passages split on spaces",
+                     measure=lambda resolved, passages: len(passages) / 0.5)
 
 
 # --- the test ---------------------------------------------------------------------------------------------
@@ -131,6 +140,24 @@ def test_a_stage_added_to_the_registry_alone_runs_in_the_flow_status_and_report(
     third = genq_pipeline(str(config), [], str(run_dir), return_state=True)
     assert _task_states(third)["count words"] == "Completed"
     assert store.require(TOY).read_pandas()["words"].tolist() == counts["words"].tolist()
+
+
+def test_a_stage_added_to_the_registry_with_an_estimate_shows_in_the_plan(config, tmp_path):
+    from gplflow.flows.plan import make_plan, planned_stages
+
+    toy = dataclasses.replace(TOY_STAGE, estimate=_toy_estimate)
+    stages.STAGES.insert(1, toy)
+    try:
+        cfg = PipelineConfig.load(config)
+        plan = make_plan(cfg, str(tmp_path / "run"), calibrate=False)
+        other = planned_stages(PipelineConfig.load(config, ["name=other"]), N_DOCS)
+    finally:
+        stages.STAGES.remove(toy)
+    assert [s.stage for s in plan.stages] == ["count words", "generate", "train"]  # registry order, its `when`
+    assert plan.stages[0].work == N_DOCS and plan.stages[0].detail == f"{N_DOCS} passages split on spaces"
+    assert plan.stages[0].measure(None, ["a", "b"]) == 4.0
+    assert [s.stage for s in other] == ["generate", "train"]  # `when` is false for a run not named toy…
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_registry_names_every_artifact_once_and_every_shardable_stage():
