@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from gplflow.adapters.errors import InputError
 from gplflow.tasks.augment import AugmentConfig
-from gplflow.tasks.base import Seed
+from gplflow.tasks.base import NoBoolNumbers, Seed
 from gplflow.tasks.evaluate import EvaluateConfig
 from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.ingest import IngestConfig
@@ -26,7 +26,7 @@ from gplflow.tasks.train import PAIR_LOSSES, TrainConfig
 PAIR_FLOWS = ("supervised", "augmented_sbert")  # the flows that train on labelled pairs, not generated queries
 
 
-class _Frozen(BaseModel):
+class _Frozen(NoBoolNumbers):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), populate_by_name=True)
 
 

@@ -4,13 +4,15 @@ the shard job of the shardable stages (generate, mine, label)."""
 from __future__ import annotations
 
 import logging
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from prefect.cache_policies import CachePolicy
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gplflow.adapters.disk import is_no_space
 from gplflow.adapters.errors import GplflowError, InputError
@@ -32,7 +34,29 @@ AutoOrPositive = Annotated[int | Literal["auto"], AfterValidator(_auto_or_positi
 Progress = Callable[[int], Any]  # told how many more units of a stage's work are done (see tasks/progress.py)
 
 
-class StageConfig(BaseModel):
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field takes an int or a float and never a bool (``int``, ``float | None``, ``int | 'auto'``)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _wants_number(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        return bool not in members and any(_wants_number(m) for m in members)
+    return annotation in (int, float)
+
+
+class NoBoolNumbers(BaseModel):
+    """Settings whose numbers are numbers: ``steps: true`` is an error, not 1 (pydantic's lax mode would take it)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _wants_number(field.annotation):
+            raise ValueError(f"got {value!r}, expected a number (a true/false value is not read as 1/0)")
+        return value
+
+
+class StageConfig(NoBoolNumbers):
     """A stage's settings: frozen, and unknown keys are errors (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())

@@ -74,12 +74,23 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("train.steps=0", "'train.steps': got 0"),
     ("generate.queries_per_passage=many", "'generate.queries_per_passage': got 'many'"),
     ("models.retrievers=[{name: a, score: l2}]", "models.retrievers.0.score"),
+    # a true/false value for a number is an error, not 1/0 (pydantic's lax mode would take it)
+    ("train.steps=true", "'train.steps': got True, expected a number"),
+    ("train.learning_rate=false", "'train.learning_rate': got False, expected a number"),
+    ("generate.queries_per_passage=yes", "'generate.queries_per_passage': got True, expected a number"),
+    ("evaluate.heldout_fraction=true", "'evaluate.heldout_fraction': got True, expected a number"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         PipelineConfig.load(ROOT / "configs" / "demo.yaml", [override])
     assert str(err.value).startswith(f"--set {override}: ")  # the key came from --set, not from demo.yaml
     assert message in str(err.value)
+
+
+def test_a_boolean_stays_a_boolean_and_a_number_a_number() -> None:
+    cfg = PipelineConfig.load(ROOT / "configs" / "demo.yaml", ["mine.bm25=true", "train.steps=3",
+                                                               "generate.queries_per_passage=auto"])
+    assert cfg.mine.bm25 is True and cfg.train.steps == 3 and cfg.generate.queries_per_passage == "auto"
 
 
 def test_bad_values_from_the_file_name_the_file(tmp_path: Path) -> None:
