@@ -14,6 +14,9 @@ cannot be checked, so the lock is a lease: the file also holds an expiry ``LEASE
 thread of the live run renews every third of that. A lease not renewed in time is stale (its run died or lost
 the storage) and is taken over. Two runs racing for a free lease both write, wait, and read back: the one whose
 token is in the file holds it.
+
+The lock may also name what holds it (``about``: the pipeline records its Prefect flow run), and ``run_lock``
+hands the run that takes over a stale lock what that lock said, so the dead run's flow run can be marked.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,25 +52,34 @@ class RunLockedError(GplflowError, ValueError):
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str) -> Iterator[None]:
-    """Hold the run directory's lock for the duration of the block (released on error too)."""
+def run_lock(run_dir: str, about: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any] | None]:
+    """Hold the run directory's lock for the duration of the block (released on error too).
+
+    ``about`` is written into the lock beside host, pid and start time. The block is given the holder of the
+    stale lock this run took over (what its lock file said), or None when the directory was free.
+    """
     fs, root = fsspec.core.url_to_fs(str(run_dir))
     if not _is_local(fs):
-        with Lease(fs, f"{root.rstrip('/')}/{LOCK}", str(run_dir)):
-            yield
+        with Lease(fs, f"{root.rstrip('/')}/{LOCK}", str(run_dir), about=about) as lease:
+            yield lease.stale
         return
     Path(root).mkdir(parents=True, exist_ok=True)
     path = Path(root) / LOCK
-    token = acquire(path, str(run_dir))
+    token, stale = acquire(path, str(run_dir), about)
     try:
-        yield
+        yield stale
     finally:
         release(path, token)
 
 
-def acquire(path: Path, run_dir: str) -> str:
-    """Create the lock file at ``path`` (taking over a stale one); returns this holder's token."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": uuid.uuid4().hex}
+def _holder(about: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {**(about or {}), "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+            "token": uuid.uuid4().hex}
+
+
+def acquire(path: Path, run_dir: str, about: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any] | None]:
+    """Create the lock file at ``path`` (taking over a stale one): this holder's token, and the stale holder."""
+    me, stale = _holder(about), None
     for _ in range(_ATTEMPTS):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -78,13 +90,14 @@ def acquire(path: Path, run_dir: str) -> str:
             why = _stale_reason(_parse(text), path)
             if why is None:
                 raise _locked(run_dir, path, text) from None
-            _take_over(path, text, why)
+            if _take_over(path, text, why):
+                stale = _parse(text)
             continue
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(me))
             fh.flush()
             os.fsync(fh.fileno())
-        return me["token"]
+        return me["token"], stale
     raise RunLockedError(f"{run_dir}: could not take the lock {path}; other runs keep taking it")
 
 
@@ -180,32 +193,35 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
-def _take_over(path: Path, stale_text: str, why: str) -> None:
-    """Remove the stale lock, unless another run replaced it meanwhile (then that one is put back)."""
+def _take_over(path: Path, stale_text: str, why: str) -> bool:
+    """Remove the stale lock, unless another run replaced it meanwhile (then that one is put back).
+
+    True when this call removed it (another run that took it over first got its holder instead)."""
     aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
-        return  # another run took it over first; the caller tries again
+        return False  # another run took it over first; the caller tries again
     if _read_text(aside) != stale_text:  # a fresh lock: give it back
         with contextlib.suppress(FileExistsError):
             os.link(aside, path)
         aside.unlink(missing_ok=True)
-        return
+        return False
     aside.unlink(missing_ok=True)
     logger.warning("%s: taking over a stale lock (%s): %s", path, describe(_parse(stale_text)), why)
+    return True
 
 
 class Lease:
     """The lock of a run directory on an fsspec URL: a lock file with an expiry that a live run keeps renewing."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, run_dir: str, lease_s: float | None = None,
-                 settle_s: float | None = None):
+                 settle_s: float | None = None, about: Mapping[str, Any] | None = None):
         self.fs, self.path, self.run_dir = fs, path, run_dir
         self.lease_s = LEASE_S if lease_s is None else lease_s
         self.settle_s = SETTLE_S if settle_s is None else settle_s
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                   "token": uuid.uuid4().hex}
+        self.me = _holder(about)
+        self.stale: dict[str, Any] | None = None  # the expired lease this one took over
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -231,6 +247,7 @@ class Lease:
             if holder is not None:
                 logger.warning("%s: taking over an expired lease (%s, not renewed for %.0f s)", self.path,
                                describe(holder), time.time() - holder.get("renewed", holder.get("started", 0)))
+                self.stale = holder
             self._write()
             time.sleep(self.settle_s)  # a racing writer's file lands meanwhile; the last write wins
             holder = self.holder()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -46,8 +47,45 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, config_path: str | Path | No
     publish here, are adopted instead of computed again (``gplflow compare`` runs methods side by side so).
     """
     validate_run(cfg, run_dir, config_path, overrides or ())  # models, qrels, run directory: before any stage
-    with run_lock(run_dir):  # a second run on this run directory fails here, before any stage
+    me = runtime.flow_run.id
+    # a second run on this run directory fails here, before any stage
+    with run_lock(run_dir, {"flow_run_id": str(me)} if me else None) as stale:
+        if stale is not None:
+            crash_abandoned(stale, run_dir)
         return _run_stages(cfg, run_dir, config_path, overrides, reuse_from)
+
+
+def crash_abandoned(stale: dict[str, Any], run_dir: str) -> None:
+    """Mark Crashed the flow run of a run that died holding ``run_dir`` (a SIGKILL, a lost machine).
+
+    Such a run could not report its end, so Prefect would show it Running for good. Its lock named the flow run;
+    if the API still has it in a state that is not final, it is set to Crashed with a message saying why. An API
+    that does not know the run (another server) or does not answer leaves it as it is.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    prior = stale.get("flow_run_id")
+    if not isinstance(prior, str) or prior == str(runtime.flow_run.id):
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_flow_run(uuid.UUID(prior))
+            if found.state is None or found.state.is_final():
+                return
+            was = found.state.name
+            client.set_flow_run_state(found.id, Crashed(message=(
+                f"its process (host {stale.get('host')}, pid {stale.get('pid')}) ended without reporting; "
+                f"flow run {runtime.flow_run.id} took over {run_dir}")), force=True)
+    except (ObjectNotFound, ValueError) as err:
+        logger.info("the flow run %s of the run that died in %s is not on this API: %s", prior, run_dir, err)
+        return
+    except Exception as err:  # an API that does not answer: the run goes on, the old flow run keeps its state
+        logger.warning("could not mark the flow run %s of the run that died in %s as Crashed: %s", prior, run_dir,
+                       err)
+        return
+    logger.warning("flow run %s was left %s by a run that died in %s; marked Crashed", prior, was, run_dir)
 
 
 def _adopt(stage: Stage, params: dict[str, Any], run: Run, donors: Sequence[str]) -> None:

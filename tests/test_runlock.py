@@ -64,6 +64,17 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, caplog: pyte
     assert list((tmp_path / "run").iterdir()) == []
 
 
+def test_the_lock_says_what_holds_it_and_a_take_over_hands_on_the_dead_holder(tmp_path: Path) -> None:
+    with run_lock(str(tmp_path / "run"), {"flow_run_id": "f-1"}) as stale:
+        assert stale is None  # the directory was free
+        assert json.loads((tmp_path / "run" / LOCK).read_text())["flow_run_id"] == "f-1"
+    pid = _dead_pid()
+    _write_lock(tmp_path / "run", pid=pid, flow_run_id="f-dead")
+    with run_lock(str(tmp_path / "run"), {"flow_run_id": "f-2"}) as stale:
+        assert stale is not None and (stale["pid"], stale["flow_run_id"]) == (pid, "f-dead")
+        assert json.loads((tmp_path / "run" / LOCK).read_text())["flow_run_id"] == "f-2"
+
+
 def test_a_reused_pid_does_not_keep_a_lock(tmp_path: Path) -> None:
     _write_lock(tmp_path / "run", pid=os.getpid(), started=time.time() - 30 * 86400)  # before we started
     with run_lock(str(tmp_path / "run")):
@@ -179,6 +190,43 @@ def test_an_expired_lease_of_a_dead_run_is_taken_over(short_lease: float, caplog
             "renewed": time.time() - 300, "expires": time.time() - 1}
     with fs.open(f"{root}/{runlock.LOCK}", "wb") as fh:
         fh.write(json.dumps(dead).encode())
-    with caplog.at_level(logging.WARNING, logger="gplflow.adapters.runlock"), runlock.run_lock(url):
-        assert _lease_file(url)["pid"] == os.getpid()
+    with caplog.at_level(logging.WARNING, logger="gplflow.adapters.runlock"), \
+            runlock.run_lock(url, {"flow_run_id": "f-2"}) as stale:
+        assert _lease_file(url)["pid"] == os.getpid() and _lease_file(url)["flow_run_id"] == "f-2"
+        assert stale is not None and stale["token"] == "dead"
     assert any("taking over an expired lease (host gone-host, pid 4242" in r.getMessage() for r in caplog.records)
+
+
+# --- the flow run of a run that died holding the lock ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def test_the_flow_run_of_a_run_that_died_is_marked_crashed(prefect_api, caplog: pytest.LogCaptureFixture) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    @flow(name="gplflow-lock-probe")
+    def probe() -> None:
+        """Never run: its flow runs stand in for the runs that died."""
+
+    with get_client(sync_client=True) as client:
+        died, ended = (client.create_flow_run(probe, name=name) for name in ("died", "ended"))
+        client.set_flow_run_state(died.id, Running(), force=True)
+        client.set_flow_run_state(ended.id, Completed(), force=True)
+        with caplog.at_level(logging.WARNING, logger="gplflow.flows.pipeline"):
+            for run in (died, ended):
+                pipeline.crash_abandoned({"flow_run_id": str(run.id), "host": "h", "pid": 4242}, "runs/x")
+            pipeline.crash_abandoned({"flow_run_id": str(uuid.uuid4()), "host": "h", "pid": 1}, "runs/x")  # unknown
+            pipeline.crash_abandoned({"host": "h", "pid": 1}, "runs/x")  # a lock that named no flow run
+        states = {run.name: client.read_flow_run(run.id).state for run in (died, ended)}
+    assert states["died"].type.value == "CRASHED" and "pid 4242" in states["died"].message
+    assert states["ended"].type.value == "COMPLETED"  # a final state is left alone
+    assert [r.getMessage() for r in caplog.records] == [
+        f"flow run {died.id} was left Running by a run that died in runs/x; marked Crashed"]
