@@ -296,8 +296,10 @@ def _silver(silver: dict[str, Any], fit: dict[str, Any]) -> None:
         console.print(f"cross-encoder on the gold pairs: BCE {before.get('bce')} → {after.get('bce')}, Spearman "
                       f"{before.get('spearman')} → {after.get('spearman')}", highlight=False)
 
+    from gplflow.tasks.augment import distribution_value
+
     def quantile(found: dict[str, Any], name: str) -> Any:
-        value = found.get(name, found.get("quantiles", {}).get(name))
+        value = distribution_value(found, name)
         return f"{value:.3f}" if isinstance(value, float) else value
 
     scores = silver.get("scores", {})

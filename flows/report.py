@@ -257,8 +257,10 @@ def silver_markdown(store: ArtifactStore) -> list[str]:
     columns = ("count", "min", "p05", "p25", "p50", "p75", "p95", "max", "mean")
     spreads = [("all", silver.get("scores", {})), *sorted(silver.get("by_sampler", {}).items())]
 
+    from gplflow.tasks.augment import distribution_value
+
     def cell(found: dict[str, Any], column: str) -> str:
-        value = found.get(column, found.get("quantiles", {}).get(column))
+        value = distribution_value(found, column)
         return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
     pool = candidates.get("pool", {})

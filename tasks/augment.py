@@ -271,6 +271,11 @@ def score_distribution(scores: np.ndarray) -> dict[str, Any]:
     return {"count": len(values), **score_summary(values.tolist()), "quantiles": quantiles}
 
 
+def distribution_value(found: dict[str, Any], name: str) -> Any:
+    """One figure of a ``score_distribution`` (``count``, ``mean``, ``p50``…), None when it has none."""
+    return found.get(name, found.get("quantiles", {}).get(name))
+
+
 # --- the Prefect tasks ------------------------------------------------------------------------------------------
 
 
