@@ -1,9 +1,11 @@
 """``gplflow run --plan``: what a config will do, and how long each stage should take on this device.
 
-Counts come from the config and the corpus (ingested into a temporary folder unless the run directory already
-holds it). Rates come from a few seconds of calibration per stage: each configured model is loaded and runs
-the stage's own compute path (``tasks.generate.t5_queries``, ``adapters.encoding.encode``, the label scorer,
-the trainer) on a small batch of the corpus, after one warm-up call. Nothing is written to the run directory.
+The stages are the registry's (``flows/stages.py``): its ``when`` picks them, and each names its ``estimate``
+here (the work it does for this config and corpus, and how to time it). Counts come from the config and the
+corpus (ingested into a temporary folder unless the run directory already holds it). Rates come from a few
+seconds of calibration per stage: each configured model is loaded and runs the stage's own compute path
+(``tasks.generate.t5_queries``, ``adapters.encoding.encode``, the label scorer, the trainer) on a small batch
+of the corpus, after one warm-up call. Nothing is written to the run directory.
 """
 
 from __future__ import annotations
