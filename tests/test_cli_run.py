@@ -39,11 +39,18 @@ def _env(tmp: Path) -> dict[str, str]:
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
+def _foreground() -> None:
+    """In the child: SIGINT handled as in a command an interactive shell runs in the foreground. A test session
+    started in the background by a non-interactive shell (``make test &``) ignores SIGINT, children inherit
+    that, and Python then keeps ignoring it: Ctrl-C could never reach the run under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp: Path, args: list[str], log: str) -> subprocess.Popen:
     """``gplflow ARGS`` in a process group of its own (as a shell runs a command), output to tmp/LOG."""
     with (tmp / log).open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "gplflow.flows.cli", *args], stdout=out, stderr=out,
-                                env=_env(tmp), start_new_session=True, cwd=tmp)
+                                env=_env(tmp), start_new_session=True, cwd=tmp, preexec_fn=_foreground)
 
 
 def _demo(tmp: Path) -> Path:
