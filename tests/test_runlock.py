@@ -105,8 +105,11 @@ def test_an_unreadable_lock_is_kept_while_fresh_and_taken_over_when_old(tmp_path
 
 _RACER = """
 import sys, time
+from pathlib import Path
 from gplflow.adapters.runlock import RunLockedError, run_lock
-while time.time() < float(sys.argv[2]):
+ready, racers = Path(sys.argv[2]), int(sys.argv[3])
+(ready / sys.argv[4]).touch()
+while len(list(ready.iterdir())) < racers:  # every racer started: a slow start cannot come after the winner's end
     time.sleep(0.001)
 try:
     with run_lock(sys.argv[1]):
@@ -118,9 +121,10 @@ except RunLockedError:
 
 
 def test_racing_runs_have_one_winner(tmp_path: Path) -> None:
-    start = time.time() + 3
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path / "run"), str(start)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path / "run"), str(ready), "4", str(k)],
+                              stdout=subprocess.PIPE, text=True) for k in range(4)]
     outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outcomes == ["refused", "refused", "refused", "won"]
     assert not (tmp_path / "run" / LOCK).exists()
