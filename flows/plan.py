@@ -153,10 +153,17 @@ def train_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
 
 
 def evaluate_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    """Retrieval's encoding of the corpus by each compared model is timed; the evaluators beside it are named."""
+    e = cfg.evaluate
     compared = 3 if cfg.pretrain.method != "none" else 2
+    also = [name for name, on in (("STS", e.sts), ("clustering", e.clustering), ("embedding map", e.embedding_map))
+            if on is not None]
+    if e.mteb is not None:
+        also.append(f"MTEB {' '.join(e.mteb.tasks)} (can take far longer)")
+    untimed = f"; untimed: {', '.join(also)}" if also else ""
     return StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the judged or "
-                     "held-out queries)", measure=lambda resolved, passages: _encode_rate(
-                         resolved["base"], passages, cfg.evaluate.max_seq_length, cfg.evaluate.batch_size))
+                     f"held-out queries){untimed}", measure=lambda resolved, passages: _encode_rate(
+                         resolved["base"], passages, e.max_seq_length, e.batch_size))
 
 
 @functools.lru_cache(maxsize=8)
