@@ -188,10 +188,12 @@ def compare(
 
 def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
     """The stages, their work and their estimated time on this device; nothing is run or written."""
+    from gplflow.flows.logs import quiet
     from gplflow.flows.plan import duration, make_plan
 
     console.print(f"calibrating each stage on this device for a few seconds (models of '{cfg.name}')…")
-    found = make_plan(cfg, run_dir)
+    with quiet():
+        found = make_plan(cfg, run_dir)
     table = Table(title=f"plan for '{cfg.name}' on {found.device}: {found.passages} passages")
     for column in ("stage", "work", "rate", "estimated time"):
         table.add_column(column, justify="right" if column in ("rate", "estimated time") else "left")

@@ -9,6 +9,7 @@ terminal those only repeat that line, so they go to the log file alone (``--verb
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -54,6 +55,25 @@ def setup_terminal(verbose: bool) -> None:
         handler.addFilter(TerminalFilter())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Hold back INFO records and what the libraries print (progress bars, load reports, the trainer's loss
+    dicts) for the block; warnings still reach the terminal. Used while ``--plan`` calibrates; nothing is held
+    with --verbose."""
+    root = logging.getLogger()
+    if root.getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        # the log handler keeps the terminal's own stream
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def log_path(run_dir: str, name: str) -> Path:

@@ -75,6 +75,7 @@ def test_cli_plan_prints_the_table_and_runs_nothing(config_file, tmp_path):
     assert result.exit_code == 0, result.output
     for words in ("plan for 'plan-test'", "generate", "mine", "label", "train", "total", "5 steps of batch 4"):
         assert words in result.output
+    assert "train_runtime" not in result.output and "it/s" not in result.output  # calibration prints held back
     assert not run_dir.exists()
 
 
