@@ -242,6 +242,7 @@ class MaskedLM:
         self.pooling = pooling
         with _quiet_transformers():
             self.module = AutoModelForMaskedLM.from_pretrained(base.transformers_model.config._name_or_path)
+        base.to("cpu")  # only its modules are needed again, at save time: one encoder on the device, not two
         self.module.to(dev)
         self.collator = DataCollatorForLanguageModeling(base.tokenizer, mlm_probability=mlm_probability,
                                                         seed=seed)
