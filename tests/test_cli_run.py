@@ -170,6 +170,47 @@ def test_ctrl_c_sigterm_and_sigkill_stop_the_run_within_seconds_and_a_rerun_resu
     assert "Execution was aborted by an interrupt signal" in log and "aborted by a termination signal" in log
 
 
+@pytest.mark.timeout(900)
+def test_a_second_run_on_a_busy_run_directory_stops_at_once_and_the_first_is_unharmed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = _start(tmp_path, _run_args(tmp_path, run_dir), "first.log")
+    try:
+        deadline = time.monotonic() + START_WITHIN_S
+        while not _running_tasks(tmp_path):  # the first run holds the lock and computes a stage
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first run's stages did not start"
+            time.sleep(0.2)
+        holder = json.loads((run_dir / ".lock").read_text())
+        started = time.monotonic()
+        second = _start(tmp_path, _run_args(tmp_path, run_dir), "second.log")
+        try:
+            code = second.wait(timeout=120)
+        finally:
+            _kill(second, [])
+        seconds = time.monotonic() - started
+        output = (tmp_path / "second.log").read_text()
+        assert code == 2 and "Traceback" not in output, output[-3000:]
+        assert "another run holds this run directory" in output and f"pid {first.pid}" in output, output
+        assert holder["pid"] == first.pid and seconds < 60, seconds  # refused before any Prefect server starts
+        assert "Starting temporary server" not in output
+        assert first.poll() is None or first.returncode == 0
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        _kill(first, [])
+    assert not (run_dir / ".lock").exists()
+    # no staging folder, temporary folder or checkpoint of the finished training left behind
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".checkpoints") == []
+    assert list((run_dir / ".checkpoints").iterdir()) == []
+    kept = {p.name: (p / "manifest.json").read_text() for p in run_dir.iterdir() if (p / "manifest.json").exists()}
+    assert {"corpus", "queries", "negatives", "triples", "model"} <= set(kept)
+    rerun = _start(tmp_path, _run_args(tmp_path, run_dir), "rerun.log")
+    try:
+        assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    finally:
+        _kill(rerun, [])
+    assert {name: (run_dir / name / "manifest.json").read_text() for name in kept} == kept  # all reused
+
+
 @pytest.mark.timeout(300)
 def test_an_error_inside_a_stage_is_one_line_and_the_log_file_has_the_traceback(tmp_path: Path) -> None:
     (tmp_path / "docs.jsonl").write_text('{"_id": "a", "text": "bees"}\n{"_id": "b", "text": "wasps"}\n'
