@@ -317,10 +317,12 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
 
     found = evaluation_table(metrics)
     table = Table(title="retrieval: " + "; ".join(f"{e.label} = {e.queries} {e.what}" for e in found.evaluated))
-    table.add_column("metric")
+    rows = list(found.text_rows())
+    widest = max((len(metric) for metric, _ in rows), default=6)
+    table.add_column("metric", no_wrap=True, min_width=widest)  # "recall@100" whole on an 80-column terminal
     for column in found.columns:
         table.add_column(column.title, justify="right")
-    for metric, cells in found.text_rows():
+    for metric, cells in rows:
         table.add_row(metric, *cells)
     return table
 
