@@ -45,3 +45,18 @@ def test_records_are_the_prefect_table_rows():
     assert [(r["evaluation"], r["model"]) for r in rows] == [("qrels", "base"), ("qrels", "adapted"),
                                                              ("qrels", "adapted − base")]
     assert rows[2] == {"evaluation": "qrels", "model": "adapted − base", **{trec.DISPLAY[m]: 0.2 for m in trec.METRICS}}
+
+
+def test_the_cli_table_keeps_metric_names_whole_on_an_80_column_terminal():
+    from rich.console import Console
+
+    from gplflow.flows.cli import metrics_table as cli_table
+
+    two = {**METRICS, "evaluations": {"qrels": _results(0.3, 0.5), "heldout": _results(0.7, 0.6)}}
+    console = Console(width=80, record=True)
+    console.print(cli_table(two))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert {line.split()[1] for line in lines if line.startswith("│ ")} == {"ndcg@10", "map@100", "recall@100",
+                                                                          "mrr@10"}
+    assert len(cli_table({"evaluations": {}, "primary_evaluation": None}).columns) == 1  # no retrieval: no rows
