@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,16 @@ class StagePlan:
     """One stage: how much work, in which unit, and the calibrated rate (None when it could not be measured).
 
     ``measure`` times the stage's own compute path on a few passages (given the resolved models and the passage
-    sample) and returns its rate in ``unit`` per second.
+    sample) and returns its rate in ``unit`` per second. ``stage`` is the registry's step name, set by the plan.
     """
 
-    stage: str
     work: float
     unit: str
     detail: str
     rate: float | None = None
     note: str = ""
     measure: Callable[[dict[str, Any], list[str]], float] | None = field(default=None, repr=False, compare=False)
+    stage: str = ""
 
     @property
     def seconds(self) -> float | None:
@@ -100,36 +101,39 @@ def planned_stages(cfg: PipelineConfig, n: int) -> list[StagePlan]:
             continue
         run.fps.update(dict.fromkeys(stage.makes, "planned"))
         if stage.estimate is not None:
-            found = stage.resolve_estimate()(cfg, n)
-            found.stage = stage.step
-            out.append(found)
+            out.append(replace(stage.resolve_estimate()(cfg, n), stage=stage.step))
     return out
 
 
-def generate_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+def _generated(cfg: PipelineConfig, n: int) -> tuple[int, int]:
+    """(passages queries are generated from, queries per passage) for a corpus of ``n`` passages."""
     qpp, sample = generate.queries_per_passage(cfg.generate, n)
-    used = sample or n
-    sampled = f" (a seeded sample of {used} of {n})" if sample else ""
-    return StagePlan("generate", used, "passages", f"{used} passages{sampled} x {qpp} = {used * qpp} queries "
+    return sample or n, qpp
+
+
+def generate_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
+    used, qpp = _generated(cfg, n)
+    sampled = f" (a seeded sample of {used} of {n})" if used < n else ""
+    return StagePlan(used, "passages", f"{used} passages{sampled} x {qpp} = {used * qpp} queries "
                      f"({cfg.generate.method})",
                      measure=lambda resolved, passages: _generate_rate(cfg, resolved, passages, qpp))
 
 
 def _queries(cfg: PipelineConfig, n: int) -> int:
-    qpp, sample = generate.queries_per_passage(cfg.generate, n)
-    return (sample or n) * qpp
+    used, qpp = _generated(cfg, n)
+    return used * qpp
 
 
 def pretrain_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     p = cfg.pretrain
-    return StagePlan("pretrain", p.steps, "steps", f"{p.method}, {p.steps} steps of batch {p.batch_size}",
+    return StagePlan(p.steps, "steps", f"{p.method}, {p.steps} steps of batch {p.batch_size}",
                      measure=lambda resolved, passages: _pretrain_rate(cfg, resolved, passages))
 
 
 def mine_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     dense, queries = len(cfg.models.retrievers), _queries(cfg, n)
     miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
-    return StagePlan("mine", dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages + "
+    return StagePlan(dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages + "
                      f"{queries} queries), {cfg.mine.negatives_per_query} negatives from {', '.join(miners)}",
                      measure=lambda resolved, passages: _mine_rate(cfg, resolved, passages))
 
@@ -140,14 +144,14 @@ def label_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     detail = f"{triples} triples, about {pairs} distinct pairs for the {cfg.label.teacher} teacher"
     measure = lambda resolved, passages: _label_rate(cfg, resolved, passages)  # noqa: E731
     if cfg.label.teacher == "cross_encoder":
-        return StagePlan("label", pairs, "pairs", detail, measure=measure)
+        return StagePlan(pairs, "pairs", detail, measure=measure)
     texts = min(triples, queries) + n  # each distinct text is encoded once: the queries with triples, every passage
-    return StagePlan("label", texts, "texts", f"{detail}: at most {texts} texts encoded", measure=measure)
+    return StagePlan(texts, "texts", f"{detail}: at most {texts} texts encoded", measure=measure)
 
 
 def train_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     t = cfg.train
-    return StagePlan("train", t.steps, "steps", f"{t.loss}, {t.steps} steps of batch {t.batch_size} "
+    return StagePlan(t.steps, "steps", f"{t.loss}, {t.steps} steps of batch {t.batch_size} "
                      f"({t.steps * t.batch_size} examples)",
                      measure=lambda resolved, passages: _train_rate(cfg, resolved, passages))
 
@@ -161,15 +165,16 @@ def evaluate_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     if e.mteb is not None:
         also.append(f"MTEB {' '.join(e.mteb.tasks)} (can take far longer)")
     untimed = f"; untimed: {', '.join(also)}" if also else ""
-    return StagePlan("evaluate", compared * n, "texts", f"{compared} models x {n} passages (and the judged or "
+    return StagePlan(compared * n, "texts", f"{compared} models x {n} passages (and the judged or "
                      f"held-out queries){untimed}", measure=lambda resolved, passages: _encode_rate(
                          resolved["base"], passages, e.max_seq_length, e.batch_size))
 
 
 @functools.lru_cache(maxsize=8)
-def _gold(path: str, kind: str, fmt: str, columns: tuple[tuple[str, Any], ...], score_max: float | None
-          ) -> tuple[int, int]:
-    """The gold pairs file's row count and distinct sentences (read once per plan)."""
+def _gold(path: str, version: tuple[int, int], kind: str, fmt: str, columns: tuple[tuple[str, Any], ...],
+          score_max: float | None) -> tuple[int, int]:
+    """The gold pairs file's row count and distinct sentences: read once for the three augmented stages, and
+    again when the file changed (``version``: its size and modification time)."""
     from gplflow.adapters.pair_readers import iter_pairs
 
     rows = list(iter_pairs(path, kind, fmt, dict(columns), score_max))
@@ -181,15 +186,16 @@ def _gold_counts(cfg: PipelineConfig) -> tuple[int, int]:
 
     p = cfg.pairs
     assert p is not None  # augmented_sbert's validation requires pairs
-    return _gold(str(p.path), p.kind, p.format or detect_format(p.path), tuple(p.columns.model_dump().items()),
-                 p.score_max)
+    found = os.stat(p.path)
+    return _gold(str(p.path), (found.st_size, found.st_mtime_ns), p.kind, p.format or detect_format(p.path),
+                 tuple(p.columns.model_dump().items()), p.score_max)
 
 
 def cross_encoder_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     c = cfg.augment.cross_encoder
     rows, _ = _gold_counts(cfg)
     steps = c.steps or c.epochs * math.ceil(rows / c.batch_size)
-    return StagePlan("cross-encoder", steps, "steps", f"{steps} steps of batch {c.batch_size} on {rows} gold pairs",
+    return StagePlan(steps, "steps", f"{steps} steps of batch {c.batch_size} on {rows} gold pairs",
                      measure=lambda resolved, passages: _cross_train_rate(cfg, resolved, passages))
 
 
@@ -198,7 +204,7 @@ def sample_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     _, sentences = _gold_counts(cfg)
     pool = sentences + min(a.corpus_passages, n)
     samplers = {"bm25": "BM25", "semantic": "the bi-encoder", "both": "BM25 and the bi-encoder"}[a.sampling]
-    return StagePlan("sample", pool, "texts", f"{pool} texts ({sentences} gold sentences + up to "
+    return StagePlan(pool, "texts", f"{pool} texts ({sentences} gold sentences + up to "
                      f"{a.corpus_passages} passages) searched with {samplers}, top {a.top_k}",
                      measure=lambda resolved, passages: _sample_rate(cfg, resolved, passages))
 
@@ -206,7 +212,7 @@ def sample_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
 def silver_estimate(cfg: PipelineConfig, n: int) -> StagePlan:
     rows, _ = _gold_counts(cfg)
     target = cfg.augment.silver_target(rows)
-    return StagePlan("silver", target, "pairs", f"at most {target} sampled pairs scored by the cross-encoder",
+    return StagePlan(target, "pairs", f"at most {target} sampled pairs scored by the cross-encoder",
                      measure=lambda resolved, passages: _cross_score_rate(cfg, resolved, passages))
 
 

@@ -60,7 +60,7 @@ TOY_STAGE = Stage("count words", (TOY,), ("corpus",), count_words_task,
 def _toy_estimate(cfg, n: int):
     from gplflow.flows.plan import StagePlan
 
-    return StagePlan("count words", n, "passages", f"{n} passages split on spaces",
+    return StagePlan(n, "passages", f"{n} passages split on spaces",
                      measure=lambda resolved, passages: len(passages) / 0.5)
 
 
