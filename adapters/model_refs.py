@@ -3,6 +3,10 @@ without loading anything: what checking a config needs, kept apart from ``models
 
 from __future__ import annotations
 
+import os
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from gplflow.adapters.errors import GplflowError
@@ -73,3 +77,47 @@ def cached_revision(name: str) -> str | None:
             if isinstance(found, str) and "/snapshots/" in found:
                 return found.split("/snapshots/", 1)[1].split("/", 1)[0]
     return None
+
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+HUB_TIMEOUT_S = 5.0  # one check, before anything else: an unreachable hub fails the run in seconds, not minutes
+
+
+class HubUnavailableError(ModelUnavailableError):
+    """Models that need the Hugging Face Hub when it is off or unreachable: a line per model, each with its fix."""
+
+    multiline = True  # the CLI prints every line: one per model
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or DEFAULT_ENDPOINT
+
+
+def hub_problem(timeout: float | None = None) -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (one request, ``timeout`` seconds at most), or None.
+
+    Any HTTP answer, even an error status, means the hub is reachable; a refused connection, an unknown host or
+    no answer within the timeout means it is not."""
+    if timeout is None:
+        timeout = float(os.environ.get("GPLFLOW_HUB_TIMEOUT", HUB_TIMEOUT_S))
+    url = f"{hub_endpoint()}/api/models?limit=1"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError | socket.timeout) or "timed out" in str(reason):
+            return f"{hub_endpoint()} did not answer within {timeout:g} s"
+        return f"{hub_endpoint()}: {str(reason) or type(reason).__name__}"
+
+
+def use_cache_only() -> None:
+    """Load hub models from the Hugging Face cache alone (no request per file) for the rest of this process."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True

@@ -62,6 +62,8 @@ _PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EIS
 def user_message(err: BaseException) -> str | None:
     """The one line for an error a user can fix (a ``GplflowError``, or a path the system refused), else None."""
     if isinstance(err, GplflowError):
+        if getattr(err, "multiline", False):  # a list, a line per item (models the hub cannot serve)
+            return str(err).strip()
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, OSError) and err.errno in _PATH_ERRNOS and err.filename:
         return f"{err.filename}: {err.strerror or type(err).__name__}"

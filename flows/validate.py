@@ -4,18 +4,28 @@ A missing qrels file is otherwise found after training and a missing base model 
 here is cheap (file names, a model folder's config, the qrels and queries parsed, the Hugging Face cache
 looked up) and runs before any Prefect server starts. Problems are reported together in one ``ConfigError``
 line, each prefixed by where its key came from: ``--set KEY=VALUE``, the config file, or a default.
+
+Hub models come first: when a model slot names a hub id, one request with a short timeout (``HUB_TIMEOUT_S``)
+tells whether the hub answers. When it is off or unreachable and a model is not in the cache, the error has
+one line per such model with its fix (``HubUnavailableError``), in seconds rather than after minutes of
+retries per file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import fsspec
 
+from gplflow.adapters.model_refs import HubUnavailableError, hub_problem, use_cache_only
 from gplflow.flows.config import ConfigError, KeyOrigins, PipelineConfig
+from gplflow.flows.stages import models_used
+
+logger = logging.getLogger(__name__)
 
 _TRUE = {"1", "on", "yes", "true"}
 _CONFIG_FILES = ("config.json", "modules.json")  # a transformers or a sentence-transformers model folder
@@ -25,11 +35,64 @@ def validate_run(cfg: PipelineConfig, run_dir: str, config_path: str | Path | No
                  overrides: Sequence[str] = ()) -> None:
     """Raise a one-line ``ConfigError`` naming every problem of the run ``cfg`` would start in ``run_dir``."""
     origins = KeyOrigins.of(config_path, overrides)
+    hub = _hub_lines(cfg, origins)  # first: one request, seconds at most, before any model is looked for
     problems = [f"{origins.prefix(key)}: '{key}': {problem}" for key, problem in _problems(cfg)]
     if (problem := run_dir_problem(run_dir)) is not None:
         problems.append(problem)
+    if hub:
+        raise HubUnavailableError("\n".join([*hub, *problems]))
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _hub_lines(cfg: PipelineConfig, origins: KeyOrigins) -> list[str]:
+    """The models that need the Hugging Face Hub when it is off (``HF_HUB_OFFLINE``) or unreachable (checked
+    once, with a short timeout): a header, a line per model with its fix, and the general fix; [] when none.
+
+    When the hub is unreachable but holds nothing the run needs (every hub model is in the cache), the process
+    loads from the cache alone: without that, each file of each model would be retried before the cache is used.
+    """
+    names: dict[str, list[str]] = {}
+    for key, ref in _model_slots(cfg):
+        if (name := _hub_name(ref)) is not None:
+            names.setdefault(name, []).append(key)
+    if not names:
+        return []
+    if offline():
+        cause = "HF_HUB_OFFLINE=1 keeps the hub off"
+    elif (problem := hub_problem()) is not None:
+        cause = f"the Hugging Face Hub is unreachable ({problem})"
+    else:
+        return []
+    missing = {name: keys for name, keys in names.items() if not _cached(name)}
+    if not missing:
+        if not offline():
+            use_cache_only()
+            logger.info("%s: loading %d model(s) from the Hugging Face cache only", cause, len(names))
+        return []
+    lines = [f"{len(missing)} model(s) cannot be loaded: {cause}"]
+    for name, keys in missing.items():
+        where = ", ".join(f"'{k}'" for k in keys)
+        lines.append(f"  {origins.prefix(keys[0])}: {where}: {name!r} is not a local folder and not in the Hugging "
+                     f"Face cache: put a saved model folder there (--set {keys[0]}=FOLDER)")
+    lines.append("  fix: a local model folder in each slot above, or download the models once where the hub is "
+                 "reachable (then HF_HUB_OFFLINE=1 loads them from the cache)")
+    return lines
+
+
+def _hub_name(ref: str) -> str | None:
+    """``ref`` as a hub id when loading it needs the hub or its cache (not ``tiny``, a local folder or a path)."""
+    from gplflow.adapters.model_refs import TINY, ModelUnavailableError, resolve
+
+    if ref == TINY:
+        return None
+    try:
+        name = resolve(ref)
+    except ModelUnavailableError:
+        return None
+    if Path(name).expanduser().exists() or name.count("/") > 1 or name.startswith(("/", ".", "~")):
+        return None
+    return name
 
 
 def _problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
@@ -45,6 +108,16 @@ def _problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
         if (problem := model_problem(ref)) is not None:
             yield key, problem
     yield from _evaluation(cfg)
+    if cfg.uses_queries and not cfg.import_.gpl_dir:
+        yield from _llm(cfg)
+
+
+def _llm(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
+    """generate.method llm: the prompt files, and an endpoint that answers and serves the model (one GET /models,
+    seconds at most; the openai package is imported only here and only then)."""
+    from gplflow.tasks.generate import llm_problems
+
+    yield from llm_problems(cfg.generate)
 
 
 def _name(name: str) -> Iterator[tuple[str, str]]:
@@ -66,27 +139,15 @@ def _retrievers(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
 
 
 def _model_slots(cfg: PipelineConfig) -> list[tuple[str, str]]:
-    """The model references this run loads, by key (a gpl import may bring queries and triples: base only)."""
-    models = cfg.models
-    slots = [("models.base", models.base)]
-    if cfg.import_.gpl_dir:
-        return slots
-    if cfg.generate.method == "t5" and cfg.uses_queries:
-        slots.append(("models.generator", models.generator))
-    if cfg.flow == "augmented_sbert":  # the cross-encoder it trains starts from this one
-        slots.append(("models.cross_encoder", models.cross_encoder))
-    if cfg.is_gpl:
-        slots += [(f"models.retrievers.{i}.name", r.name) for i, r in enumerate(models.retrievers)]
-        if cfg.label.teacher == "cross_encoder":
-            slots.append(("models.cross_encoder", models.cross_encoder))
-        elif models.bi_encoder_teacher:
-            slots.append(("models.bi_encoder_teacher", models.bi_encoder_teacher))
-    return slots
+    """The model references this run loads, by key, each once (the base first): what the registry's stages say
+    they load."""
+    uses = sorted(models_used(cfg), key=lambda use: use.key != "models.base")
+    return list({use.key: use.ref for use in uses}.items())
 
 
 def model_problem(ref: str) -> str | None:
-    """Why ``ref`` cannot be loaded here, or None: a local folder needs a model config; a hub name that is not
-    a local folder must be in the Hugging Face cache when the hub is off (``HF_HUB_OFFLINE=1``)."""
+    """Why ``ref`` cannot be loaded here, or None: a local folder needs a model config (hub names are checked
+    together, by ``_hub_lines``)."""
     from gplflow.adapters.model_refs import TINY, ModelUnavailableError, resolve
 
     if ref == TINY:
@@ -100,10 +161,7 @@ def model_problem(ref: str) -> str | None:
         return _folder_problem(path)
     if name.count("/") > 1 or name.startswith(("/", ".", "~")):  # not a hub id (org/name) either
         return f"{name}: no such model folder"
-    if offline() and not _cached(name):
-        return (f"{name!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 keeps "
-                "the hub off: pass a saved model folder, or download it once where the hub is reachable")
-    return None
+    return None  # a hub name: _hub_lines says when the hub cannot serve it
 
 
 def _folder_problem(path: Path) -> str | None:
