@@ -5,10 +5,13 @@ The folder (names for the default prefix ``qgen``):
 | file | content | artifact |
 |---|---|---|
 | ``corpus.jsonl`` | ``{"_id", "title", "text"}`` a line | ``corpus/`` |
-| ``qgen-queries.jsonl`` | ``{"_id", "text", "metadata": {}}`` a line | ``queries/`` (with the qrels) |
-| ``qgen-qrels/train.tsv`` | header ``query-id corpus-id score``; query -> its passage, score 1 | ``queries/`` |
+| ``qgen-queries.jsonl`` | ``{"_id", "text", "metadata": {}}`` a line | ``queries-train/`` (*) (with the qrels) |
+| ``qgen-qrels/train.tsv`` | header ``query-id corpus-id score``; query -> passage, score 1 | ``queries-train/`` (*) |
 | ``hard-negatives.jsonl`` | ``{"qid", "pos": [ids], "neg": {miner: [ids ranked]}}`` a line | ``negatives/`` |
 | ``gpl-training-data.tsv`` | no header: ``qid pos_id neg_id margin`` | ``triples/`` |
+
+(*) export: the training queries, without the held-out ones (``queries/`` in a run without a split); import:
+``queries/``.
 
 JSON lines are written as the reference writes them (``json.dumps`` defaults). Margins are written as the
 shortest decimal that reads back to the same float32 (numpy's float32 repr, e.g. ``13.6840515``, which is
@@ -44,6 +47,7 @@ from gplflow.adapters import artifacts
 from gplflow.adapters.beir_io import BeirFormatError, id_field, iter_jsonl, iter_lines, read_qrels, text_field
 from gplflow.adapters.corpus_readers import FieldMap, iter_documents
 from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.model_refs import model_name
 from gplflow.adapters.store import Artifact, ArtifactStore, content_signature, fingerprint, row_batches
 
 logger = logging.getLogger(__name__)
@@ -77,9 +81,13 @@ class ExportTargetError(InputError):
     """An export target that cannot be written: a file, or a folder with content and no ``force``."""
 
 
-def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries_stage: str = artifacts.QUERIES,
+def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries_stage: str | None = None,
                force: bool = False) -> dict[str, int]:
     """Write the reference's files for the artifacts the run has; returns lines written per file.
+
+    The queries are the training queries (``queries-train/``) when the run held some out: a held-out query is a
+    test query, and the reference would train on every query it finds. Miners are named by their model names
+    (``model_refs.model_name``), never by where their folders lie.
 
     The files are written into a temporary sibling folder that is renamed into place once complete, so a
     failed export leaves nothing behind. A folder with content is refused unless ``force`` (its content is
@@ -88,6 +96,8 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
     fs, root = fsspec.core.url_to_fs(str(out_dir))
     root = root.rstrip("/") or "/"
     _check_target(fs, root, str(out_dir), force, store)
+    if queries_stage is None:
+        queries_stage = artifacts.QUERIES_TRAIN if store.load(artifacts.QUERIES_TRAIN) else artifacts.QUERIES
     corpus, queries = store.consume(artifacts.CORPUS), store.consume(queries_stage)
     negatives, triples = store.consume(artifacts.NEGATIVES), store.consume(artifacts.TRIPLES)
     if not any((corpus, queries, negatives, triples)):
@@ -210,8 +220,14 @@ def _check_tsv_ids(artifact: Artifact, columns: list[str]) -> None:
 def _negative_lines(negatives, positives: dict[str, list[str]]) -> Iterator[str]:
     """One line per query (a query's rows may be spread over parts, e.g. one part per miner)."""
     grouped: dict[str, dict[str, list[str]]] = {}
+    names: dict[str, str] = {}  # retriever as mined (a model folder) -> its name in the file, one name each
     for row in _rows(negatives, ["query_id", "retriever", "doc_ids"]):
-        grouped.setdefault(row["query_id"], {})[row["retriever"]] = row["doc_ids"]
+        if (name := names.get(row["retriever"])) is None:
+            name = base = model_name(row["retriever"])
+            while name in names.values():
+                name = f"{base}-{len(names) + 1}"
+            names[row["retriever"]] = name
+        grouped.setdefault(row["query_id"], {})[name] = row["doc_ids"]
     for qid, by_miner in grouped.items():
         yield json.dumps({"qid": qid, "pos": positives.get(qid, []), "neg": by_miner})
 

@@ -121,3 +121,20 @@ def use_cache_only() -> None:
     except ImportError:
         return
     constants.HF_HUB_OFFLINE = True
+
+
+def model_name(ref: str) -> str:
+    """A model as people name it, not where it lies: a hub id as itself, a snapshot of the Hugging Face cache as
+    its repo id, the packaged MiniLM as its hub name, any other folder by its name (``/x/tiny-3c0/bi-encoder``:
+    ``tiny-3c0/bi-encoder``). For files written for others (the UKPLab gpl export), which must not carry paths."""
+    path = Path(ref).expanduser()
+    if "://" in ref or not (ref.startswith(("/", ".", "~")) or path.exists()):
+        return ref  # a hub id, bm25, a URL
+    packaged = packaged_minilm_path()
+    if packaged is not None and path.resolve() == packaged.resolve():
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    parts = path.resolve().parts
+    for i, part in enumerate(parts):  # .../models--org--name/snapshots/<revision>
+        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    return "/".join(parts[-2:]) if path.name in ("bi-encoder", "model", "generator", "cross-encoder") else path.name

@@ -151,3 +151,26 @@ def test_ids_are_checked_across_files(tmp_path):
     (folder / "gpl-training-data.tsv").write_text("q1\t1\t1\t0.5\nq1\t1\t9\t0.5\n")
     with pytest.raises(GplFormatError, match=r"gpl-training-data\.tsv line 2: passage id '9' is not in corpus"):
         import_gpl(str(folder), ArtifactStore(tmp_path / "run"))
+
+
+def test_export_leaves_the_held_out_queries_out_and_names_miners_by_model_name(tmp_path):
+    store = ArtifactStore(tmp_path / "run")
+    write_artifact(store, "corpus", DOCS)
+    write_artifact(store, "queries", QUERIES)
+    write_artifact(store, "heldout", [q for q in QUERIES if q[0] == "genQ3"])
+    write_artifact(store, "queries-train", [q for q in QUERIES if q[0] != "genQ3"])
+    snapshot = tmp_path / "hf" / "models--sentence-transformers--msmarco-MiniLM-L-6-v3" / "snapshots" / "abc123"
+    mine = tmp_path / "venv" / "my-miner"
+    for folder in (snapshot, mine):
+        folder.mkdir(parents=True)
+    write_artifact(store, "negatives", [("genQ1", str(snapshot), ["d5"], [0.5]), ("genQ1", str(mine), ["d4"], [0.4]),
+                                        ("genQ2", "bm25", ["d2"], [1.0])])
+    counts = export_gpl(store, str(tmp_path / "gpl"))
+    out = tmp_path / "gpl"
+    assert counts["qgen-queries.jsonl"] == 3 and counts["qgen-qrels/train.tsv"] == 3
+    assert "genQ3" not in (out / "qgen-queries.jsonl").read_text()
+    assert "genQ3" not in (out / "qgen-qrels" / "train.tsv").read_text()
+    negatives = [json.loads(line) for line in (out / "hard-negatives.jsonl").read_text().splitlines()]
+    assert negatives[0]["neg"] == {"sentence-transformers/msmarco-MiniLM-L-6-v3": ["d5"], "my-miner": ["d4"]}
+    assert negatives[1]["neg"] == {"bm25": ["d2"]}
+    assert str(tmp_path) not in (out / "hard-negatives.jsonl").read_text()
