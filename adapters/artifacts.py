@@ -31,6 +31,9 @@ TRAINED = (PRETRAIN, MODEL)  # model folders written by a training loop that kee
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 # doc_id: the passage a query was generated from (its positive)
 QUERIES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
+# generate.method llm adds the generator's mean token log-prob of each query (null when the server gave none);
+# split carries it into heldout/ and queries-train/. Readers select the columns they need, so both layouts read.
+QUERIES_LOGPROB = pa.field("logprob", pa.float32(), nullable=True)
 # doc_ids ranked by the retriever, the query's positive removed; scores: the retriever's, in the same order
 NEGATIVES_SCHEMA = pa.schema([("query_id", pa.string()), ("retriever", pa.string()),
                               ("doc_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
@@ -52,6 +55,11 @@ EVALUATE_SCHEMA = pa.schema([("evaluation", pa.string()), ("query_id", pa.string
 SCHEMAS = {CORPUS: CORPUS_SCHEMA, QUERIES: QUERIES_SCHEMA, HELDOUT: QUERIES_SCHEMA, QUERIES_TRAIN: QUERIES_SCHEMA,
            NEGATIVES: NEGATIVES_SCHEMA, TRIPLES: TRIPLES_SCHEMA, EVALUATE: EVALUATE_SCHEMA,
            SILVER_CANDIDATES: SILVER_CANDIDATES_SCHEMA, SILVER: SILVER_SCHEMA}  # pairs: pairs_schema
+
+
+def queries_schema(logprob: bool = False) -> pa.Schema:
+    """The ``queries/`` columns (and ``heldout/``, ``queries-train/``): with the ``logprob`` column or without."""
+    return QUERIES_SCHEMA.append(QUERIES_LOGPROB) if logprob else QUERIES_SCHEMA
 
 
 def pairs_schema(kind: str, with_negative: bool = True) -> pa.Schema:

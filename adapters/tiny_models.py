@@ -2,7 +2,8 @@
 
 The pipeline's default models live on the Hugging Face Hub, which these machines cannot reach. This module
 builds stand-ins from a corpus and a seed: a BPE tokenizer trained on the corpus, a random-init T5 query
-generator, a BERT cross-encoder (one raw logit) and a BERT + mean-pooling bi-encoder. They are saved as
+generator, a BERT cross-encoder (one raw logit), a BERT + mean-pooling bi-encoder, and a Llama-architecture causal
+LM with a ChatML chat template (the local back-end of LLM query generation). They are saved as
 ordinary Hugging Face / sentence-transformers folders, so every loader in the project runs its real code
 path on them. Same texts + seed give byte-identical folders; a finished build is cached and reused.
 """
@@ -29,6 +30,8 @@ from transformers import (
     BertForSequenceClassification,
     BertModel,
     GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
@@ -42,7 +45,7 @@ except ImportError:  # pragma: no cover - older sentence-transformers
 logger = logging.getLogger(__name__)
 
 # Bump when anything below changes what gets built, so stale cached folders are not reused.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: the causal LM
 
 VOCAB_SIZE = 3000
 MAX_LENGTH = 512
@@ -63,6 +66,14 @@ BERT_DIMS = {
     # (std ~1e-4), which would make the demo's margins and rankings meaningless; 0.2 gives std ~0.2.
     "initializer_range": 0.2,
 }
+LLAMA_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048}
+# ChatML, as Qwen models ship it: the chat markers are special tokens, and the answer ends with <|im_end|>.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}" + IM_START + "{{ message['role'] }}\n{{ message['content'] }}" + IM_END + "\n"
+    "{% endfor %}{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}"
+)
 T5_DIMS = {"d_model": 64, "d_kv": 32, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 2}
 BUILD_INFO = "tiny_models.json"
 
@@ -71,11 +82,12 @@ BUILD_INFO = "tiny_models.json"
 class TinyModels:
     """Folders of one tiny-model build; each loads with the ordinary Hugging Face / ST loader."""
 
-    root: Path  # the folder holding all four
+    root: Path  # the folder holding all five
     tokenizer: Path  # BERT-style tokenizer ([CLS] a [SEP] b [SEP], has [MASK]): AutoTokenizer loads it
     generator: Path  # T5ForConditionalGeneration + T5-style tokenizer (appends </s>)
     cross_encoder: Path  # BertForSequenceClassification, one logit; CrossEncoder(path).predict is raw
     bi_encoder: Path  # SentenceTransformer: BERT + mean pooling, max_seq_length 256
+    causal_lm: Path  # LlamaForCausalLM + a tokenizer with a ChatML chat template (eos <|im_end|>, pad [PAD])
 
 
 def default_cache_dir() -> Path:
@@ -120,6 +132,7 @@ def _layout(root: Path) -> TinyModels:
         generator=root / "generator",
         cross_encoder=root / "cross-encoder",
         bi_encoder=root / "bi-encoder",
+        causal_lm=root / "causal-lm",
     )
 
 
@@ -144,7 +157,7 @@ def _publish(tmp: Path, root: Path) -> None:
 
 
 def _build_into(out: Path, corpus: list[str], seed: int, digest: str) -> None:
-    """Write all four models into `out`; the build-info file goes last and marks the build complete."""
+    """Write all five models into `out`; the build-info file goes last and marks the build complete."""
     layout = _layout(out)
     backend = train_tokenizer(corpus)
     bert_tok = _bert_tokenizer(backend)
@@ -153,6 +166,7 @@ def _build_into(out: Path, corpus: list[str], seed: int, digest: str) -> None:
     _save_generator(layout.generator, t5_tok, seed)
     _save_cross_encoder(layout.cross_encoder, bert_tok, seed, scratch=out / "_scratch-ce")
     _save_bi_encoder(layout.bi_encoder, bert_tok, seed, scratch=out / "_scratch-bi")
+    _save_causal_lm(layout.causal_lm, _chat_tokenizer(backend), seed)
     info = {"builder_version": BUILDER_VERSION, "seed": seed, "texts": len(corpus), "hash": digest}
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -282,3 +296,23 @@ def _save_bi_encoder(out: Path, tok: PreTrainedTokenizerFast, seed: int, scratch
     pooling = Pooling(model.config.hidden_size, pooling_mode="mean")
     SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out), create_model_card=False)
     shutil.rmtree(scratch)
+
+
+def _chat_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """Causal-LM framing (none: the chat template writes the markers) with ChatML's markers as special tokens."""
+    post = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    tok = _wrap(backend, post, model_input_names=["input_ids", "attention_mask"], pad_token=PAD, eos_token=IM_END,
+                unk_token=UNK, additional_special_tokens=[IM_START, IM_END])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = LLAMA_DIMS["max_position_embeddings"]  # few-shot prompts run past BERT's 512
+    return tok
+
+
+def _save_causal_lm(out: Path, tok: PreTrainedTokenizerFast, seed: int) -> None:
+    """A Llama-architecture decoder; generation ends at <|im_end|>, and [PAD] pads."""
+    config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, tie_word_embeddings=True, **LLAMA_DIMS)
+    model = _init(LlamaForCausalLM, config, seed, "causal-lm")
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
