@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # the config imports every stage (torch, Prefect): --help and
 
 app = typer.Typer(help="Adapt a dense retriever to your corpus without labels (GPL / GenQ) with Prefect flows.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # piped output keeps long lines (paths) whole; tables still fit the width
+err_console = Console(stderr=True, soft_wrap=True)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value.")]
@@ -363,17 +363,27 @@ def status(
                                          "bytes); without it, sizes and modification times are checked.")] = False,
 ) -> None:
     """Show each stage of a run as complete, partial (k of n shards), corrupted or missing, and what a rerun does."""
-    from gplflow.flows.status import run_status
+    from gplflow.flows.stages import condition
+    from gplflow.flows.status import hashed, run_status, shown
 
+    store = ArtifactStore(run_dir)
     with user_errors():
-        rows = run_status(ArtifactStore(run_dir), verify)
+        rows = run_status(store, verify)
+    listed, unused = shown(rows)
     table = Table(title=f"run {run_dir}")
     for column in ("stage", "state", "rows", "shards", "fingerprint", "a rerun would"):
-        table.add_column(column)
-    for row in rows:
+        table.add_column(column, no_wrap=column in ("stage", "state", "fingerprint"), overflow="fold")
+    for row in listed:
         table.add_row(row.stage, row.state, "" if row.rows is None else str(row.rows), row.shards, row.fingerprint,
                       row.rerun)
     console.print(table)
+    if unused:
+        console.print("not listed: missing, and computed only when the config asks: " + "; ".join(
+            f"{row.stage} (if {condition(row.stage)})" for row in unused), highlight=False)
+    files, size = hashed(store)
+    console.print(f"verified: hashed {files} files ({size / 1e6:.1f} MB) of the published stages against the sha256 "
+                  "in their manifests" if verify else f"checked sizes and modification times of {files} files "
+                  "(--verify hashes them)", highlight=False)
     promotion = (ArtifactStore(run_dir).read_manifest("promoted") or {}).get("promotion")
     if promotion:
         console.print(f"promoted: the {promotion['promoted']} model ({promotion['ref']}): {promotion['reason']}",

@@ -38,10 +38,32 @@ class _Partial:
 
 
 def run_status(store: ArtifactStore, verify: bool = False) -> list[StageStatus]:
+    """Every stage's status; an error when the folder is not a run directory (no stage has left anything in it)."""
     if not store.fs.isdir(store.root):
         what = "is a file, not a run folder" if store.fs.exists(store.root) else "no such run folder"
         raise MissingInputError(f"{store.root_url}: {what}")
-    return [stage_status(store, stage, verify) for stage in artifact_names()]
+    rows = [stage_status(store, stage, verify) for stage in artifact_names()]
+    if all(row.state == "missing" for row in rows):
+        raise MissingInputError(f"{store.root_url}: not a run directory (no stage artifact, staged shard or "
+                                "checkpoint in it); give the --run-dir of a run")
+    return rows
+
+
+def shown(rows: list[StageStatus]) -> tuple[list[StageStatus], list[StageStatus]]:
+    """(rows to list, stages left out): a missing stage that only some configs compute (pretrain, pairs, silver…)
+    is not listed as missing; it is named once, with its condition, under the table."""
+    listed = [row for row in rows if row.state != "missing" or not condition(row.stage)]
+    return listed, [row for row in rows if row not in listed]
+
+
+def hashed(store: ArtifactStore) -> tuple[int, int]:
+    """(files, bytes) of every published stage's manifest: what ``--verify`` reads and hashes."""
+    files = size = 0
+    for stage in artifact_names():
+        for meta in ((store.read_manifest(stage) or {}).get("files") or {}).values():
+            files += 1
+            size += int(meta.get("size", 0)) if isinstance(meta, dict) and isinstance(meta.get("size"), int) else 0
+    return files, size
 
 
 def stage_status(store: ArtifactStore, stage: str, verify: bool = False) -> StageStatus:
