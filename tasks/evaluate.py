@@ -3,8 +3,14 @@ MRR@10 via pytrec_eval), and the promotion decision (see ``tasks/promote.py``).
 
 Two evaluation sets, each optional, scored the same way: ``qrels`` (``evaluate.qrels``: judged queries) and
 ``heldout`` (the ``heldout/`` artifact of ``tasks/split.py``: generated queries never trained on, each with the
-passage it was generated from as its one relevant passage). The primary evaluation is ``qrels`` when given, else
-``heldout``; its nDCG@10 decides the promotion.
+passage it was generated from as its one relevant passage). Two more come from the held-out queries:
+``heldout_low_overlap`` (those sharing less than ``evaluate.heldout_max_overlap`` of their words with their
+passage: the ones a model cannot answer by word matching alone) and ``teacher`` (the held-out queries judged by
+the run's teacher or ``evaluate.judge`` on the pooled top passages of every model, see ``tasks/evaluators.py``).
+
+Every evaluation compares each model with the base on the per-query nDCG@10 (``tasks/significance.py``: gain,
+interval, p-value, verdict, queries needed). The run's verdict (``tasks/promote.py``) is the qrels' verdict when
+given; without qrels it is the consensus of the held-out signals. Promotion follows the verdict.
 
 For each model: encode the corpus once, then each set's queries, retrieve the top 100 passages of every query by
 exact search (a flat FAISS index: evaluation numbers must not depend on an approximate index) with the
@@ -12,15 +18,18 @@ model's own similarity (``cosine``: L2-normalised, ``dot``: raw), and score the 
 ``adapters/metrics.py``). Judged documents missing from the corpus stay in the qrels (they count as
 relevant documents no model can retrieve, as in BEIR) and are counted and logged.
 
-Writes ``evaluate/``: ``metrics.json`` (``evaluations`` -> qrels | heldout -> {``models`` -> label -> metric ->
-mean, ``delta`` = adapted - base, ``counts``}, ``primary_evaluation``, ``primary_metric``, ``promotion``, ``refs``,
-``similarity``) and one Parquet part with a row per (evaluation, query, model) and one column per metric. The
-manifest repeats ``promotion``.
+Writes ``evaluate/``: ``metrics.json`` (``evaluations`` -> qrels | heldout | heldout_low_overlap | teacher ->
+{``models`` -> label -> metric -> mean, ``delta`` = adapted - base, ``counts``, ``comparisons`` -> model -> the
+paired test and verdict against the base}, ``primary_evaluation``, ``primary_metric``, ``verdicts`` (``qrels``,
+``no_qrels``), ``verdict`` (the one that decides), ``promotion``, ``refs``, ``similarity``) and one Parquet part
+with a row per (evaluation, query, model) and one column per metric (teacher-judged rows: nDCG@10 only). The
+manifest repeats ``promotion`` and ``verdict``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -38,13 +47,14 @@ from gplflow.adapters.lazy import lazy
 from gplflow.adapters.store import MANIFEST, Artifact, ArtifactStore, Check, canonical_json, content_signature
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
-from gplflow.tasks import promote
+from gplflow.tasks import promote, significance
 from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
 from gplflow.tasks.evaluation_table import metrics_table
 from gplflow.tasks.evaluators import (
     ClusteringConfig,
     EmbeddingMapConfig,
     Evaluators,
+    Judging,
     MtebConfig,
     StsConfig,
     Teacher,
@@ -58,11 +68,13 @@ model_io = lazy("gplflow.adapters.models")
 logger = logging.getLogger(__name__)
 
 STAGE = artifacts.EVALUATE
-CODE_VERSION = "evaluate-3"
+CODE_VERSION = "evaluate-4"
 TOP_K = 100
 REQUIRED_MODELS = ("base", "adapted")
 _SIMILARITY = {"cosine": "cos_sim", "dot": "dot"}
 EVALUATIONS = ("qrels", "heldout")  # in order of precedence: the first one present is the primary evaluation
+LOW_OVERLAP, JUDGED = "heldout_low_overlap", "teacher"  # the evaluations derived from the held-out queries
+_WORD = re.compile(r"\w+")
 
 
 class EvaluateConfig(StageConfig):
@@ -75,8 +87,19 @@ class EvaluateConfig(StageConfig):
     heldout_fraction: float = Field(default=0.05, ge=0.0, le=0.5)  # 0 turns the held-out evaluation off
     heldout_max: int = Field(default=2_000, ge=0)
     heldout_seed: Seed = 42
-    promote: Literal["always", "if_better"] = "if_better"  # which model promoted/ names (tasks/promote.py)
-    min_gain: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # if_better: least nDCG@10 gain over the base
+    heldout_max_overlap: float = Field(default=0.5, ge=0.0, le=1.0)  # held-out queries below: "low overlap"
+    # which model promoted/ names (tasks/promote.py): the adapted one when the verdict is better (if_better), not
+    # worse (if_not_worse), or whatever it is (always)
+    promote: Literal["always", "if_better", "if_not_worse"] = "if_better"
+    min_gain: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # least nDCG@10 gain a "better" verdict needs
+    # the paired test of each model against the base (tasks/significance.py)
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    resamples: int = Field(default=10_000, ge=100, le=1_000_000)
+    seed: Seed = 0
+    # teacher-judged evaluation of the held-out queries: a cross-encoder to judge with instead of the run's teacher,
+    # and the pool depth (each model's top passages judged per query)
+    judge: str | None = None
+    judge_depth: int = Field(default=10, ge=1, le=100)
     # evaluators beside retrieval (tasks/evaluators.py), each off unless configured
     sts: StsConfig | None = None
     clustering: ClusteringConfig | None = None
@@ -102,6 +125,8 @@ def _inputs(cfg: EvaluateConfig, corpus_fp: str, model_ids: Mapping[str, str],
         inputs["heldout"] = heldout_fp
         if teacher is not None:
             inputs["teacher"] = canonical_json(teacher.model_dump(mode="json"))
+        if cfg.judge:
+            inputs["judge"] = model_identity(cfg.judge)
     inputs.update(signatures(cfg.sts, cfg.clustering, cfg.mteb))
     inputs.update({f"model:{label}": ident for label, ident in model_ids.items()})
     return inputs
@@ -184,22 +209,35 @@ def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, mo
         doc_ids = table.column("doc_id").to_pylist()
         passages = passage_texts(table)
         del table
-        extras = Evaluators(cfg.sts, cfg.clustering, cfg.embedding_map, doc_ids,
-                            heldout.read_table(["doc_id", "text"]).to_pydict() if heldout is not None else None,
-                            cfg.batch_size, teacher, passages, cfg.mteb)
+        held = heldout.read_table(["query_id", "doc_id", "text"]).to_pydict() if heldout is not None else None
+        extras = Evaluators(cfg.sts, cfg.clustering, cfg.embedding_map, doc_ids, held, cfg.batch_size,
+                            _judging(cfg, store, teacher, held), passages, cfg.mteb)
         per_set: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in sets}
         similarity = {}
         for label, ref in models.items():
             found, similarity[label] = _evaluate_model(cfg, ref, label, sets, doc_ids, passages, extras)
             for name, per_query in found.items():
                 per_set[name][label] = per_query
-        summary = _summary(cfg, per_set, {name: _counts(s, doc_ids) for name, s in sets.items()}, models, similarity)
-        summary.update(extras.finish(out.local_dir()))
+        counts: dict[str, dict[str, Any]] = {name: _counts(s, doc_ids) for name, s in sets.items()}
+        more = extras.finish(out.local_dir())
+        if held is not None:  # an empty subset (extractive queries copy their passage) is only counted
+            low = _low_overlap(held, doc_ids, passages, cfg.heldout_max_overlap)
+            counts["heldout"].update(low_overlap_queries=len(low), max_overlap=cfg.heldout_max_overlap)
+            if low:
+                per_set[LOW_OVERLAP] = {label: {q: rows[q] for q in low} for label, rows in per_set["heldout"].items()}
+                counts[LOW_OVERLAP] = {"queries": len(low), "of": len(held["query_id"]), "docs": len(doc_ids),
+                                       "max_overlap": cfg.heldout_max_overlap}
+        if extras.judged:
+            per_set[JUDGED], counts[JUDGED] = extras.judged, extras.judged_counts
+        summary = _summary(cfg, per_set, counts, models, similarity)
+        summary.update(more)
         out.write_part([_per_query_table(per_set)], artifacts.EVALUATE_SCHEMA)
         beir_io.save_metrics(out.local_dir(), summary)
         for name, counts in summary["evaluations"].items():
             for key, value in counts["counts"].items():
-                out.count(f"{name}_{key}", value)
+                if isinstance(value, int) and not isinstance(value, bool):  # not the judge's name, nor a threshold
+                    out.count(f"{name}_{key}", value)
+        out.extra["verdict"] = summary["verdict"]
         out.extra["primary_metric"] = trec.PRIMARY
         out.extra["primary_evaluation"] = summary["primary_evaluation"]
         out.extra["promotion"] = summary["promotion"]
@@ -217,6 +255,47 @@ def _eval_sets(cfg: EvaluateConfig, heldout: Artifact | None) -> dict[str, beir_
     if heldout is not None:
         sets["heldout"] = heldout_eval_set(heldout.read_table(["query_id", "doc_id", "text"]), heldout.url)
     return sets
+
+
+def _judging(cfg: EvaluateConfig, store: ArtifactStore, teacher: Teacher | None,
+             held: dict[str, list[str]] | None) -> Judging:
+    """The teacher measures' settings: the judge is ``evaluate.judge`` (a cross-encoder) when set, else the
+    teacher; a teacher reuses the scores the label stage gave held-out pairs (``triples/``), if any."""
+    judge = (Teacher(kind="cross_encoder", ref=cfg.judge, max_seq_length=cfg.max_seq_length,
+                     batch_size=cfg.batch_size) if cfg.judge else teacher)
+    known = _labelled_scores(store, set(held["query_id"])) if judge is not None and judge == teacher and held else {}
+    return Judging(teacher=teacher, judge=judge, depth=cfg.judge_depth, known=known)
+
+
+def _labelled_scores(store: ArtifactStore, queries: set[str]) -> dict[tuple[str, str], float]:
+    """The teacher's scores of (query, passage) pairs of ``queries`` in the run's ``triples/``. The split keeps
+    held-out queries out of labelling, so this is usually empty; the scores only save teacher calls (they are the
+    ones the teacher would give), hence they are not in the fingerprint."""
+    triples = store.load(artifacts.TRIPLES)
+    if triples is None or not queries:
+        return {}
+    found: dict[tuple[str, str], float] = {}
+    for batch in triples.iter_batches(["query_id", "pos_doc_id", "neg_doc_id", "pos_score", "neg_score"]):
+        rows = batch.to_pydict()
+        for qid, pos, neg, pos_score, neg_score in zip(*rows.values(), strict=True):
+            if qid in queries:
+                found[qid, pos], found[qid, neg] = pos_score, neg_score
+    return found
+
+
+def token_overlap(query: str, passage: str) -> float:
+    """The share of the query's words (lower-cased word tokens) that occur in the passage: 1 for an extractive
+    span, low for a query a model must answer by meaning rather than by word matching."""
+    words = _WORD.findall(query.lower())
+    known = set(_WORD.findall(passage.lower()))
+    return sum(w in known for w in words) / len(words) if words else 1.0
+
+
+def _low_overlap(held: dict[str, list[str]], doc_ids: list[str], passages: list[str], limit: float) -> list[str]:
+    """The held-out query ids whose token overlap with their source passage is below ``limit``."""
+    row = {doc_id: i for i, doc_id in enumerate(doc_ids)}
+    return [qid for qid, doc_id, text in zip(held["query_id"], held["doc_id"], held["text"], strict=True)
+            if token_overlap(text, passages[row[doc_id]]) < limit]
 
 
 def heldout_eval_set(table: pa.Table, where: str) -> beir_io.EvalSet:
@@ -263,8 +342,10 @@ def _evaluate_model(cfg: EvaluateConfig, ref: str, label: str, sets: dict[str, b
         scores, positions = index.search(queries, depth)
         found[set_name] = trec.evaluate_run(evalset.qrels.judgments, _run(qids, doc_ids, scores, positions, ignore),
                                             ignore)
+        if set_name == "heldout":  # in the held-out artifact's order, which the teacher measures follow
+            ranked = positions
     if extras is not None:
-        extras.add(label, model, docs)
+        extras.add(label, model, docs, ranked if "heldout" in sets else None)
     del model, index
     encoding.release_memory()
     return found, name
@@ -286,23 +367,42 @@ def _run(qids: list[str], doc_ids: list[str], scores: np.ndarray, positions: np.
 
 
 def _summary(cfg: EvaluateConfig, per_set: dict[str, dict[str, dict[str, dict[str, float]]]],
-             counts: dict[str, dict[str, int]], refs: Mapping[str, str], similarity: dict[str, str]) -> dict[str, Any]:
+             counts: dict[str, dict[str, Any]], refs: Mapping[str, str], similarity: dict[str, str]) -> dict[str, Any]:
     evaluations = {}
     for name, per_model in per_set.items():
-        means = {label: trec.mean_metrics(rows) for label, rows in per_model.items()}
+        means = {label: _means(rows) for label, rows in per_model.items()}
         evaluations[name] = {"models": means, "delta": trec.delta(means["adapted"], means["base"]),
-                             "counts": counts[name]}
+                             "counts": counts[name], "comparisons": _comparisons(cfg, name, per_model)}
     primary = next((name for name in EVALUATIONS if name in evaluations), None)  # None: only STS or clustering
+    verdicts = promote.verdicts(evaluations)
+    verdict = promote.deciding(verdicts)
     return {"primary_metric": trec.PRIMARY, "primary_evaluation": primary, "evaluations": evaluations,
-            "promotion": promote.decide(cfg.promote, cfg.min_gain, primary, evaluations.get(primary or "")),
+            "verdicts": verdicts, "verdict": verdict, "promotion": promote.decide(cfg.promote, cfg.min_gain, verdict),
             "refs": dict(refs), "similarity": similarity}
+
+
+def _means(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric the queries have (all of ``trec.METRICS``; nDCG@10 alone when teacher-judged)."""
+    return {name: float(np.mean([row[name] for row in per_query.values()])) for name in next(iter(per_query.values()))}
+
+
+def _comparisons(cfg: EvaluateConfig, evaluation: str, per_model: dict[str, dict[str, dict[str, float]]],
+                 ) -> dict[str, dict[str, Any]]:
+    """Each model against the base on the per-query nDCG@10 of one evaluation (the paired test and verdict)."""
+    base = per_model["base"]
+    qids = sorted(base)
+    return {label: significance.compare([base[q][trec.PRIMARY] for q in qids], [rows[q][trec.PRIMARY] for q in qids],
+                                        alpha=cfg.alpha, resamples=cfg.resamples, seed=cfg.seed,
+                                        min_gain=cfg.min_gain, names=(label, "base"),
+                                        on=f"{trec.DISPLAY[trec.PRIMARY]} of {promote.NAMES[evaluation]}")
+            for label, rows in per_model.items() if label != "base"}
 
 
 def _per_query_table(per_set: dict[str, dict[str, dict[str, dict[str, float]]]]) -> pa.Table:
     rows = [(name, qid, label, values) for name, per_model in per_set.items()
             for label, per_query in per_model.items() for qid, values in per_query.items()]
     columns = {"evaluation": [r[0] for r in rows], "query_id": [r[1] for r in rows], "model": [r[2] for r in rows]}
-    columns.update({name: [r[3][name] for r in rows] for name in trec.METRICS})
+    columns.update({name: [r[3].get(name) for r in rows] for name in trec.METRICS})  # teacher: nDCG@10 alone
     return pa.Table.from_pydict(columns, schema=artifacts.EVALUATE_SCHEMA)
 
 

@@ -12,6 +12,16 @@
 - teacher agreement on the held-out queries (GPL runs, not configured: the run's teacher): how often the teacher
   scores the passage a query was generated from above every candidate the base model retrieves for it. The
   label stage reports the same on the training queries; a teacher that is weak on the domain shows in both.
+- teacher-judged evaluation on the held-out queries (GPL runs, or any run with ``evaluate.judge``): TREC-style
+  pooling. The top ``judge_depth`` passages of every compared model, plus the query's source passage, are pooled
+  per query; the judge (the run's teacher, or the cross-encoder ``evaluate.judge`` names) scores each pooled
+  (query, passage) pair once, and each model's ranking gets nDCG@10 with the judge's scores as graded relevance,
+  min-max normalised per query to [0, 1] (the pool's lowest-scored passage grades 0, its best 1; a passage
+  outside the pool, below ``judge_depth`` < 10, grades 0 as unjudged documents do in TREC; a query whose pool
+  the judge scores all alike is left out). Pairs already scored are not scored again: those the label stage
+  scored (``triples/``, when the judge is the teacher) and those the agreement measure needs are scored in the
+  same call. Its bias: the adapted model was trained to imitate the teacher, so this measures fidelity to the
+  teacher, not truth.
 
 They run inside the evaluate stage on the corpus embeddings retrieval already computed (one encoding per model),
 so they are cached with it: changing only an evaluator's settings recomputes only the evaluation.
@@ -20,7 +30,9 @@ so they are cached with it: changing only an evaluator's settings recomputes onl
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,13 +148,29 @@ class Teacher(StageConfig):
     candidates: int = Field(default=20, gt=0)  # the base model's top passages each held-out query is ranked among
 
 
+@dataclass(frozen=True)
+class Judging:
+    """The teacher-based measures on the held-out queries: ``teacher`` (the run's labelling model) for its
+    agreement, ``judge`` (the teacher, or ``evaluate.judge``) for the pooled graded evaluation of ``depth``,
+    and the scores ``known`` already ((query id, doc id) -> score by that judge, from ``triples/``)."""
+
+    teacher: Teacher | None = None
+    judge: Teacher | None = None
+    depth: int = 10
+    known: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+
+JUDGED_METRIC = "ndcg@10"
+JUDGED_CUT = 10
+
+
 class Evaluators:
     """Collects each model's results for the configured evaluators; ``finish`` writes the map and sums up."""
 
     def __init__(self, sts: StsConfig | None, clustering: ClusteringConfig | None,
                  embedding_map: EmbeddingMapConfig | None, doc_ids: Sequence[str],
                  heldout: dict[str, list[str]] | None = None, batch_size: int = 64,
-                 teacher: Teacher | None = None, passages: Sequence[str] = (), mteb: MtebConfig | None = None):
+                 judging: Judging | None = None, passages: Sequence[str] = (), mteb: MtebConfig | None = None):
         self.batch_size = batch_size
         self.mteb, self.mteb_skipped = None, ""
         if mteb is not None and mteb_version() is None:
@@ -150,10 +178,14 @@ class Evaluators:
             logger.warning("evaluate.mteb: %s", self.mteb_skipped)
         elif mteb is not None:
             self.mteb = mteb_tasks(mteb)
-        self.teacher = teacher if teacher is not None and heldout and heldout["text"] else None
+        judging = judging if judging is not None and heldout and heldout["text"] else Judging()
+        self.teacher, self.judging = judging.teacher, judging
         self.heldout, self.passages = heldout, passages
         self.position = {doc_id: row for row, doc_id in enumerate(doc_ids)}
-        self._candidates: np.ndarray | None = None
+        self.doc_ids = doc_ids
+        self._ranked: dict[str, np.ndarray] = {}  # model -> corpus rows each held-out query retrieves, best first
+        self.judged: dict[str, dict[str, dict[str, float]]] = {}  # model -> query id -> {ndcg@10}: after finish
+        self.judged_counts: dict[str, Any] = {}
         self.sts = _read_sts(sts) if sts is not None else None
         self.clustering = clustering
         self.labelled = _labelled_rows(clustering, doc_ids) if clustering is not None else None
@@ -172,8 +204,9 @@ class Evaluators:
         self.results: dict[str, dict[str, Any]] = {"sts": {}, "clustering": {}, "mteb": {}}
         self._map: dict[str, np.ndarray] = {}
 
-    def add(self, label: str, model: Any, docs: np.ndarray) -> None:
-        """Evaluate model ``label`` given its corpus embeddings ``docs`` (row i = document i)."""
+    def add(self, label: str, model: Any, docs: np.ndarray, heldout_ranked: np.ndarray | None = None) -> None:
+        """Evaluate model ``label`` given its corpus embeddings ``docs`` (row i = document i) and the corpus rows
+        it retrieves for each held-out query, best first (-1: none; the teacher measures pool them)."""
         if self.sts is not None:
             left, right, gold = self.sts
             emb = encoding.encode(model, left + right, role="query", batch_size=self.batch_size,
@@ -185,8 +218,8 @@ class Evaluators:
                 docs[rows], labels, seed=self.clustering.seed, min_cluster_size=self.clustering.min_cluster_size)
         if self.mteb is not None:
             self.results["mteb"][label] = _run_mteb(model, self.mteb, self.batch_size)
-        if self.teacher is not None and label == "base":
-            self._candidates = self._retrieve(model, docs)
+        if heldout_ranked is not None and (self.teacher is not None or self.judging.judge is not None):
+            self._ranked[label] = heldout_ranked
         if self.map_rows is not None:
             points = docs[self.map_rows]
             if self.map_queries:
@@ -198,8 +231,8 @@ class Evaluators:
     def finish(self, folder: Path) -> dict[str, Any]:
         """The evaluators' summary for ``metrics.json``; the map is written into ``folder``."""
         summary: dict[str, Any] = {}
-        if self.teacher is not None and self._candidates is not None:
-            summary["teacher_agreement"] = self._agreement()
+        if self._ranked:
+            summary.update(self._teacher_measures())
         if self.mteb is not None:
             summary["mteb"] = {"tasks": [t.metadata.name for t in self.mteb], "version": mteb_version(),
                                "models": self.results["mteb"]}
@@ -222,33 +255,89 @@ class Evaluators:
                                         "coloured_by": "label" if self.doc_labels else "k-means cluster of base"}
         return summary
 
-    def _retrieve(self, model: Any, docs: np.ndarray) -> np.ndarray:
-        """Each held-out query's ``teacher.candidates`` best passages by the base model, its source left out."""
-        from gplflow.adapters.vector_index import VectorIndex
+    def _teacher_measures(self) -> dict[str, Any]:
+        """Teacher agreement (with a teacher and the base's ranking) and the judged pool, their pairs scored in one
+        call per scoring model; the judged per-query nDCG@10 is left in ``self.judged``."""
+        sources = [self.position[d] for d in self.heldout["doc_id"]]
+        agree = self._agreement_rows(sources) if self.teacher is not None and "base" in self._ranked else None
+        pools = self._pools(sources) if self.judging.judge is not None else None
+        same = self.judging.judge == self.teacher
+        found: dict[str, Any] = {}
+        if agree is not None:
+            wanted = [[*a, *p] for a, p in zip(agree, pools, strict=True)] if same and pools else agree
+            scores = self._score(self.teacher, wanted, self.judging.known if same else {})
+            first = [all(scores[i, s] > scores[i, c] for c in rows[1:]) for i, (s, rows) in
+                     enumerate(zip(sources, agree, strict=True))]
+            width = max((len(rows) - 1 for rows in agree), default=0)
+            found["teacher_agreement"] = {"share": float(np.mean(first)), "queries": len(agree),
+                                          "candidates": width, "teacher": self.teacher.kind}
+        if pools is not None:
+            if agree is None or not same:
+                scores = self._score(self.judging.judge, pools, self.judging.known if same else {})
+            self.judged = self._judge(pools, scores)
+            self.judged_counts.update(self._counts_of(pools))
+        return found
 
-        queries = encoding.encode(model, self.heldout["text"], role="query", batch_size=self.batch_size,
-                                  desc="base: encoding held-out queries for the teacher")
-        sources = np.asarray([self.position[d] for d in self.heldout["doc_id"]])
-        k = min(self.teacher.candidates, docs.shape[0] - 1)
-        if k <= 0:
-            return np.empty((len(sources), 0), np.int64)
-        _, found = VectorIndex(docs, score="cos_sim", kind="flat").search(queries, k + 1)  # one spare: the source
-        return np.stack([row[row != source][:k] for row, source in zip(found, sources, strict=True)])
+    def _agreement_rows(self, sources: list[int]) -> list[list[int]]:
+        """Per held-out query: its source, then the base model's ``teacher.candidates`` best other passages."""
+        k = self.teacher.candidates
+        return [[source, *[int(r) for r in ranked if r >= 0 and r != source][:k]]
+                for source, ranked in zip(sources, self._ranked["base"], strict=True)]
 
-    def _agreement(self) -> dict[str, Any]:
-        """The share of held-out queries whose source passage the teacher scores above all their candidates."""
+    def _pools(self, sources: list[int]) -> list[list[int]]:
+        """Per held-out query: its source and the top ``judging.depth`` passages of every model, each once."""
+        depth = self.judging.depth
+        return [list(dict.fromkeys([source, *(int(r) for ranked in self._ranked.values() for r in ranked[i][:depth]
+                                              if r >= 0)]))
+                for i, source in enumerate(sources)]
+
+    def _score(self, who: Teacher, rows: list[list[int]], known: Mapping[tuple[str, str], float],
+               ) -> dict[tuple[int, int], float]:
+        """(held-out query index, corpus row) -> score for every pair of ``rows``: each distinct pair not in
+        ``known`` scored once, in one call; the count of pairs scored goes to ``judged_counts``."""
         from gplflow.adapters.scoring import load_scorer
 
-        t = self.teacher
-        sources = np.asarray([self.position[d] for d in self.heldout["doc_id"]])
-        rows = np.concatenate([sources[:, None], self._candidates], axis=1)  # column 0: the source
-        scorer = load_scorer(t.kind, t.ref, max_seq_length=t.max_seq_length, batch_size=t.batch_size,
-                             normalize=t.normalize)
-        pair_q = np.repeat(np.arange(len(rows)), rows.shape[1])
-        scores = scorer.score(self.heldout["text"], self.passages, pair_q, rows.reshape(-1)).reshape(rows.shape)
-        first = scores[:, 0] > scores[:, 1:].max(axis=1) if rows.shape[1] > 1 else np.ones(len(rows), bool)
-        return {"share": float(first.mean()), "queries": len(rows), "candidates": int(rows.shape[1] - 1),
-                "teacher": t.kind}
+        qids = self.heldout["query_id"]
+        pairs = list(dict.fromkeys((i, r) for i, found in enumerate(rows) for r in found))
+        scores = {(i, r): float(known[qids[i], self.doc_ids[r]]) for i, r in pairs
+                  if (qids[i], self.doc_ids[r]) in known}
+        todo = [pair for pair in pairs if pair not in scores]
+        if todo:
+            scorer = load_scorer(who.kind, who.ref, max_seq_length=who.max_seq_length, batch_size=who.batch_size,
+                                 normalize=who.normalize)
+            got = scorer.score(self.heldout["text"], self.passages, np.asarray([i for i, _ in todo]),
+                               np.asarray([r for _, r in todo]))
+            scores.update(zip(todo, got.tolist(), strict=True))
+        self.judged_counts.update(pairs_scored=self.judged_counts.get("pairs_scored", 0) + len(todo),
+                                  reused_from_triples=self.judged_counts.get("reused_from_triples", 0)
+                                  + len(pairs) - len(todo))
+        return scores
+
+    def _judge(self, pools: list[list[int]], scores: Mapping[tuple[int, int], float]) -> dict[str, dict[str, Any]]:
+        """Each model's nDCG@10 per held-out query against the judge's min-max normalised scores of its pool."""
+        qids = self.heldout["query_id"]
+        judged: dict[str, dict[str, dict[str, float]]] = {label: {} for label in self._ranked}
+        flat = 0
+        for i, pool in enumerate(pools):
+            raw = np.asarray([scores[i, r] for r in pool])
+            spread = float(raw.max() - raw.min())
+            if spread <= 0:
+                flat += 1
+                continue
+            grade = dict(zip(pool, ((raw - raw.min()) / spread).tolist(), strict=True))
+            for label, ranked in self._ranked.items():
+                top = [int(r) for r in ranked[i] if r >= 0][:JUDGED_CUT]
+                judged[label][qids[i]] = {JUDGED_METRIC: graded_ndcg([grade.get(r, 0.0) for r in top],
+                                                                    list(grade.values()))}
+        self.judged_counts["queries_without_spread"] = flat
+        return judged
+
+    def _counts_of(self, pools: list[list[int]]) -> dict[str, Any]:
+        judge = self.judging.judge
+        return {"queries": len(pools) - self.judged_counts.get("queries_without_spread", 0),
+                "heldout_queries": len(pools), "pooled_pairs": sum(map(len, pools)), "depth": self.judging.depth,
+                "docs": len(self.doc_ids), "judge": judge.ref, "judge_kind": judge.kind,
+                "judge_is_teacher": judge == self.teacher}
 
     def _colours(self) -> list[str]:
         if self.doc_labels:
@@ -259,6 +348,16 @@ class Evaluators:
         k = max(2, min(8, len(first) // 25))
         found = KMeans(n_clusters=k, n_init=10, random_state=self.map_cfg.seed).fit_predict(first)
         return [f"cluster {c + 1}" for c in found]
+
+
+def graded_ndcg(gains: Sequence[float], pool: Sequence[float], k: int = JUDGED_CUT) -> float:
+    """nDCG@k of a ranking whose documents have graded relevance ``gains`` (linear gain, log2 discount, as
+    trec_eval), against the ideal ordering of the judged ``pool``'s grades."""
+    def dcg(values: Sequence[float]) -> float:
+        return sum(g / math.log2(rank + 2) for rank, g in enumerate(values[:k]))
+
+    ideal = dcg(sorted(pool, reverse=True))
+    return dcg(list(gains)) / ideal if ideal > 0 else 0.0
 
 
 def _run_mteb(model: Any, tasks: list[Any], batch_size: int) -> dict[str, float]:

@@ -111,8 +111,14 @@ def test_run_evaluate_end_to_end_with_minilm(tmp_path):
     assert result["counts"]["queries"] == 3 and result["counts"]["docs"] == 12
     assert result["counts"]["judged_docs_not_in_corpus"] == 1
     assert full["similarity"] == {"base": "cosine", "adapted": "cosine"}
-    # equal models: the adapted one does not beat its base, so the base is promoted
+    # equal models: the paired test cannot tell them apart, so the verdict is inconclusive and the base is promoted
+    comparison = result["comparisons"]["adapted"]
+    assert (comparison["n"], comparison["gain"], comparison["p_value"], comparison["verdict"]) == (
+        3, 0.0, 1.0, "inconclusive")
+    assert full["verdict"]["verdict"] == "inconclusive" and set(full["verdicts"]) == {"qrels"}
+    assert "score the same on every query" in full["verdict"]["reason"]
     assert full["promotion"]["promoted"] == "base" and artifact.manifest["promotion"] == full["promotion"]
+    assert full["promotion"]["reason"].startswith("the verdict is inconclusive: ")
     per_query = artifact.read_pandas()
     assert set(per_query["evaluation"]) == {"qrels"}
     assert sorted(zip(per_query["model"], per_query["query_id"], strict=True)) == [
@@ -177,3 +183,12 @@ def test_queries_default_to_the_beir_layout(tmp_path):
 def test_evaluate_needs_base_and_adapted(tmp_path):
     with pytest.raises(ValueError, match="missing: adapted"):
         fingerprint_for(EvaluateConfig(qrels=_beir(tmp_path)), "c1", {"base": "hub/a"})
+
+
+def test_token_overlap_counts_the_query_words_found_in_the_passage():
+    from gplflow.tasks.evaluate import token_overlap
+
+    passage = "Honey bees make honey by collecting flower nectar."
+    assert token_overlap("Honey bees make honey", passage) == 1.0  # an extractive span
+    assert token_overlap("why do bees need flowers", passage) == pytest.approx(1 / 5)  # only "bees"
+    assert token_overlap("", passage) == 1.0  # no words: nothing a model must infer

@@ -116,6 +116,62 @@ def test_teacher_agreement_on_held_out_queries_counts_the_source_ranked_first(tm
                                                        None, heldout.fingerprint)
 
 
+def test_teacher_judged_evaluation_pools_every_model_and_scores_no_pair_twice(tmp_path, monkeypatch):
+    """The teacher grades the pooled passages of both models once (agreement and pool in one call); a query
+    sharing few words with its passage is in the low-overlap evaluation; every evaluation has its comparison."""
+    from gplflow.adapters import scoring
+    from gplflow.tasks.evaluators import Teacher
+
+    calls: list[list[tuple[int, int]]] = []
+    real = scoring.load_scorer
+
+    def counting(*args, **kwargs):
+        scorer = real(*args, **kwargs)
+
+        class Counted:
+            def score(self, queries, passages, pair_q, pair_p):
+                calls.append(list(zip(pair_q.tolist(), pair_p.tolist(), strict=True)))
+                return scorer.score(queries, passages, pair_q, pair_p)
+
+        return Counted()
+
+    monkeypatch.setattr(scoring, "load_scorer", counting)
+    store = ArtifactStore(tmp_path / "run")
+    corpus = write_artifact(store, "corpus", [(d, "", t) for d, t in PASSAGES.items()])
+    heldout = write_artifact(store, "heldout", [("h1", "bee-1", "Honey bees collect nectar from flowers"),
+                                                ("h2", "sea-2", "why are there two tides a day"),
+                                                ("h3", "code-3", "how do programs become machine code")])
+    minilm = str(packaged_minilm_path())
+    teacher = Teacher(kind="bi_encoder", ref=minilm, max_seq_length=128, batch_size=8, candidates=3)
+    cfg = EvaluateConfig(batch_size=8, judge_depth=4, resamples=200)
+
+    run_evaluate(cfg, store, corpus, {"base": minilm, "adapted": minilm}, heldout=heldout, teacher=teacher)
+
+    found = read_metrics(store)
+    assert len(calls) == 1 and len(calls[0]) == len(set(calls[0]))  # one call, each pair once
+    judged = found["evaluations"]["teacher"]
+    counts = judged["counts"]
+    assert counts["pairs_scored"] == len(calls[0]) and counts["reused_from_triples"] == 0
+    assert (counts["judge"], counts["judge_kind"], counts["judge_is_teacher"], counts["depth"]) == (
+        minilm, "bi_encoder", True, 4)
+    # the pool (the source and both models' identical top 4) lies within what agreement scores (source + top 3 + …)
+    assert counts["pooled_pairs"] <= len(calls[0]) <= counts["pooled_pairs"] + 3 * 3
+    ndcg = judged["models"]["base"]["ndcg@10"]
+    assert 0.0 < ndcg <= 1.0 and judged["models"]["adapted"]["ndcg@10"] == ndcg
+    assert judged["comparisons"]["adapted"]["verdict"] == "inconclusive" and judged["counts"]["queries"] == 3
+    # only h2 and h3 share fewer than half their words with their passage
+    assert found["evaluations"]["heldout"]["counts"]["low_overlap_queries"] == 2
+    assert found["evaluations"]["heldout_low_overlap"]["counts"] == {"queries": 2, "of": 3, "docs": 12,
+                                                                    "max_overlap": 0.5}
+    assert found["verdicts"]["no_qrels"]["signals"] == {"heldout": "inconclusive",
+                                                        "heldout_low_overlap": "inconclusive",
+                                                        "teacher": "inconclusive"}
+    assert found["teacher_agreement"]["queries"] == 3
+    per_query = store.require("evaluate").read_pandas()
+    teacher_rows = per_query[per_query["evaluation"] == "teacher"]
+    assert len(teacher_rows) == 6 and teacher_rows["map@100"].isna().all()  # nDCG@10 is all it measures
+
+
 MOCK_TASK = "mteb.mocks.mock_tasks.clustering:MockClusteringTask"  # a small local MTEB task shipped with mteb
 
 

@@ -99,31 +99,36 @@ def test_run_evaluate_on_heldout_queries_only(tmp_path):
         run_evaluate(EvaluateConfig(), store, corpus, {"base": minilm, "adapted": minilm})
 
 
-def _results(base: float, adapted: float) -> dict:
-    return {"models": {"base": {"ndcg@10": base}, "adapted": {"ndcg@10": adapted}}}
+def _verdict(verdict: str, base: float = 0.5, adapted: float = 0.6) -> dict:
+    return {"evaluation": "heldout", "verdict": verdict, "reason": f"the test says {verdict}", "base": base,
+            "adapted": adapted, "gain": adapted - base}
 
 
-@pytest.mark.parametrize(("rule", "min_gain", "base", "adapted", "promoted"), [
-    ("if_better", 0.0, 0.5, 0.6, "adapted"),
-    ("if_better", 0.0, 0.5, 0.5, "base"),       # a tie does not beat the base
-    ("if_better", 0.0, 0.5, 0.4, "base"),
-    ("if_better", 0.2, 0.5, 0.6, "base"),       # better, but by less than min_gain
-    ("always", 0.0, 0.5, 0.4, "adapted"),
+@pytest.mark.parametrize(("rule", "verdict", "promoted"), [
+    ("if_better", "better", "adapted"),
+    ("if_better", "inconclusive", "base"),       # a gain within noise does not beat the base
+    ("if_better", "worse", "base"),
+    ("if_not_worse", "better", "adapted"),
+    ("if_not_worse", "inconclusive", "adapted"),
+    ("if_not_worse", "worse", "base"),
+    ("always", "worse", "adapted"),
 ])
-def test_promotion_rule(rule, min_gain, base, adapted, promoted):
-    decision = promote.decide(rule, min_gain, "heldout", _results(base, adapted))
-    assert decision["promoted"] == promoted and decision["gain"] == pytest.approx(adapted - base)
-    assert f"adapted {adapted:.4f}, base {base:.4f}" in decision["reason"]
+def test_promotion_follows_the_verdict(rule, verdict, promoted):
+    decision = promote.decide(rule, 0.0, _verdict(verdict))
+    assert decision["promoted"] == promoted and decision["verdict"] == verdict
+    assert decision["gain"] == pytest.approx(0.1) and f"the verdict is {verdict}: the test says {verdict}" in \
+        decision["reason"]
     if promoted == "base":
-        assert "does not beat its base" in decision["reason"] and "model/ still holds" in decision["reason"]
+        assert f"evaluate.promote: {rule} promotes the adapted model only when" in decision["reason"]
+        assert "model/ still holds the adapted model" in decision["reason"]
 
 
 def test_promoted_record_names_the_model_and_is_reused(tmp_path):
     store = ArtifactStore(tmp_path / "run")
     refs = {"base": "/models/base", "adapted": store.url("model")}
-    decision = promote.decide("if_better", 0.0, "qrels", _results(0.5, 0.4))
+    decision = promote.decide("if_better", 0.0, _verdict("worse", 0.5, 0.4))
     first = promote.publish(store, decision, refs, {"evaluate": "e1", "model": "m1"})
     assert json.loads((tmp_path / "run" / "promoted" / "promoted.json").read_text())["ref"] == "/models/base"
     assert promote.read(store)["promoted"] == "base"
     assert promote.publish(store, decision, refs, {"evaluate": "e1", "model": "m1"}).manifest == first.manifest
-    assert promote.decide("if_better", 0.0, None, None)["promoted"] == "adapted"  # nothing evaluated
+    assert promote.decide("if_better", 0.0, None)["promoted"] == "adapted"  # nothing evaluated

@@ -73,3 +73,25 @@ def test_min_gain_and_edge_cases():
     assert (empty["verdict"], empty["gain"]) == ("inconclusive", None) and "no queries" in empty["reason"]
     with pytest.raises(ValueError, match="one length"):
         sig.paired_test([0.1, 0.2], [0.1])
+
+
+def _said(verdict: str) -> dict:
+    return {"verdict": verdict, "reason": f"it is {verdict}", "base": 0.5, "adapted": 0.6, "gain": 0.1}
+
+
+@pytest.mark.parametrize(("signals", "expected"), [
+    ({"heldout": "inconclusive", "teacher": "better"}, "better"),
+    ({"heldout": "worse", "heldout_low_overlap": "inconclusive"}, "worse"),
+    ({"heldout": "worse", "teacher": "better"}, "inconclusive"),  # the signals disagree
+    ({"heldout": "inconclusive", "teacher": "inconclusive"}, "inconclusive"),
+])
+def test_without_qrels_the_signals_decide_together(signals, expected):
+    from gplflow.tasks import promote
+
+    found = promote.consensus({name: _said(v) for name, v in signals.items()})
+    assert found["verdict"] == expected and found["signals"] == signals and found["evaluation"] == "no_qrels"
+    if expected == "inconclusive" and "better" in signals.values():
+        assert found["reason"] == "the signals without qrels disagree (better on teacher-judged, worse on held-out)"
+    verdicts = promote.verdicts({"qrels": {"comparisons": {"adapted": _said("better")}},
+                                 **{name: {"comparisons": {"adapted": _said(v)}} for name, v in signals.items()}})
+    assert promote.deciding(verdicts)["evaluation"] == "qrels"  # qrels, when given, decide
