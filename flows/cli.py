@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+# Prefect's temporary server logs a telemetry ERROR when its analytics cannot be sent; the Makefile sets this too.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before prefect is imported
+
 import typer
 from rich.console import Console
 from rich.table import Table

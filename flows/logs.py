@@ -22,6 +22,8 @@ LOG_FILE = "logs/gplflow.log"  # under a local run directory
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _QUIET = ("httpx", "faiss.loader")  # a line per Prefect API request; ten lines on which CPU build FAISS loads
 _FAILED_STATE = re.compile(r"Finished in state (Failed|Crashed|Cancelled)\b")
+_COMPLETED = re.compile(r"Finished in state Completed\(\)$")  # a line per task run: the log file keeps it
+_CACHED = re.compile(r"Finished in state Cached\b")
 
 logger = logging.getLogger(__name__)
 _last: Path | None = None  # the log file of this process's latest run, named in its error line
@@ -36,7 +38,12 @@ class TerminalFilter(logging.Filter):
             return False
         if not record.name.startswith("prefect"):
             return True
-        return not (record.exc_info or record.levelno >= logging.ERROR or _FAILED_STATE.match(record.getMessage()))
+        message = record.getMessage()
+        if record.name == "prefect.task_runs" and _COMPLETED.match(message):
+            return False
+        if _CACHED.match(message) and getattr(record, "task_run_name", None):  # say which stage was reused
+            record.msg, record.args = f"{record.task_run_name}: reused (cached): {message}", None
+        return not (record.exc_info or record.levelno >= logging.ERROR or _FAILED_STATE.match(message))
 
 
 def setup_terminal(verbose: bool) -> None:
