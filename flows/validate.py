@@ -108,7 +108,7 @@ def _problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
         if (problem := model_problem(ref)) is not None:
             yield key, problem
     yield from _evaluation(cfg)
-    if cfg.uses_queries and not cfg.import_.gpl_dir:
+    if cfg.generate.method == "llm" and cfg.uses_queries and not cfg.import_.gpl_dir:
         yield from _llm(cfg)
 
 
