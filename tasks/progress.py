@@ -8,6 +8,7 @@ percentage has moved by ``step`` points, and once at 100 %, so a run of a millio
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,13 @@ from prefect.context import TaskRunContext
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEP = 5.0  # percentage points between two updates
+
+
+def artifact_key(*parts: str) -> str:
+    """A valid Prefect artifact key (lowercase letters, digits, dashes) made of ``parts``: every key gplflow
+    makes from config values (``pretrain-ct_inbatch``, a run's name) goes through here."""
+    key = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+    return key or "gplflow"
 
 
 def in_task_run() -> bool:
@@ -34,7 +42,8 @@ class ProgressArtifact:
                  create: Callable[..., Any] | None = None, update: Callable[[Any, float], Any] | None = None):
         self.total, self.step, self.done = max(int(total), 0), step, 0
         self.shown = 0.0  # the percentage the UI shows now
-        self._id = create(0.0, key=key, description=description) if create is not None else None
+        self.key = artifact_key(key)
+        self._id = create(0.0, key=self.key, description=description) if create is not None else None
         self._update = update if self._id is not None else None
 
     @classmethod
