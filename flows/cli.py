@@ -172,7 +172,7 @@ def compare(
 ) -> None:
     """Run several methods on one corpus into sibling run directories and print one comparison table."""
     with user_errors():
-        from gplflow.flows.compare import COLUMNS, CompareConfig, compare_pipeline
+        from gplflow.flows.compare import COLUMNS, VERDICT_COLUMNS, CompareConfig, compare_pipeline
 
         found = CompareConfig.load(config)
         list(found.method_configs())  # every method's config, before Prefect starts
@@ -180,15 +180,30 @@ def compare(
         with flow_session(root, found.name):
             result = compare_pipeline(str(config), root)
     table = Table(title=f"compare '{found.name}' ({result['run_root']}/<method>)")
-    for column in ("method", *COLUMNS, "promoted"):
-        table.add_column(column, justify="left" if column in ("method", "promoted") else "right")
+    for column in ("method", *COLUMNS, *VERDICT_COLUMNS, "promoted"):
+        table.add_column(column, justify="left" if column in ("method", "promoted", *VERDICT_COLUMNS) else "right")
     for row in result["rows"]:
         cells = [row.get(c) for c in COLUMNS[:-1]]
         seconds = row.get("seconds")
         table.add_row(row["method"], *("–" if v is None else f"{v:.4f}" for v in cells),
-                      "–" if seconds is None else f"{seconds:.0f}", row.get("promoted") or "")
+                      "–" if seconds is None else f"{seconds:.0f}", *(row.get(c) or "–" for c in VERDICT_COLUMNS),
+                      row.get("promoted") or "")
     console.print(table)
+    if result.get("agreement"):
+        console.print(agreement_table(result["agreement"]))
     console.print(f"table: {result['run_root']}/comparison.md", highlight=False)
+
+
+def agreement_table(rows: list[dict[str, Any]]) -> Table:
+    """How each no-qrels signal agrees with the qrels over the compared methods (``flows/compare.py``)."""
+    from gplflow.flows.compare import AGREEMENT_COLUMNS
+
+    table = Table(title="agreement of each signal without qrels with the qrels, over the compared models")
+    for column in AGREEMENT_COLUMNS:
+        table.add_column(column, justify="left" if column == "signal" else "right")
+    for row in rows:
+        table.add_row(*(row[c] for c in AGREEMENT_COLUMNS))
+    return table
 
 
 def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
@@ -332,12 +347,39 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
-def _verdict(metrics: dict[str, Any]) -> None:
-    from gplflow.tasks.evaluation_table import metrics_table as evaluation_table
+def significance_table(metrics: dict[str, Any]) -> Table | None:
+    """Each model against the base on each evaluation (``tasks/evaluation_table.py``): the paired test and verdict."""
+    from rich import box
 
-    found = evaluation_table(metrics)
-    if found.verdict:
-        console.print(f"[green]{found.verdict}[/]" if found.beats else f"[bold yellow]{found.verdict}[/]")
+    from gplflow.tasks.evaluation_table import BRIEF, SIGNIFICANCE_COLUMNS, significance_rows
+
+    rows = significance_rows(metrics)
+    if not rows:
+        return None
+    table = Table(title="nDCG@10 gain over the base: paired bootstrap CI, sign-flip p", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    for column in (SIGNIFICANCE_COLUMNS[i] for i in BRIEF):
+        table.add_column(column, justify="left" if column in ("evaluation", "model", "verdict") else "right",
+                         no_wrap=column != "verdict", min_width=12 if column == "verdict" else None)
+    for row in rows:
+        table.add_row(*(row[i] for i in BRIEF))
+    return table
+
+
+_VERDICT_STYLE = {"better": "green", "worse": "bold red", "inconclusive": "bold yellow"}
+
+
+def _verdict(metrics: dict[str, Any]) -> None:
+    from gplflow.tasks.promote import verdict_lines
+
+    if (table := significance_table(metrics)) is not None:
+        console.print(table)
+    from gplflow.tasks.evaluation_table import judged_note
+
+    if note := judged_note(metrics):
+        console.print(note, highlight=False)
+    for verdict, line in verdict_lines(metrics):
+        console.print(f"[{_VERDICT_STYLE[verdict]}]{line}[/]", highlight=False)
 
 
 def _promoted(promotion: dict[str, Any] | None) -> None:

@@ -17,7 +17,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.stages import artifact_names, made_by
-from gplflow.tasks.evaluation_table import metrics_table, ordered_models
+from gplflow.tasks.evaluation_table import (
+    SIGNIFICANCE_COLUMNS,
+    judged_note,
+    metrics_table,
+    ordered_models,
+    significance_rows,
+)
 
 if TYPE_CHECKING:  # the config imports every stage (torch); the report's stage rows need none of it
     from gplflow.flows.config import PipelineConfig
@@ -67,7 +73,7 @@ def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
     held = (f"{e.heldout_fraction:.0%} of the queries held out (at most {e.heldout_max}, seed {e.heldout_seed})"
             if e.heldout_fraction > 0 and e.heldout_max > 0 else "no held-out queries")
     rows.append(("evaluate", (f"qrels `{e.qrels}`" if e.qrels else "no qrels") + f"; {held}; promote {e.promote}"
-                 + (f" (min gain {e.min_gain:g})" if e.promote == "if_better" else "")))
+                 + (f" (min gain {e.min_gain:g})" if e.promote != "always" else "")))
     rows.append(("execution", f"{cfg.execution.mode}, shards of {cfg.execution.shard_size}"))
     return rows
 
@@ -163,6 +169,15 @@ def metrics_markdown(metrics: dict[str, Any] | None) -> str:
              *(f"- {e.label}: {e.queries} {e.what} over {e.docs} passages" for e in table.evaluated)]
     if table.primary:
         lines.append(f"- primary: {table.primary}")
+    if rows := significance_rows(metrics):
+        lines += ["", "Each model against the base, per query (nDCG@10; paired bootstrap interval, sign-flip "
+                  "permutation p-value; the verdict is better, worse or inconclusive, with the queries a resolving "
+                  "test would need):", "",
+                  "| " + " | ".join(SIGNIFICANCE_COLUMNS) + " |",
+                  "|---|---" + "|--:" * (len(SIGNIFICANCE_COLUMNS) - 3) + "|---|",
+                  *("| " + " | ".join(row) + " |" for row in rows)]
+    if note := judged_note(metrics):
+        lines += ["", f"- {note[0].upper()}{note[1:]}."]
     return "\n".join(lines)
 
 
@@ -326,10 +341,12 @@ def _headline(cfg: PipelineConfig) -> str:
 
 
 def _verdict(metrics: dict[str, Any] | None) -> str:
+    from gplflow.tasks.promote import verdict_lines
+
     if not metrics or metrics.get("primary_evaluation") is None:  # None: only STS or clustering ran
         return "_Not evaluated._" if not metrics else "_No retrieval evaluation (no qrels, no held-out queries)._"
-    verdict = metrics_table(metrics).verdict
-    return f"**{verdict}**" if verdict else "_Not evaluated._"
+    lines = verdict_lines(metrics)
+    return "\n\n".join(f"**{line}**" for _, line in lines) if lines else "_Not evaluated._"
 
 
 def _promotion(store: ArtifactStore, metrics: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from gplflow.adapters.store import ArtifactStore
-from gplflow.flows.compare import CompareConfig, compare_pipeline, comparison_markdown
+from gplflow.flows.compare import (
+    CompareConfig,
+    agreement_rows,
+    compare_pipeline,
+    comparison_markdown,
+    comparison_rows,
+    rank_agreement,
+)
 from gplflow.flows.config import ConfigError
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -61,7 +68,8 @@ def test_compare_runs_each_method_adopting_the_stages_they_share(prefect_api, co
     heldout = [row["held-out nDCG@10"] for row in found["rows"]]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in heldout)
     table = (root / "comparison.md").read_text()
-    assert "| gpl-4-steps | – | " in table and table.count("\n|") == 5  # header, rule and three rows
+    assert "| gpl-4-steps | – | " in table
+    assert table.split("### Agreement")[0].count("\n|") == 5  # header, rule and three rows
 
 
 def test_a_compare_file_is_checked_before_anything_runs(tmp_path):
@@ -79,4 +87,42 @@ def test_a_compare_file_is_checked_before_anything_runs(tmp_path):
 def test_the_comparison_table_shows_a_missing_value_as_a_dash():
     rows = [{"method": "base", "qrels nDCG@10": 0.5, "held-out nDCG@10": None, "STS Spearman": None,
              "k-means V-measure": 0.25, "seconds": None, "promoted": None}]
-    assert "| base | 0.5000 | – | – | 0.2500 | – | – |" in comparison_markdown("x", rows)
+    assert "| base | 0.5000 | – | – | 0.2500 | – | – | – | – |" in comparison_markdown("x", rows)
+
+
+def test_rank_agreement_counts_pairs_ordered_alike_and_kendall_tau():
+    assert rank_agreement([0.1, 0.2, 0.3], [1.0, 2.0, 3.0]) == (1.0, 1.0)
+    assert rank_agreement([0.1, 0.2, 0.3], [3.0, 2.0, 1.0]) == (0.0, -1.0)
+    ordered, tau = rank_agreement([0.1, 0.2, 0.3, 0.4], [0.1, 0.3, 0.2, 0.4])  # one pair of six swapped
+    assert ordered == 5 / 6 and tau == (5 - 1) / 6
+    assert rank_agreement([0.5], [0.5]) == (None, None)
+
+
+def _metrics(qrels: dict, heldout: dict, verdicts: dict) -> dict:
+    def comparison(verdict: str) -> dict:
+        return {"n": 20, "verdict": verdict, "gain": 0.01, "ci": [-0.01, 0.03], "p_value": 0.2, "reason": verdict,
+                "base": 0.5, "adapted": 0.51}
+
+    return {"evaluations": {
+        name: {"models": {label: {"ndcg@10": v} for label, v in values.items()},
+               "comparisons": {"adapted": comparison(verdicts[name])}}
+        for name, values in (("qrels", qrels), ("heldout", heldout))}, "promotion": {"promoted": "adapted"}}
+
+
+def test_the_agreement_section_compares_each_signal_with_the_qrels_over_the_methods():
+    summaries = {"a": {"metrics": _metrics({"base": 0.5, "adapted": 0.6}, {"base": 0.8, "adapted": 0.9},
+                                           {"qrels": "better", "heldout": "better"})},
+                 "b": {"metrics": _metrics({"base": 0.5, "adapted": 0.4}, {"base": 0.8, "adapted": 0.85},
+                                           {"qrels": "worse", "heldout": "inconclusive"})},
+                 "c": {"metrics": _metrics({"base": 0.5, "adapted": 0.55}, {"base": 0.8, "adapted": 0.82},
+                                           {"qrels": "better", "heldout": "worse"})}}
+    rows = comparison_rows(summaries)
+    assert [r["method"] for r in rows] == ["base", "a", "b", "c"]
+    assert rows[1]["verdict: qrels / without"] == "better / better"
+    assert rows[1]["qrels gain (95% CI), p"] == "+0.0100 (-0.010, +0.030), p 0.2"
+    held, verdict = agreement_rows(rows)
+    # qrels: a .6 > c .55 > base .5 > b .4; held-out: a .9 > b .85 > c .82 > base .8: b is misplaced (2 of 6 pairs)
+    assert held == {"signal": "held-out", "models": "4", "pairs ordered as qrels": "67%", "Kendall tau": "+0.33",
+                    "verdicts as qrels": "1 of 3", "opposite verdicts": "1"}
+    assert verdict["signal"] == "verdict without qrels" and verdict["verdicts as qrels"] == "1 of 3"
+    assert "### Agreement with the qrels, without them" in comparison_markdown("x", rows, [held, verdict])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from gplflow.adapters import metrics as trec
-from gplflow.tasks.evaluation_table import metrics_table
+from gplflow.tasks.evaluation_table import judged_note, metrics_table, significance_rows
+from gplflow.tasks.significance import compare
 
 
 def _results(base: float, adapted: float, **more: float) -> dict:
@@ -30,14 +31,20 @@ def test_columns_rows_and_notes_in_one_order():
     assert table.primary == "qrels ndcg@10"
 
 
-def test_verdict_on_the_primary_evaluation():
-    table = metrics_table(METRICS)
-    assert (table.verdict, table.beats) == ("The adapted model beats its base on qrels nDCG@10 (+0.2000).", True)
-    heldout = metrics_table({**METRICS, "primary_evaluation": "heldout"})
-    assert (heldout.verdict, heldout.beats) == (
-        "The adapted model does NOT beat its base on held-out nDCG@10 (-0.1000).", False)
+def test_significance_rows_list_each_compared_model_per_evaluation_in_order():
+    gain = compare([0.2, 0.4, 0.6, 0.8] * 5, [0.3, 0.5, 0.7, 0.9] * 5, resamples=200)
+    noise = compare([0.5, 0.6, 0.7], [0.6, 0.5, 0.7], resamples=200)
+    metrics = {"evaluations": {"teacher": {"comparisons": {"adapted": noise}},
+                               "qrels": {"comparisons": {"adapted": gain, "pretrained": noise}},
+                               "heldout_low_overlap": {"comparisons": {"adapted": compare([], [])}}}}
+    rows = significance_rows(metrics)
+    assert [row[:3] for row in rows] == [("qrels", "pretrained", "3"), ("qrels", "adapted", "20"),
+                                         ("teacher", "adapted", "3")]  # the empty subset is left out
+    assert rows[1][3:] == ("0.5000", "0.6000", "+0.1000", "+0.100..+0.100", f"{gain['p_value']:.2g}", "better")
+    assert rows[0][-1].startswith("inconclusive")
     only_sts = metrics_table({"evaluations": {}, "primary_evaluation": None})
-    assert (only_sts.columns, only_sts.verdict, only_sts.primary) == ([], None, None)
+    assert (only_sts.columns, only_sts.primary, significance_rows({"evaluations": {}})) == ([], None, [])
+    assert judged_note(metrics) is None  # no counts: the teacher-judged evaluation did not run
 
 
 def test_records_are_the_prefect_table_rows():

@@ -137,11 +137,12 @@ def test_an_adapted_model_made_worse_leaves_the_base_promoted(config, tmp_path, 
                                  "--set", "evaluate.qrels=null", "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert "does NOT beat its base on held-out nDCG@10" in output
-    assert "promoted: the base model" in output and "does not beat its base" in output
+    assert "Verdict without qrels: WORSE: the adapted model is worse than its base on nDCG@10 of the held-out" in output
+    assert "promoted: the base model" in output and "promotes the adapted model only when it is better" in output
     store = ArtifactStore(run_dir)
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
-    assert metrics["primary_evaluation"] == "heldout" and set(metrics["evaluations"]) == {"heldout"}
+    assert metrics["primary_evaluation"] == "heldout" and set(metrics["evaluations"]) == {"heldout", "teacher"}
+    assert metrics["verdict"]["evaluation"] == "no_qrels" and metrics["verdict"]["verdict"] == "worse"
     assert store.require("evaluate").manifest["promotion"]["promoted"] == "base"
     record = json.loads((run_dir / "promoted" / "promoted.json").read_text())
     assert record["promoted"] == "base" and record["gain"] < 0 and record["ref"] != store.url("model")

@@ -43,8 +43,10 @@ HELDOUT = {
     "delta": {"ndcg@10": -0.1, "map@100": -0.1, "recall@100": 0.0, "mrr@10": -0.1},
     "counts": {"queries": 4, "docs": 6},
 }
+VERDICTS = {"qrels": {"verdict": "better", "reason": "the adapted model beats its base on nDCG@10 (+0.2000)"},
+            "no_qrels": {"verdict": "inconclusive", "reason": "no signal without qrels is conclusive"}}
 METRICS = {"evaluations": {"heldout": HELDOUT, "qrels": QRELS}, "primary_evaluation": "qrels",
-           "primary_metric": "ndcg@10",
+           "primary_metric": "ndcg@10", "verdicts": VERDICTS,
            "promotion": {"promoted": "adapted", "rule": "if_better", "reason": "the adapted model beats its base"}}
 DIAGNOSTICS = {"margin": {"min": -1.0, "p05": -0.5, "p25": 0.1, "p50": 0.25, "p75": 0.5, "p95": 1.0, "max": 2.0,
                           "mean": 0.3},
@@ -124,6 +126,18 @@ def test_metrics_side_by_side_qrels_then_heldout_each_base_pretrained_adapted_th
     assert "- held-out: 4 held-out synthetic queries, never trained on over 6 passages" in lines
     assert lines[-1] == "- primary: qrels ndcg@10"
     assert metrics_markdown(None).startswith("_No retrieval evaluation")
+    from gplflow.tasks.significance import compare
+
+    judged = {"models": {}, "comparisons": {"adapted": compare([0.5, 0.6, 0.7], [0.6, 0.7, 0.8], resamples=100)},
+              "counts": {"judge": "my/teacher", "judge_kind": "bi_encoder", "judge_is_teacher": True, "depth": 10,
+                         "heldout_queries": 3, "pooled_pairs": 40, "pairs_scored": 31, "reused_from_triples": 0}}
+    lines = metrics_markdown({**METRICS, "evaluations": {**METRICS["evaluations"], "teacher": judged}}).splitlines()
+    assert "| teacher | adapted | 3 | 0.6000 | 0.7000 | +0.1000 | +0.100..+0.100 | 0.25 | inconclusive " \
+           "(~6 q) |" in lines
+    assert lines[-1].startswith("- Teacher-judged: the run's teacher, bi-encoder my/teacher, graded the top 10 "
+                                "passages of every model on 3 held-out queries (40 pooled pairs, 31 scored, 0 reused")
+    assert lines[-1].endswith("it measures fidelity to that model, not truth: the adapted model was trained to "
+                              "imitate the teacher.")
 
 
 def test_diagnostics_and_promotion_markdown():
@@ -155,9 +169,10 @@ def test_report_markdown_has_stages_metrics_samples_models_and_config(run, tmp_p
     text = report_markdown(cfg, store, summary(store, started))
     lines = text.splitlines()
     assert lines[0] == "# gplflow run `Report Test_1`"
-    assert "**The adapted model beats its base on qrels nDCG@10 (+0.2000).**" in lines
-    assert lines[lines.index("**The adapted model beats its base on qrels nDCG@10 (+0.2000).**") + 1].startswith(
-        "**Promoted: the adapted model** (`evaluate.promote: if_better`)")
+    with_qrels = "**Verdict with qrels: BETTER: the adapted model beats its base on nDCG@10 (+0.2000).**"
+    without = "**Verdict without qrels: INCONCLUSIVE: no signal without qrels is conclusive.**"
+    assert lines[lines.index(with_qrels) + 2] == without  # one verdict function for the report and the CLI
+    assert lines[lines.index(without) + 1].startswith("**Promoted: the adapted model** (`evaluate.promote: if_better`)")
     assert lines[lines.index("## Metrics") + 1].startswith("| metric | qrels base | qrels pretrained |")
     assert "**Warning: the teacher looks random.**" in lines
     sections = [line for line in lines if line.startswith("## ")]
