@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import fsspec
 import pyarrow as pa
@@ -201,6 +201,13 @@ def content_signature(url: str | os.PathLike[str]) -> str:
     return digest.hexdigest()[:20]
 
 
+class Ref(NamedTuple):
+    """An input artifact as a stage reads it: its folder in the run directory and the fingerprint it must have."""
+
+    name: str
+    fingerprint: str
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A published, validated stage folder."""
@@ -208,6 +215,11 @@ class Artifact:
     store: ArtifactStore
     stage: str
     manifest: dict[str, Any]
+
+    @property
+    def ref(self) -> Ref:
+        """This artifact as another stage's input."""
+        return Ref(self.stage, self.fingerprint)
 
     @property
     def url(self) -> str:
@@ -349,7 +361,10 @@ class ArtifactStore:
         problems = self.problems(stage, expect_fingerprint, check=check)
         if problems:
             if self.fs.exists(self.path(stage)):
-                logger.info("artifact %s not usable: %s", stage, "; ".join(problems[:3]))
+                # another fingerprint is routine (settings or inputs changed): the stage says so in words
+                stale = len(problems) == 1 and ": fingerprint " in problems[0]
+                logger.log(logging.DEBUG if stale else logging.INFO, "artifact %s not usable: %s", stage,
+                           "; ".join(problems[:3]))
             return None
         return Artifact(self, stage, self.read_manifest(stage))  # type: ignore[arg-type]
 
@@ -357,6 +372,17 @@ class ArtifactStore:
         """``load`` for a stage about to read the artifact: every file's sha256 is checked, unless this process
         published or already hashed those very bytes (an artifact written elsewhere is verified before use)."""
         return self.load(stage, expect_fingerprint, check="consume")
+
+    def input(self, stage: str, fingerprint: str) -> Artifact:
+        """The artifact a stage reads, verified (``consume``); an error naming it and the fix when it is not there.
+
+        Every stage loads its inputs through this one call, so a missing input reads the same everywhere."""
+        found = self.consume(stage, expect_fingerprint=fingerprint)
+        if found is None:
+            raise MissingInputError(f"{self.url(stage)}: no valid {stage} artifact with fingerprint {fingerprint}; "
+                                    f"the stage that makes it must run first (rerun the pipeline on "
+                                    f"{self.root_url}: gplflow run CONFIG --run-dir {self.root_url})")
+        return found
 
     def require(self, stage: str, *, check: Check = "cheap") -> Artifact:
         artifact = self.load(stage, check=check)

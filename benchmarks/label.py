@@ -64,10 +64,10 @@ from gplflow.adapters.scoring import BiEncoderScorer, CrossEncoderScorer, load_s
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
-from gplflow.tasks.generate import GenerateConfig, run_generate
-from gplflow.tasks.ingest import IngestConfig, run_ingest
+from gplflow.tasks.generate import GenerateConfig, GenerateInputs, run_generate
+from gplflow.tasks.ingest import IngestConfig, IngestInputs, run_ingest
 from gplflow.tasks.label import LabelConfig, draw_triples, load_pool
-from gplflow.tasks.mine import MineConfig, run_mine
+from gplflow.tasks.mine import MineConfig, MineInputs, run_mine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -99,11 +99,13 @@ def build_triples(run_dir: Path | None, n: int, n_queries: int | None, seed: int
             corpus, queries, negatives = (store.require(s) for s in ("corpus", "queries", "negatives"))
         else:
             minilm = str(models.packaged_minilm_path())
-            corpus = run_ingest(IngestConfig(path=str(DEMO)), store)
-            queries = run_generate(GenerateConfig(method="extractive", queries_per_passage=3, seed=7),
-                                   store, corpus, generator="")
-            negatives = run_mine(MineConfig(negatives_per_query=20, max_seq_length=256), store, corpus, queries,
-                                 [(minilm, "cos_sim")])
+            run = store.root_url
+            corpus = run_ingest(IngestInputs(run_dir=run, cfg=IngestConfig(path=str(DEMO))))
+            queries = run_generate(GenerateInputs(run_dir=run, corpus=corpus.ref, cfg=GenerateConfig(
+                method="extractive", queries_per_passage=3, seed=7)))
+            negatives = run_mine(MineInputs(run_dir=run, cfg=MineConfig(negatives_per_query=20, max_seq_length=256),
+                                            corpus=corpus.ref, queries=queries.ref,
+                                            retrievers=((minilm, "cos_sim"),)))
         pool = load_pool(corpus, queries, negatives)
         passages = passage_texts(corpus.read_table(["title", "text"]))
     sizes = np.diff(pool.offsets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,9 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from gplflow.adapters.errors import InputError
+from gplflow.flows.stages import sections
 from gplflow.tasks.augment import AugmentConfig
-from gplflow.tasks.base import NoBoolNumbers, Seed
+from gplflow.tasks.base import NoBoolNumbers, Seed, StageConfig
 from gplflow.tasks.evaluate import EvaluateConfig
 from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.ingest import IngestConfig
@@ -89,6 +91,27 @@ class PipelineConfig(_Frozen):
     evaluate: EvaluateConfig = EvaluateConfig()
     execution: ExecutionConfig = ExecutionConfig()
     import_: ImportConfig = Field(default=ImportConfig(), alias="import")
+    # the sections of stages that declare their own (flows/stages.py ``Stage.section``), by key; each is read,
+    # written and validated like the sections above (``cfg.section(key)``)
+    extra_sections: dict[str, StageConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_sections(cls, data: Any) -> Any:
+        declared = {key: kind for key, kind in sections().items() if key not in cls.model_fields}
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        given = dict(data.pop("extra_sections", None) or {})
+        found = {}
+        for key, kind in declared.items():
+            value = data.pop(key, given.get(key))
+            try:
+                found[key] = value if isinstance(value, kind) else kind.model_validate(value or {})
+            except ValidationError as err:
+                raise ValueError("; ".join(f"'{key}.{loc}': {text}" if loc else f"'{key}': {text}"
+                                           for loc, text in _describe_keys(err.errors()))) from None
+        return {**data, "extra_sections": found}
 
     @model_validator(mode="before")
     @classmethod
@@ -144,7 +167,20 @@ class PipelineConfig(_Frozen):
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-        """Read a YAML file (relative paths in it are taken from the file's folder), then apply overrides."""
+        """Read a YAML file (relative paths in it are taken from the file's folder), then apply overrides.
+
+        Loaded and validated once per process for a given file version and overrides (the CLI, the flow and the
+        flow-run name all ask for it): the same frozen object comes back while the file is unchanged.
+        """
+        version = None
+        if path is not None and (found := Path(path)).is_file():
+            stat = found.stat()
+            version = (str(found.resolve()), stat.st_mtime_ns, stat.st_size)
+        return _load(cls, str(path) if path is not None else None, version, tuple(overrides),
+                     tuple(sorted(sections().items(), key=lambda item: item[0])))
+
+    @classmethod
+    def _read(cls, path: str | Path | None, overrides: tuple[str, ...]) -> PipelineConfig:
         data: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
@@ -175,7 +211,12 @@ class PipelineConfig(_Frozen):
                                         for key, text in _describe_keys(err.errors()))) from err
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        data = self.model_dump(mode="json", by_alias=True)
+        return {**data, **data.pop("extra_sections")}
+
+    def section(self, key: str) -> StageConfig:
+        """A stage's config section by its key (``label``, or a section a registry stage declares)."""
+        return getattr(self, key) if key in type(self).model_fields else self.extra_sections[key]
 
     # Derived values: computed here once, read by the pipeline, the shard flow, the report and the checks.
 
@@ -208,6 +249,14 @@ class PipelineConfig(_Frozen):
     def teacher_ref(self) -> str:
         """The labelling model as configured (``teacher_slot``'s reference)."""
         return self.models.cross_encoder if self.teacher_slot == "cross_encoder" else self.models.bi_encoder_teacher_ref
+
+
+@functools.lru_cache(maxsize=32)
+def _load(cls: type[PipelineConfig], path: str | None, version: tuple[str, int, int] | None,
+          overrides: tuple[str, ...], declared: tuple[tuple[str, type], ...]) -> PipelineConfig:
+    """``PipelineConfig.load`` per (file version, overrides, the sections stages declare: a stage registered
+    later changes what a config holds)."""
+    return cls._read(path, overrides)
 
 
 class ConfigError(InputError):
@@ -297,7 +346,7 @@ def default_run_dir(cfg: PipelineConfig) -> str:
 
 
 _PATH_KEYS = ("corpus.path", "pairs.path", "evaluate.qrels", "evaluate.queries", "evaluate.sts.path",
-              "evaluate.clustering.labels", "import.gpl_dir")
+              "evaluate.clustering.labels", "import.gpl_dir", "generate.template", "generate.examples")
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:

@@ -3,7 +3,7 @@ from the corpus (cached), the pip-packaged all-MiniLM-L6-v2 for its hub name, a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import get_run_logger, task
 
@@ -11,23 +11,21 @@ from gplflow.adapters.models import TINY, packaged_minilm_path, truncated_copy
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 
-if TYPE_CHECKING:
-    from gplflow.flows.config import PipelineConfig
-
 _TINY_OF = {"generator": "generator", "cross_encoder": "cross_encoder", "base": "bi_encoder",
             "bi_encoder_teacher": "bi_encoder"}
 
 
 @task(name="prepare models", task_run_name="prepare models", persist_result=False)
-def prepare_models(cfg: PipelineConfig, run_dir: str) -> dict[str, Any]:
+def prepare_models(cfg: Any, run_dir: str) -> dict[str, Any]:
     """Resolve every model slot; ``tiny`` slots get tiny models built offline from the corpus (cached)."""
     resolved = resolve_models(cfg, ArtifactStore(run_dir))
     get_run_logger().info("models: %s", resolved)
     return resolved
 
 
-def resolve_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, Any]:
-    """Each model slot as a loadable reference; ``tiny`` ones are built from the corpus in ``store`` (cached)."""
+def resolve_models(cfg: Any, store: ArtifactStore) -> dict[str, Any]:
+    """Each model slot of ``cfg`` (a PipelineConfig: not imported, as the config imports the stage registry, which
+    resolves models through here) as a loadable reference; ``tiny`` ones are built from the corpus in ``store``."""
     slots = {
         "generator": cfg.models.generator,
         "cross_encoder": cfg.models.cross_encoder,
@@ -41,7 +39,8 @@ def resolve_models(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, Any]:
         corpus = store.require("corpus")
         texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
         tiny = build_tiny_models(texts, default_cache_dir(), seed=cfg.models.tiny_seed)
-    resolved = {k: str(getattr(tiny, _TINY_OF[k])) if v == TINY else packaged(v) for k, v in slots.items()}
+    tiny_of = {**_TINY_OF, "generator": "causal_lm"} if cfg.generate.method == "llm" else _TINY_OF
+    resolved = {k: str(getattr(tiny, tiny_of[k])) if v == TINY else packaged(v) for k, v in slots.items()}
     resolved["retrievers"] = [(str(tiny.bi_encoder) if n == TINY else packaged(n), s) for n, s in retrievers]
     if cfg.models.base_layers:
         resolved["base"] = str(truncated_copy(resolved["base"], cfg.models.base_layers, default_cache_dir()))

@@ -23,7 +23,7 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.flows import shards
 from gplflow.flows.config import ConfigError, PipelineConfig, default_run_dir
 from gplflow.flows.report import artifact_key, publish_report
-from gplflow.flows.stages import STAGES, Run, Stage
+from gplflow.flows.stages import STAGES, Run
 from gplflow.flows.validate import validate_run
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,9 @@ def crash_abandoned(stale: dict[str, Any], run_dir: str) -> None:
     logger.warning("flow run %s was left %s by a run that died in %s; marked Crashed", prior, was, run_dir)
 
 
-def _adopt(stage: Stage, params: dict[str, Any], run: Run, donors: Sequence[str]) -> None:
-    """Copy in the artifacts ``stage`` would publish from the first donor run directory that has them, valid."""
-    fingerprints = getattr(getattr(stage.resolve_task(), "cache_policy", None), "fingerprints", None)
-    if fingerprints is None:
-        return
-    for name, fp in fingerprints(params).items():
+def _adopt(fingerprints: dict[str, str], run: Run, donors: Sequence[str]) -> None:
+    """Copy in the artifacts a stage would publish from the first donor run directory that has them, valid."""
+    for name, fp in fingerprints.items():
         if run.store.load(name, expect_fingerprint=fp) is not None:
             continue
         for donor in donors:
@@ -114,12 +111,12 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
     for stage in STAGES:
         if all(name in run.fps for name in stage.makes) or not stage.when(run):  # imported, or not this run's
             continue
-        params = stage.params(run)
+        inputs = stage.inputs(run)
         if reuse_from and stage.portable:
-            _adopt(stage, params, run, reuse_from)
+            _adopt(inputs.fingerprints(), run, reuse_from)
         if stage.job is not None:  # pool mode: the shards run on the workers first, the task publishes them
-            shards.fan_out(cfg, stage, params, pool)
-        run.record(stage, stage.resolve_task()(**params))
+            shards.fan_out(cfg, stage, inputs, pool)
+        run.record(stage, stage.task(inputs))
     store = ArtifactStore(run_dir)
     metrics = None
     if "evaluate" in run.fps:

@@ -35,7 +35,7 @@ from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectN
 from gplflow.adapters.errors import GplflowError, InputError, MissingInputError
 from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
 from gplflow.flows.stages import Run, Stage, shard_stage
-from gplflow.tasks.base import ShardJob
+from gplflow.tasks.base import ShardJob, StageInputs
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ class PoolRunError(GplflowError, RuntimeError):
     One line naming the shards and their runs (the workers' logs hold the tracebacks); a rerun resumes."""
 
 
-def canonical_stage(stage: str) -> str:
-    """``generate``, ``mine`` or ``label`` (their artifact names ``queries``, ``negatives``, ``triples`` too)."""
-    return shard_stage(stage).step
-
-
 # --- the worker side --------------------------------------------------------------------------------------
 
 @flow(name=FLOW_NAME, flow_run_name="{stage} shard {shard}", log_prints=True)
@@ -65,15 +60,15 @@ def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = N
                overrides: list[str] | None = None) -> dict:
     """Compute one shard of a shardable stage into the run's staging folder; returns its done record."""
     found = shard_stage(stage)
-    name = found.step
+    name = found.name
     cfg = PipelineConfig.load(config_path, overrides or [])
-    # the registry derives the parameters from the config and the artifacts the pipeline already published
+    # the registry derives the inputs from the config and the artifacts the pipeline already published
     try:
-        params = found.params(Run.from_store(cfg, run_dir))
+        inputs = found.inputs(Run.from_store(cfg, run_dir))
     except KeyError as err:
         raise MissingInputError(f"{run_dir}: no valid {err.args[0]} artifact; the shard's inputs must be published "
                                 "(by the pipeline) in the run directory the workers share") from None
-    job = found.resolve_job()(**params)
+    job = found.job(inputs)
     job.check_shard(shard)
     log = get_run_logger()
     _label_flow_run()
@@ -314,15 +309,15 @@ def _worker(run: Any) -> str:
     return f"{name} on {host}" if name and host else name or host
 
 
-def fan_out(cfg: PipelineConfig, stage: Stage, params: dict[str, Any], source: PoolSource | None,
+def fan_out(cfg: PipelineConfig, stage: Stage, inputs: StageInputs, source: PoolSource | None,
             dispatcher: DeploymentDispatcher | None = None) -> None:
     """In pool mode, compute the stage's pending shards on the worker pool (a no-op in local mode).
 
-    ``params`` are the stage task's parameters; the task, called afterwards, publishes the staged shards.
+    ``inputs`` are the stage task's; the task, called afterwards, publishes the staged shards.
     """
-    if cfg.execution.mode != "pool" or source is None:
+    if cfg.execution.mode != "pool" or source is None or stage.job is None:
         return
-    job = stage.resolve_job()(**params)
+    job = stage.job(inputs)
     if job.store.load(job.stage, expect_fingerprint=job.fingerprint) is not None:
         return
     pending = job.prepare()
@@ -330,7 +325,7 @@ def fan_out(cfg: PipelineConfig, stage: Stage, params: dict[str, Any], source: P
         return
     dispatcher = dispatcher or DeploymentDispatcher(timeout_s=cfg.execution.shard_timeout_s)
     dispatcher.check()
-    parameters = {"stage": stage.step, "run_dir": _shared(params["run_dir"]), "config_path": source.config_path,
+    parameters = {"stage": stage.name, "run_dir": _shared(inputs.run_dir), "config_path": source.config_path,
                   "overrides": source.overrides}
     run_shards(job, pending, dispatcher, parameters, cfg.execution)
 

@@ -16,21 +16,34 @@ Three stages sit between reading the gold pairs (tasks/pairs.py) and training th
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import os
 from collections import Counter
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import Field
 
 from gplflow.adapters import artifacts
-from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.model_refs import model_signature
-from gplflow.adapters.store import Artifact, ArtifactStore
-from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.adapters.store import Artifact
+from gplflow.tasks.base import ModelUse, Ref, Seed, StageConfig, StageInputs, stage_task
 from gplflow.tasks.pairs import score_summary
+from gplflow.tasks.planning import (
+    CALIBRATION_STEPS,
+    CALIBRATION_TEXTS,
+    StagePlan,
+    StepClock,
+    clock,
+    encode_rate,
+    pseudo_query,
+    score_rate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,31 +91,34 @@ def _sampling_config(cfg: AugmentConfig) -> dict[str, Any]:
 # --- 1. the cross-encoder -------------------------------------------------------------------------------------
 
 
-def _cross_inputs(start: str, pairs_fp: str) -> dict[str, str]:
-    return {"start": model_signature(start), "pairs": pairs_fp}
+class CrossEncoderInputs(StageInputs, artifact=CROSS_ENCODER, code_version=CODE_VERSION):
+    """What the cross-encoder's training reads: the gold pairs and the model it starts from."""
+
+    cfg: AugmentConfig
+    start: str  # a cross-encoder, or any encoder: it gets a new head
+    pairs: Ref
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        return (self.cfg.cross_encoder.model_dump(mode="json"),
+                {"start": model_signature(self.start), "pairs": self.pairs.fingerprint})
 
 
-def cross_encoder_fingerprint(cfg: AugmentConfig, start: str, pairs_fp: str) -> str:
-    return stage_fingerprint(CROSS_ENCODER, cfg.cross_encoder, _cross_inputs(start, pairs_fp), CODE_VERSION)
-
-
-def run_cross_encoder(cfg: AugmentConfig, store: ArtifactStore, start: str, pairs: Artifact) -> Artifact:
-    """Train a cross-encoder from ``start`` (a cross-encoder, or any encoder: it gets a new head) on the gold
-    pairs and publish ``cross-encoder/``."""
+def run_cross_encoder(inputs: CrossEncoderInputs) -> Artifact:
+    """Train a cross-encoder from ``start`` on the gold pairs and publish ``cross-encoder/``."""
     from gplflow.adapters import cross_training, models  # torch and sentence-transformers: only when training
 
+    cfg, store, start = inputs.cfg, inputs.store, inputs.start
+    pairs = inputs.load(inputs.pairs)
     if pairs.manifest.get("kind", "scored") != "scored":
         raise InputError("flow augmented_sbert trains its cross-encoder on scored pairs (pairs.kind: scored)")
-    inputs = _cross_inputs(start, pairs.fingerprint)
-    fp = stage_fingerprint(CROSS_ENCODER, cfg.cross_encoder, inputs, CODE_VERSION)
-    if (found := reuse(store, CROSS_ENCODER, fp)) is not None:
+    if (found := inputs.reuse()) is not None:
         return found
+    config, fps = inputs.fingerprint_parts()
     c = cfg.cross_encoder
     table = pairs.read_table(["sentence1", "sentence2", "score"])
     gold = cross_training.ScoredPairs(*(table[name].to_pylist() for name in table.column_names))
     model = models.load_cross_encoder(start, max_length=c.max_seq_length, inference=False)
-    with store.writer(CROSS_ENCODER, config=c.model_dump(mode="json"), inputs=inputs,
-                      code_version=CODE_VERSION) as out:
+    with store.writer(CROSS_ENCODER, config=config, inputs=fps, code_version=CODE_VERSION) as out:
         before = cross_training.fit_on(model, gold, cfg.batch_size)
         report = cross_training.fit(model, gold, c)
         after = cross_training.fit_on(model, gold, cfg.batch_size)
@@ -117,26 +133,28 @@ def run_cross_encoder(cfg: AugmentConfig, store: ArtifactStore, start: str, pair
 # --- 2. sampling --------------------------------------------------------------------------------------------
 
 
-def _sample_inputs(cfg: AugmentConfig, corpus_fp: str, pairs_fp: str, bi_encoder: str) -> dict[str, str]:
-    inputs = {"corpus": corpus_fp, "pairs": pairs_fp}
-    return {**inputs, "bi_encoder": model_signature(bi_encoder)} if "semantic" in SAMPLERS[cfg.sampling] else inputs
+class SampleInputs(StageInputs, artifact=CANDIDATES, code_version=CODE_VERSION):
+    """What sampling reads: the corpus, the gold pairs and the bi-encoder of semantic search."""
+
+    cfg: AugmentConfig
+    corpus: Ref
+    pairs: Ref
+    bi_encoder: str  # finds the semantic-search neighbours (the model the flow goes on to train)
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        inputs = {"corpus": self.corpus.fingerprint, "pairs": self.pairs.fingerprint}
+        if "semantic" in SAMPLERS[self.cfg.sampling]:
+            inputs["bi_encoder"] = model_signature(self.bi_encoder)
+        return _sampling_config(self.cfg), inputs
 
 
-def sample_fingerprint(cfg: AugmentConfig, corpus_fp: str, pairs_fp: str, bi_encoder: str) -> str:
-    return stage_fingerprint(CANDIDATES, _sampling_config(cfg), _sample_inputs(cfg, corpus_fp, pairs_fp, bi_encoder),
-                             CODE_VERSION)
-
-
-def run_sample(cfg: AugmentConfig, store: ArtifactStore, corpus: Artifact, pairs: Artifact,
-               bi_encoder: str) -> Artifact:
-    """Sample unlabelled pairs from the gold sentences and corpus passages and publish ``silver-candidates/``.
-
-    ``bi_encoder`` finds the semantic-search neighbours (the model the flow goes on to train).
-    """
-    inputs = _sample_inputs(cfg, corpus.fingerprint, pairs.fingerprint, bi_encoder)
-    fp = stage_fingerprint(CANDIDATES, _sampling_config(cfg), inputs, CODE_VERSION)
-    if (found := reuse(store, CANDIDATES, fp)) is not None:
+def run_sample(inputs: SampleInputs) -> Artifact:
+    """Sample unlabelled pairs from the gold sentences and corpus passages and publish ``silver-candidates/``."""
+    cfg, store, bi_encoder = inputs.cfg, inputs.store, inputs.bi_encoder
+    if (found := inputs.reuse()) is not None:
         return found
+    corpus, pairs = inputs.load(inputs.corpus), inputs.load(inputs.pairs)
+    config, fps = inputs.fingerprint_parts()
     gold = pairs.read_table(["sentence1", "sentence2"])
     sentences = list(dict.fromkeys(gold["sentence1"].to_pylist() + gold["sentence2"].to_pylist()))
     passages = _corpus_sample(corpus, cfg.corpus_passages, cfg.seed)
@@ -156,7 +174,7 @@ def run_sample(cfg: AugmentConfig, store: ArtifactStore, corpus: Artifact, pairs
                        "neighbours are used (raise augment.top_k or augment.corpus_passages for more)",
                        len(rows), target, cfg.top_k)
     table = pa.Table.from_pylist(rows, schema=artifacts.SILVER_CANDIDATES_SCHEMA)
-    with store.writer(CANDIDATES, config=_sampling_config(cfg), inputs=inputs, code_version=CODE_VERSION) as out:
+    with store.writer(CANDIDATES, config=config, inputs=fps, code_version=CODE_VERSION) as out:
         out.write_part([table], artifacts.SILVER_CANDIDATES_SCHEMA)
         for reason, n in sorted(dropped.items()):
             out.count(reason, n)
@@ -226,24 +244,28 @@ def select_pairs(pool: list[str], neighbours: dict[str, np.ndarray], gold: set[t
 # --- 3. labelling -------------------------------------------------------------------------------------------
 
 
-def _silver_config(cfg: AugmentConfig) -> dict[str, Any]:
-    return {"batch_size": cfg.batch_size, "max_seq_length": cfg.cross_encoder.max_seq_length}
+class SilverInputs(StageInputs, artifact=SILVER, code_version=CODE_VERSION):
+    """What silver labelling reads: the sampled candidates and the trained cross-encoder."""
+
+    cfg: AugmentConfig
+    candidates: Ref
+    cross_encoder: Ref
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        config = {"batch_size": self.cfg.batch_size, "max_seq_length": self.cfg.cross_encoder.max_seq_length}
+        return config, {CANDIDATES: self.candidates.fingerprint, CROSS_ENCODER: self.cross_encoder.fingerprint}
 
 
-def silver_fingerprint(cfg: AugmentConfig, candidates_fp: str, cross_encoder_fp: str) -> str:
-    return stage_fingerprint(SILVER, _silver_config(cfg), {CANDIDATES: candidates_fp, CROSS_ENCODER: cross_encoder_fp},
-                             CODE_VERSION)
-
-
-def run_silver(cfg: AugmentConfig, store: ArtifactStore, candidates: Artifact, cross_encoder: Artifact) -> Artifact:
+def run_silver(inputs: SilverInputs) -> Artifact:
     """Score every candidate with the cross-encoder and publish ``silver/`` with the scores' spread."""
     from gplflow.adapters.cross_training import sigmoid
     from gplflow.adapters.scoring import load_scorer
 
-    inputs = {CANDIDATES: candidates.fingerprint, CROSS_ENCODER: cross_encoder.fingerprint}
-    fp = stage_fingerprint(SILVER, _silver_config(cfg), inputs, CODE_VERSION)
-    if (found := reuse(store, SILVER, fp)) is not None:
+    cfg, store = inputs.cfg, inputs.store
+    if (found := inputs.reuse()) is not None:
         return found
+    candidates, cross_encoder = inputs.load(inputs.candidates), inputs.load(inputs.cross_encoder)
+    config, fps = inputs.fingerprint_parts()
     table = candidates.read_table(["sentence1", "sentence2", "sampler"])
     scorer = load_scorer("cross_encoder", str(cross_encoder.local_dir()),
                          max_seq_length=cfg.cross_encoder.max_seq_length, batch_size=cfg.batch_size)
@@ -253,7 +275,7 @@ def run_silver(cfg: AugmentConfig, store: ArtifactStore, candidates: Artifact, c
                        "score": pa.array(scores, pa.float32()), "sampler": table["sampler"]},
                       schema=artifacts.SILVER_SCHEMA)
     samplers = np.asarray(table["sampler"].to_pylist())
-    with store.writer(SILVER, config=_silver_config(cfg), inputs=inputs, code_version=CODE_VERSION) as out:
+    with store.writer(SILVER, config=config, inputs=fps, code_version=CODE_VERSION) as out:
         out.write_part([silver], artifacts.SILVER_SCHEMA)
         out.extra["scores"] = score_distribution(scores)
         out.extra["by_sampler"] = {name: score_distribution(scores[samplers == name])
@@ -279,44 +301,116 @@ def distribution_value(found: dict[str, Any], name: str) -> Any:
 # --- the Prefect tasks ------------------------------------------------------------------------------------------
 
 
-def _load(store: ArtifactStore, stage: str, fp: str) -> Artifact:
-    if (artifact := store.consume(stage, expect_fingerprint=fp)) is None:
-        raise MissingInputError(f"{store.url(stage)}: no valid artifact with fingerprint {fp}")
-    return artifact
+# --- what the run's report, checks and plan ask of these stages --------------------------------------------
+
+def settings(cfg: Any) -> str:
+    a, c = cfg.augment, cfg.augment.cross_encoder
+    length = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
+    return (f"cross-encoder: {length} of batch {c.batch_size}, lr {c.learning_rate:g}, seed {c.seed}; silver: "
+            f"{a.silver_pairs or f'{a.silver_per_gold} per gold pair'}, top {a.top_k} {a.sampling} neighbours, "
+            f"pool: gold sentences + up to {a.corpus_passages} passages, seed {a.seed}")
 
 
-@task(name="train cross-encoder", task_run_name="train cross-encoder", retries=1, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(CROSS_ENCODER, lambda p: cross_encoder_fingerprint(p["cfg"], p["start"],
-                                                                                  p["pairs_fp"])))
-def cross_encoder_task(cfg: AugmentConfig, run_dir: str, start: str, pairs_fp: str) -> str:
-    store = ArtifactStore(run_dir)
-    artifact = run_cross_encoder(cfg, store, start, _load(store, artifacts.PAIRS, pairs_fp))
+def models_used(cfg: Any) -> list[ModelUse]:
+    """The cross-encoder the flow trains starts from this one."""
+    return [ModelUse("models.cross_encoder", cfg.models.cross_encoder, "cross-encoder (trained from)",
+                     "cross_encoder")]
+
+
+@functools.lru_cache(maxsize=8)
+def _gold(path: str, version: tuple[int, int], kind: str, fmt: str, columns: tuple[tuple[str, Any], ...],
+          score_max: float | None) -> tuple[int, int]:
+    """The gold pairs file's row count and distinct sentences: read once for the three augmented stages, and
+    again when the file changed (``version``: its size and modification time)."""
+    from gplflow.adapters.pair_readers import iter_pairs
+
+    rows = list(iter_pairs(path, kind, fmt, dict(columns), score_max))
+    return len(rows), len({text for row in rows for text in (row["sentence1"], row["sentence2"])})
+
+
+def _gold_counts(cfg: Any) -> tuple[int, int]:
+    from gplflow.adapters.corpus_readers import detect_format
+
+    p = cfg.pairs
+    found = os.stat(p.path)
+    return _gold(str(p.path), (found.st_size, found.st_mtime_ns), p.kind, p.format or detect_format(p.path),
+                 tuple(p.columns.model_dump().items()), p.score_max)
+
+
+def cross_encoder_estimate(cfg: Any, n: int) -> StagePlan:
+    c = cfg.augment.cross_encoder
+    rows, _ = _gold_counts(cfg)
+    steps = c.steps or c.epochs * math.ceil(rows / c.batch_size)
+    return StagePlan(steps, "steps", f"{steps} steps of batch {c.batch_size} on {rows} gold pairs",
+                     measure=lambda resolved, passages: _cross_train_rate(c, resolved, passages))
+
+
+def sample_estimate(cfg: Any, n: int) -> StagePlan:
+    a = cfg.augment
+    _, sentences = _gold_counts(cfg)
+    pool = sentences + min(a.corpus_passages, n)
+    samplers = {"bm25": "BM25", "semantic": "the bi-encoder", "both": "BM25 and the bi-encoder"}[a.sampling]
+    return StagePlan(pool, "texts", f"{pool} texts ({sentences} gold sentences + up to "
+                     f"{a.corpus_passages} passages) searched with {samplers}, top {a.top_k}",
+                     measure=lambda resolved, passages: _sample_rate(a, resolved, passages))
+
+
+def silver_estimate(cfg: Any, n: int) -> StagePlan:
+    a = cfg.augment
+    rows, _ = _gold_counts(cfg)
+    target = a.silver_target(rows)
+    return StagePlan(target, "pairs", f"at most {target} sampled pairs scored by the cross-encoder",
+                     measure=lambda resolved, passages: score_rate(
+                         "cross_encoder", resolved["cross_encoder"], passages, a.cross_encoder.max_seq_length,
+                         a.batch_size))
+
+
+def _cross_train_rate(c: CrossEncoderTrainConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Steps per second of the cross-encoder's training on (pseudo-query, passage) pairs (steps after the first)."""
+    from gplflow.adapters import cross_training, models
+
+    n = CALIBRATION_STEPS * c.batch_size
+    texts = [passages[i % len(passages)] for i in range(n)]
+    pairs = cross_training.ScoredPairs([pseudo_query(t) for t in texts], texts, [float(i % 2) for i in range(n)])
+    steps = StepClock()
+    model = models.load_cross_encoder(resolved["cross_encoder"], max_length=c.max_seq_length, inference=False)
+    settings = c.model_copy(update={"epochs": 1, "steps": CALIBRATION_STEPS, "warmup_ratio": 0.0})
+    cross_training.fit(model, pairs, settings, [steps.callback()])
+    return steps.rate()
+
+
+def _sample_rate(a: AugmentConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Pool texts per second: encoded (semantic search) and/or indexed and searched with BM25."""
+    from gplflow.adapters.bm25 import BM25Index
+
+    texts = passages[:CALIBRATION_TEXTS]
+    seconds_per_text = 0.0
+    if a.sampling in ("semantic", "both"):
+        seconds_per_text += 1 / encode_rate(resolved["base"], texts, None, a.batch_size)
+    if a.sampling in ("bm25", "both"):
+        k = a.top_k + 1
+        seconds_per_text += clock(lambda: BM25Index(texts, show_progress=False).search(texts, k)) / len(texts)
+    return 1 / seconds_per_text
+
+
+@stage_task("train cross-encoder", retries=1)
+def cross_encoder_task(inputs: CrossEncoderInputs) -> str:
+    artifact = run_cross_encoder(inputs)
     info = artifact.manifest["train"]
     get_run_logger().info("cross-encoder: %s steps in %ss; on the gold pairs %s", info["steps"], info["seconds"],
                           info["gold_fit"])
     return artifact.fingerprint
 
 
-@task(name="sample silver pairs", task_run_name="sample silver pairs", retries=1, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(CANDIDATES, lambda p: sample_fingerprint(p["cfg"], p["corpus_fp"], p["pairs_fp"],
-                                                                        p["bi_encoder"])))
-def sample_task(cfg: AugmentConfig, run_dir: str, corpus_fp: str, pairs_fp: str, bi_encoder: str) -> str:
-    store = ArtifactStore(run_dir)
-    artifact = run_sample(cfg, store, _load(store, artifacts.CORPUS, corpus_fp),
-                          _load(store, artifacts.PAIRS, pairs_fp), bi_encoder)
+@stage_task("sample silver pairs", retries=1)
+def sample_task(inputs: SampleInputs) -> str:
+    artifact = run_sample(inputs)
     get_run_logger().info("silver candidates: %d pairs (%s)", artifact.rows, artifact.manifest.get("sampled"))
     return artifact.fingerprint
 
 
-@task(name="label silver pairs", task_run_name="label silver pairs", retries=1, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(SILVER, lambda p: silver_fingerprint(p["cfg"], p["candidates_fp"],
-                                                                    p["cross_encoder_fp"])))
-def silver_task(cfg: AugmentConfig, run_dir: str, candidates_fp: str, cross_encoder_fp: str) -> str:
-    store = ArtifactStore(run_dir)
-    artifact = run_silver(cfg, store, _load(store, CANDIDATES, candidates_fp),
-                          _load(store, CROSS_ENCODER, cross_encoder_fp))
+@stage_task("label silver pairs", retries=1)
+def silver_task(inputs: SilverInputs) -> str:
+    artifact = run_silver(inputs)
     get_run_logger().info("silver: %d pairs, scores %s", artifact.rows, artifact.manifest.get("scores"))
     return artifact.fingerprint

@@ -1,5 +1,13 @@
-"""What every stage shares: the frozen config base, the stage fingerprint, the artifact-checked cache policy, and
-the shard job of the shardable stages (generate, mine, label)."""
+"""What every stage shares: the frozen config base, the typed inputs object and its fingerprint, the
+artifact-checked cache policy, the decorator of stage tasks, and the shard job of the shardable stages (generate,
+mine, label).
+
+The contract of a stage (``tasks/<stage>.py``): a frozen config (``StageConfig``), one ``StageInputs`` subclass
+naming everything the stage reads (its config, the fingerprints of its input artifacts as ``Ref``s, resolved model
+references, sizes), a plain function taking those inputs, and a ``@stage_task`` of a few lines around it. The
+fingerprint, the Prefect cache key, the shard job and the plan all take the same inputs object, so no parameter
+list is written twice. The registry (``flows/stages.py``) builds the inputs from a run, in one place.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,8 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from functools import cached_property
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 from prefect.cache_policies import CachePolicy
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -17,7 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from gplflow.adapters.disk import is_no_space
 from gplflow.adapters.errors import GplflowError, InputError
 from gplflow.adapters.staging import ShardStaging
-from gplflow.adapters.store import Artifact, ArtifactStore, canonical_json, fingerprint
+from gplflow.adapters.store import Artifact, ArtifactStore, Ref, canonical_json, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +76,77 @@ def stage_fingerprint(stage: str, cfg: BaseModel | Mapping[str, Any], inputs: Ma
     return fingerprint(stage, config, inputs, code)
 
 
+class ModelUse(NamedTuple):
+    """A model a stage loads: its config key, the reference as configured, its role in words, and its slot among
+    the resolved models (``generator``, ``retrievers.0``, ``cross_encoder``…) for what it resolved to."""
+
+    key: str
+    ref: str
+    role: str
+    slot: str
+
+    def resolved(self, models: dict[str, Any]) -> str:
+        """What the slot resolved to (a retriever's model path for ``retrievers.<i>``), or ""."""
+        name, _, index = self.slot.partition(".")
+        found = models.get(name, "")
+        if index:
+            found = found[int(index)][0] if int(index) < len(found) else ""
+        return str(found)
+
+
+class StageInputs(BaseModel):
+    """Everything a stage computes from, as one frozen, typed object (a Prefect task's one parameter).
+
+    Subclasses declare ``artifact`` (what the stage publishes), ``code_version`` and their fields, and say how
+    the fields become the fingerprint (``fingerprint_parts``: the config part and the inputs part, as recorded in
+    the manifest). ``fingerprints()`` is what the cache, the pipeline's adoption and the shard job key on.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    artifact: ClassVar[str]
+    code_version: ClassVar[str]
+    run_dir: str
+
+    def __init_subclass__(cls, artifact: str | None = None, code_version: str | None = None, **kwargs: Any):
+        """``class LabelInputs(StageInputs, artifact="triples", code_version="label-1")``."""
+        super().__init_subclass__(**kwargs)
+        if artifact is not None:
+            cls.artifact = artifact
+        if code_version is not None:
+            cls.code_version = code_version
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """(config, inputs) of the manifest: by default the ``cfg`` field and every ``Ref`` field."""
+        config = self.cfg.model_dump(mode="json")  # type: ignore[attr-defined]
+        refs = {name: value.fingerprint for name, value in self if isinstance(value, Ref)}
+        return config, refs
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        config, inputs = self.fingerprint_parts()
+        return stage_fingerprint(self.artifact, config, inputs, self.code_version)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def fingerprints(self) -> dict[str, str]:
+        """{artifact: fingerprint} of what the stage publishes (a stage making several overrides this)."""
+        return {self.artifact: self.fingerprint()}
+
+    @cached_property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.run_dir)
+
+    def load(self, ref: Ref) -> Artifact:
+        """An input artifact, verified before it is read; a clear error when it is not there."""
+        return self.store.input(ref.name, ref.fingerprint)
+
+    def reuse(self) -> Artifact | None:
+        """The stage's artifact when one made from exactly these inputs is published and valid."""
+        return reuse(self.store, self.artifact, self.fingerprint())
+
+
 def reuse(store: ArtifactStore, stage: str, fp: str) -> Artifact | None:
     """The stage's published artifact if it was made from exactly these inputs and still validates."""
     artifact = store.load(stage, expect_fingerprint=fp)
@@ -79,28 +159,30 @@ def reuse(store: ArtifactStore, stage: str, fp: str) -> Artifact | None:
 class StageCache(CachePolicy):
     """Prefect's cache for a stage task, keyed on the stage fingerprint and trusted only as far as the store.
 
-    ``fingerprints`` maps the task's parameters to {artifact: fingerprint} (one entry, or several for a task
-    that publishes several artifacts). The artifact store decides reuse: while the artifacts validate, the
-    task's cache record (if any) is read and the run shows as Cached in the UI; when one is gone or damaged
-    and a record exists, no key is given, so the task computes again instead of handing back a path to
-    nothing. That record becomes right again once the artifact is republished (same fingerprint, same value).
+    The task's one parameter, ``inputs`` (a ``StageInputs``), gives {artifact: fingerprint}. The artifact store
+    decides reuse: while the artifacts validate, the task's cache record (if any) is read and the run shows as
+    Cached in the UI; when one is gone or damaged and a record exists, no key is given, so the task computes again
+    instead of handing back a path to nothing. That record becomes right again once the artifact is republished
+    (same fingerprint, same value).
     """
-
-    fingerprints: Callable[[dict[str, Any]], Mapping[str, str]] | None = None
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        found = dict(self.fingerprints(inputs))
-        key = "gplflow-" + "-".join(f"{stage}-{fp}" for stage, fp in found.items())
-        store = ArtifactStore(inputs["run_dir"])
-        if all(store.load(stage, expect_fingerprint=fp) is not None for stage, fp in found.items()):
+        stage: StageInputs = inputs["inputs"]
+        found = stage.fingerprints()
+        key = "gplflow-" + "-".join(f"{name}-{fp}" for name, fp in found.items())
+        if all(stage.store.load(name, expect_fingerprint=fp) is not None for name, fp in found.items()):
             return key
         return None if task_ctx.result_store.exists(key) else key
 
 
-def stage_cache(stage: str, fingerprint_of: Callable[[dict[str, Any]], str]) -> StageCache:
-    """The cache policy of a task publishing one artifact, ``stage``, whose fingerprint ``fingerprint_of`` gives."""
-    return StageCache(fingerprints=lambda params: {stage: fingerprint_of(params)})
+def stage_task(name: str, retries: int = 0, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """The Prefect task of a stage: one ``inputs`` parameter, cached on its fingerprint, results persisted (so a
+    rerun shows what it reused), user errors not retried. ``retries`` are for crashes a second try gets past."""
+    from prefect import task
+
+    return task(name=name, task_run_name=options.pop("task_run_name", name), retries=retries, persist_result=True,
+                retry_condition_fn=retry_unless_deterministic, cache_policy=StageCache(), **options)
 
 
 def retry_unless_deterministic(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -118,12 +200,15 @@ class ShardJob(ABC):
     skipping the shards a killed run already finished, and reports progress in units of ``work``.
     """
 
-    stage: str
-    fingerprint: str
-    store: ArtifactStore
-    staging: ShardStaging
-    shard_size: int
     _on_progress: Progress | None = None
+
+    def __init__(self, inputs: StageInputs, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"{inputs.artifact}: shard_size must be >= 1, got {shard_size}")
+        self.inputs, self.shard_size = inputs, shard_size
+        self.stage, self.store, self.fingerprint = inputs.artifact, inputs.store, inputs.fingerprint()
+        self.config, self.input_fps = inputs.fingerprint_parts()
+        self.staging = ShardStaging(self.store, self.stage, self.fingerprint)
 
     @property
     @abstractmethod

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
@@ -48,7 +48,7 @@ from gplflow.adapters.store import MANIFEST, Artifact, ArtifactStore, Check, can
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
 from gplflow.tasks import promote, significance
-from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.tasks.base import Ref, Seed, StageConfig, StageInputs, stage_task
 from gplflow.tasks.evaluation_table import metrics_table
 from gplflow.tasks.evaluators import (
     ClusteringConfig,
@@ -60,6 +60,7 @@ from gplflow.tasks.evaluators import (
     Teacher,
     signatures,
 )
+from gplflow.tasks.planning import StagePlan, encode_rate
 
 # torch, transformers, bm25s: loaded when a stage computes, not when a config is read
 encoding = lazy("gplflow.adapters.encoding")
@@ -180,30 +181,38 @@ def _model_ids(model_refs: Mapping[str, str], adapted_fp: str | None) -> dict[st
     return {**ids, "adapted": adapted_fp or model_identity(model_refs["adapted"])}
 
 
-def fingerprint_for(cfg: EvaluateConfig, corpus_fp: str, model_refs: Mapping[str, str],
-                    adapted_fp: str | None = None, heldout_fp: str | None = None,
-                    teacher: Teacher | None = None) -> str:
-    """The fingerprint ``run_evaluate`` publishes under for these model references (and held-out queries)."""
-    inputs = _inputs(cfg, corpus_fp, _model_ids(model_refs, adapted_fp), heldout_fp, teacher)
-    return stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
+class EvaluateInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What the evaluation reads: the corpus, the compared models (label -> reference: ``base``, ``adapted``,
+    optionally ``pretrained``), the held-out queries when some exist, and GPL's teacher for its agreement."""
+
+    cfg: EvaluateConfig
+    corpus: Ref
+    models: dict[str, str]
+    adapted_fp: str | None = None  # the model artifact's fingerprint: saves hashing the adapted folder
+    heldout: Ref | None = None
+    teacher: Teacher | None = None
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        heldout_fp = self.heldout.fingerprint if self.heldout is not None else None
+        return self.cfg.model_dump(mode="json"), _inputs(self.cfg, self.corpus.fingerprint,
+                                                         _model_ids(self.models, self.adapted_fp), heldout_fp,
+                                                         self.teacher)
 
 
-def run_evaluate(cfg: EvaluateConfig, store: ArtifactStore, corpus: Artifact, models: dict[str, str],
-                 adapted_fp: str | None = None, heldout: Artifact | None = None,
-                 teacher: Teacher | None = None) -> Artifact:
-    """Evaluate each model (label -> reference: ``base``, ``adapted``, optionally more) on the qrels (when
-    ``cfg.qrels``) and on the held-out queries (when ``heldout`` has rows), and decide the promotion.
-
-    ``adapted_fp`` (the model artifact's fingerprint) saves hashing the adapted model folder when known; with
-    ``teacher`` (GPL runs) the teacher's agreement on the held-out queries is measured too.
-    """
-    heldout = heldout if heldout is not None and heldout.rows else None
-    ids = _model_ids(models, adapted_fp)
-    inputs = _inputs(cfg, corpus.fingerprint, ids, heldout.fingerprint if heldout is not None else None, teacher)
-    if (found := reuse(store, STAGE, stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION))) is not None:
+def run_evaluate(inputs: EvaluateInputs) -> Artifact:
+    """Evaluate each model on the qrels (when ``cfg.qrels``) and on the held-out queries (when they have rows),
+    and decide the promotion; with a teacher (GPL runs) its agreement on the held-out queries is measured too."""
+    cfg, store, models, teacher = inputs.cfg, inputs.store, inputs.models, inputs.teacher
+    corpus = inputs.load(inputs.corpus)
+    heldout = inputs.load(inputs.heldout) if inputs.heldout is not None else None
+    if heldout is not None and not heldout.rows:  # a tiny corpus may hold out none: evaluated without them
+        inputs = inputs.model_copy(update={"heldout": None})
+        heldout = None
+    if (found := inputs.reuse()) is not None:
         return found
+    _, fps = inputs.fingerprint_parts()
     # The writer is opened first so that the manifest's timings cover the evaluation, not only the writing.
-    with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
+    with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=fps, code_version=CODE_VERSION) as out:
         sets = _eval_sets(cfg, heldout)
         table = corpus.read_table(["doc_id", "title", "text"])
         doc_ids = table.column("doc_id").to_pylist()
@@ -417,22 +426,34 @@ def read_metrics(store: ArtifactStore) -> dict[str, Any] | None:
     return beir_io.load_metrics(artifact.local_dir()) if artifact is not None else None
 
 
-@task(name="evaluate retrieval", task_run_name="evaluate retrieval", retries=0, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: fingerprint_for(p["cfg"], p["corpus_fp"], p["models"],
-                                                                        p.get("adapted_fp"), p.get("heldout_fp"),
-                                                                        p.get("teacher"))))
-def evaluate_task(cfg: EvaluateConfig, run_dir: str, corpus_fp: str, models: dict[str, str],
-                  adapted_fp: str | None = None, heldout_fp: str | None = None, teacher: Teacher | None = None) -> str:
-    store = ArtifactStore(run_dir)
-    corpus = store.consume(artifacts.CORPUS, expect_fingerprint=corpus_fp)
-    if corpus is None:
-        raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus artifact with fingerprint {corpus_fp}")
-    heldout = store.consume(artifacts.HELDOUT, expect_fingerprint=heldout_fp) if heldout_fp else None
-    if heldout_fp and heldout is None:
-        raise MissingInputError(f"{store.url(artifacts.HELDOUT)}: no valid held-out queries with fingerprint "
-                                f"{heldout_fp}")
-    artifact = run_evaluate(cfg, store, corpus, models, adapted_fp, heldout, teacher)
+# --- what the run's report and plan ask of this stage -----------------------------------------------------
+
+def settings(cfg: Any) -> str:
+    e = cfg.evaluate
+    held = (f"{e.heldout_fraction:.0%} of the queries held out (at most {e.heldout_max}, seed {e.heldout_seed})"
+            if e.heldout_fraction > 0 and e.heldout_max > 0 else "no held-out queries")
+    return ((f"qrels `{e.qrels}`" if e.qrels else "no qrels") + f"; {held}; promote {e.promote}"
+            + (f" (min gain {e.min_gain:g})" if e.promote == "if_better" else ""))
+
+
+def estimate(cfg: Any, n: int) -> StagePlan:
+    """Retrieval's encoding of the corpus by each compared model is timed; the evaluators beside it are named."""
+    e = cfg.evaluate
+    compared = 3 if cfg.pretrain.method != "none" else 2
+    also = [name for name, on in (("STS", e.sts), ("clustering", e.clustering), ("embedding map", e.embedding_map))
+            if on is not None]
+    if e.mteb is not None:
+        also.append(f"MTEB {' '.join(e.mteb.tasks)} (can take far longer)")
+    untimed = f"; untimed: {', '.join(also)}" if also else ""
+    return StagePlan(compared * n, "texts", f"{compared} models x {n} passages (and the judged or "
+                     f"held-out queries){untimed}", measure=lambda resolved, passages: encode_rate(
+                         resolved["base"], passages, e.max_seq_length, e.batch_size))
+
+
+@stage_task("evaluate retrieval")
+def evaluate_task(inputs: EvaluateInputs) -> str:
+    artifact = run_evaluate(inputs)
+    corpus = inputs.store.require(inputs.corpus.name)
     metrics = beir_io.load_metrics(artifact.local_dir())
     sets = ", ".join(f"{name} ({r['counts']['queries']} queries)" for name, r in metrics["evaluations"].items())
     create_table_artifact(key="evaluation", table=metrics_table(metrics, shown=trec.METRICS).records(),

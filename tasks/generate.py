@@ -23,33 +23,36 @@ import hashlib
 import itertools
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger, task
-from pydantic import Field
+from prefect import get_run_logger
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from gplflow.adapters import artifacts
-from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.lazy import lazy
 from gplflow.adapters.model_refs import model_signature
-from gplflow.adapters.staging import ShardStaging, sum_counters
-from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.adapters.staging import sum_counters
+from gplflow.adapters.store import Artifact, canonical_json
 from gplflow.adapters.text import passage_text, split_sentences
 from gplflow.tasks.base import (
     AutoOrPositive,
+    ModelUse,
     Progress,
+    Ref,
     Seed,
     ShardJob,
     StageConfig,
-    retry_unless_deterministic,
-    stage_cache,
-    stage_fingerprint,
+    StageInputs,
+    stage_task,
 )
+from gplflow.tasks.planning import CALIBRATION_PASSAGES, StagePlan, clock
 
 # torch, transformers, bm25s: loaded when a stage computes, not when a config is read
 models = lazy("gplflow.adapters.models")
@@ -63,6 +66,9 @@ CODE_VERSION = "generate-2"  # 2: extractive queries cut by adapters/text.py spl
 DEFAULT_SHARD_SIZE = 10_000
 AUTO_MIN_QPP = 3  # the paper's QPP for large corpora, and the least `auto` ever picks (as UKPLab gpl does)
 T5_ONLY_FIELDS = ("batch_size", "top_k", "top_p", "max_query_length", "prefix")
+LLM_ONLY_FIELDS = ("endpoint", "prompt", "template", "examples", "temperature", "stop", "max_query_words")
+LLM_UNUSED_FIELDS = ("top_k", "prefix")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SPAN_WORDS = (6, 16)  # extractive: a span of 6-16 words when a passage has fewer than two usable sentences
 MIN_SENTENCE_WORDS = 3  # extractive: shorter sentences ("Fig. 3.") are not used as queries …
 MIN_SENTENCE_CHARS = 15  # … unless long in characters (scripts written without spaces)
@@ -72,10 +78,34 @@ _U64 = 2**64
 # 21 / 74 / 150 passages/s (benchmarks/README.md). A batch that does not fit is retried in halves.
 AUTO_BATCH = {"cpu": 64, "cuda": 256}
 SHARD_COUNTERS = ("duplicate_queries", "empty_passage", "empty_queries")  # counted per shard, then added up
+# llm: the parse layer's drops (empty_queries is shared) and what the generator cost
+LLM_COUNTERS = ("copied_passage", "too_long_queries", "prompt_tokens", "completion_tokens", "requests", "retries")
+
+
+class EndpointConfig(StageConfig):
+    """An OpenAI-compatible server for ``generate.method: llm``. The API key itself is never part of a config: it
+    is read from the environment variable ``api_key_env`` names."""
+
+    base_url: str = Field(min_length=1)  # the API root, usually ending in /v1 (http://localhost:8000/v1)
+    model: str = Field(min_length=1)     # the model name the server lists under GET /models
+    api_key_env: str = ""                # the environment variable holding the key; "" for a server without one
+    max_concurrency: int = Field(default=8, ge=1, le=1024)  # requests in flight at once
+    timeout_s: float = Field(default=60.0, gt=0)             # per request
+    max_retries: int = Field(default=5, ge=0, le=50)         # on timeouts, 429, 5xx and malformed answers
+    logprobs: bool = True  # ask for token log-probs (the filter stage can rank by them); not every server has them
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, value: str) -> str:
+        # The message never repeats the value: a key pasted here by mistake must not reach a log.
+        if value and not _ENV_NAME.fullmatch(value):
+            raise ValueError("must be the name of an environment variable (letters, digits and _), not the key "
+                             "itself; export the key in that variable")
+        return value
 
 
 class GenerateConfig(StageConfig):
-    method: Literal["t5", "extractive"] = "t5"
+    method: Literal["t5", "extractive", "llm"] = "t5"
     queries_per_passage: AutoOrPositive = "auto"
     target_queries: int = Field(default=250_000, gt=0)   # the paper's |corpus| x QPP budget for `auto`
     max_passages: int = Field(default=83_334, gt=0)      # above this, `auto` samples passages and uses QPP 3
@@ -84,12 +114,50 @@ class GenerateConfig(StageConfig):
     top_k: int = Field(default=25, ge=0)  # 0: no top-k cut (transformers' meaning)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     max_query_length: int = Field(default=64, gt=0)     # tokens of a generated query
-    max_passage_length: int = Field(default=350, gt=0)  # passage tokens given to the generator (extractive: words)
+    # passage tokens given to the generator (extractive, and llm through an endpoint: words)
+    max_passage_length: int = Field(default=350, gt=0)
     prefix: str = ""                  # an optional prompt prefix put before every passage
+    # llm: a local causal LM (models.generator) or, when set, an OpenAI-compatible server
+    endpoint: EndpointConfig | None = None
+    prompt: Literal["zero_shot", "few_shot"] = "few_shot"  # the built-in prompt (adapters/llm_prompts.py)
+    template: str = ""   # a template file with {passage} and {examples}: replaces the built-in prompt's text
+    examples: str = ""   # a file of (passage, query) pairs from your domain: replaces the built-in examples
+    temperature: float = Field(default=1.0, gt=0.0, le=2.0)
+    stop: tuple[str, ...] = ()  # stop strings: a completion ends before the first one
+    max_query_words: int = Field(default=32, gt=0)  # longer answers are dropped (counted as too_long_queries)
 
     def batch_for(self, device: str) -> int:
         """Passages per ``generate`` call on ``device`` (``auto``: AUTO_BATCH)."""
         return AUTO_BATCH[device] if self.batch_size == "auto" else int(self.batch_size)
+
+    @property
+    def uses_generator(self) -> bool:
+        """Whether ``models.generator`` is loaded: t5, and llm without an endpoint."""
+        return self.method == "t5" or (self.method == "llm" and self.endpoint is None)
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The settings that decide the queries: what the fingerprint hashes. A method's unused settings are left
+        out (so t5 and extractive fingerprints are those of configs before llm existed); so are the endpoint's
+        concurrency, timeout and retries, and the prompt files' paths, whose content ``prompt_inputs`` hashes."""
+        config = self.model_dump(mode="json")
+        unused = {"t5": LLM_ONLY_FIELDS, "extractive": (*T5_ONLY_FIELDS, *LLM_ONLY_FIELDS),
+                  "llm": LLM_UNUSED_FIELDS}[self.method]
+        config = {k: v for k, v in config.items() if k not in unused}
+        if self.method == "llm":
+            config.pop("template"), config.pop("examples")
+            if self.endpoint is not None:
+                config.pop("batch_size")
+                config["endpoint"] = {k: config["endpoint"][k] for k in ("base_url", "model", "logprobs")}
+        return config
+
+    def prompt_inputs(self) -> dict[str, str]:
+        """llm: a digest of the prompt (template text and examples), as a fingerprint input; else nothing."""
+        if self.method != "llm":
+            return {}
+        from gplflow.adapters.llm_prompts import build_prompt
+
+        record = build_prompt(self.prompt, self.template, self.examples).record()
+        return {"prompt": hashlib.sha256(canonical_json(record).encode()).hexdigest()}
 
 
 class Passage(NamedTuple):
@@ -99,22 +167,24 @@ class Passage(NamedTuple):
     text: str
 
 
-# (passages of one shard, shard number, progress callback) -> per passage: candidate queries, None if empty
-QueryMaker = Callable[[list[Passage], int, Callable[[int], Any]], list[list[str] | None]]
+Query = str | tuple[str, float | None]  # a query's text, or (text, mean token log-prob) from an LLM
+# (passages of one shard, shard number, progress callback, counter) -> per passage: candidate queries, None if empty
+QueryMaker = Callable[[list[Passage], int, Callable[[int], Any], Callable[..., None]], list[list[Query] | None]]
 
 
-def _fingerprint_parts(cfg: GenerateConfig, corpus_fp: str, generator: str) -> tuple[dict, dict]:
-    """The config and inputs the fingerprint hashes; extractive runs ignore the generator and its settings."""
-    config = cfg.model_dump(mode="json")
-    if cfg.method == "extractive":
-        config = {k: v for k, v in config.items() if k not in T5_ONLY_FIELDS}
-        generator = ""
-    return config, {"corpus": corpus_fp, "generator": model_signature(generator)}
+class GenerateInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What generation reads: the corpus and, for ``t5``, the generator model."""
 
+    cfg: GenerateConfig
+    corpus: Ref
+    generator: str = ""  # a loadable model reference ("" when the method needs none)
+    shard_size: int = Field(default=DEFAULT_SHARD_SIZE, gt=0)  # passages per shard
 
-def generate_fingerprint(cfg: GenerateConfig, corpus_fp: str, generator: str) -> str:
-    config, inputs = _fingerprint_parts(cfg, corpus_fp, generator)
-    return stage_fingerprint(STAGE, config, inputs, CODE_VERSION)
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """A method's unused settings are left out, and the generator when it loads none (``fingerprinted``)."""
+        generator = self.generator if self.cfg.uses_generator else ""
+        return self.cfg.fingerprinted(), {"corpus": self.corpus.fingerprint, "generator": model_signature(generator),
+                                          **self.cfg.prompt_inputs()}
 
 
 def queries_per_passage(cfg: GenerateConfig, n_passages: int) -> tuple[int, int | None]:
@@ -132,30 +202,23 @@ def queries_per_passage(cfg: GenerateConfig, n_passages: int) -> tuple[int, int 
     return max(AUTO_MIN_QPP, math.ceil(cfg.target_queries / n_passages)), None
 
 
-def run_generate(cfg: GenerateConfig, store: ArtifactStore, corpus: Artifact, generator: str,
-                 shard_size: int = DEFAULT_SHARD_SIZE, on_progress: Progress | None = None) -> Artifact:
+def run_generate(inputs: GenerateInputs, on_progress: Progress | None = None) -> Artifact:
     """Generate queries for the corpus (or its seeded sample) shard by shard; reuse a matching artifact.
 
     Shards a killed run finished are kept (see ``adapters/staging.py``) and not computed again.
     ``on_progress(n)`` is told of passages done, ``n`` at a time.
     """
-    return GenerateJob(cfg, store, corpus, generator, shard_size).result(on_progress)
+    return GenerateJob(inputs).result(on_progress)
 
 
 class GenerateJob(ShardJob):
     """The generate stage cut into shards of ``shard_size`` passages (of the corpus or its seeded sample)."""
 
-    stage = STAGE
-
-    def __init__(self, cfg: GenerateConfig, store: ArtifactStore, corpus: Artifact, generator: str,
-                 shard_size: int = DEFAULT_SHARD_SIZE):
-        if shard_size < 1:
-            raise ValueError(f"generate: shard_size must be >= 1, got {shard_size}")
-        self.cfg, self.store, self.corpus, self.generator, self.shard_size = cfg, store, corpus, generator, shard_size
-        self.fingerprint = generate_fingerprint(cfg, corpus.fingerprint, generator)
-        self.staging = ShardStaging(store, STAGE, self.fingerprint)
-        self.qpp, self.sample = queries_per_passage(cfg, corpus.rows)
-        self.used = self.sample or corpus.rows
+    def __init__(self, inputs: GenerateInputs):
+        super().__init__(inputs, inputs.shard_size)
+        self.cfg, self.corpus, self.generator = inputs.cfg, inputs.load(inputs.corpus), inputs.generator
+        self.qpp, self.sample = queries_per_passage(self.cfg, self.corpus.rows)
+        self.used = self.sample or self.corpus.rows
         self._make: QueryMaker | None = None
 
     @property
@@ -198,22 +261,23 @@ class GenerateJob(ShardJob):
     def _run(self, k: int, shard: list[Passage], progress: Callable[[int], Any]) -> dict[str, Any]:
         started = time.time()
         if self._make is None:
-            self._make = (_t5_maker(self.cfg, self.generator, self.qpp) if self.cfg.method == "t5"
-                          else _extractive_maker(self.cfg, self.qpp))
-        counters = dict.fromkeys(SHARD_COUNTERS, 0)
+            self._make = _MAKERS[self.cfg.method](self.cfg, self.generator, self.qpp)
+        counters = dict.fromkeys(SHARD_COUNTERS + (LLM_COUNTERS if self.cfg.method == "llm" else ()), 0)
 
         def count(name: str, value: int = 1) -> None:
             counters[name] += value
 
-        batch = _to_batch(shard, self._make(shard, k, progress), count)
-        return self.staging.write_parquet(k, [batch], artifacts.QUERIES_SCHEMA, counters, started)
+        schema = artifacts.queries_schema(logprob=self.cfg.method == "llm")
+        batch = _to_batch(shard, self._make(shard, k, progress, count), count, schema)
+        return self.staging.write_parquet(k, [batch], schema, counters, started)
 
     def publish(self) -> Artifact:
         records = self.done_records()
-        config, inputs = _fingerprint_parts(self.cfg, self.corpus.fingerprint, self.generator)
-        with self.store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+        with self.store.writer(STAGE, config=self.config, inputs=self.input_fps, code_version=CODE_VERSION) as out:
             out.extra["shard_size"] = self.shard_size
             out.extra["shards"] = self.shard_summary(records)
+            if self.cfg.method == "llm":
+                out.extra["llm"] = llm_record(self.cfg)
             out.count("passages", self.corpus.rows)
             out.count("queries_per_passage", self.qpp)
             if self.sample is not None:
@@ -238,21 +302,30 @@ class GenerateJob(ShardJob):
         return [range(s, min(s + self.shard_size, self.used)) for s in range(0, self.used, self.shard_size)]
 
 
-def _to_batch(shard: list[Passage], candidates: list[list[str] | None], count) -> pa.RecordBatch:
-    """Rows in corpus order, then k; empty and repeated queries of a passage are dropped and counted."""
-    cols: dict[str, list[str]] = {"query_id": [], "doc_id": [], "text": []}
+def _to_batch(shard: list[Passage], candidates: list[list[Query] | None], count, schema: pa.Schema) -> pa.RecordBatch:
+    """Rows in corpus order, then k; empty and repeated queries of a passage are dropped and counted.
+
+    A query is its text, or (text, mean token log-prob) from an LLM; a repeated text keeps its first log-prob.
+    """
+    cols: dict[str, list[Any]] = {name: [] for name in schema.names}
     for passage, queries in zip(shard, candidates, strict=True):
         if queries is None:
             count("empty_passage")
             continue
-        kept = list(dict.fromkeys(q for q in queries if q))
-        count("empty_queries", sum(1 for q in queries if not q))
-        count("duplicate_queries", sum(1 for q in queries if q) - len(kept))
-        for k, text in enumerate(kept):
+        pairs = [q if isinstance(q, tuple) else (q, None) for q in queries]
+        kept: dict[str, float | None] = {}
+        for text, logprob in pairs:
+            if text:
+                kept.setdefault(text, logprob)
+        count("empty_queries", sum(1 for text, _ in pairs if not text))
+        count("duplicate_queries", sum(1 for text, _ in pairs if text) - len(kept))
+        for k, (text, logprob) in enumerate(kept.items()):
             cols["query_id"].append(f"{passage.doc_id}-q{k}")
             cols["doc_id"].append(passage.doc_id)
             cols["text"].append(text)
-    return pa.RecordBatch.from_pydict(cols, schema=artifacts.QUERIES_SCHEMA)
+            if "logprob" in cols:
+                cols["logprob"].append(logprob)
+    return pa.RecordBatch.from_pydict(cols, schema=schema)
 
 
 def _sample_mask(n: int, size: int, seed: int) -> np.ndarray:
@@ -318,7 +391,7 @@ def t5_queries(gen: generation.QueryGenerator, cfg: GenerateConfig, qpp: int, sh
 def _t5_maker(cfg: GenerateConfig, generator: str, qpp: int) -> QueryMaker:
     gen = load_t5(cfg, generator)
 
-    def make(shard: list[Passage], shard_no: int, progress: Callable[[int], Any]) -> list[list[str] | None]:
+    def make(shard: list[Passage], shard_no: int, progress: Callable[[int], Any], _count) -> list[list[str] | None]:
         return t5_queries(gen, cfg, qpp, shard, shard_no, progress)
 
     return make
@@ -350,10 +423,10 @@ def _passage_rng(seed: int, doc_id: str) -> np.random.Generator:
     return np.random.default_rng([seed % _U64, int.from_bytes(digest, "little")])
 
 
-def _extractive_maker(cfg: GenerateConfig, qpp: int) -> QueryMaker:
+def _extractive_maker(cfg: GenerateConfig, _generator: str, qpp: int) -> QueryMaker:
     """Queries from the passage body only: a title as its own query would be matched trivially."""
 
-    def make(shard: list[Passage], _shard_no: int, progress: Callable[[int], Any]) -> list[list[str] | None]:
+    def make(shard: list[Passage], _shard_no: int, progress: Callable[[int], Any], _count) -> list[list[str] | None]:
         found = [extractive_queries(p.text, qpp, _passage_rng(cfg.seed, p.doc_id), cfg.max_passage_length)
                  for p in shard]
         progress(len(shard))
@@ -362,27 +435,177 @@ def _extractive_maker(cfg: GenerateConfig, qpp: int) -> QueryMaker:
     return make
 
 
+# --- what the run's report, checks and plan ask of this stage ---------------------------------------------
+
+def settings(cfg: Any) -> str:
+    """The report's line on this stage (``cfg``: the PipelineConfig)."""
+    g = cfg.generate
+    return f"{g.method}, queries per passage: {g.queries_per_passage}, seed {g.seed}"
+
+
+def models_used(cfg: Any) -> list[ModelUse]:
+    """The generator model, for the methods that load one."""
+    if not cfg.generate.uses_generator:  # extractive, and llm through an endpoint
+        return []
+    return [ModelUse("models.generator", cfg.models.generator, "query generator", "generator")]
+
+
+def planned_queries(cfg: GenerateConfig, n: int) -> tuple[int, int]:
+    """(passages queries are generated from, queries per passage) for a corpus of ``n`` passages."""
+    qpp, sample = queries_per_passage(cfg, n)
+    return sample or n, qpp
+
+
+def estimate(cfg: Any, n: int) -> StagePlan:
+    used, qpp = planned_queries(cfg.generate, n)
+    sampled = f" (a seeded sample of {used} of {n})" if used < n else ""
+    return StagePlan(used, "passages", f"{used} passages{sampled} x {qpp} = {used * qpp} queries "
+                     f"({cfg.generate.method})",
+                     measure=None if cfg.generate.endpoint is not None  # the plan never sends passages away
+                     else lambda resolved, passages: _rate(cfg.generate, resolved, passages, qpp))
+
+
+def _rate(g: GenerateConfig, resolved: dict[str, Any], passages: list[str], qpp: int) -> float:
+    """Passages per second at the run's own queries per passage (sampling cost grows with it)."""
+    if g.method == "extractive":
+        rng = np.random.default_rng(0)
+        return len(passages) / clock(lambda: [extractive_queries(p, qpp, rng, g.max_passage_length)
+                                              for p in passages])
+    if g.method == "llm":
+        gen = load_llm(g, resolved["generator"], qpp)
+        size = min(gen.batch_size, CALIBRATION_PASSAGES)
+        shard = [Passage(i, f"d{i}", "", p) for i, p in enumerate(passages[:size])]
+        return len(shard) / clock(lambda: llm_queries(gen, g, shard, 0, lambda _n: None, lambda *_a: None))
+    gen = load_t5(g, resolved["generator"])
+    size = min(g.batch_for(gen.model.device.type), CALIBRATION_PASSAGES)
+    shard = [Passage(i, f"d{i}", "", p) for i, p in enumerate(passages[:size])]
+    return len(shard) / clock(lambda: t5_queries(gen, g, qpp, shard, 0, lambda _n: None))
+
+
+# --- llm --------------------------------------------------------------------------------------------------
+
+def llm_prompt(cfg: GenerateConfig):
+    """The prompt the config names (built-in or a template file, with the built-in or the user's examples)."""
+    from gplflow.adapters.llm_prompts import build_prompt
+
+    return build_prompt(cfg.prompt, cfg.template, cfg.examples)
+
+
+def endpoint_settings(cfg: GenerateConfig):
+    """The endpoint client's settings from ``generate.endpoint`` (None for a local model)."""
+    from gplflow.adapters.llm_endpoint import EndpointSettings
+
+    e = cfg.endpoint
+    return None if e is None else EndpointSettings(
+        base_url=e.base_url, model=e.model, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
+        timeout_s=e.timeout_s, max_retries=e.max_retries, logprobs=e.logprobs)
+
+
+def load_llm(cfg: GenerateConfig, generator: str, qpp: int):
+    """The LLM generator: an endpoint client, checked against its server before any request, or a local model."""
+    from gplflow.adapters.llm_base import Sampling
+
+    prompt = llm_prompt(cfg)
+    sampling = Sampling(n=qpp, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_query_length,
+                        stop=tuple(cfg.stop))
+    if cfg.endpoint is not None:
+        from gplflow.adapters.llm_endpoint import EndpointGenerator
+
+        gen = EndpointGenerator(endpoint_settings(cfg), prompt, sampling, cfg.max_passage_length)
+        gen.check()
+        return gen
+    from gplflow.adapters.llm_generation import CausalGenerator, load_causal_lm
+
+    tokenizer, model = load_causal_lm(generator)
+    return CausalGenerator(tokenizer, model, prompt, sampling, cfg.max_passage_length,
+                           cfg.batch_for(model.device.type))
+
+
+def llm_queries(gen: Any, cfg: GenerateConfig, shard: list[Passage], shard_no: int, progress: Callable[[int], Any],
+                count: Callable[..., None]) -> list[list[Query] | None]:
+    """(query, mean log-prob) per kept completion of each passage of one shard; drops and costs counted.
+
+    A local model samples in batches seeded from (seed, shard, batch); an endpoint request per passage carries a
+    seed from (seed, doc id), so a server that honours seeds answers a rerun the same whatever the shard size.
+    """
+    from gplflow.adapters.llm_prompts import parse_completions
+
+    texts = [passage_text(p.title, p.text) for p in shard]
+    seed = cfg.seed if cfg.endpoint is not None else _derived_seed(cfg.seed, shard_no)
+    results, usage = gen.generate(texts, [p.doc_id for p in shard], seed, progress)
+    for name, value in usage.counters.items():
+        count(name, value)
+    found: list[list[Query] | None] = []
+    for text, result in zip(texts, results, strict=True):
+        if result is None:
+            found.append(None)
+            continue
+        parsed = parse_completions(((c.text, c.logprob) for c in result.completions), text, cfg.max_query_words,
+                                   cfg.stop)
+        for reason, n in parsed.drops.items():
+            count(reason, n)
+        found.append(list(zip(parsed.queries, parsed.logprobs, strict=True)))
+    return found
+
+
+def llm_problems(cfg: GenerateConfig) -> Iterator[tuple[str, str]]:
+    """(key, problem) for an llm run, before any stage: the prompt files read, the key's variable is set, and the
+    endpoint answers and serves the model (one ``GET /models``; no passage is sent)."""
+    from gplflow.adapters.errors import GplflowError
+
+    if cfg.method != "llm":
+        return
+    try:
+        llm_prompt(cfg)
+    except GplflowError as err:
+        yield ("generate.examples" if "generate.examples" in str(err) else "generate.template"), _unkeyed(err)
+    if cfg.endpoint is None:
+        return
+    from gplflow.adapters.llm_endpoint import check_server
+
+    try:
+        check_server(endpoint_settings(cfg))
+    except GplflowError as err:
+        key = str(err).split(": ", 1)[0]
+        yield (key if key.startswith("generate.endpoint") else "generate.endpoint"), _unkeyed(err)
+
+
+def _unkeyed(err: Exception) -> str:
+    """An error's message without its leading ``generate.…: `` (the check's caller prefixes the key)."""
+    text = str(err)
+    return text.split(": ", 1)[1] if text.startswith("generate.") and ": " in text else text
+
+
+def _llm_maker(cfg: GenerateConfig, generator: str, qpp: int) -> QueryMaker:
+    gen = load_llm(cfg, generator, qpp)
+
+    def make(shard: list[Passage], shard_no: int, progress: Callable[[int], Any],
+             count: Callable[..., None]) -> list[list[Query] | None]:
+        return llm_queries(gen, cfg, shard, shard_no, progress, count)
+
+    return make
+
+
+def llm_record(cfg: GenerateConfig) -> dict[str, Any]:
+    """What the manifest keeps of an LLM run: the back-end, the model and the whole prompt (never a key)."""
+    backend = ({"backend": "endpoint", "base_url": cfg.endpoint.base_url, "model": cfg.endpoint.model}
+               if cfg.endpoint is not None else {"backend": "local"})
+    return {**backend, "prompt": llm_prompt(cfg).record()}
+
+
+_MAKERS: dict[str, Callable[[GenerateConfig, str, int], QueryMaker]] = {
+    "t5": lambda cfg, generator, qpp: _t5_maker(cfg, generator, qpp),
+    "extractive": lambda cfg, generator, qpp: _extractive_maker(cfg, generator, qpp),
+    "llm": lambda cfg, generator, qpp: _llm_maker(cfg, generator, qpp),
+}
+
+
 # --- Prefect ----------------------------------------------------------------------------------------------
 
-@task(name="generate queries", task_run_name="generate queries", retries=0, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: generate_fingerprint(p["cfg"], p["corpus_fp"],
-                                                                            p["generator"])))
-def generate_task(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
-                  shard_size: int = DEFAULT_SHARD_SIZE) -> str:
-    job = generate_job(cfg, run_dir, corpus_fp, generator, shard_size)
-    artifact = job.run_reported("generate-queries", f"Generating {cfg.method} queries for {job.used} passages, "
-                                f"{job.qpp} per passage")
+@stage_task("generate queries")
+def generate_task(inputs: GenerateInputs) -> str:
+    job = GenerateJob(inputs)
+    artifact = job.run_reported("generate-queries", f"Generating {inputs.cfg.method} queries for {job.used} "
+                                f"passages, {job.qpp} per passage")
     get_run_logger().info("queries: %d from %d passages (%s)", artifact.rows, job.corpus.rows, artifact.counters)
     return artifact.fingerprint
-
-
-def generate_job(cfg: GenerateConfig, run_dir: str, corpus_fp: str, generator: str,
-                 shard_size: int = DEFAULT_SHARD_SIZE) -> GenerateJob:
-    """The generate job for ``generate_task``'s parameters (the flow that fans shards out builds it the same way)."""
-    store = ArtifactStore(run_dir)
-    corpus = store.consume(artifacts.CORPUS, expect_fingerprint=corpus_fp)
-    if corpus is None:
-        raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
-                                "run ingest first")
-    return GenerateJob(cfg, store, corpus, generator, shard_size)

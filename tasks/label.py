@@ -28,27 +28,30 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import Field
 
 from gplflow.adapters import artifacts
-from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.lazy import lazy
 from gplflow.adapters.model_refs import model_signature
-from gplflow.adapters.staging import ShardStaging, sum_counters
-from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact, ArtifactStore
+from gplflow.adapters.staging import sum_counters
+from gplflow.adapters.store import ROW_GROUP_SIZE, Artifact
 from gplflow.adapters.text import passage_texts
 from gplflow.tasks.base import (
     AutoOrPositive,
+    ModelUse,
     Progress,
+    Ref,
     Seed,
     ShardJob,
     StageConfig,
-    retry_unless_deterministic,
-    stage_cache,
-    stage_fingerprint,
+    StageInputs,
+    stage_task,
 )
+from gplflow.tasks.generate import planned_queries
 from gplflow.tasks.label_diagnostics import label_diagnostics, summary_line
+from gplflow.tasks.planning import StagePlan, score_rate
 
 # torch, transformers, bm25s: loaded when a stage computes, not when a config is read
 scoring = lazy("gplflow.adapters.scoring")
@@ -78,20 +81,23 @@ def resolve_triples(cfg: LabelConfig, train_steps: int, train_batch_size: int) -
     return n
 
 
-def _fingerprint_parts(
-    cfg: LabelConfig, n_triples: int, corpus_fp: str, queries_fp: str, negatives_fp: str, teacher: str
-) -> tuple[dict, dict]:
-    config = {**cfg.model_dump(mode="json"), "triples": n_triples}
-    inputs = {"corpus": corpus_fp, "queries": queries_fp, "negatives": negatives_fp,
-              "teacher": model_signature(teacher)}  # by content: a teacher folder replaced in place labels anew
-    return config, inputs
+class LabelInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What labelling reads: the training queries, their negatives and the corpus, scored by ``teacher``."""
 
+    cfg: LabelConfig
+    triples: int = Field(gt=0)  # resolved: label.triples, or train.steps x train.batch_size for 'auto'
+    corpus: Ref
+    queries: Ref  # the training queries (queries-train when some are held out)
+    negatives: Ref
+    teacher: str  # a loadable model reference
+    shard_size: int = Field(default=DEFAULT_SHARD_SIZE, gt=0)  # distinct pairs per shard
 
-def label_fingerprint(
-    cfg: LabelConfig, n_triples: int, corpus_fp: str, queries_fp: str, negatives_fp: str, teacher: str
-) -> str:
-    config, inputs = _fingerprint_parts(cfg, n_triples, corpus_fp, queries_fp, negatives_fp, teacher)
-    return stage_fingerprint(STAGE, config, inputs, CODE_VERSION)
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        config = {**self.cfg.model_dump(mode="json"), "triples": self.triples}
+        inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint,
+                  "negatives": self.negatives.fingerprint,
+                  "teacher": model_signature(self.teacher)}  # by content: a teacher replaced in place labels anew
+        return config, inputs
 
 
 @dataclass(frozen=True)
@@ -106,22 +112,12 @@ class Pool:
     negatives: np.ndarray  # doc indices, grouped by query
 
 
-def run_label(
-    cfg: LabelConfig,
-    store: ArtifactStore,
-    corpus: Artifact,
-    queries: Artifact,
-    negatives: Artifact,
-    teacher: str,
-    n_triples: int,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    on_progress: Progress | None = None,
-) -> Artifact:
+def run_label(inputs: LabelInputs, on_progress: Progress | None = None) -> Artifact:
     """Draw the triples, score their distinct pairs with the teacher (shard by shard), publish ``triples/``.
 
     ``on_progress(n)`` is told of pairs scored, a shard at a time.
     """
-    return LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size).result(on_progress)
+    return LabelJob(inputs).result(on_progress)
 
 
 class LabelJob(ShardJob):
@@ -131,21 +127,11 @@ class LabelJob(ShardJob):
     (query_id, doc_id, score). Publishing maps the scores back onto the triples.
     """
 
-    stage = STAGE
-
-    def __init__(self, cfg: LabelConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
-                 negatives: Artifact, teacher: str, n_triples: int, shard_size: int = DEFAULT_SHARD_SIZE):
-        if not isinstance(n_triples, int) or n_triples <= 0:
-            raise ValueError(f"label: n_triples must be a positive integer, got {n_triples!r}")
-        if shard_size < 1:
-            raise ValueError(f"label: shard_size must be >= 1, got {shard_size}")
-        self.cfg, self.store, self.corpus, self.teacher, self.shard_size = cfg, store, corpus, teacher, shard_size
-        self.config, self.inputs = _fingerprint_parts(
-            cfg, n_triples, corpus.fingerprint, queries.fingerprint, negatives.fingerprint, teacher
-        )
-        self.fingerprint = stage_fingerprint(STAGE, self.config, self.inputs, CODE_VERSION)
-        self.staging = ShardStaging(store, STAGE, self.fingerprint)
-        self._sources = (queries, negatives, n_triples)
+    def __init__(self, inputs: LabelInputs):
+        super().__init__(inputs, inputs.shard_size)
+        self.cfg, self.teacher = inputs.cfg, inputs.teacher
+        self.corpus = inputs.load(inputs.corpus)
+        self._sources = (inputs.load(inputs.queries), inputs.load(inputs.negatives), inputs.triples)
         self._draw: _Draw | None = None
         self._scorer: scoring.PairScorer | None = None
 
@@ -196,7 +182,7 @@ class LabelJob(ShardJob):
         draw, scores = self.draw, self._staged_scores()
         tq, pos, neg = draw.tq, draw.pos, draw.neg
         pos_score, neg_score = scores[draw.inverse[: len(tq)]], scores[draw.inverse[len(tq) :]]
-        with self.store.writer(STAGE, config=self.config, inputs=self.inputs, code_version=CODE_VERSION) as out:
+        with self.store.writer(STAGE, config=self.config, inputs=self.input_fps, code_version=CODE_VERSION) as out:
             out.write_part(_batches(draw.pool, tq, pos, neg, pos_score, neg_score), artifacts.TRIPLES_SCHEMA)
             sizes = np.diff(draw.pool.offsets)
             counts = np.bincount(tq, minlength=len(sizes))
@@ -348,62 +334,51 @@ def _batches(
         )
 
 
-def _input(store: ArtifactStore, stage: str, fp: str) -> Artifact:
-    artifact = store.consume(stage, expect_fingerprint=fp)
-    if artifact is None:
-        raise MissingInputError(f"{store.url(stage)}: no valid artifact with fingerprint {fp}; rerun that stage")
-    return artifact
+# --- what the run's report, checks and plan ask of this stage ---------------------------------------------
+
+def settings(cfg: Any) -> str:
+    lb = cfg.label
+    return f"{cfg.n_triples} triples ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"
 
 
-@task(
-    name="pseudo-label triples", task_run_name="pseudo-label triples",
-    retries=0,
-    persist_result=True,
-    retry_condition_fn=retry_unless_deterministic,
-    cache_policy=stage_cache(
-        STAGE,
-        lambda p: label_fingerprint(
-            p["cfg"], p["n_triples"], p["corpus_fp"], p["queries_fp"], p["negatives_fp"], p["teacher"]
-        ),
-    ),
-)
-def label_task(
-    cfg: LabelConfig,
-    run_dir: str,
-    n_triples: int,
-    corpus_fp: str,
-    queries_fp: str,
-    negatives_fp: str,
-    teacher: str,
-    queries_stage: str = artifacts.QUERIES,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-) -> str:
-    job = label_job(cfg, run_dir, n_triples, corpus_fp, queries_fp, negatives_fp, teacher, queries_stage, shard_size)
+def models_used(cfg: Any) -> list[ModelUse]:
+    """The teacher, under the key that names it (a bi-encoder teacher defaults to the first retriever)."""
+    models = cfg.models
+    if cfg.label.teacher == "cross_encoder":
+        key = "models.cross_encoder"
+    elif models.bi_encoder_teacher:
+        key = "models.bi_encoder_teacher"
+    else:
+        key = "models.retrievers.0.name" if models.retrievers else "models.base"
+    return [ModelUse(key, cfg.teacher_ref, f"teacher ({cfg.label.teacher.replace('_', '-')})", cfg.teacher_slot)]
+
+
+def estimate(cfg: Any, n: int) -> StagePlan:
+    used, qpp = planned_queries(cfg.generate, n)
+    lb, triples, queries = cfg.label, cfg.n_triples, used * qpp
+    pairs = triples + min(triples, queries)  # each triple's negative pair; a query's positive pair once
+    detail = f"{triples} triples, about {pairs} distinct pairs for the {lb.teacher} teacher"
+
+    def measure(resolved: dict[str, Any], passages: list[str]) -> float:
+        # a bi-encoder teacher encodes each distinct text once: its work is counted in texts
+        return score_rate(lb.teacher, resolved[cfg.teacher_slot], passages, lb.max_seq_length, lb.batch_size,
+                          normalize=lb.bi_encoder_score == "cos_sim", per_text=lb.teacher != "cross_encoder")
+
+    if lb.teacher == "cross_encoder":
+        return StagePlan(pairs, "pairs", detail, measure=measure)
+    texts = min(triples, queries) + n  # each distinct text is encoded once: the queries with triples, every passage
+    return StagePlan(texts, "texts", f"{detail}: at most {texts} texts encoded", measure=measure)
+
+@stage_task("pseudo-label triples")
+def label_task(inputs: LabelInputs) -> str:
+    job = LabelJob(inputs)
     artifact = job.run_reported("pseudo-label-triples", f"Scoring {job.work} distinct (query, passage) pairs of "
-                                f"{n_triples} triples with the {cfg.teacher} teacher")
+                                f"{inputs.triples} triples with the {inputs.cfg.teacher} teacher")
     log = get_run_logger()
-    log.info("triples: %d labelled by %s %s (%s)", artifact.rows, cfg.teacher, teacher, artifact.counters)
+    log.info("triples: %d labelled by %s %s (%s)", artifact.rows, inputs.cfg.teacher, inputs.teacher,
+             artifact.counters)
     if diagnostics := artifact.manifest.get("diagnostics"):
         log.info("label diagnostics: %s", summary_line(diagnostics))
         for warning in diagnostics["warnings"]:
             log.warning("label: %s", warning)
     return artifact.fingerprint
-
-
-def label_job(
-    cfg: LabelConfig,
-    run_dir: str,
-    n_triples: int,
-    corpus_fp: str,
-    queries_fp: str,
-    negatives_fp: str,
-    teacher: str,
-    queries_stage: str = artifacts.QUERIES,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-) -> LabelJob:
-    """The label job for ``label_task``'s parameters (the flow that fans shards out builds it the same way)."""
-    store = ArtifactStore(run_dir)
-    corpus = _input(store, artifacts.CORPUS, corpus_fp)
-    queries = _input(store, queries_stage, queries_fp)
-    negatives = _input(store, artifacts.NEGATIVES, negatives_fp)
-    return LabelJob(cfg, store, corpus, queries, negatives, teacher, n_triples, shard_size)

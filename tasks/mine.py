@@ -16,26 +16,20 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from gplflow.adapters import artifacts
-from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.lazy import lazy
 from gplflow.adapters.model_refs import model_signature
-from gplflow.adapters.staging import ShardStaging
-from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.adapters.store import Artifact
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
-from gplflow.tasks.base import (
-    Progress,
-    ShardJob,
-    StageConfig,
-    retry_unless_deterministic,
-    stage_cache,
-    stage_fingerprint,
-)
+from gplflow.tasks.base import ModelUse, Progress, Ref, ShardJob, StageConfig, StageInputs, stage_task
+from gplflow.tasks.generate import planned_queries
+from gplflow.tasks.planning import StagePlan, encode_rate
 
 # torch, transformers, bm25s: loaded when a stage computes, not when a config is read
 models = lazy("gplflow.adapters.models")
@@ -50,7 +44,6 @@ BM25 = "bm25"
 SCORES = ("cos_sim", "dot")
 DEFAULT_SHARD_SIZE = 10_000  # corpus passages per encoding shard
 # where mine_task looks for the queries fingerprint (queries-train: the queries left after the held-out split)
-QUERY_STAGES = (artifacts.QUERIES_TRAIN, artifacts.QUERIES)
 
 
 class MineConfig(StageConfig):
@@ -79,19 +72,25 @@ def _checked(retrievers: Sequence[Sequence[str]], cfg: MineConfig) -> list[Retri
     return out
 
 
-def _config(cfg: MineConfig, retrievers: list[Retriever]) -> dict:
-    return {**cfg.model_dump(mode="json"), "retrievers": [{"model": ref, "score": s} for ref, s in retrievers]}
+class MineInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What mining reads: the corpus, the training queries, and the dense retrievers as (model, score)."""
 
+    cfg: MineConfig
+    corpus: Ref
+    queries: Ref  # the training queries (queries-train when some are held out)
+    retrievers: tuple[tuple[str, str], ...]  # loadable model references and their similarity
+    shard_size: int = Field(default=DEFAULT_SHARD_SIZE, gt=0)  # passages per shard of the corpus encoding
 
-def _inputs(corpus_fp: str, queries_fp: str, retrievers: list[Retriever]) -> dict[str, str]:
-    """The corpus, the queries and each retriever by content (a folder replaced in place mines anew)."""
-    return {"corpus": corpus_fp, "queries": queries_fp,
-            **{f"retriever:{k}": model_signature(ref) for k, (ref, _) in enumerate(retrievers)}}
+    def checked(self) -> list[Retriever]:
+        return _checked(self.retrievers, self.cfg)
 
-
-def mine_fingerprint(cfg: MineConfig, corpus_fp: str, queries_fp: str, retrievers: Sequence[Sequence[str]]) -> str:
-    checked = _checked(retrievers, cfg)
-    return stage_fingerprint(STAGE, _config(cfg, checked), _inputs(corpus_fp, queries_fp, checked), CODE_VERSION)
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The corpus, the queries and each retriever by content (a folder replaced in place mines anew)."""
+        checked = self.checked()
+        config = {**self.cfg.model_dump(mode="json"), "retrievers": [{"model": r, "score": s} for r, s in checked]}
+        inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint,
+                  **{f"retriever:{k}": model_signature(ref) for k, (ref, _) in enumerate(checked)}}
+        return config, inputs
 
 
 @dataclass
@@ -107,14 +106,12 @@ class _Corpus:
         return cls(np.array(table["doc_id"].to_pylist(), dtype=object), passage_texts(table))
 
 
-def run_mine(cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
-             retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE,
-             on_progress: Progress | None = None) -> Artifact:
+def run_mine(inputs: MineInputs, on_progress: Progress | None = None) -> Artifact:
     """Mine negatives with every dense retriever (and BM25 when asked); publish one artifact.
 
     ``on_progress(n)`` is told of texts done: passages encoded, then queries encoded and searched.
     """
-    return MineJob(cfg, store, corpus, queries, retrievers, shard_size).result(on_progress)
+    return MineJob(inputs).result(on_progress)
 
 
 class MineJob(ShardJob):
@@ -125,17 +122,11 @@ class MineJob(ShardJob):
     embeddings, searches the queries, and writes one part per retriever (BM25 last).
     """
 
-    stage = STAGE
-
-    def __init__(self, cfg: MineConfig, store: ArtifactStore, corpus: Artifact, queries: Artifact,
-                 retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE):
-        if shard_size < 1:
-            raise ValueError(f"mine: shard_size must be >= 1, got {shard_size}")
-        self.cfg, self.store, self.corpus, self.queries, self.shard_size = cfg, store, corpus, queries, shard_size
-        self.retrievers = _checked(retrievers, cfg)
-        self.fingerprint = mine_fingerprint(cfg, corpus.fingerprint, queries.fingerprint, self.retrievers)
-        self.staging = ShardStaging(store, STAGE, self.fingerprint)
-        self.slices = math.ceil(corpus.rows / shard_size)
+    def __init__(self, inputs: MineInputs):
+        self.retrievers = inputs.checked()
+        super().__init__(inputs, inputs.shard_size)
+        self.cfg, self.corpus, self.queries = inputs.cfg, inputs.load(inputs.corpus), inputs.load(inputs.queries)
+        self.slices = math.ceil(self.corpus.rows / self.shard_size)
         self._docs: _Corpus | None = None
         self._model: tuple[str, Any] | None = None
 
@@ -185,10 +176,8 @@ class MineJob(ShardJob):
         if self.queries.rows == 0:
             raise InputError(f"{self.queries.url}: no queries; nothing to mine")
         records = self.done_records()
-        inputs = _inputs(self.corpus.fingerprint, self.queries.fingerprint, self.retrievers)
-        config = _config(self.cfg, self.retrievers)
         schema = artifacts.NEGATIVES_SCHEMA
-        with self.store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+        with self.store.writer(STAGE, config=self.config, inputs=self.input_fps, code_version=CODE_VERSION) as out:
             out.count("queries", self.queries.rows)
             names = []
             for r, (ref, score) in enumerate(self.retrievers):
@@ -283,32 +272,40 @@ def _ranked(name: str, chunk: pa.RecordBatch, scores: np.ndarray, ids: np.ndarra
     ], schema=artifacts.NEGATIVES_SCHEMA)
 
 
-def _find(store: ArtifactStore, stages: Sequence[str], fp: str) -> Artifact:
-    for stage in stages:
-        if (artifact := store.consume(stage, expect_fingerprint=fp)) is not None:
-            return artifact
-    raise MissingInputError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
+# --- what the run's report, checks and plan ask of this stage ---------------------------------------------
+
+def settings(cfg: Any) -> str:
+    m = cfg.mine
+    return f"{m.negatives_per_query} negatives per query from each retriever{', and BM25' if m.bm25 else ''}"
 
 
-@task(name="mine hard negatives", task_run_name="mine hard negatives", retries=0, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: mine_fingerprint(
-          p["cfg"], p["corpus_fp"], p["queries_fp"], p["retrievers"])))
-def mine_task(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
-              retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> str:
-    job = mine_job(cfg, run_dir, corpus_fp, queries_fp, retrievers, shard_size)
-    miners = len(job.retrievers) + (1 if cfg.bm25 else 0)
+def models_used(cfg: Any) -> list[ModelUse]:
+    return [ModelUse(f"models.retrievers.{i}.name", r.name, f"miner ({r.score})", f"retrievers.{i}")
+            for i, r in enumerate(cfg.models.retrievers)]
+
+
+def estimate(cfg: Any, n: int) -> StagePlan:
+    used, qpp = planned_queries(cfg.generate, n)
+    dense, queries = len(cfg.models.retrievers), used * qpp
+    miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
+    return StagePlan(dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages + "
+                     f"{queries} queries), {cfg.mine.negatives_per_query} negatives from {', '.join(miners)}",
+                     measure=lambda resolved, passages: _rate(cfg.mine, resolved, passages))
+
+
+def _rate(m: MineConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Texts per second over all dense retrievers (the stage encodes the same texts with each)."""
+    seconds_per_text = sum(1 / encode_rate(ref, passages, m.max_seq_length, m.batch_size)
+                           for ref, _score in resolved["retrievers"]) / max(1, len(resolved["retrievers"]))
+    return 1 / seconds_per_text
+
+@stage_task("mine hard negatives")
+def mine_task(inputs: MineInputs) -> str:
+    job = MineJob(inputs)
+    miners = len(job.retrievers) + (1 if inputs.cfg.bm25 else 0)
     artifact = job.run_reported("mine-hard-negatives", f"Encoding {job.corpus.rows} passages and mining "
-                                f"{cfg.negatives_per_query} negatives for {job.queries.rows} queries with "
+                                f"{inputs.cfg.negatives_per_query} negatives for {job.queries.rows} queries with "
                                 f"{miners} retriever(s)")
     get_run_logger().info("negatives: %d rows from %s (%s)", artifact.rows,
                           ", ".join(artifact.manifest.get("retrievers", [])), artifact.counters)
     return artifact.fingerprint
-
-
-def mine_job(cfg: MineConfig, run_dir: str, corpus_fp: str, queries_fp: str,
-             retrievers: Sequence[Sequence[str]], shard_size: int = DEFAULT_SHARD_SIZE) -> MineJob:
-    """The mine job for ``mine_task``'s parameters (the flow that fans shards out builds it the same way)."""
-    store = ArtifactStore(run_dir)
-    corpus, queries = _find(store, [artifacts.CORPUS], corpus_fp), _find(store, QUERY_STAGES, queries_fp)
-    return MineJob(cfg, store, corpus, queries, retrievers, shard_size)

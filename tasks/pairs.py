@@ -12,14 +12,14 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import Field
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.corpus_readers import detect_format
 from gplflow.adapters.pair_readers import iter_pairs
-from gplflow.adapters.store import Artifact, ArtifactStore, content_signature, row_batches
-from gplflow.tasks.base import StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.adapters.store import Artifact, content_signature, row_batches
+from gplflow.tasks.base import StageConfig, StageInputs, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,19 @@ class PairsConfig(StageConfig):
     score_max: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # scores lie in [0, score_max] (STS-B: 5)
 
 
-def pairs_fingerprint(cfg: PairsConfig) -> str:
-    return stage_fingerprint(STAGE, cfg, {"source": content_signature(cfg.path)}, CODE_VERSION)
+class PairsInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What reading pairs reads: the user's pairs file (by content)."""
+
+    cfg: PairsConfig
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        return self.cfg.model_dump(mode="json"), {"source": content_signature(self.cfg.path)}
 
 
-def run_pairs(cfg: PairsConfig, store: ArtifactStore) -> Artifact:
+def run_pairs(inputs: PairsInputs) -> Artifact:
     """Read and validate every pair; publish them only if all passed."""
-    fp = pairs_fingerprint(cfg)
-    if (found := reuse(store, STAGE, fp)) is not None:
+    cfg, store = inputs.cfg, inputs.store
+    if (found := inputs.reuse()) is not None:
         return found
     fmt = cfg.format or detect_format(cfg.path)
     rows = iter_pairs(cfg.path, cfg.kind, fmt, cfg.columns.model_dump(), cfg.score_max)
@@ -89,11 +94,14 @@ def _noting_scores(rows: Iterator[dict[str, Any]], scores: list[float]) -> Itera
         yield row
 
 
-@task(name="read labelled pairs", task_run_name="read labelled pairs", retries=0, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: pairs_fingerprint(p["cfg"])))
-def pairs_task(cfg: PairsConfig, run_dir: str) -> str:
-    artifact = run_pairs(cfg, ArtifactStore(run_dir))
-    get_run_logger().info("pairs: %d %s pairs (%s)", artifact.rows, cfg.kind,
+def settings(cfg: Any) -> str:
+    p = cfg.pairs
+    return f"{p.kind} pairs `{p.path}`" + (f" (scores in [0, {p.score_max:g}])" if p.kind == "scored" else "")
+
+
+@stage_task("read labelled pairs")
+def pairs_task(inputs: PairsInputs) -> str:
+    artifact = run_pairs(inputs)
+    get_run_logger().info("pairs: %d %s pairs (%s)", artifact.rows, inputs.cfg.kind,
                           artifact.manifest.get("scores") or "no scores")
     return artifact.fingerprint

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import Field
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.checkpoints import folder as checkpoint_folder
 from gplflow.adapters.checkpoints import remove as remove_checkpoints
-from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.model_refs import model_signature
-from gplflow.adapters.store import Artifact, ArtifactStore
+from gplflow.adapters.store import Artifact
 from gplflow.adapters.text import passage_text
-from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.tasks.base import Ref, Seed, StageConfig, StageInputs, stage_task
+from gplflow.tasks.planning import CALIBRATION_STEPS, StagePlan, StepClock
 from gplflow.tasks.progress import ProgressArtifact
 
 logger = logging.getLogger(__name__)
@@ -55,33 +55,35 @@ class PretrainConfig(StageConfig):
     log_every: int | None = Field(default=None, gt=0)  # loss points and progress; None: about 100 per run
 
 
-def _inputs(corpus_fp: str, base_model: str) -> dict[str, str]:
-    """A local base folder is named by its content (a retrained base at the same path is a new input)."""
-    base = model_signature(base_model)
-    return {"corpus": corpus_fp, "base_model": base}
+class PretrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What pretraining reads: the corpus and the base model it starts from."""
+
+    cfg: PretrainConfig
+    corpus: Ref
+    base_model: str
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """A local base folder is named by its content (a retrained base at the same path is a new input)."""
+        return self.cfg.model_dump(mode="json"), {"corpus": self.corpus.fingerprint,
+                                                  "base_model": model_signature(self.base_model)}
 
 
-def pretrain_fingerprint(cfg: PretrainConfig, corpus_fp: str, base_model: str) -> str:
-    return stage_fingerprint(STAGE, cfg, _inputs(corpus_fp, base_model), CODE_VERSION)
-
-
-def run_pretrain(cfg: PretrainConfig, store: ArtifactStore, corpus: Artifact, base_model: str,
-                 on_progress=None) -> Artifact:
-    """Pretrain ``base_model`` on the corpus and publish ``pretrain/`` (resuming from a checkpoint if any).
+def run_pretrain(inputs: PretrainInputs, on_progress=None) -> Artifact:
+    """Pretrain the base model on the corpus and publish ``pretrain/`` (resuming from a checkpoint if any).
 
     ``on_progress(step, total_steps, loss)`` is called every ``log_every`` steps.
     """
+    cfg, store, base_model = inputs.cfg, inputs.store, inputs.base_model
     if cfg.method == "none":
         raise ValueError("pretrain: method is 'none', nothing to pretrain (the flow skips this stage)")
     from gplflow.adapters import pretraining  # slow to import (torch, sentence-transformers): only when used
 
-    inputs = _inputs(corpus.fingerprint, base_model)
-    fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
-    if (found := reuse(store, STAGE, fp)) is not None:
+    if (found := inputs.reuse()) is not None:
         return found
-    checkpoints = checkpoint_folder(store, STAGE, fp)
-    config = cfg.model_dump(mode="json")
-    with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
+    corpus = inputs.load(inputs.corpus)
+    checkpoints = checkpoint_folder(store, STAGE, inputs.fingerprint())
+    config, fps = inputs.fingerprint_parts()
+    with store.writer(STAGE, config=config, inputs=fps, code_version=CODE_VERSION) as out:
         report = pretraining.pretrain(cfg, base_model, _texts(corpus, cfg.method), checkpoints, out.local_dir(),
                                       on_progress)
         for name, value in report.counters.items():
@@ -104,17 +106,38 @@ def _texts(corpus: Artifact, method: str) -> Iterator[str]:
             yield passage_text(title, text) if method == "mlm" else text
 
 
-@task(name="pretrain encoder", task_run_name="pretrain encoder ({cfg.method})", retries=1,
-      persist_result=True,  # a retry resumes from checkpoint
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: pretrain_fingerprint(p["cfg"], p["corpus_fp"],
-                                                                            p["base_model"])))
-def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model: str) -> str:
-    store = ArtifactStore(run_dir)
-    corpus = store.consume(artifacts.CORPUS, expect_fingerprint=corpus_fp)
-    if corpus is None:
-        raise MissingInputError(f"{store.url(artifacts.CORPUS)}: no valid corpus with fingerprint {corpus_fp}; "
-                                "run ingest first")
+# --- what the run's report and plan ask of this stage -----------------------------------------------------
+
+def settings(cfg: Any) -> str:
+    p = cfg.pretrain
+    return f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"
+
+
+def estimate(cfg: Any, n: int) -> StagePlan:
+    p = cfg.pretrain
+    return StagePlan(p.steps, "steps", f"{p.method}, {p.steps} steps of batch {p.batch_size}",
+                     measure=lambda resolved, passages: _rate(p, resolved, passages))
+
+
+def _rate(p: PretrainConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    import tempfile
+    from pathlib import Path
+
+    from gplflow.adapters import pretraining
+
+    steps = StepClock()
+    settings = p.model_copy(update={"steps": CALIBRATION_STEPS, "log_every": 1, "checkpoint_every": 10**9,
+                                    "warmup_steps": 0})
+    with tempfile.TemporaryDirectory(prefix="gplflow-plan-pretrain-") as out:
+        pretraining.pretrain(settings, resolved["base"], passages, Path(out) / "ckpt", Path(out) / "model",
+                             on_progress=steps.tick)
+    return steps.rate()
+
+
+@stage_task("pretrain encoder", retries=1,  # a retry resumes from checkpoint
+            task_run_name="pretrain encoder ({inputs.cfg.method})")
+def pretrain_task(inputs: PretrainInputs) -> str:
+    cfg, base_model = inputs.cfg, inputs.base_model
     log = get_run_logger()
     progress = ProgressArtifact.start(f"pretrain-{cfg.method}", cfg.steps,
                                       f"{cfg.method.upper()} pretraining of {base_model} for {cfg.steps} steps")
@@ -123,7 +146,7 @@ def pretrain_task(cfg: PretrainConfig, run_dir: str, corpus_fp: str, base_model:
         progress.set(step)
         log.info("pretrain %s: step %d/%d, loss %.4f", cfg.method, step, total, loss)
 
-    artifact = run_pretrain(cfg, store, corpus, base_model, on_progress)
+    artifact = run_pretrain(inputs, on_progress)
     progress.finish()  # also when the artifact was reused
     info = artifact.manifest.get("pretrain", {})
     log.info("pretrain: %s, %s steps in %ss, loss %s -> %s", cfg.method, info.get("steps"),

@@ -21,15 +21,13 @@ loads (the run's ``model/`` folder or the base as configured) and why. ``model/`
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
-
-from prefect import task
 
 from gplflow.adapters import artifacts
 from gplflow.adapters import metrics as trec
-from gplflow.adapters.errors import MissingInputError
 from gplflow.adapters.store import Artifact, ArtifactStore, fingerprint
-from gplflow.tasks.base import retry_unless_deterministic, stage_cache
+from gplflow.tasks.base import Ref, StageInputs, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +115,21 @@ def verdict_lines(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
             for key, title in (("qrels", "with qrels"), ("no_qrels", "without qrels")) if key in found]
 
 
-def _inputs(model_fp: str, evaluate_fp: str | None) -> dict[str, str]:
-    return {"model": model_fp, **({"evaluate": evaluate_fp} if evaluate_fp else {})}
+class PromoteInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What promotion reads: the rule, the trained model and its evaluation (None when nothing was evaluated)."""
+
+    rule: str
+    min_gain: float
+    models: dict[str, str]  # label -> reference of the compared models: what promoted.json can name
+    model: Ref
+    evaluate: Ref | None = None
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        return {"rule": self.rule, "min_gain": self.min_gain}, _inputs(self.model, self.evaluate)
 
 
-def promote_fingerprint(rule: str, min_gain: float, model_fp: str, evaluate_fp: str | None) -> str:
-    return fingerprint(STAGE, {"rule": rule, "min_gain": min_gain}, _inputs(model_fp, evaluate_fp), CODE_VERSION)
+def _inputs(model: Ref, evaluate: Ref | None) -> dict[str, str]:
+    return {"model": model.fingerprint, **({"evaluate": evaluate.fingerprint} if evaluate else {})}
 
 
 def publish(store: ArtifactStore, decision: dict[str, Any], refs: dict[str, str], inputs: dict[str, str]) -> Artifact:
@@ -131,7 +138,7 @@ def publish(store: ArtifactStore, decision: dict[str, Any], refs: dict[str, str]
     fp = fingerprint(STAGE, config, inputs, CODE_VERSION)
     if (found := store.load(STAGE, expect_fingerprint=fp)) is not None:
         return found
-    record = {**decision, "ref": refs[decision["promoted"]]}
+    record = {**decision, "ref": _absolute(refs[decision["promoted"]])}
     with store.writer(STAGE, config=config, inputs=inputs, code_version=CODE_VERSION) as out:
         out.write_json(FILE, record)
         out.extra["promotion"] = record
@@ -140,22 +147,23 @@ def publish(store: ArtifactStore, decision: dict[str, Any], refs: dict[str, str]
     return store.require(STAGE)
 
 
+def _absolute(ref: str) -> str:
+    """A local folder as an absolute path (``promoted.json`` is read from anywhere); hub names and URLs as they are."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if "://" not in ref and path.exists() else ref
+
+
 def read(store: ArtifactStore) -> dict[str, Any] | None:
     """The run's promotion record (``promoted``, ``ref``, ``reason``, …), or None when there is none."""
     manifest = store.read_manifest(STAGE)
     return manifest.get("promotion") if manifest is not None and store.load(STAGE) is not None else None
 
 
-@task(name="promote model", task_run_name="promote model", retries=0, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: promote_fingerprint(p["rule"], p["min_gain"], p["model_fp"],
-                                                                    p["evaluate_fp"])))
-def promote_task(rule: str, min_gain: float, run_dir: str, models: dict[str, str], model_fp: str,
-                 evaluate_fp: str | None) -> str:
+@stage_task("promote model")
+def promote_task(inputs: PromoteInputs) -> str:
     """Publish ``promoted/``: the evaluate stage's decision, or "adapted, unchecked" when nothing was evaluated."""
-    store = ArtifactStore(run_dir)
-    evaluated = store.load("evaluate", expect_fingerprint=evaluate_fp) if evaluate_fp else None
-    if evaluate_fp and evaluated is None:
-        raise MissingInputError(f"{store.url('evaluate')}: no valid evaluation with fingerprint {evaluate_fp}")
-    decision = evaluated.manifest["promotion"] if evaluated is not None else decide(rule, min_gain, None)
-    return publish(store, decision, models, _inputs(model_fp, evaluate_fp)).fingerprint
+    evaluated = inputs.load(inputs.evaluate) if inputs.evaluate is not None else None
+    decision = (evaluated.manifest["promotion"] if evaluated is not None
+                else decide(inputs.rule, inputs.min_gain, None))
+    _, fps = inputs.fingerprint_parts()
+    return publish(inputs.store, decision, inputs.models, fps).fingerprint

@@ -23,12 +23,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 from gplflow.adapters import artifacts
-from gplflow.adapters.errors import MissingInputError
-from gplflow.adapters.store import Artifact, ArtifactStore
-from gplflow.tasks.base import StageCache, retry_unless_deterministic, reuse, stage_fingerprint
+from gplflow.adapters.store import Artifact
+from gplflow.tasks.base import Ref, StageInputs, reuse, stage_fingerprint, stage_task
 from gplflow.tasks.evaluate import EvaluateConfig
 
 logger = logging.getLogger(__name__)
@@ -48,10 +47,19 @@ def _config(cfg: EvaluateConfig) -> dict[str, Any]:
     return {"fraction": cfg.heldout_fraction, "max": cfg.heldout_max, "seed": cfg.heldout_seed}
 
 
-def split_fingerprints(cfg: EvaluateConfig, queries_fp: str) -> dict[str, str]:
-    """``{"heldout": fp, "queries-train": fp}``: what ``run_split`` publishes under."""
-    return {stage: stage_fingerprint(stage, _config(cfg), {"queries": queries_fp}, CODE_VERSION)
-            for stage in (HELDOUT, TRAIN)}
+class SplitInputs(StageInputs, artifact=HELDOUT, code_version=CODE_VERSION):
+    """What the split reads: the generated queries, cut by the evaluation's held-out settings."""
+
+    cfg: EvaluateConfig
+    queries: Ref
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        return _config(self.cfg), {"queries": self.queries.fingerprint}
+
+    def fingerprints(self) -> dict[str, str]:
+        """``{"heldout": fp, "queries-train": fp}``: what ``run_split`` publishes under."""
+        config, inputs = self.fingerprint_parts()
+        return {stage: stage_fingerprint(stage, config, inputs, CODE_VERSION) for stage in (HELDOUT, TRAIN)}
 
 
 def heldout_passages(doc_ids: np.ndarray, target: int, seed: int) -> set[str]:
@@ -67,13 +75,15 @@ def heldout_passages(doc_ids: np.ndarray, target: int, seed: int) -> set[str]:
     return chosen
 
 
-def run_split(cfg: EvaluateConfig, store: ArtifactStore, queries: Artifact) -> dict[str, Artifact]:
-    """Publish ``heldout/`` and ``queries-train/`` from ``queries`` (each reused while it validates)."""
-    fps = split_fingerprints(cfg, queries.fingerprint)
+def run_split(inputs: SplitInputs) -> dict[str, Artifact]:
+    """Publish ``heldout/`` and ``queries-train/`` from the queries (each reused while it validates)."""
+    cfg, store, fps = inputs.cfg, inputs.store, inputs.fingerprints()
     found = {stage: reuse(store, stage, fp) for stage, fp in fps.items()}
     if all(found.values()):
         return found  # type: ignore[return-value]
-    table = queries.read_table(["query_id", "doc_id", "text"])
+    queries = inputs.load(inputs.queries)
+    table = queries.read_table()  # every column: an llm run's logprob goes with its query
+    schema = artifacts.queries_schema(logprob="logprob" in table.column_names)
     target = min(cfg.heldout_max, math.floor(cfg.heldout_fraction * table.num_rows))
     doc_ids = table.column("doc_id").to_numpy(zero_copy_only=False)
     chosen = heldout_passages(doc_ids, target, cfg.heldout_seed)
@@ -82,7 +92,7 @@ def run_split(cfg: EvaluateConfig, store: ArtifactStore, queries: Artifact) -> d
     for stage, part in parts.items():
         with store.writer(stage, config=_config(cfg), inputs={"queries": queries.fingerprint},
                           code_version=CODE_VERSION) as out:
-            out.write_part([part], artifacts.QUERIES_SCHEMA)
+            out.write_part([part], schema)
             out.count("queries", part.num_rows)
             out.count("passages", len(set(part.column("doc_id").to_pylist())))
             out.count("target_heldout_queries", target)
@@ -91,15 +101,9 @@ def run_split(cfg: EvaluateConfig, store: ArtifactStore, queries: Artifact) -> d
     return {stage: store.require(stage) for stage in fps}
 
 
-@task(name="hold out queries", task_run_name="hold out queries", retries=0, persist_result=True,
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=StageCache(fingerprints=lambda p: split_fingerprints(p["cfg"], p["queries_fp"])))
-def split_task(cfg: EvaluateConfig, run_dir: str, queries_fp: str) -> dict[str, str]:
-    store = ArtifactStore(run_dir)
-    queries = store.consume(artifacts.QUERIES, expect_fingerprint=queries_fp)
-    if queries is None:
-        raise MissingInputError(f"{store.url(artifacts.QUERIES)}: no valid queries with fingerprint {queries_fp}")
-    found = run_split(cfg, store, queries)
+@stage_task("hold out queries")
+def split_task(inputs: SplitInputs) -> dict[str, str]:
+    found = run_split(inputs)
     get_run_logger().info("held-out queries: %d (never mined, labelled nor trained on); training queries: %d",
                           found[HELDOUT].rows, found[TRAIN].rows)
     return {stage: artifact.fingerprint for stage, artifact in found.items()}

@@ -8,17 +8,18 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import Field
 
 from gplflow.adapters import artifacts
 from gplflow.adapters.checkpoints import folder as checkpoint_folder
 from gplflow.adapters.checkpoints import remove as remove_checkpoints
-from gplflow.adapters.errors import InputError, MissingInputError
+from gplflow.adapters.errors import InputError
 from gplflow.adapters.lazy import lazy
 from gplflow.adapters.model_refs import model_signature
-from gplflow.adapters.store import Artifact, ArtifactStore
-from gplflow.tasks.base import Seed, StageConfig, retry_unless_deterministic, reuse, stage_cache, stage_fingerprint
+from gplflow.adapters.store import Artifact
+from gplflow.tasks.base import Ref, Seed, StageConfig, StageInputs, stage_task
+from gplflow.tasks.planning import CALIBRATION_STEPS, StagePlan, StepClock, pseudo_query
 from gplflow.tasks.progress import ProgressArtifact
 
 models = lazy("gplflow.adapters.models")  # torch: loaded when a stage computes, not when a config is read
@@ -27,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = artifacts.MODEL
 CODE_VERSION = "train-1"
-QUERY_STAGES = (artifacts.QUERIES_TRAIN, artifacts.QUERIES)  # the mnrl pairs come from either
 
 
 # the losses each kind of labelled pairs (tasks/pairs.py) trains with; the first is flow supervised's default
@@ -48,103 +48,99 @@ class TrainConfig(StageConfig):
     seed: Seed = 42
 
 
-def _inputs(cfg: TrainConfig, base_model: str, data_fp: str, corpus_fp: str) -> dict[str, str]:
-    data = "triples" if cfg.loss == "margin_mse" else "queries"
-    return {"base_model": model_signature(base_model), "corpus": corpus_fp, data: data_fp}
+class TrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What training on generated queries reads: the start model, the corpus, the training queries and, for
+    margin_mse, the triples."""
+
+    cfg: TrainConfig
+    base_model: str  # the model training starts from (the pretrained one when pretraining ran)
+    corpus: Ref
+    queries: Ref  # the training queries (queries-train when some are held out)
+    triples: Ref | None = None  # margin_mse only
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        data = ("triples", self.triples) if self.cfg.loss == "margin_mse" else ("queries", self.queries)
+        if data[1] is None:
+            raise InputError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
+        return self.cfg.model_dump(mode="json"), {"base_model": model_signature(self.base_model),
+                                                  "corpus": self.corpus.fingerprint, data[0]: data[1].fingerprint}
 
 
-def train_fingerprint(cfg: TrainConfig, base_model: str, data_fp: str, corpus_fp: str) -> str:
-    """data_fp: the triples' fingerprint for margin_mse, the queries' for mnrl."""
-    return stage_fingerprint(STAGE, cfg, _inputs(cfg, base_model, data_fp, corpus_fp), CODE_VERSION)
+class TrainPairsInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
+    """What training on labelled pairs reads (flow supervised), and on the silver pairs too (augmented_sbert)."""
+
+    cfg: TrainConfig
+    base_model: str
+    pairs: Ref
+    silver: Ref | None = None
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        inputs = {"base_model": model_signature(self.base_model), "pairs": self.pairs.fingerprint}
+        if self.silver is not None:
+            inputs["silver"] = self.silver.fingerprint
+        return self.cfg.model_dump(mode="json"), inputs
 
 
-def run_train(
-    cfg: TrainConfig,
-    store: ArtifactStore,
-    base_model: str,
-    corpus: Artifact,
-    queries: Artifact,
-    triples: Artifact | None,
-    callbacks: Sequence[Any] = (),
-) -> Artifact:
-    """Train from ``base_model`` (resuming from a checkpoint if a crashed run left one) and publish ``model/``.
+def run_train(inputs: TrainInputs, callbacks: Sequence[Any] = ()) -> Artifact:
+    """Train from the start model (resuming from a checkpoint if a crashed run left one) and publish ``model/``.
 
     ``callbacks`` are ``transformers.TrainerCallback``s (progress reporting, tests).
     """
-    data = _training_data(cfg, queries, triples)
-    inputs = _inputs(cfg, base_model, data.fingerprint, corpus.fingerprint)
-    fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
-    if (found := reuse(store, STAGE, fp)) is not None:
+    cfg = inputs.cfg
+    if cfg.loss not in ("mnrl", "margin_mse"):
+        raise InputError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
+    if (found := inputs.reuse()) is not None:
         return found
-    return _fit_and_publish(cfg, store, base_model, inputs, fp, lambda: _dataset(cfg, corpus, queries, data),
-                            callbacks)
+    corpus, queries = inputs.load(inputs.corpus), inputs.load(inputs.queries)
+    triples = inputs.load(inputs.triples) if cfg.loss == "margin_mse" and inputs.triples is not None else None
+    return _fit_and_publish(inputs, lambda: _dataset(cfg, corpus, queries, triples), callbacks)
 
 
-def pairs_inputs(base_model: str, pairs_fp: str, silver_fp: str | None = None) -> dict[str, str]:
-    inputs = {"base_model": model_signature(base_model), "pairs": pairs_fp}
-    return {**inputs, "silver": silver_fp} if silver_fp else inputs
-
-
-def train_pairs_fingerprint(cfg: TrainConfig, base_model: str, pairs_fp: str, silver_fp: str | None = None) -> str:
-    """The fingerprint of a model trained on labelled pairs (flow supervised), and on the silver pairs too
-    (flow augmented_sbert): no corpus, no queries."""
-    return stage_fingerprint(STAGE, cfg, pairs_inputs(base_model, pairs_fp, silver_fp), CODE_VERSION)
-
-
-def run_train_pairs(cfg: TrainConfig, store: ArtifactStore, base_model: str, pairs: Artifact,
-                    callbacks: Sequence[Any] = (), silver: Artifact | None = None) -> Artifact:
-    """Fine-tune ``base_model`` on the ``pairs/`` artifact (flow supervised), or on the gold pairs and the
+def run_train_pairs(inputs: TrainPairsInputs, callbacks: Sequence[Any] = ()) -> Artifact:
+    """Fine-tune the start model on the ``pairs/`` artifact (flow supervised), or on the gold pairs and the
     ``silver/`` pairs a cross-encoder labelled (flow augmented_sbert, tasks/augment.py), and publish ``model/``."""
     from gplflow.adapters import trainer
 
+    cfg = inputs.cfg
+    pairs = inputs.load(inputs.pairs)
+    silver = inputs.load(inputs.silver) if inputs.silver is not None else None
     kind = pairs.manifest.get("kind", "scored")
     if cfg.loss not in PAIR_LOSSES.get(kind, ()):
         raise InputError(f"train.loss {cfg.loss!r} does not train on {kind} pairs; expected one of "
                          f"{', '.join(PAIR_LOSSES.get(kind, ()))}")
     if silver is not None and kind != "scored":
         raise InputError(f"train: silver pairs are scored pairs; the gold pairs are {kind} pairs")
-    inputs = pairs_inputs(base_model, pairs.fingerprint, silver.fingerprint if silver is not None else None)
-    fp = stage_fingerprint(STAGE, cfg, inputs, CODE_VERSION)
-    if (found := reuse(store, STAGE, fp)) is not None:
+    if (found := inputs.reuse()) is not None:
         return found
     table = pairs.read_table()
     if silver is not None:  # gold first, then silver: the trainer's seeded sampler shuffles them together
         gold = table.select(["sentence1", "sentence2", "score"])
         table = pa.concat_tables([gold, silver.read_table(gold.column_names).cast(gold.schema)])
     build = trainer.scored_pairs_dataset if kind == "scored" else trainer.ranking_pairs_dataset
-    return _fit_and_publish(cfg, store, base_model, inputs, fp, lambda: build(table), callbacks)
+    return _fit_and_publish(inputs, lambda: build(table), callbacks)
 
 
-def _fit_and_publish(cfg: TrainConfig, store: ArtifactStore, base_model: str, inputs: dict[str, str], fp: str,
-                     make_dataset: Callable[[], Any], callbacks: Sequence[Any]) -> Artifact:
-    """Train from ``base_model`` on ``make_dataset()`` (resuming from a checkpoint) and publish ``model/``."""
+def _fit_and_publish(inputs: TrainInputs | TrainPairsInputs, make_dataset: Callable[[], Any],
+                     callbacks: Sequence[Any]) -> Artifact:
+    """Train from the start model on ``make_dataset()`` (resuming from a checkpoint) and publish ``model/``."""
     from gplflow.adapters import trainer  # sentence-transformers' trainer is slow to import: only when training
 
-    model = models.load_bi_encoder(base_model, max_seq_length=cfg.max_seq_length)
+    cfg, store = inputs.cfg, inputs.store
+    model = models.load_bi_encoder(inputs.base_model, max_seq_length=cfg.max_seq_length)
     dataset = make_dataset()
-    checkpoints = checkpoint_folder(store, STAGE, fp)
-    with store.writer(STAGE, config=cfg.model_dump(mode="json"), inputs=inputs, code_version=CODE_VERSION) as out:
+    checkpoints = checkpoint_folder(store, STAGE, inputs.fingerprint())
+    config, fps = inputs.fingerprint_parts()
+    with store.writer(STAGE, config=config, inputs=fps, code_version=CODE_VERSION) as out:
         report = trainer.fit(model, dataset, cfg, checkpoints, models.device(), callbacks)
         trainer.save_model(model, out.local_dir())
-        out.extra["train"] = info = {"base_model": base_model, "examples": len(dataset), **report.as_dict()}
+        out.extra["train"] = info = {"base_model": inputs.base_model, "examples": len(dataset), **report.as_dict()}
     remove_checkpoints(checkpoints)
     logger.info("trained %s for %d steps (resumed at %s): loss %s -> %s", cfg.loss, info["steps"],
                 info["resumed_from_step"], info["loss_first"], info["loss_last"])
     return store.require(STAGE)
 
 
-def _training_data(cfg: TrainConfig, queries: Artifact, triples: Artifact | None) -> Artifact:
-    """The artifact the loss trains on: triples (margin_mse) or queries (mnrl)."""
-    if cfg.loss == "mnrl":
-        return queries
-    if cfg.loss != "margin_mse":
-        raise InputError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
-    if triples is None:
-        raise InputError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
-    return triples
-
-
-def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, data: Artifact):
+def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, triples: Artifact | None):
     """Rows for the loss: (query, positive) pairs for mnrl, (query, positive, negative, margin) for margin_mse."""
     from gplflow.adapters import trainer
 
@@ -152,8 +148,10 @@ def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, data: Artifa
     query_rows = queries.read_table(["query_id", "doc_id", "text"])
     if cfg.loss == "mnrl":
         return trainer.pairs_dataset(query_rows, passages)
-    triples = data.read_table(["query_id", "pos_doc_id", "neg_doc_id", "margin"])
-    return trainer.margin_mse_dataset(triples, trainer.query_texts(query_rows), passages)
+    if triples is None:
+        raise InputError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
+    rows = triples.read_table(["query_id", "pos_doc_id", "neg_doc_id", "margin"])
+    return trainer.margin_mse_dataset(rows, trainer.query_texts(query_rows), passages)
 
 
 def progress_callback(progress: ProgressArtifact) -> Any:
@@ -174,53 +172,74 @@ def progress_callback(progress: ProgressArtifact) -> Any:
     return TrainProgress()
 
 
-def _load(store: ArtifactStore, stages: tuple[str, ...], fp: str) -> Artifact:
-    for stage in stages:
-        if (artifact := store.consume(stage, expect_fingerprint=fp)) is not None:
-            return artifact
-    raise MissingInputError(f"{store.root_url}: no valid {' or '.join(stages)} artifact with fingerprint {fp}")
+# --- what the run's report and plan ask of this stage -----------------------------------------------------
+
+def settings(cfg: Any) -> str:
+    t = cfg.train
+    return (f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, max length {t.max_seq_length}, "
+            f"seed {t.seed}")
 
 
-def _task_fingerprint(p: dict[str, Any]) -> str:
-    data_fp = p["triples_fp"] if p["cfg"].loss == "margin_mse" else p["queries_fp"]
-    return train_fingerprint(p["cfg"], p["base_model"], data_fp, p["corpus_fp"])
+def estimate(cfg: Any, n: int) -> StagePlan:
+    t = cfg.train
+    return StagePlan(t.steps, "steps", f"{t.loss}, {t.steps} steps of batch {t.batch_size} "
+                     f"({t.steps * t.batch_size} examples)",
+                     measure=lambda resolved, passages: _rate(t, resolved, passages))
 
 
-@task(name="train bi-encoder", task_run_name="train bi-encoder", retries=1,
-      persist_result=True,  # a retry resumes from the last checkpoint
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, _task_fingerprint))
-def train_task(cfg: TrainConfig, run_dir: str, base_model: str, corpus_fp: str, queries_fp: str,
-               triples_fp: str | None) -> str:
-    store = ArtifactStore(run_dir)
-    triples = _load(store, (artifacts.TRIPLES,), triples_fp) if triples_fp else None
+def _rate(t: TrainConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+    """Steps per second of the trainer on corpus passages (steps after the first)."""
+    import tempfile
+    from pathlib import Path
+
+    from gplflow.adapters import trainer
+
+    n = CALIBRATION_STEPS * t.batch_size
+    docs = pa.table({"doc_id": [f"d{i}" for i in range(n)], "title": [""] * n, "text": passages[:n]})
+    queries = pa.table({"query_id": [f"q{i}" for i in range(n)], "doc_id": docs["doc_id"],
+                        "text": [pseudo_query(p) for p in passages[:n]]})
+    lookup = trainer.passage_lookup(docs)
+    if t.loss in PAIR_LOSSES["scored"]:
+        dataset = trainer.scored_pairs_dataset(pa.table({"sentence1": queries["text"], "sentence2": passages[:n],
+                                                         "score": [float(i % 2) for i in range(n)]}))
+    elif t.loss == "mnrl":
+        dataset = trainer.pairs_dataset(queries, lookup)
+    else:
+        triples = pa.table({"query_id": queries["query_id"], "pos_doc_id": docs["doc_id"],
+                            "neg_doc_id": [f"d{(i + 1) % n}" for i in range(n)], "margin": [0.0] * n})
+        dataset = trainer.margin_mse_dataset(triples, trainer.query_texts(queries), lookup)
+    steps = StepClock()
+    settings = t.model_copy(update={"steps": CALIBRATION_STEPS, "warmup_steps": 0, "checkpoint_every": 10**9})
+    model = models.load_bi_encoder(resolved["base"], max_seq_length=t.max_seq_length)
+    with tempfile.TemporaryDirectory(prefix="gplflow-plan-train-") as out:
+        trainer.fit(model, dataset, settings, Path(out), models.device(), [steps.callback()])
+    return steps.rate()
+
+
+@stage_task("train bi-encoder", retries=1)  # a retry resumes from the last checkpoint
+def train_task(inputs: TrainInputs) -> str:
+    cfg = inputs.cfg
     progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} for {cfg.steps} "
                                       f"steps of batch {cfg.batch_size}")
-    artifact = run_train(cfg, store, base_model, _load(store, (artifacts.CORPUS,), corpus_fp),
-                         _load(store, QUERY_STAGES, queries_fp), triples, callbacks=[progress_callback(progress)])
+    artifact = run_train(inputs, callbacks=[progress_callback(progress)])
     progress.finish()
-    info = artifact.manifest.get("train", {})
-    get_run_logger().info("model: %s, %s steps in %ss, loss %s -> %s", cfg.loss, info.get("steps"),
-                          info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
+    _log_trained(artifact, cfg.loss)
     return artifact.fingerprint
 
 
-@task(name="train bi-encoder on pairs", task_run_name="train bi-encoder on pairs", retries=1,
-      persist_result=True,  # a retry resumes from the last checkpoint
-      retry_condition_fn=retry_unless_deterministic,
-      cache_policy=stage_cache(STAGE, lambda p: train_pairs_fingerprint(p["cfg"], p["base_model"], p["pairs_fp"],
-                                                                                p.get("silver_fp"))))
-def train_pairs_task(cfg: TrainConfig, run_dir: str, base_model: str, pairs_fp: str,
-                     silver_fp: str | None = None) -> str:
-    store = ArtifactStore(run_dir)
-    what = "gold and silver pairs" if silver_fp else "labelled pairs"
+@stage_task("train bi-encoder on pairs", retries=1)
+def train_pairs_task(inputs: TrainPairsInputs) -> str:
+    cfg = inputs.cfg
+    what = "gold and silver pairs" if inputs.silver else "labelled pairs"
     progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} on {what} "
                                       f"for {cfg.steps} steps of batch {cfg.batch_size}")
-    silver = _load(store, (artifacts.SILVER,), silver_fp) if silver_fp else None
-    artifact = run_train_pairs(cfg, store, base_model, _load(store, (artifacts.PAIRS,), pairs_fp),
-                               callbacks=[progress_callback(progress)], silver=silver)
+    artifact = run_train_pairs(inputs, callbacks=[progress_callback(progress)])
     progress.finish()
-    info = artifact.manifest.get("train", {})
-    get_run_logger().info("model: %s on %s, %s steps in %ss, loss %s -> %s", cfg.loss, what, info.get("steps"),
-                          info.get("seconds"), info.get("loss_first"), info.get("loss_last"))
+    _log_trained(artifact, f"{cfg.loss} on {what}")
     return artifact.fingerprint
+
+
+def _log_trained(artifact: Artifact, what: str) -> None:
+    info = artifact.manifest.get("train", {})
+    get_run_logger().info("model: %s, %s steps in %ss, loss %s -> %s", what, info.get("steps"),
+                          info.get("seconds"), info.get("loss_first"), info.get("loss_last"))

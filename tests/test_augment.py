@@ -17,23 +17,17 @@ import yaml
 from demo_slice import beir_slice
 from scipy.stats import spearmanr
 from sentence_transformers.cross_encoder import CrossEncoder
+from stage_calls import run_cross_encoder, run_ingest, run_pairs, run_sample, run_silver, run_train_pairs
 from typer.testing import CliRunner
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.flows.config import ConfigError, PipelineConfig
-from gplflow.tasks.augment import (
-    AugmentConfig,
-    CrossEncoderTrainConfig,
-    run_cross_encoder,
-    run_sample,
-    run_silver,
-    select_pairs,
-)
-from gplflow.tasks.ingest import IngestConfig, run_ingest
-from gplflow.tasks.pairs import PairsConfig, run_pairs
-from gplflow.tasks.train import TrainConfig, run_train_pairs
+from gplflow.tasks.augment import AugmentConfig, CrossEncoderTrainConfig, select_pairs
+from gplflow.tasks.ingest import IngestConfig
+from gplflow.tasks.pairs import PairsConfig
+from gplflow.tasks.train import TrainConfig
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 N_DOCS = 36

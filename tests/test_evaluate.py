@@ -7,16 +7,12 @@ import math
 
 import pytest
 from artifact_rows import write_artifact
+from stage_calls import fingerprint_for, run_evaluate
 
 from gplflow.adapters import beir_io, metrics
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks.evaluate import (
-    EvaluateConfig,
-    fingerprint_for,
-    read_metrics,
-    run_evaluate,
-)
+from gplflow.tasks.evaluate import EvaluateConfig, read_metrics
 from gplflow.tasks.evaluation_table import metrics_table
 
 PASSAGES = {

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 from artifact_rows import write_artifact
+from stage_calls import fingerprint_for, run_evaluate
 
 from gplflow.adapters.corpus_readers import CorpusError
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.report import evaluators_markdown
-from gplflow.tasks.evaluate import EvaluateConfig, fingerprint_for, read_metrics, run_evaluate
+from gplflow.tasks.evaluate import EvaluateConfig, read_metrics
 from gplflow.tasks.evaluators import ClusteringConfig, EmbeddingMapConfig, StsConfig
 
 # Three topics, four passages each: a good sentence model clusters them by topic.
@@ -218,9 +219,10 @@ def test_an_unknown_mteb_task_is_a_config_error_before_any_stage(tmp_path):
 
 def test_changing_an_evaluator_changes_no_fingerprint_but_the_evaluations(tmp_path):
     """Only evaluate (and promote, which follows it) read the evaluator settings: the split keeps its own keys."""
+    from stage_calls import split_fingerprints
+
     from gplflow.flows.config import PipelineConfig
     from gplflow.flows.stages import STAGES
-    from gplflow.tasks.split import split_fingerprints
 
     base = {"corpus": {"path": str(tmp_path)}, "evaluate": {"heldout_fraction": 0.1}}
     plain = PipelineConfig.from_dict(base)
@@ -228,6 +230,6 @@ def test_changing_an_evaluator_changes_no_fingerprint_but_the_evaluations(tmp_pa
                                                           "clustering": {"labels": "y.tsv"},
                                                           "embedding_map": {"sample": 50}}})
     assert split_fingerprints(plain.evaluate, "q") == split_fingerprints(more.evaluate, "q")
-    readers = {stage.step for stage in STAGES
-               if "evaluate" in stage.params.__code__.co_names or "_teacher" in stage.params.__code__.co_names}
+    readers = {stage.name for stage in STAGES
+               if "evaluate" in stage.inputs.__code__.co_names or "_teacher" in stage.inputs.__code__.co_names}
     assert readers == {"split", "evaluate", "promote"}  # nothing upstream of evaluation reads its settings

@@ -9,6 +9,7 @@ import pytest
 from artifact_rows import write_artifact
 from prefect.logging import disable_run_logger
 from pydantic import ValidationError
+from stage_calls import generate_fingerprint, generate_inputs, run_generate
 from transformers import AutoTokenizer
 
 from gplflow.adapters import models
@@ -17,14 +18,7 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.text import split_sentences
 from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.tasks import generate as gen
-from gplflow.tasks.generate import (
-    GenerateConfig,
-    extractive_queries,
-    generate_fingerprint,
-    generate_task,
-    queries_per_passage,
-    run_generate,
-)
+from gplflow.tasks.generate import GenerateConfig, extractive_queries, generate_task, queries_per_passage
 
 # (doc_id, title, text): odd ids on purpose, one blank passage, single- and multi-sentence passages.
 DOCS = [
@@ -247,10 +241,10 @@ def test_generate_task_wrapper(tmp_path):
     store, corpus = make_corpus(tmp_path)
     cfg = GenerateConfig(**EXTRACTIVE)
     with disable_run_logger():
-        fp = generate_task.fn(cfg, str(tmp_path), corpus.fingerprint, "ignored", shard_size=4)
+        fp = generate_task.fn(generate_inputs(cfg, str(tmp_path), corpus, "ignored", shard_size=4))
     assert fp == generate_fingerprint(cfg, corpus.fingerprint, "") == store.require("queries").fingerprint
-    params = {"cfg": cfg, "corpus_fp": corpus.fingerprint, "generator": "x", "run_dir": str(tmp_path)}
+    params = {"inputs": generate_inputs(cfg, str(tmp_path), corpus, "x")}
     assert generate_task.cache_policy.compute_key(None, params, {}) == f"gplflow-queries-{fp}"  # the artifact is valid
-    with pytest.raises(FileNotFoundError, match="run ingest first"):
-        generate_task.fn(cfg, str(tmp_path), "not-the-corpus", "", shard_size=4)
+    with pytest.raises(FileNotFoundError, match="the stage that makes it must run first"):
+        generate_task.fn(generate_inputs(cfg, str(tmp_path), "not-the-corpus", "", shard_size=4))
     assert gen.STAGE == "queries"

@@ -7,13 +7,15 @@ import math
 
 import pyarrow as pa
 import pytest
+import stage_calls
 from artifact_rows import write_artifact
+from stage_calls import run_evaluate
 
 from gplflow.adapters import metrics
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
 from gplflow.tasks import promote, split
-from gplflow.tasks.evaluate import EvaluateConfig, heldout_eval_set, read_metrics, run_evaluate
+from gplflow.tasks.evaluate import EvaluateConfig, heldout_eval_set, read_metrics
 
 PASSAGES = {
     "bees": "Honey bees make honey by collecting flower nectar and evaporating it inside the hive.",
@@ -41,25 +43,26 @@ def test_split_holds_out_whole_passages_up_to_the_fraction_and_cap(tmp_path):
     store = ArtifactStore(tmp_path / "run")
     queries = _queries(store, _generated(100, 3))  # 300 queries, 3 per passage
     cfg = EvaluateConfig(heldout_fraction=0.1, heldout_seed=5)
-    found = split.run_split(cfg, store, queries)
+    found = stage_calls.run_split(cfg, store, queries)
     held, train = (found[s].read_pandas() for s in (split.HELDOUT, split.TRAIN))
     assert len(held) == 30 and len(train) == 270  # floor(0.1 x 300), 10 whole passages
     assert set(held["doc_id"]).isdisjoint(train["doc_id"])  # every query of a held-out passage is held out
     assert sorted([*held["query_id"], *train["query_id"]]) == sorted(q for q, _, _ in _generated(100, 3))
     assert found[split.HELDOUT].counters["passages"] == 10
 
-    capped = split.run_split(EvaluateConfig(heldout_fraction=0.1, heldout_max=7, heldout_seed=5), store, queries)
+    capped = stage_calls.run_split(EvaluateConfig(heldout_fraction=0.1, heldout_max=7, heldout_seed=5), store, queries)
     assert capped[split.HELDOUT].rows == 6  # at most 7: two passages of 3; a third would exceed the cap
-    other = split.run_split(EvaluateConfig(heldout_fraction=0.1, heldout_seed=6), store, queries)
+    other = stage_calls.run_split(EvaluateConfig(heldout_fraction=0.1, heldout_seed=6), store, queries)
     assert set(other[split.HELDOUT].read_pandas()["doc_id"]) != set(held["doc_id"])  # the seed draws
 
 
 def test_split_fingerprint_ignores_the_other_evaluate_keys(tmp_path):
     cfg = EvaluateConfig()
-    assert split.split_fingerprints(cfg, "q1") == split.split_fingerprints(
+    assert stage_calls.split_fingerprints(cfg, "q1") == stage_calls.split_fingerprints(
         EvaluateConfig(batch_size=3, qrels="x.tsv", promote="always", min_gain=0.1), "q1")
-    assert split.split_fingerprints(cfg, "q1") != split.split_fingerprints(EvaluateConfig(heldout_seed=1), "q1")
-    assert split.split_fingerprints(cfg, "q1") != split.split_fingerprints(cfg, "q2")
+    assert stage_calls.split_fingerprints(cfg, "q1") != stage_calls.split_fingerprints(
+        EvaluateConfig(heldout_seed=1), "q1")
+    assert stage_calls.split_fingerprints(cfg, "q1") != stage_calls.split_fingerprints(cfg, "q2")
     assert not split.active(EvaluateConfig(heldout_fraction=0)) and not split.active(EvaluateConfig(heldout_max=0))
 
 
@@ -83,7 +86,7 @@ def test_run_evaluate_on_heldout_queries_only(tmp_path):
     corpus = _corpus(store)
     rows = [("bees-q0", "bees", "how do bees make honey"), ("moon-q0", "moon", "how long does the moon take to orbit"),
             ("piano-q0", "piano", "how many keys does a grand piano have")]
-    found = split.run_split(EvaluateConfig(heldout_fraction=0.5), store,
+    found = stage_calls.run_split(EvaluateConfig(heldout_fraction=0.5), store,
                             _queries(store, [*rows, ("tea-q0", "tea", "green tea leaves")]))
     heldout = found[split.HELDOUT]
     assert heldout.rows == 2 and set(heldout.read_pandas()["doc_id"]) <= set(PASSAGES)

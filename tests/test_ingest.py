@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -145,3 +146,41 @@ def test_reingest_same_content_is_reused(tmp_path: Path) -> None:
     changed = ArtifactStore(tmp_path / "run").require("corpus")
     assert changed.fingerprint != first["fingerprint"]
     assert changed.read_table().column("text").to_pylist() == ["y"]
+
+
+def test_cli_ingest_then_a_config_naming_the_same_folder_reuses_the_corpus(tmp_path: Path, monkeypatch) -> None:
+    """The CLI takes the path as typed ('docs'), a config makes it absolute: the same corpus all the same."""
+    from gplflow.flows.config import PipelineConfig
+    from gplflow.tasks.base import reuse
+    from gplflow.tasks.ingest import IngestInputs, ingest_fingerprint, run_ingest
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, _, text in DOCS:
+        (docs / name).write_text(text, encoding="utf-8")
+    (tmp_path / "my.yaml").write_text("name: mine\ncorpus:\n  path: docs\n")
+    monkeypatch.chdir(tmp_path)
+    assert _ingest(Path("docs"), Path("runs/mine")).exit_code == 0
+    store = ArtifactStore("runs/mine")
+    published = store.read_manifest("corpus")
+    cfg = PipelineConfig.load(tmp_path / "my.yaml").corpus
+    assert cfg.path == str(docs)  # absolute, unlike the CLI's
+    assert reuse(store, "corpus", ingest_fingerprint(cfg)) is not None
+    again = run_ingest(IngestInputs(run_dir="runs/mine", cfg=cfg))
+    assert again.manifest["timings"] == published["timings"]  # not ingested again
+    assert published["config"]["format"] == "textdir"  # what was detected is what the fingerprint holds
+
+
+def test_a_settings_change_is_logged_once_in_words(tmp_path: Path, caplog) -> None:
+    from gplflow.tasks.ingest import IngestConfig, IngestInputs, run_ingest
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"_id": "a", "text": "bees", "body": "wax"}\n')
+    run_dir = str(tmp_path / "run")
+    run_ingest(IngestInputs(run_dir=run_dir, cfg=IngestConfig(path=str(src))))
+    with caplog.at_level("INFO", logger="gplflow"):
+        again = run_ingest(IngestInputs(run_dir=run_dir, cfg=IngestConfig(path=str(src), text_field="body")))
+    assert again.read_table().column("text").to_pylist() == ["wax"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert [m for m in lines if m.startswith("corpus: ")] == ["corpus: settings changed (text_field), recomputing"]
+    assert not [m for m in lines if "fingerprint" in m and "!=" in m]  # no raw fingerprint mismatch dump

@@ -13,19 +13,14 @@ import pytest
 import torch
 from artifact_rows import write_artifact
 from sentence_transformers import CrossEncoder, SentenceTransformer
+from stage_calls import label_fingerprint, run_label
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gplflow.adapters import models
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.text import passage_text
 from gplflow.adapters.tiny_models import build_tiny_models
-from gplflow.tasks.label import (
-    LabelConfig,
-    draw_triples,
-    label_fingerprint,
-    resolve_triples,
-    run_label,
-)
+from gplflow.tasks.label import LabelConfig, draw_triples, resolve_triples
 from gplflow.tasks.label_diagnostics import label_diagnostics
 
 CORPUS = [
@@ -246,7 +241,7 @@ def test_a_published_label_is_reused_without_scoring(tmp_path, tiny, monkeypatch
 
 
 def test_bad_inputs_fail_with_a_message_and_publish_nothing(tmp_path, tiny):
-    with pytest.raises(ValueError, match="n_triples must be a positive integer"):
+    with pytest.raises(ValueError, match=r"triples\n  Input should be greater than 0"):
         _label(tmp_path / "a", tiny.cross_encoder, 0)
     with pytest.raises(ValueError, match="negative doc_id d99 is not known"):
         _label(tmp_path / "b", tiny.cross_encoder, 4, negatives=[("q1", "dense", ["d2", "d99"])])

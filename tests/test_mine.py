@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from artifact_rows import write_artifact
+from stage_calls import mine_fingerprint, run_mine
 
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks.mine import MineConfig, mine_fingerprint, run_mine
+from gplflow.tasks.mine import MineConfig
 
 MINILM = str(packaged_minilm_path())
 TOPICS = {

@@ -11,14 +11,15 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import losses
+from stage_calls import run_pairs, run_train_pairs
 
 from gplflow.adapters.corpus_readers import CorpusError
 from gplflow.adapters.pair_readers import iter_pairs
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.flows.config import ConfigError, PipelineConfig
-from gplflow.tasks.pairs import PairsConfig, run_pairs
-from gplflow.tasks.train import TrainConfig, run_train_pairs
+from gplflow.tasks.pairs import PairsConfig
+from gplflow.tasks.train import TrainConfig
 
 DEMO_PAIRS = Path(__file__).resolve().parents[1] / "data" / "demo" / "pairs.tsv"
 SCORED = [

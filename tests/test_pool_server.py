@@ -19,16 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import stage_calls
 from prefect_server import ProcessGroup, prefect_command, running_prefect_server
+from stage_calls import run_generate, run_ingest, run_label, run_mine
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 from gplflow.flows.config import PipelineConfig
 from gplflow.tasks import split
-from gplflow.tasks.generate import run_generate
-from gplflow.tasks.ingest import run_ingest
-from gplflow.tasks.label import resolve_triples, run_label
-from gplflow.tasks.mine import run_mine
+from gplflow.tasks.label import resolve_triples
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
 
@@ -78,7 +77,7 @@ def _local_stages(cfg: PipelineConfig, root: Path) -> ArtifactStore:
     size = cfg.execution.shard_size
     queries = run_generate(cfg.generate, store, corpus, "", size)
     if split.active(cfg.evaluate):  # as the pipeline: mining and labelling see only the training queries
-        queries = split.run_split(cfg.evaluate, store, queries)[split.TRAIN]
+        queries = stage_calls.run_split(cfg.evaluate, store, queries)[split.TRAIN]
     negatives = run_mine(cfg.mine, store, corpus, queries, [], size)
     texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
     tiny = build_tiny_models(texts, default_cache_dir(), seed=cfg.models.tiny_seed)

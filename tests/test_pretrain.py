@@ -14,6 +14,7 @@ from artifact_rows import write_artifact
 from prefect.logging import disable_run_logger
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
+from stage_calls import pretrain_fingerprint, pretrain_inputs, run_pretrain
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
 from gplflow.adapters import pretraining
@@ -21,7 +22,7 @@ from gplflow.adapters.corpus_readers import iter_documents
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import TinyModels, build_tiny_models
 from gplflow.tasks import progress as progress_module
-from gplflow.tasks.pretrain import PretrainConfig, pretrain_fingerprint, pretrain_task, run_pretrain
+from gplflow.tasks.pretrain import PretrainConfig, pretrain_task
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "data" / "demo" / "corpus.jsonl"
 # Fast settings for the tiny model: a high learning rate so a few dozen steps visibly lower the loss.
@@ -214,13 +215,13 @@ def test_pretrain_task_reports_progress(tmp_path, passages, tiny, monkeypatch):
                         lambda artifact_id, progress: updates.append((artifact_id, progress)))
     cfg = PretrainConfig(method="mlm", **{**FAST, "steps": 4, "log_every": 2})
     with disable_run_logger():
-        fp = pretrain_task.fn(cfg, str(tmp_path), corpus.fingerprint, str(tiny.bi_encoder))
-        with pytest.raises(FileNotFoundError, match="run ingest first"):
-            pretrain_task.fn(cfg, str(tmp_path), "not-the-corpus", str(tiny.bi_encoder))
+        fp = pretrain_task.fn(pretrain_inputs(cfg, str(tmp_path), corpus, str(tiny.bi_encoder)))
+        with pytest.raises(FileNotFoundError, match="the stage that makes it must run first"):
+            pretrain_task.fn(pretrain_inputs(cfg, str(tmp_path), "not-the-corpus", str(tiny.bi_encoder)))
     assert fp == store.require("pretrain").fingerprint == pretrain_fingerprint(cfg, corpus.fingerprint,
                                                                                str(tiny.bi_encoder))
     assert updates == [("id1", 50.0), ("id1", 100.0)]  # at most every 5 %; 100 % once
-    params = {"cfg": cfg, "corpus_fp": corpus.fingerprint, "base_model": str(tiny.bi_encoder), "run_dir": str(tmp_path)}
+    params = {"inputs": pretrain_inputs(cfg, str(tmp_path), corpus, str(tiny.bi_encoder))}
     assert pretrain_task.cache_policy.compute_key(None, params, {}) == f"gplflow-pretrain-{fp}"
 
 

@@ -465,7 +465,9 @@ def _numeric_keys(model, prefix: str = "") -> set[str]:
 
 @pytest.mark.parametrize("manifest", ["[]", "3", '"x"', '{"fingerprint": 1, "files": {}}', '{"files": {"a": 1}}'])
 def test_rerun_recomputes_a_stage_whose_manifest_is_not_one(tmp_path: Path, manifest: str) -> None:
-    from gplflow.tasks.ingest import IngestConfig, run_ingest
+    from stage_calls import run_ingest
+
+    from gplflow.tasks.ingest import IngestConfig
 
     cfg = IngestConfig(path=str(_write(tmp_path / "docs.jsonl", '{"_id": "a", "text": "bees"}\n')))
     store = ArtifactStore(tmp_path / "run")
@@ -688,7 +690,8 @@ _LIMITED_TRAIN = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks.train import TrainConfig, run_train
+from gplflow.tasks.train import TrainConfig
+from stage_calls import run_train
 store = ArtifactStore(sys.argv[1])
 corpus, queries = store.require("corpus"), store.require("queries")
 cfg = TrainConfig(loss="mnrl", steps=4, batch_size=4, checkpoint_every=2, max_seq_length=32, warmup_steps=0)

@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from artifact_rows import write_artifact
+from stage_calls import GenerateJob, LabelJob, MineJob, run_generate, run_label, run_mine, run_train
 from transformers import TrainerCallback
 
 from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.flows.status import stage_status
-from gplflow.tasks import generate, train
-from gplflow.tasks.generate import GenerateConfig, GenerateJob, run_generate
-from gplflow.tasks.label import LabelConfig, LabelJob, run_label
-from gplflow.tasks.mine import MineConfig, MineJob, run_mine
+from gplflow.tasks import generate, label, mine, train
+from gplflow.tasks.generate import GenerateConfig
+from gplflow.tasks.label import LabelConfig
+from gplflow.tasks.mine import MineConfig
 
 DOCS = [
     ("d0", "Volcanoes", "Lava flows from the crater when a volcano erupts. Ash covers the valley."),
@@ -68,7 +69,9 @@ def stalling(self, k, shard, progress):
 
 gen.GenerateJob._run = stalling
 store = ArtifactStore(run_dir)
-gen.run_generate(gen.GenerateConfig(**json.loads(cfg)), store, store.require("corpus"), generator, int(shard_size))
+gen.run_generate(gen.GenerateInputs(run_dir=run_dir, cfg=gen.GenerateConfig(**json.loads(cfg)),
+                                    corpus=store.require("corpus").ref, generator=generator,
+                                    shard_size=int(shard_size)))
 """
 
 
@@ -137,7 +140,7 @@ def test_generate_killed_mid_stage_resumes_only_unfinished_shards(tmp_path, tiny
     assert (status.state, status.shards, status.rerun) == ("partial", "2 of 5",
                                                            "resume: compute the other 3 shards, then publish")
 
-    ran = _spy(monkeypatch, GenerateJob, "_run")
+    ran = _spy(monkeypatch, generate.GenerateJob, "_run")
     resumed = run_generate(cfg, store, store.require("corpus"), generator, SHARD_SIZE)
     assert ran == [2, 3, 4]
     assert _shard_pids(resumed) == [child.pid] * 2 + [os.getpid()] * 3
@@ -159,7 +162,7 @@ def test_generate_recomputes_a_shard_whose_file_changed(tmp_path, monkeypatch):
         job.run_shard(k)
     with store.fs.open(job.staging.file(1, "parquet"), "ab") as fh:
         fh.write(b"garbage")
-    ran = _spy(monkeypatch, GenerateJob, "_run")
+    ran = _spy(monkeypatch, generate.GenerateJob, "_run")
     artifact = run_generate(cfg, store, store.require("corpus"), "", SHARD_SIZE)
     assert ran == [1]
     fresh = _corpus(tmp_path / "fresh")
@@ -172,7 +175,7 @@ def test_generate_with_another_shard_size_starts_over(tmp_path, monkeypatch):
     old = GenerateJob(cfg, store, store.require("corpus"), "", SHARD_SIZE)
     old.prepare()
     old.run_shard(0)
-    ran = _spy(monkeypatch, GenerateJob, "_run")
+    ran = _spy(monkeypatch, generate.GenerateJob, "_run")
     run_generate(cfg, store, store.require("corpus"), "", 5)
     assert ran == [0, 1, 2]
 
@@ -200,7 +203,7 @@ def test_mine_resumes_corpus_encoding_from_staged_embeddings(tmp_path, tiny, mon
         job.run_shard(k)
     assert job.staging.read_array(5).shape[0] == 4
 
-    ran = _spy(monkeypatch, MineJob, "run_shard")
+    ran = _spy(monkeypatch, mine.MineJob, "run_shard")
     resumed = run_mine(cfg, store, store.require("corpus"), store.require("queries"), retrievers, 4)
     assert ran == [2, 3, 4, 6, 7]
     assert [s["rows"] for s in resumed.manifest["shards"]["shards"]] == [4, 4, 4, 2] * 2
@@ -227,7 +230,7 @@ def test_label_resumes_and_scores_each_pair_once(tmp_path, tiny, monkeypatch):
     job.run_shard(0)
     job.run_shard(n - 1)
 
-    ran = _spy(monkeypatch, LabelJob, "run_shard")
+    ran = _spy(monkeypatch, label.LabelJob, "run_shard")
     resumed = run_label(cfg, store, store.require("corpus"), queries, negatives, teacher, 40, shard_size=16)
     assert ran == list(range(1, n - 1))
     assert resumed.counters["scored_pairs"] == resumed.counters["distinct_pairs"] == len(job.draw.keys)
@@ -246,7 +249,7 @@ import sys, time
 import torch
 from transformers import TrainerCallback
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks.train import TrainConfig, run_train
+from gplflow.tasks.train import TrainConfig, TrainInputs, run_train
 
 run_dir, base, stall_at = sys.argv[1:4]
 torch.set_num_threads(1)
@@ -258,7 +261,9 @@ class Stall(TrainerCallback):
 
 store = ArtifactStore(run_dir)
 cfg = TrainConfig(loss="mnrl", steps=4, checkpoint_every=2, batch_size=4, max_seq_length=32, seed=3)
-run_train(cfg, store, base, store.require("corpus"), store.require("queries"), None, callbacks=[Stall()])
+inputs = TrainInputs(run_dir=run_dir, cfg=cfg, base_model=base, corpus=store.require("corpus").ref,
+                     queries=store.require("queries").ref)
+run_train(inputs, callbacks=[Stall()])
 """
 
 
@@ -290,8 +295,8 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_configured_steps(tmp_
 
     cfg = train.TrainConfig(loss="mnrl", steps=4, checkpoint_every=2, batch_size=4, max_seq_length=32, seed=3)
     steps = _Steps()
-    model = train.run_train(cfg, store, str(tiny.bi_encoder), store.require("corpus"), store.require("queries"),
-                            None, callbacks=[steps])
+    model = run_train(cfg, store, str(tiny.bi_encoder), store.require("corpus"), store.require("queries"), None,
+                      callbacks=[steps])
     info = model.manifest["train"]
     assert steps.steps == [3, 4]  # only the steps after the checkpoint; not one more than configured
     assert (info["steps"], info["resumed_from_step"]) == (4, 2)

@@ -11,12 +11,13 @@ import torch
 from artifact_rows import write_artifact
 from sentence_transformers import SentenceTransformer, util
 from sentence_transformers.sentence_transformer import losses
+from stage_calls import run_train, train_fingerprint
 from transformers import TrainerCallback
 
 from gplflow.adapters import trainer as st_trainer
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
-from gplflow.tasks.train import TrainConfig, run_train, train_fingerprint
+from gplflow.tasks.train import TrainConfig
 
 PASSAGES = [
     ("d0", "Volcanoes", "Lava flows from the crater when a volcano erupts and ash covers the valley."),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from artifact_rows import write_artifact
+from stage_calls import run_generate, run_ingest
 from typer.testing import CliRunner
 
 from gplflow.adapters import staging as staging_module
@@ -21,8 +22,8 @@ from gplflow.adapters.staging import ShardStaging
 from gplflow.adapters.store import ArtifactStore, content_signature, forget_digests
 from gplflow.flows.cli import app
 from gplflow.flows.status import stage_status
-from gplflow.tasks.generate import GenerateConfig, run_generate
-from gplflow.tasks.ingest import IngestConfig, run_ingest
+from gplflow.tasks.generate import GenerateConfig
+from gplflow.tasks.ingest import IngestConfig
 
 SCHEMA = pa.schema([("doc_id", pa.string())])
 HOUR_AGO = time.time() - 3600
