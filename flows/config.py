@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from gplflow.adapters.errors import InputError
 from gplflow.flows.stages import sections
@@ -93,7 +93,7 @@ class PipelineConfig(_Frozen):
     import_: ImportConfig = Field(default=ImportConfig(), alias="import")
     # the sections of stages that declare their own (flows/stages.py ``Stage.section``), by key; each is read,
     # written and validated like the sections above (``cfg.section(key)``)
-    extra_sections: dict[str, StageConfig] = Field(default_factory=dict)
+    extra_sections: dict[str, SerializeAsAny[StageConfig]] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -212,11 +212,19 @@ class PipelineConfig(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", by_alias=True)
-        return {**data, **data.pop("extra_sections")}
+        return {**data, **data.pop("extra_sections")}  # a declared section is a top-level key, as in the file
 
     def section(self, key: str) -> StageConfig:
         """A stage's config section by its key (``label``, or a section a registry stage declares)."""
         return getattr(self, key) if key in type(self).model_fields else self.extra_sections[key]
+
+    def value(self, key: str) -> Any:
+        """A setting by its dotted key (``pretrain.method``, ``wordcounts.min_length``)."""
+        first, *rest = key.split(".")
+        found: Any = self.extra_sections[first] if first in self.extra_sections else getattr(self, first)
+        for part in rest:
+            found = getattr(found, part)
+        return found
 
     # Derived values: computed here once, read by the pipeline, the shard flow, the report and the checks.
 

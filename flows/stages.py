@@ -49,13 +49,7 @@ def setting(key: str, op: str, value: Any) -> When:
     """``setting("pretrain.method", "!=", "none")``: a config value compared, said as "pretrain.method is not none"."""
     compare, words = {"==": (operator.eq, "is"), "!=": (operator.ne, "is not"), ">": (operator.gt, ">")}[op]
 
-    def test(run: Run) -> bool:
-        found: Any = run.cfg
-        for part in key.split("."):
-            found = getattr(found, part) if not isinstance(found, dict) else found[part]
-        return compare(found, value)
-
-    return When(test, f"{key} {words} {value}")
+    return When(lambda run: compare(run.cfg.value(key), value), f"{key} {words} {value}")
 
 
 def flow_in(*flows: str) -> When:
