@@ -92,15 +92,29 @@ def ingest(
                                              "instead of failing.")] = False,
 ) -> None:
     """Read a corpus into the corpus/ artifact (doc_id, title, text), validated and whitespace-normalised."""
-    from gplflow.tasks.ingest import IngestConfig, run_ingest
+    from gplflow.tasks.ingest import IngestConfig, IngestInputs, run_ingest
 
-    with user_errors():
+    with user_errors(), _removed_if_left_empty(run_dir):
         cfg = IngestConfig(path=src, format=fmt, id_field=id_field, title_field=title_field or None,
                            text_field=text_field, skip_empty=skip_empty)
-        artifact = run_ingest(cfg, ArtifactStore(run_dir))
+        artifact = run_ingest(IngestInputs(run_dir=run_dir, cfg=cfg))
     dropped = artifact.counters.get("empty_text", 0)
     console.print(f"corpus: {artifact.rows} documents → {artifact.url}" + (f" ({dropped} empty dropped)"
                                                                           if dropped else ""))
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(run_dir: str) -> Iterator[None]:
+    """A local run directory this command creates is removed again when the block fails and leaves it empty."""
+    store = ArtifactStore(run_dir)
+    path = Path(store.root) if store.is_local else None
+    new = path is not None and not path.exists()
+    try:
+        yield
+    except BaseException:
+        if new and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 @app.command()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gplflow.adapters.store import ArtifactStore
-from gplflow.flows.stages import artifact_names, made_by
+from gplflow.flows.stages import artifact_names, made_by, models_used, planned
 from gplflow.tasks.evaluation_table import (
     SIGNIFICANCE_COLUMNS,
     judged_note,
@@ -24,6 +24,7 @@ from gplflow.tasks.evaluation_table import (
     ordered_models,
     significance_rows,
 )
+from gplflow.tasks.progress import artifact_key  # one rule for every key, in the tasks and the flows
 
 if TYPE_CHECKING:  # the config imports every stage (torch); the report's stage rows need none of it
     from gplflow.flows.config import PipelineConfig
@@ -33,67 +34,22 @@ logger = logging.getLogger(__name__)
 SAMPLE_QUERIES = 6
 
 
-def artifact_key(*parts: str) -> str:
-    """A valid Prefect artifact key (lowercase letters, digits, dashes) made of ``parts``."""
-    key = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
-    return key or "gplflow"
-
-
 def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
-    """The settings that shape a run, one line per stage (only the stages this run uses)."""
-    g, t, p = cfg.generate, cfg.train, cfg.pretrain
+    """The settings that shape a run: the flow, then one line per stage this run computes (each stage writes its
+    own), then how it executes."""
+    t = cfg.train
     rows = [("flow", f"{cfg.flow}, loss {t.loss}" + (f", profile {cfg.profile}" if cfg.profile != "default" else ""))]
-    if cfg.corpus is not None:
-        rows.append(("corpus", f"`{cfg.corpus.path}`" + (f" ({cfg.corpus.format})" if cfg.corpus.format else "")))
     if cfg.import_.gpl_dir:
         rows.append(("import", f"UKPLab gpl folder `{cfg.import_.gpl_dir}`"))
-    if cfg.pairs is not None:
-        rows.append(("pairs", f"{cfg.pairs.kind} pairs `{cfg.pairs.path}`"
-                              + (f" (scores in [0, {cfg.pairs.score_max:g}])" if cfg.pairs.kind == "scored" else "")))
-    if cfg.pretrain.method != "none":
-        rows.append(("pretrain", f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"))
-    if cfg.uses_queries:
-        rows.append(("generate", f"{g.method}, queries per passage: {g.queries_per_passage}, seed {g.seed}"))
-    if cfg.is_gpl:
-        m, lb = cfg.mine, cfg.label
-        bm25 = ", and BM25" if m.bm25 else ""
-        rows.append(("mine", f"{m.negatives_per_query} negatives per query from each retriever{bm25}"))
-        n = cfg.n_triples
-        rows.append(("label", f"{n} triples ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"))
-    if cfg.flow == "augmented_sbert":
-        a, c = cfg.augment, cfg.augment.cross_encoder
-        length = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
-        rows.append(("augment", f"cross-encoder: {length} of batch {c.batch_size}, lr {c.learning_rate:g}, seed "
-                                f"{c.seed}; silver: {a.silver_pairs or f'{a.silver_per_gold} per gold pair'}, "
-                                f"top {a.top_k} {a.sampling} neighbours, pool: gold sentences + up to "
-                                f"{a.corpus_passages} passages, seed {a.seed}"))
-    rows.append(("train", f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, "
-                          f"max length {t.max_seq_length}, seed {t.seed}"))
-    e = cfg.evaluate
-    held = (f"{e.heldout_fraction:.0%} of the queries held out (at most {e.heldout_max}, seed {e.heldout_seed})"
-            if e.heldout_fraction > 0 and e.heldout_max > 0 else "no held-out queries")
-    rows.append(("evaluate", (f"qrels `{e.qrels}`" if e.qrels else "no qrels") + f"; {held}; promote {e.promote}"
-                 + (f" (min gain {e.min_gain:g})" if e.promote != "always" else "")))
+    rows += [(stage.name, stage.settings(cfg)) for stage in planned(cfg) if stage.settings is not None
+             and not (stage.name == "ingest" and cfg.corpus is None)]
     rows.append(("execution", f"{cfg.execution.mode}, shards of {cfg.execution.shard_size}"))
     return rows
 
 
 def model_rows(cfg: PipelineConfig, resolved: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(role, as configured, what it resolved to) for each model this run uses."""
-    m = cfg.models
-    rows = []
-    if cfg.generate.method == "t5" and cfg.uses_queries:
-        rows.append(("query generator", m.generator, resolved.get("generator", "")))
-    if cfg.is_gpl:
-        for ref, (path, score) in zip(m.retrievers, resolved.get("retrievers", []), strict=False):
-            rows.append((f"miner ({score})", ref.name, path))
-        kind = cfg.label.teacher.replace("_", "-")
-        rows.append((f"teacher ({kind})", cfg.teacher_ref, resolved.get(cfg.teacher_slot, "")))
-    if cfg.flow == "augmented_sbert":
-        rows.append(("cross-encoder (trained from)", m.cross_encoder, resolved.get("cross_encoder", "")))
-    layers = f", its first {m.base_layers} layer{'s' if m.base_layers > 1 else ''}" if m.base_layers else ""
-    rows.append((f"base (student{layers})", m.base, resolved.get("base", "")))
-    return rows
+    return [(use.role, use.ref, use.resolved(resolved)) for use in models_used(cfg)]
 
 
 def stage_rows(store: ArtifactStore, run_started: float | None = None) -> list[dict[str, Any]]:

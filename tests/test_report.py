@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from artifact_rows import write_artifact
+from stage_calls import GenerateJob, run_generate
 
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows import pipeline
@@ -15,7 +16,7 @@ from gplflow.flows import report as report_module
 from gplflow.flows.config import PipelineConfig
 from gplflow.flows.report import artifact_key, metrics_markdown, report_markdown, sample_queries, stage_rows
 from gplflow.tasks import progress as progress_module
-from gplflow.tasks.generate import GenerateConfig, GenerateJob, run_generate
+from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.progress import ProgressArtifact
 from gplflow.tasks.train import progress_callback
 
