@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,13 +170,12 @@ class PipelineConfig(_Frozen):
     def load(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
         """Read a YAML file (relative paths in it are taken from the file's folder), then apply overrides.
 
-        Loaded and validated once per process for a given file version and overrides (the CLI, the flow and the
+        Loaded and validated once per process for given file contents and overrides (the CLI, the flow and the
         flow-run name all ask for it): the same frozen object comes back while the file is unchanged.
         """
         version = None
         if path is not None and (found := Path(path)).is_file():
-            stat = found.stat()
-            version = (str(found.resolve()), stat.st_mtime_ns, stat.st_size)
+            version = (str(found.resolve()), hashlib.sha256(found.read_bytes()).hexdigest())
         return _load(cls, str(path) if path is not None else None, version, tuple(overrides),
                      tuple(sorted(sections().items(), key=lambda item: item[0])))
 
@@ -260,7 +260,7 @@ class PipelineConfig(_Frozen):
 
 
 @functools.lru_cache(maxsize=32)
-def _load(cls: type[PipelineConfig], path: str | None, version: tuple[str, int, int] | None,
+def _load(cls: type[PipelineConfig], path: str | None, version: tuple[str, str] | None,
           overrides: tuple[str, ...], declared: tuple[tuple[str, type], ...]) -> PipelineConfig:
     """``PipelineConfig.load`` per (file version, overrides, the sections stages declare: a stage registered
     later changes what a config holds)."""

@@ -129,7 +129,7 @@ class LabelJob(ShardJob):
 
     def __init__(self, inputs: LabelInputs):
         super().__init__(inputs, inputs.shard_size)
-        self.cfg, self.teacher = inputs.cfg, inputs.teacher
+        self.cfg = inputs.cfg
         self.corpus = inputs.load(inputs.corpus)
         self._sources = (inputs.load(inputs.queries), inputs.load(inputs.negatives), inputs.triples)
         self._draw: _Draw | None = None
@@ -165,9 +165,10 @@ class LabelJob(ShardJob):
         pair_q, pair_d = keys // n_docs, keys % n_docs
         used_docs = np.unique(pair_d)
         if self._scorer is None:
-            self._scorer = scoring.load_scorer(self.cfg.teacher, self.teacher, max_seq_length=self.cfg.max_seq_length,
-                                       batch_size=self.cfg.batch_size, normalize=self.cfg.bi_encoder_score == "cos_sim")
-        logger.info("label shard %d: scoring %d distinct pairs with %s", k, len(keys), self.teacher)
+            cfg = self.cfg
+            self._scorer = scoring.load_scorer(cfg.teacher, self.inputs.teacher, max_seq_length=cfg.max_seq_length,
+                                               batch_size=cfg.batch_size, normalize=cfg.bi_encoder_score == "cos_sim")
+        logger.info("label shard %d: scoring %d distinct pairs with %s", k, len(keys), self.inputs.teacher)
         scores = self._scorer.score(draw.pool.query_texts, _passages(self.corpus, used_docs), pair_q,
                                     np.searchsorted(used_docs, pair_d))
         table = pa.table({"query_id": draw.pool.query_ids.take(pa.array(pair_q)),
@@ -192,7 +193,7 @@ class LabelJob(ShardJob):
             out.count("cycled_queries", int(np.count_nonzero(counts > sizes)))
             out.count("distinct_pairs", len(draw.keys))
             out.count("scored_pairs", sum_counters(records).get("scored_pairs", 0))
-            out.extra["teacher"] = {"kind": self.cfg.teacher, "ref": self.teacher}
+            out.extra["teacher"] = {"kind": self.cfg.teacher, "ref": self.inputs.teacher}
             out.extra["diagnostics"] = diagnostics = label_diagnostics(tq, pos_score, neg_score)
             out.extra["shards"] = self.shard_summary(records)
         self.staging.remove()

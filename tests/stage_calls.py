@@ -22,6 +22,16 @@ def _ref(name: str, fp: str) -> Ref:
     return Ref(name, fp)
 
 
+def _in(run_dir: str, name: str, found: Artifact | str | None) -> Ref | None:
+    """An input as a ``Ref`` of ``run_dir``: a fingerprint as it is, an artifact of another run directory copied
+    in first (a stage reads its inputs from its own run directory)."""
+    if found is None or isinstance(found, str):
+        return None if found is None else _ref(name, found)
+    if run_dir and found.store.root_url != run_dir:
+        ArtifactStore(run_dir).adopt(found)
+    return found.ref
+
+
 # --- ingest, pairs, split -------------------------------------------------------------------------------------
 
 def run_ingest(cfg: ingest.IngestConfig, store: ArtifactStore) -> Artifact:
@@ -33,9 +43,8 @@ def run_pairs(cfg: pairs.PairsConfig, store: ArtifactStore) -> Artifact:
 
 
 def split_inputs(cfg: evaluate.EvaluateConfig, store: ArtifactStore | str, queries: Artifact | str) -> Any:
-    fp = queries if isinstance(queries, str) else queries.fingerprint
     run_dir = store if isinstance(store, str) else _run_dir(store)
-    return split.SplitInputs(run_dir=run_dir, cfg=cfg, queries=_ref("queries", fp))
+    return split.SplitInputs(run_dir=run_dir, cfg=cfg, queries=_in(run_dir, "queries", queries))
 
 
 def run_split(cfg: evaluate.EvaluateConfig, store: ArtifactStore, queries: Artifact) -> dict[str, Artifact]:
@@ -50,9 +59,8 @@ def split_fingerprints(cfg: evaluate.EvaluateConfig, queries_fp: str) -> dict[st
 
 def generate_inputs(cfg: generate.GenerateConfig, store: ArtifactStore | str, corpus: Artifact | str,
                     generator: str = "", shard_size: int = generate.DEFAULT_SHARD_SIZE) -> generate.GenerateInputs:
-    fp = corpus if isinstance(corpus, str) else corpus.fingerprint
     run_dir = store if isinstance(store, str) else _run_dir(store)
-    return generate.GenerateInputs(run_dir=run_dir, cfg=cfg, corpus=_ref("corpus", fp), generator=generator,
+    return generate.GenerateInputs(run_dir=run_dir, cfg=cfg, corpus=_in(run_dir, "corpus", corpus), generator=generator,
                                    shard_size=shard_size)
 
 
@@ -73,9 +81,8 @@ def generate_fingerprint(cfg: generate.GenerateConfig, corpus_fp: str, generator
 def mine_inputs(cfg: mine.MineConfig, store: ArtifactStore | str, corpus: Artifact | str, queries: Artifact | str,
                 retrievers: Sequence[Sequence[str]], shard_size: int = mine.DEFAULT_SHARD_SIZE) -> mine.MineInputs:
     run_dir = store if isinstance(store, str) else _run_dir(store)
-    corpus_ref = _ref("corpus", corpus) if isinstance(corpus, str) else corpus.ref
-    queries_ref = _ref("queries", queries) if isinstance(queries, str) else queries.ref
-    return mine.MineInputs(run_dir=run_dir, cfg=cfg, corpus=corpus_ref, queries=queries_ref,
+    return mine.MineInputs(run_dir=run_dir, cfg=cfg, corpus=_in(run_dir, "corpus", corpus),
+                           queries=_in(run_dir, "queries", queries),
                            retrievers=tuple(tuple(r) for r in retrievers), shard_size=shard_size)
 
 
@@ -99,8 +106,7 @@ def label_inputs(cfg: label.LabelConfig, store: ArtifactStore | str, corpus: Art
                  queries: Artifact | str, negatives: Artifact | str, teacher: str, n_triples: int,
                  shard_size: int = label.DEFAULT_SHARD_SIZE) -> label.LabelInputs:
     run_dir = store if isinstance(store, str) else _run_dir(store)
-    refs = [_ref(name, a) if isinstance(a, str) else a.ref
-            for name, a in (("corpus", corpus), ("queries", queries), ("negatives", negatives))]
+    refs = [_in(run_dir, name, a) for name, a in (("corpus", corpus), ("queries", queries), ("negatives", negatives))]
     return label.LabelInputs(run_dir=run_dir, cfg=cfg, triples=n_triples, corpus=refs[0], queries=refs[1],
                              negatives=refs[2], teacher=teacher, shard_size=shard_size)
 
@@ -128,8 +134,8 @@ def label_fingerprint(cfg: label.LabelConfig, n_triples: int, corpus_fp: str, qu
 def pretrain_inputs(cfg: pretrain.PretrainConfig, store: ArtifactStore | str, corpus: Artifact | str,
                     base_model: str) -> pretrain.PretrainInputs:
     run_dir = store if isinstance(store, str) else _run_dir(store)
-    ref = _ref("corpus", corpus) if isinstance(corpus, str) else corpus.ref
-    return pretrain.PretrainInputs(run_dir=run_dir, cfg=cfg, corpus=ref, base_model=base_model)
+    return pretrain.PretrainInputs(run_dir=run_dir, cfg=cfg, corpus=_in(run_dir, "corpus", corpus),
+                                   base_model=base_model)
 
 
 def run_pretrain(cfg: pretrain.PretrainConfig, store: ArtifactStore, corpus: Artifact, base_model: str,
@@ -144,8 +150,7 @@ def pretrain_fingerprint(cfg: pretrain.PretrainConfig, corpus_fp: str, base_mode
 def train_inputs(cfg: train.TrainConfig, store: ArtifactStore | str, base_model: str, corpus: Artifact | str,
                  queries: Artifact | str, triples: Artifact | str | None) -> train.TrainInputs:
     run_dir = store if isinstance(store, str) else _run_dir(store)
-    refs = [None if a is None else _ref(name, a) if isinstance(a, str) else a.ref
-            for name, a in (("corpus", corpus), ("queries", queries), ("triples", triples))]
+    refs = [_in(run_dir, name, a) for name, a in (("corpus", corpus), ("queries", queries), ("triples", triples))]
     return train.TrainInputs(run_dir=run_dir, cfg=cfg, base_model=base_model, corpus=refs[0], queries=refs[1],
                              triples=refs[2])
 
@@ -162,28 +167,33 @@ def train_fingerprint(cfg: train.TrainConfig, base_model: str, data_fp: str, cor
 
 def run_train_pairs(cfg: train.TrainConfig, store: ArtifactStore, base_model: str, pairs: Artifact,
                     callbacks: Sequence[Any] = (), silver: Artifact | None = None) -> Artifact:
-    inputs = train.TrainPairsInputs(run_dir=_run_dir(store), cfg=cfg, base_model=base_model, pairs=pairs.ref,
-                                    silver=silver.ref if silver is not None else None)
+    run_dir = _run_dir(store)
+    inputs = train.TrainPairsInputs(run_dir=run_dir, cfg=cfg, base_model=base_model,
+                                    pairs=_in(run_dir, "pairs", pairs), silver=_in(run_dir, "silver", silver))
     return train.run_train_pairs(inputs, callbacks)
 
 
 # --- augmented SBERT ------------------------------------------------------------------------------------------
 
 def run_cross_encoder(cfg: augment.AugmentConfig, store: ArtifactStore, start: str, pairs: Artifact) -> Artifact:
-    return augment.run_cross_encoder(augment.CrossEncoderInputs(run_dir=_run_dir(store), cfg=cfg, start=start,
-                                                                pairs=pairs.ref))
+    run_dir = _run_dir(store)
+    return augment.run_cross_encoder(augment.CrossEncoderInputs(run_dir=run_dir, cfg=cfg, start=start,
+                                                                pairs=_in(run_dir, "pairs", pairs)))
 
 
 def run_sample(cfg: augment.AugmentConfig, store: ArtifactStore, corpus: Artifact, pairs: Artifact,
                bi_encoder: str) -> Artifact:
-    return augment.run_sample(augment.SampleInputs(run_dir=_run_dir(store), cfg=cfg, corpus=corpus.ref,
-                                                   pairs=pairs.ref, bi_encoder=bi_encoder))
+    run_dir = _run_dir(store)
+    return augment.run_sample(augment.SampleInputs(run_dir=run_dir, cfg=cfg, corpus=_in(run_dir, "corpus", corpus),
+                                                   pairs=_in(run_dir, "pairs", pairs), bi_encoder=bi_encoder))
 
 
 def run_silver(cfg: augment.AugmentConfig, store: ArtifactStore, candidates: Artifact,
                cross_encoder: Artifact) -> Artifact:
-    return augment.run_silver(augment.SilverInputs(run_dir=_run_dir(store), cfg=cfg, candidates=candidates.ref,
-                                                   cross_encoder=cross_encoder.ref))
+    run_dir = _run_dir(store)
+    return augment.run_silver(augment.SilverInputs(run_dir=run_dir, cfg=cfg,
+                                                   candidates=_in(run_dir, "silver-candidates", candidates),
+                                                   cross_encoder=_in(run_dir, "cross-encoder", cross_encoder)))
 
 
 # --- evaluate -----------------------------------------------------------------------------------------------
@@ -192,10 +202,9 @@ def evaluate_inputs(cfg: evaluate.EvaluateConfig, store: ArtifactStore | str, co
                     models: Mapping[str, str], adapted_fp: str | None = None, heldout: Artifact | str | None = None,
                     teacher: Any = None) -> evaluate.EvaluateInputs:
     run_dir = store if isinstance(store, str) else _run_dir(store)
-    corpus_ref = _ref("corpus", corpus) if isinstance(corpus, str) else corpus.ref
-    heldout_ref = None if heldout is None else _ref("heldout", heldout) if isinstance(heldout, str) else heldout.ref
-    return evaluate.EvaluateInputs(run_dir=run_dir, cfg=cfg, corpus=corpus_ref, models=dict(models),
-                                   adapted_fp=adapted_fp, heldout=heldout_ref, teacher=teacher)
+    return evaluate.EvaluateInputs(run_dir=run_dir, cfg=cfg, corpus=_in(run_dir, "corpus", corpus),
+                                   models=dict(models), adapted_fp=adapted_fp,
+                                   heldout=_in(run_dir, "heldout", heldout), teacher=teacher)
 
 
 def run_evaluate(cfg: evaluate.EvaluateConfig, store: ArtifactStore, corpus: Artifact, models: dict[str, str],

@@ -194,14 +194,14 @@ def test_the_plan_counts_the_augmented_stages(tmp_path):
                                                 "corpus_passages": 10},
                                     "train": {"steps": 5}})
     plan = {s.stage: s for s in make_plan(cfg, str(tmp_path / "run"), calibrate=False).stages}
-    assert list(plan) == ["train cross-encoder", "sample pairs", "label silver", "train on gold + silver"]
-    assert plan["train cross-encoder"].work == 2 * 3  # 2 epochs of ceil(40 / 16) steps
-    assert plan["label silver"].work == 4 * N_GOLD
-    assert plan["sample pairs"].work <= 2 * N_GOLD + 10
+    assert list(plan) == ["cross-encoder", "sample", "silver", "train-gold-silver"]
+    assert plan["cross-encoder"].work == 2 * 3  # 2 epochs of ceil(40 / 16) steps
+    assert plan["silver"].work == 4 * N_GOLD
+    assert plan["sample"].work <= 2 * N_GOLD + 10
     lines = pairs_path.read_text().splitlines()  # the same file, edited: counted again, not served from memory
     pairs_path.write_text("\n".join(lines[: N_GOLD // 2 + 1]) + "\n")
     again = {s.stage: s for s in make_plan(cfg, str(tmp_path / "run"), calibrate=False).stages}
-    assert again["label silver"].work == 4 * (N_GOLD // 2)
+    assert again["silver"].work == 4 * (N_GOLD // 2)
 
 
 # --- the flow, end to end ----------------------------------------------------------------------------------

@@ -127,3 +127,23 @@ def test_config_is_frozen() -> None:
     cfg = PipelineConfig.from_dict({"corpus": {"path": "x"}})
     with pytest.raises(ValueError, match="frozen"):
         cfg.train.steps = 3  # type: ignore[misc]
+
+
+def test_a_config_is_validated_once_per_file_version_and_overrides(tmp_path, monkeypatch):
+    """The CLI, the flow and the flow-run name all load the config: one validation serves them while the file is
+    unchanged; an edited file or other overrides are read again."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: one\ncorpus: {path: docs}\n")
+    calls = []
+    original = PipelineConfig.model_validate.__func__
+
+    def counting(cls, data, *args, **kwargs):
+        calls.append(1)
+        return original(cls, data, *args, **kwargs)
+
+    monkeypatch.setattr(PipelineConfig, "model_validate", classmethod(counting))
+    first = PipelineConfig.load(path, ["train.steps=7"])
+    assert PipelineConfig.load(path, ["train.steps=7"]) is first and len(calls) == 1
+    assert PipelineConfig.load(path, ["train.steps=8"]).train.steps == 8 and len(calls) == 2
+    path.write_text("name: two\ncorpus: {path: docs}\n")
+    assert PipelineConfig.load(path, ["train.steps=7"]).name == "two" and len(calls) == 3
