@@ -433,7 +433,8 @@ def settings(cfg: Any) -> str:
     held = (f"{e.heldout_fraction:.0%} of the queries held out (at most {e.heldout_max}, seed {e.heldout_seed})"
             if e.heldout_fraction > 0 and e.heldout_max > 0 else "no held-out queries")
     return ((f"qrels `{e.qrels}`" if e.qrels else "no qrels") + f"; {held}; promote {e.promote}"
-            + (f" (min gain {e.min_gain:g})" if e.promote == "if_better" else ""))
+            + (f" (min gain {e.min_gain:g})" if e.promote != "always" else "")
+            + f"; paired tests at alpha {e.alpha:g}" + (f"; judge `{e.judge}`" if e.judge else ""))
 
 
 def estimate(cfg: Any, n: int) -> StagePlan:

@@ -195,7 +195,7 @@ def test_report_markdown_has_stages_metrics_samples_models_and_config(run, tmp_p
     assert "| train | 30 steps of batch 4, lr 2e-05, max length 350, seed 42 |" in lines
     assert "| label | 120 triples (auto), cross_encoder teacher, seed 42 |" in lines
     assert ("| evaluate | qrels `qrels/test.tsv`; 5% of the queries held out (at most 2000, seed 42); promote "
-            "if_better (min gain 0) |") in lines
+            "if_better (min gain 0); paired tests at alpha 0.05 |") in lines
 
 
 def test_report_of_a_genq_run_without_evaluation(run, tmp_path):
