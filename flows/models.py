@@ -19,21 +19,44 @@ _TINY_OF = {"generator": "generator", "cross_encoder": "cross_encoder", "base": 
 def prepare_models(cfg: Any, run_dir: str) -> dict[str, Any]:
     """Resolve every model slot; ``tiny`` slots get tiny models built offline from the corpus (cached)."""
     resolved = resolve_models(cfg, ArtifactStore(run_dir))
-    get_run_logger().info("models: %s", resolved)
+    log = get_run_logger()
+    for line in model_lines(cfg, resolved):
+        log.info("model %s", line)
     return resolved
 
 
-def resolve_models(cfg: Any, store: ArtifactStore) -> dict[str, Any]:
-    """Each model slot of ``cfg`` (a PipelineConfig: not imported, as the config imports the stage registry, which
-    resolves models through here) as a loadable reference; ``tiny`` ones are built from the corpus in ``store``."""
-    slots = {
+def model_lines(cfg: Any, resolved: dict[str, Any]) -> list[str]:
+    """One line per model slot: ``slot: configured -> resolved`` (the arrow left out where a slot is used as
+    configured); a retriever's line names its similarity, the base's the layers it keeps."""
+    lines = []
+    for slot, ref in _slots(cfg).items():
+        found, layers = resolved[slot], cfg.models.base_layers if slot == "base" else None
+        shown = f"{ref} (first {layers} layer{'s' if layers > 1 else ''})" if layers else ref
+        lines.append(f"{slot}: {shown}" + (f" -> {found}" if found != ref else ""))
+    for i, ((name, score), (found, _)) in enumerate(zip(_retrievers(cfg), resolved["retrievers"], strict=True)):
+        lines.append(f"retrievers.{i}: {name} ({score})" + (f" -> {found}" if found != name else ""))
+    return lines
+
+
+def _slots(cfg: Any) -> dict[str, str]:
+    """The single-model slots as configured."""
+    return {
         "generator": cfg.models.generator,
         "cross_encoder": cfg.models.cross_encoder,
         "base": cfg.models.base,
         # the base is unused then: with BM25-only mining validate_run wants a teacher named or a cross-encoder
         "bi_encoder_teacher": cfg.models.bi_encoder_teacher_ref,
     }
-    retrievers = [(r.name, r.score) for r in cfg.models.retrievers]
+
+
+def _retrievers(cfg: Any) -> list[tuple[str, str]]:
+    return [(r.name, r.score) for r in cfg.models.retrievers]
+
+
+def resolve_models(cfg: Any, store: ArtifactStore) -> dict[str, Any]:
+    """Each model slot of ``cfg`` (a PipelineConfig: not imported, as the config imports the stage registry, which
+    resolves models through here) as a loadable reference; ``tiny`` ones are built from the corpus in ``store``."""
+    slots, retrievers = _slots(cfg), _retrievers(cfg)
     tiny = None
     if TINY in slots.values() or any(name == TINY for name, _ in retrievers):
         corpus = store.require("corpus")
