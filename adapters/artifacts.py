@@ -17,6 +17,7 @@ PRETRAIN = "pretrain"            # a sentence-transformers model folder
 QUERIES = "queries"              # generate
 HELDOUT = "heldout"              # split: the held-out queries
 QUERIES_TRAIN = "queries-train"  # split: the queries mining, labelling and training read
+QUERIES_FILTERED = "queries-filtered"  # filter: the training queries its rules kept (then read in their place)
 NEGATIVES = "negatives"          # mine
 TRIPLES = "triples"              # label
 MODEL = "model"                  # train: a sentence-transformers model folder
@@ -34,6 +35,12 @@ QUERIES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), 
 # generate.method llm adds the generator's mean token log-prob of each query (null when the server gave none);
 # split carries it into heldout/ and queries-train/. Readers select the columns they need, so both layouts read.
 QUERIES_LOGPROB = pa.field("logprob", pa.float32(), nullable=True)
+# filter: the queries' columns, then the filter's scores of each kept query (null where that rule is off): the
+# share of its words in its source passage, the rank (1 = first) of that passage in the round-trip retriever's
+# top K, and the teacher's raw score of (query, source passage), which labelling reuses instead of rescoring
+FILTER_SCORES = (pa.field("overlap", pa.float32(), nullable=True),
+                 pa.field("round_trip_rank", pa.int32(), nullable=True),
+                 pa.field("teacher_score", pa.float32(), nullable=True))
 # doc_ids ranked by the retriever, the query's positive removed; scores: the retriever's, in the same order
 NEGATIVES_SCHEMA = pa.schema([("query_id", pa.string()), ("retriever", pa.string()),
                               ("doc_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
@@ -53,6 +60,7 @@ EVALUATE_SCHEMA = pa.schema([("evaluation", pa.string()), ("query_id", pa.string
                              *[(name, pa.float64()) for name in METRICS]])
 
 SCHEMAS = {CORPUS: CORPUS_SCHEMA, QUERIES: QUERIES_SCHEMA, HELDOUT: QUERIES_SCHEMA, QUERIES_TRAIN: QUERIES_SCHEMA,
+           QUERIES_FILTERED: pa.schema([*QUERIES_SCHEMA, *FILTER_SCORES]),
            NEGATIVES: NEGATIVES_SCHEMA, TRIPLES: TRIPLES_SCHEMA, EVALUATE: EVALUATE_SCHEMA,
            SILVER_CANDIDATES: SILVER_CANDIDATES_SCHEMA, SILVER: SILVER_SCHEMA}  # pairs: pairs_schema
 
@@ -60,6 +68,12 @@ SCHEMAS = {CORPUS: CORPUS_SCHEMA, QUERIES: QUERIES_SCHEMA, HELDOUT: QUERIES_SCHE
 def queries_schema(logprob: bool = False) -> pa.Schema:
     """The ``queries/`` columns (and ``heldout/``, ``queries-train/``): with the ``logprob`` column or without."""
     return QUERIES_SCHEMA.append(QUERIES_LOGPROB) if logprob else QUERIES_SCHEMA
+
+
+def filtered_schema(logprob: bool = False) -> pa.Schema:
+    """The ``queries-filtered/`` columns: those of the queries it read (with or without ``logprob``), then the
+    filter's scores."""
+    return pa.schema([*queries_schema(logprob), *FILTER_SCORES])
 
 
 def pairs_schema(kind: str, with_negative: bool = True) -> pa.Schema:

@@ -262,6 +262,10 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     console.print(f"base model: {m.base}{layers} ({models['base']})")
     if cfg.pretrain.method != "none":
         console.print(f"pretraining: {cfg.pretrain.method}, {cfg.pretrain.steps} steps")
+    from gplflow.tasks.filter import summary_line
+
+    if (filtered := summary_line(cfg, store.read_manifest("queries-filtered"))) is not None:
+        console.print(filtered, highlight=False)  # drops by reason
     _diagnostics((store.read_manifest("triples") or {}).get("diagnostics"))
     metrics = summary.get("metrics")
     if metrics and metrics["evaluations"]:

@@ -24,6 +24,7 @@ from gplflow.tasks.evaluation_table import (
     ordered_models,
     significance_rows,
 )
+from gplflow.tasks.filter import report_lines as filter_report
 from gplflow.tasks.progress import artifact_key  # one rule for every key, in the tasks and the flows
 
 if TYPE_CHECKING:  # the config imports every stage (torch); the report's stage rows need none of it
@@ -260,6 +261,7 @@ def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str
         "## Label diagnostics",
         diagnostics_markdown((store.read_manifest("triples") or {}).get("diagnostics")),
         *silver_markdown(store),
+        *filter_report(cfg, store.read_manifest("queries-filtered"), lambda text: _inline(text, 120)),
         "## Sample of generated queries",
         "Each query, and below it the passage it was generated from (its positive).",
         *(f"{i}. **{_inline(q, 200)}**\n   > {_passage(d, title, text)}"

@@ -20,6 +20,7 @@ from typing import Any
 from gplflow.adapters import artifacts
 from gplflow.adapters.store import ArtifactStore
 from gplflow.tasks import augment, evaluate, generate, ingest, label, mine, pairs, pretrain, promote, split, train
+from gplflow.tasks import filter as query_filter  # the stage module tasks/filter.py, not the builtin
 from gplflow.tasks.base import ModelUse, Ref, ShardJob, StageConfig, StageInputs
 from gplflow.tasks.evaluators import Teacher
 
@@ -74,6 +75,10 @@ def _holds_out(run: Run) -> bool:
 
 HOLDS_OUT = When(_holds_out, "evaluate.heldout_fraction > 0 and evaluate.heldout_max > 0 (and no imported "
                              "negatives or triples)")
+FILTERS = When(lambda run: query_filter.active(run.cfg.section(query_filter.SECTION)),
+               f"any of filter.{', .'.join(query_filter.RULE_KEYS)} is on") \
+    & When(lambda run: not {artifacts.NEGATIVES, artifacts.TRIPLES} & run.fps.keys(),
+           "no imported negatives or triples")
 EVALUATED = When(lambda run: bool(run.cfg.evaluate.qrels) or run.heldout is not None
                  or any(x is not None for x in (run.cfg.evaluate.sts, run.cfg.evaluate.clustering,
                                                 run.cfg.evaluate.mteb)),
@@ -137,7 +142,15 @@ class Run:
 
     @property
     def train_queries(self) -> Ref:
-        """The queries mining, labelling and training see: queries-train when some are held out, else all."""
+        """The queries mining, labelling and training see: the filter's output when the config filters and it was
+        published, else queries-train when some are held out, else all."""
+        if artifacts.QUERIES_FILTERED in self.fps and query_filter.active(self.cfg.section(query_filter.SECTION)):
+            return self.ref(artifacts.QUERIES_FILTERED)
+        return self.unfiltered_queries
+
+    @property
+    def unfiltered_queries(self) -> Ref:
+        """The training queries as split (the filter's input): queries-train when some are held out, else all."""
         return self.ref(artifacts.QUERIES_TRAIN if artifacts.QUERIES_TRAIN in self.fps else artifacts.QUERIES)
 
     @property
@@ -180,6 +193,22 @@ def _teacher(run: Run) -> Teacher | None:
                    candidates=run.cfg.mine.negatives_per_query)
 
 
+def _filter_inputs(run: Run) -> query_filter.FilterInputs:
+    cfg = run.cfg
+    rules = cfg.section(query_filter.SECTION)
+    return query_filter.FilterInputs(
+        run_dir=run.run_dir, cfg=rules, corpus=run.ref(artifacts.CORPUS), queries=run.unfiltered_queries,
+        retriever=query_filter.encoder(cfg, run.models) if rules.round_trip_k is not None else None,
+        teacher=query_filter.teacher(cfg, run.models) if rules.teacher_fraction is not None else None)
+
+
+def _teacher_scores(run: Run) -> Ref | None:
+    """The filter's teacher scores of (query, source passage), when it scored them: labelling does not rescore."""
+    if run.train_queries.name != artifacts.QUERIES_FILTERED:
+        return None
+    return run.train_queries if run.cfg.section(query_filter.SECTION).teacher_fraction is not None else None
+
+
 def _shards(run: Run) -> int:
     return run.cfg.execution.shard_size
 
@@ -217,6 +246,9 @@ STAGES: list[Stage] = [
     Stage("split", (artifacts.HELDOUT, artifacts.QUERIES_TRAIN), split.split_task, when=HOLDS_OUT,
           inputs=lambda run: split.SplitInputs(run_dir=run.run_dir, cfg=run.cfg.evaluate,
                                                queries=run.ref(artifacts.QUERIES))),
+    Stage("filter", (artifacts.QUERIES_FILTERED,), query_filter.filter_task, when=USES_QUERIES & FILTERS,
+          section=(query_filter.SECTION, query_filter.FilterConfig), estimate=query_filter.estimate,
+          settings=query_filter.settings, models=query_filter.models_used, inputs=_filter_inputs),
     Stage("mine", (artifacts.NEGATIVES,), mine.mine_task, job=mine.MineJob, estimate=mine.estimate,
           when=GPL & When(lambda run: artifacts.TRIPLES not in run.fps), settings=mine.settings,
           models=mine.models_used,
@@ -228,7 +260,8 @@ STAGES: list[Stage] = [
           inputs=lambda run: label.LabelInputs(
               run_dir=run.run_dir, cfg=run.cfg.label, triples=run.cfg.n_triples, corpus=run.ref(artifacts.CORPUS),
               queries=run.train_queries, negatives=run.ref(artifacts.NEGATIVES),
-              teacher=run.models[run.cfg.teacher_slot], shard_size=_shards(run))),
+              teacher=run.models[run.cfg.teacher_slot], shard_size=_shards(run),
+              teacher_scores=_teacher_scores(run))),
     Stage("train", (artifacts.MODEL,), train.train_task, when=USES_QUERIES, estimate=train.estimate,
           settings=train.settings,
           inputs=lambda run: train.TrainInputs(

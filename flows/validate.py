@@ -110,6 +110,10 @@ def _problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
     yield from _evaluation(cfg)
     if cfg.generate.method == "llm" and cfg.uses_queries and not cfg.import_.gpl_dir:
         yield from _llm(cfg)
+    if cfg.uses_queries:
+        from gplflow.tasks.filter import problems as filter_problems
+
+        yield from filter_problems(cfg)  # settings of the filter that do not fit the rest of the config
 
 
 def _llm(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:

@@ -91,12 +91,16 @@ class LabelInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
     negatives: Ref
     teacher: str  # a loadable model reference
     shard_size: int = Field(default=DEFAULT_SHARD_SIZE, gt=0)  # distinct pairs per shard
+    # queries-filtered, when the filter scored each (query, source passage) with this teacher: not scored again
+    teacher_scores: Ref | None = None
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
         config = {**self.cfg.model_dump(mode="json"), "triples": self.triples}
         inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint,
                   "negatives": self.negatives.fingerprint,
                   "teacher": model_signature(self.teacher)}  # by content: a teacher replaced in place labels anew
+        if self.teacher_scores is not None:
+            inputs["teacher_scores"] = self.teacher_scores.fingerprint
         return config, inputs
 
 
@@ -123,8 +127,9 @@ def run_label(inputs: LabelInputs, on_progress: Progress | None = None) -> Artif
 class LabelJob(ShardJob):
     """Labelling cut into shards of ``shard_size`` distinct (query, passage) pairs, in sorted pair order.
 
-    The triples are drawn up front (cheap, seeded); shard k scores pairs [k*size, (k+1)*size) and stages
-    (query_id, doc_id, score). Publishing maps the scores back onto the triples.
+    The triples are drawn up front (cheap, seeded); shard k scores pairs [k*size, (k+1)*size) of those still to
+    score (``pending``: the filter's teacher scores, when given, stand for theirs) and stages (query_id, doc_id,
+    score). Publishing maps the scores back onto the triples.
     """
 
     def __init__(self, inputs: LabelInputs):
@@ -133,6 +138,8 @@ class LabelJob(ShardJob):
         self.corpus = inputs.load(inputs.corpus)
         self._sources = (inputs.load(inputs.queries), inputs.load(inputs.negatives), inputs.triples)
         self._draw: _Draw | None = None
+        self._known: tuple[np.ndarray, np.ndarray] | None = None
+        self._pending: np.ndarray | None = None
         self._scorer: scoring.PairScorer | None = None
 
     @property
@@ -143,24 +150,41 @@ class LabelJob(ShardJob):
         return self._draw
 
     @property
+    def known(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in ``draw.keys``, scores) of the pairs the filter's teacher scored; none without its scores."""
+        if self._known is None:
+            ref = self.inputs.teacher_scores
+            self._known = (np.empty(0, np.int64), np.empty(0, np.float32)) if ref is None else \
+                known_scores(self.inputs.load(ref), self.inputs, self.draw)
+        return self._known
+
+    @property
+    def pending(self) -> np.ndarray:
+        """The distinct pairs (sorted keys) the teacher scores here."""
+        if self._pending is None:
+            self._pending = np.delete(self.draw.keys, self.known[0])
+        return self._pending
+
+    @property
     def n_shards(self) -> int:
-        return math.ceil(len(self.draw.keys) / self.shard_size)
+        return math.ceil(len(self.pending) / self.shard_size)
 
     @property
     def work(self) -> int:
         """Distinct (query, passage) pairs to score."""
-        return len(self.draw.keys)
+        return len(self.pending)
 
     def shard_work(self, k: int) -> int:
-        return len(self.draw.keys[k * self.shard_size : (k + 1) * self.shard_size])
+        return len(self.pending[k * self.shard_size : (k + 1) * self.shard_size])
 
     def plan(self) -> dict[str, Any]:
-        return {"n_shards": self.n_shards, "shard_size": self.shard_size, "distinct_pairs": len(self.draw.keys)}
+        plan = {"n_shards": self.n_shards, "shard_size": self.shard_size, "distinct_pairs": len(self.pending)}
+        return plan if self.inputs.teacher_scores is None else {**plan, "reused_pairs": len(self.known[0])}
 
     def run_shard(self, k: int) -> dict[str, Any]:
         started = time.time()
         draw = self.draw
-        keys = draw.keys[k * self.shard_size : (k + 1) * self.shard_size]
+        keys = self.pending[k * self.shard_size : (k + 1) * self.shard_size]
         n_docs = len(draw.pool.doc_ids)
         pair_q, pair_d = keys // n_docs, keys % n_docs
         used_docs = np.unique(pair_d)
@@ -193,6 +217,8 @@ class LabelJob(ShardJob):
             out.count("cycled_queries", int(np.count_nonzero(counts > sizes)))
             out.count("distinct_pairs", len(draw.keys))
             out.count("scored_pairs", sum_counters(records).get("scored_pairs", 0))
+            if self.inputs.teacher_scores is not None:
+                out.count("reused_pairs", len(self.known[0]))  # scored by the filter with this teacher
             out.extra["teacher"] = {"kind": self.cfg.teacher, "ref": self.inputs.teacher}
             out.extra["diagnostics"] = diagnostics = label_diagnostics(tq, pos_score, neg_score)
             out.extra["shards"] = self.shard_summary(records)
@@ -205,17 +231,22 @@ class LabelJob(ShardJob):
         return artifact
 
     def _staged_scores(self) -> np.ndarray:
-        """The staged scores in pair order, checked against the pairs this job drew."""
-        table = pa.concat_tables([self.staging.read_table(k) for k in range(self.n_shards)])
-        draw = self.draw
+        """Every drawn pair's score in pair order: the staged ones, checked against the pairs this job scores, and
+        the filter's."""
+        draw, pending = self.draw, self.pending
         n_docs = len(draw.pool.doc_ids)
-        expect_q = draw.pool.query_ids.take(pa.array(draw.keys // n_docs))
-        expect_d = draw.pool.doc_ids.take(pa.array(draw.keys % n_docs))
-        if (table.num_rows != len(draw.keys) or not table.column("query_id").combine_chunks().equals(expect_q)
+        expect_q = draw.pool.query_ids.take(pa.array(pending // n_docs))
+        expect_d = draw.pool.doc_ids.take(pa.array(pending % n_docs))
+        tables = [self.staging.read_table(k) for k in range(self.n_shards)]
+        table = pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
+        if (table.num_rows != len(pending) or not table.column("query_id").combine_chunks().equals(expect_q)
                 or not table.column("doc_id").combine_chunks().equals(expect_d)):
             raise RuntimeError(f"{self.staging.url}: the staged scores are not those of this run's pairs; "
                                "delete the folder and rerun")
-        return table.column("score").to_numpy()
+        scores = np.empty(len(draw.keys), dtype=np.float32)
+        scores[np.delete(np.arange(len(draw.keys)), self.known[0])] = table.column("score").to_numpy()
+        scores[self.known[0]] = self.known[1]
+        return scores
 
 
 @dataclass(frozen=True)
@@ -237,6 +268,29 @@ class _Draw:
         n_docs = len(pool.doc_ids)
         keys, inverse = np.unique(np.concatenate([tq * n_docs + pos, tq * n_docs + neg]), return_inverse=True)
         return cls(pool, tq, pos, neg, keys, inverse)
+
+
+def known_scores(filtered: Artifact, inputs: LabelInputs, draw: _Draw) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in ``draw.keys``, scores) of the (query, positive) pairs whose teacher score ``queries-filtered``
+    holds; an error when this teacher did not make them (never mix two teachers' scores)."""
+    cfg, made = inputs.cfg, filtered.manifest.get("teacher") or {}
+    ours = {"kind": cfg.teacher, "signature": model_signature(inputs.teacher), "max_seq_length": cfg.max_seq_length,
+            "normalize": cfg.bi_encoder_score == "cos_sim"}
+    if {key: made.get(key) for key in ours} != ours:
+        raise InputError(f"{filtered.url}: its teacher scores were made by {made.get('kind')} {made.get('ref')} "
+                         f"(max_seq_length {made.get('max_seq_length')}), not by this run's teacher {cfg.teacher} "
+                         f"{inputs.teacher} (max_seq_length {cfg.max_seq_length}); they cannot stand for its scores")
+    table = filtered.read_table(["query_id", "teacher_score"])
+    pool, keys, n_docs = draw.pool, draw.keys, len(draw.pool.doc_ids)
+    row = pc.fill_null(pc.index_in(pool.query_ids, value_set=table.column("query_id").combine_chunks()), -1)
+    row = row.to_numpy(zero_copy_only=False)
+    score = table.column("teacher_score").to_numpy(zero_copy_only=False).astype(np.float32)
+    query = np.flatnonzero(row >= 0)
+    query = query[~np.isnan(score[row[query]])]
+    wanted = query * n_docs + pool.positives[query]
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    drawn = keys[at] == wanted  # a query with no triple has no positive pair to score
+    return at[drawn], score[row[query[drawn]]]
 
 
 def load_pool(corpus: Artifact, queries: Artifact, negatives: Artifact) -> Pool:
