@@ -5,6 +5,11 @@ batch, with ``sentence_transformers.util.resolve_ids``: GPL's millions of triple
 thousand passages, so the texts are held once (as Arrow) rather than once per triple. Checkpoints (model,
 optimizer, scheduler, RNG, step) go to a local folder outside the published artifact, and a rerun continues
 from the newest complete one.
+
+Under torchrun (``world_size`` > 1, adapters/distributed.py) the same Trainer runs DDP with the batch as the
+global batch: the sampler builds the batches one process would, and each rank takes its slice of every one
+(accelerate's ``split_batches``), so the data order, the steps and the schedule do not depend on the device count.
+MNRL gathers the embeddings of every rank, so each query still sees the whole global batch as negatives.
 """
 
 from __future__ import annotations
@@ -157,16 +162,20 @@ def ranking_pairs_dataset(pairs: pa.Table) -> Dataset:
     return Dataset.from_dict({c: pairs[c] for c in columns})
 
 
-def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot") -> torch.nn.Module:
+def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot",
+              world_size: int = 1) -> torch.nn.Module:
     """MarginMSE (GPL) with the student scoring by dot product (the paper) or cosine similarity,
-    MultipleNegativesRanking with in-batch negatives (GenQ, and ranking pairs), or a scored-pair loss."""
+    MultipleNegativesRanking with in-batch negatives (GenQ, and ranking pairs), or a scored-pair loss.
+
+    With ``world_size`` > 1, MNRL gathers every rank's embeddings (with their gradients), so the negatives are
+    the global batch, as in one process; the per-example losses need nothing of the other ranks."""
     if name == "margin_mse":
         if similarity not in SIMILARITY:
             raise ValueError(f"train.similarity {similarity!r}: expected one of {', '.join(SIMILARITY)}")
         score = util.pairwise_dot_score if similarity == "dot" else util.pairwise_cos_sim
         return losses.MarginMSELoss(model, similarity_fct=score)
     if name == "mnrl":
-        return losses.MultipleNegativesRankingLoss(model)
+        return losses.MultipleNegativesRankingLoss(model, gather_across_devices=world_size > 1)
     if name == "cosent":
         return losses.CoSENTLoss(model)
     if name == "cosine":
@@ -193,8 +202,9 @@ def save_model(model: SentenceTransformer, folder: Path) -> None:
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones (killed while saving) are removed.
+def latest_checkpoint(folder: Path, clean: bool = True) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (killed while saving) are removed unless ``clean`` is off
+    (the ranks of a distributed job: their launcher cleaned the folder before they started).
 
     The Trainer writes ``trainer_state.json`` last, so a checkpoint without it is incomplete.
     """
@@ -202,7 +212,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
         return None
     found = by_step(p for p in folder.iterdir() if p.is_dir())
     complete = [p for p in found if (p / TRAINER_STATE_NAME).is_file()]
-    for path in found:
+    for path in found if clean else ():
         if path not in complete:
             logger.warning("removing incomplete checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
@@ -212,12 +222,22 @@ def latest_checkpoint(folder: Path) -> Path | None:
 # --- training ---------------------------------------------------------------------------------------------
 
 
-def training_args(cfg: TrainSettings, output_dir: Path, dev: str,
-                  bf16: bool = False) -> SentenceTransformerTrainingArguments:
+class _Trainer(SentenceTransformerTrainer):
+    """The sentence-transformers Trainer, saving on the process that should save: its ``_save`` assumes only
+    process zero calls it, while transformers 5 calls ``_save`` on every rank (and checks inside its own), so
+    under DDP every rank would write the same checkpoint files at once."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            super()._save(output_dir, state_dict)
+
+
+def training_args(cfg: TrainSettings, output_dir: Path, dev: str, bf16: bool = False,
+                  world_size: int = 1) -> SentenceTransformerTrainingArguments:
     """Trainer arguments: fixed steps, seeded order, checkpoints, no evaluation, no trackers.
 
     ``bf16``: bf16 autocast (fp32 master weights), on GPUs and on CPUs with AMX alike; a GPU without bf16 gets
-    fp16 instead.
+    fp16 instead. ``world_size`` > 1 (a torchrun rank): ``batch_size`` is the global batch, split over the ranks.
     """
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
@@ -238,7 +258,16 @@ def training_args(cfg: TrainSettings, output_dir: Path, dev: str,
         fp16=dev == "cuda" and not models.bf16_supported(dev),
         use_cpu=dev == "cpu",
         dataloader_num_workers=0,
+        **(_distributed_args(dev) if world_size > 1 else {}),
     )
+
+
+def _distributed_args(dev: str) -> dict:
+    """A rank's extra arguments: each global batch split over the ranks (the sampler runs at the global batch
+    size); an epoch's last, incomplete batch skipped, since it cannot be split evenly; rank 0 reports progress to
+    the launcher, so no progress bar."""
+    return {"accelerator_config": {"split_batches": True}, "dataloader_drop_last": True, "disable_tqdm": True,
+            "ddp_backend": "nccl" if dev == "cuda" else "gloo"}
 
 
 def fit(
@@ -248,28 +277,32 @@ def fit(
     checkpoints: Path,
     dev: str,
     callbacks: Sequence[TrainerCallback] = (),
+    world_size: int = 1,
 ) -> TrainReport:
-    """Train ``model`` in place for ``cfg.steps`` steps, resuming from the newest checkpoint if there is one."""
+    """Train ``model`` in place for ``cfg.steps`` steps, resuming from the newest checkpoint if there is one.
+
+    ``world_size`` > 1: this process is one rank of a torchrun job (adapters/distributed.py)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     # saved with the model, so users (and the evaluate stage) score as it was trained
     model.similarity_fn_name = SIMILARITY[cfg.similarity] if cfg.loss == "margin_mse" else "cosine"
-    resume = latest_checkpoint(checkpoints)
+    resume = latest_checkpoint(checkpoints, clean=world_size == 1)
     if resume is not None and (checkpoint_step(resume) or 0) >= cfg.steps:
         return _from_final_checkpoint(model, resume)  # the Trainer would run one step past max_steps
     if resume is not None:
         logger.info("resuming training from %s", resume)
-    trainer = SentenceTransformerTrainer(
+    trainer = _Trainer(
         model=offline_model_card(model),
-        args=training_args(cfg, checkpoints, dev, bf16=models.bf16_pays(model, dev)),
+        args=training_args(cfg, checkpoints, dev, bf16=models.bf16_pays(model, dev), world_size=world_size),
         train_dataset=dataset,
-        loss=make_loss(cfg.loss, model, cfg.similarity),
+        loss=make_loss(cfg.loss, model, cfg.similarity, world_size),
         callbacks=list(callbacks),
     )
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except BaseException:
-        latest_checkpoint(checkpoints)  # removes a checkpoint the failure left half-written (a full disk)
+        # removes a checkpoint the failure left half-written (a full disk); a torchrun job's launcher does it
+        latest_checkpoint(checkpoints, clean=world_size == 1)
         raise
     return TrainReport(
         global_step=trainer.state.global_step,

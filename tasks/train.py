@@ -1,5 +1,10 @@
 """Train: the bi-encoder with MarginMSE on the triples (GPL), MNRL on (query, passage) pairs (GenQ), or on a
-user's labelled pairs (flow supervised): CoSENT, cosine or AnglE on scored pairs, MNRL on ranking pairs."""
+user's labelled pairs (flow supervised): CoSENT, cosine or AnglE on scored pairs, MNRL on ranking pairs.
+
+On one device the training runs in this process. On several (``train.devices``) the stage runs the same code as
+a torchrun job (adapters/distributed.py): every rank rebuilds the inputs from the job file and trains its slice
+of each global batch (``train_on_rank``); rank 0 alone writes the checkpoints and publishes the model.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,17 @@ from typing import Any, Literal
 
 import pyarrow as pa
 from prefect import get_run_logger
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from gplflow.adapters import artifacts
+from gplflow.adapters import artifacts, distributed
 from gplflow.adapters.checkpoints import folder as checkpoint_folder
 from gplflow.adapters.checkpoints import remove as remove_checkpoints
+from gplflow.adapters.checkpoints import step as checkpoint_step
 from gplflow.adapters.errors import InputError
 from gplflow.adapters.lazy import lazy
 from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.store import Artifact
-from gplflow.tasks.base import Ref, Seed, StageConfig, StageInputs, stage_task
+from gplflow.tasks.base import AutoOrPositive, Ref, Seed, StageConfig, StageInputs, stage_task
 from gplflow.tasks.planning import CALIBRATION_STEPS, StagePlan, StepClock, pseudo_query
 from gplflow.tasks.progress import ProgressArtifact
 
@@ -46,6 +52,45 @@ class TrainConfig(StageConfig):
     warmup_steps: int = Field(default=1000, ge=0)  # clamped to `steps`
     checkpoint_every: int = Field(default=10_000, gt=0)
     seed: Seed = 42
+    # 'auto': every visible GPU (1 on a CPU); N > 1 trains as a torchrun job of N processes (DDP; on a CPU, N
+    # gloo processes). batch_size stays the global batch (batch_size / N per device). Where a model trains, not
+    # what it is: left out of the fingerprint, so a model trained on 4 GPUs is reused by a run on 2.
+    devices: AutoOrPositive = "auto"
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.devices != "auto":
+            check_batch(self.batch_size, int(self.devices))
+        return self
+
+
+NOT_FINGERPRINTED = {"devices"}
+
+
+def check_batch(batch_size: int, devices: int, why: str = "") -> None:
+    """The global batch splits evenly over the devices, or a ValueError naming both numbers."""
+    if batch_size % devices:
+        raise ValueError(f"train.batch_size {batch_size} does not divide over {devices} devices{why}: each device "
+                         f"takes batch_size / devices examples; set a multiple of {devices}, or train.devices to a "
+                         f"divisor of {batch_size}")
+
+
+def devices(cfg: TrainConfig) -> int:
+    """How many processes train: ``cfg.devices``, 'auto' being every visible GPU (1 on a CPU); an InputError when
+    more GPUs are asked for than are visible, or when 'auto' finds a count the batch does not divide over."""
+    gpus = distributed.visible_gpus()
+    count = max(gpus, 1) if cfg.devices == "auto" else int(cfg.devices)
+    if gpus and count > gpus:
+        raise InputError(f"train.devices {count}: only {gpus} GPUs are visible to this process")
+    try:
+        check_batch(cfg.batch_size, count, " (train.devices auto: the visible GPUs)" if cfg.devices == "auto" else "")
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    return count
+
+
+def _fingerprinted(cfg: TrainConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED)
 
 
 class TrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
@@ -62,8 +107,8 @@ class TrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
         data = ("triples", self.triples) if self.cfg.loss == "margin_mse" else ("queries", self.queries)
         if data[1] is None:
             raise InputError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
-        return self.cfg.model_dump(mode="json"), {"base_model": model_signature(self.base_model),
-                                                  "corpus": self.corpus.fingerprint, data[0]: data[1].fingerprint}
+        return _fingerprinted(self.cfg), {"base_model": model_signature(self.base_model),
+                                          "corpus": self.corpus.fingerprint, data[0]: data[1].fingerprint}
 
 
 class TrainPairsInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
@@ -78,7 +123,7 @@ class TrainPairsInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
         inputs = {"base_model": model_signature(self.base_model), "pairs": self.pairs.fingerprint}
         if self.silver is not None:
             inputs["silver"] = self.silver.fingerprint
-        return self.cfg.model_dump(mode="json"), inputs
+        return _fingerprinted(self.cfg), inputs
 
 
 def run_train(inputs: TrainInputs, callbacks: Sequence[Any] = ()) -> Artifact:
@@ -91,14 +136,28 @@ def run_train(inputs: TrainInputs, callbacks: Sequence[Any] = ()) -> Artifact:
         raise InputError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
     if (found := inputs.reuse()) is not None:
         return found
+    return _fit_and_publish(inputs, _queries_data(inputs), callbacks)
+
+
+def _queries_data(inputs: TrainInputs) -> Callable[[], Any]:
+    """The input artifacts of training on queries, loaded (verified), and how their rows become the dataset."""
+    cfg = inputs.cfg
     corpus, queries = inputs.load(inputs.corpus), inputs.load(inputs.queries)
     triples = inputs.load(inputs.triples) if cfg.loss == "margin_mse" and inputs.triples is not None else None
-    return _fit_and_publish(inputs, lambda: _dataset(cfg, corpus, queries, triples), callbacks)
+    return lambda: _dataset(cfg, corpus, queries, triples)
 
 
 def run_train_pairs(inputs: TrainPairsInputs, callbacks: Sequence[Any] = ()) -> Artifact:
     """Fine-tune the start model on the ``pairs/`` artifact (flow supervised), or on the gold pairs and the
     ``silver/`` pairs a cross-encoder labelled (flow augmented_sbert, tasks/augment.py), and publish ``model/``."""
+    make_dataset = _pairs_data(inputs)
+    if (found := inputs.reuse()) is not None:
+        return found
+    return _fit_and_publish(inputs, make_dataset, callbacks)
+
+
+def _pairs_data(inputs: TrainPairsInputs) -> Callable[[], Any]:
+    """The labelled pairs (and silver pairs) loaded and checked against the loss, and how they become the dataset."""
     from gplflow.adapters import trainer
 
     cfg = inputs.cfg
@@ -110,34 +169,94 @@ def run_train_pairs(inputs: TrainPairsInputs, callbacks: Sequence[Any] = ()) -> 
                          f"{', '.join(PAIR_LOSSES.get(kind, ()))}")
     if silver is not None and kind != "scored":
         raise InputError(f"train: silver pairs are scored pairs; the gold pairs are {kind} pairs")
-    if (found := inputs.reuse()) is not None:
-        return found
-    table = pairs.read_table()
-    if silver is not None:  # gold first, then silver: the trainer's seeded sampler shuffles them together
-        gold = table.select(["sentence1", "sentence2", "score"])
-        table = pa.concat_tables([gold, silver.read_table(gold.column_names).cast(gold.schema)])
-    build = trainer.scored_pairs_dataset if kind == "scored" else trainer.ranking_pairs_dataset
-    return _fit_and_publish(inputs, lambda: build(table), callbacks)
+
+    def build() -> Any:
+        table = pairs.read_table()
+        if silver is not None:  # gold first, then silver: the trainer's seeded sampler shuffles them together
+            gold = table.select(["sentence1", "sentence2", "score"])
+            table = pa.concat_tables([gold, silver.read_table(gold.column_names).cast(gold.schema)])
+        return (trainer.scored_pairs_dataset if kind == "scored" else trainer.ranking_pairs_dataset)(table)
+
+    return build
 
 
 def _fit_and_publish(inputs: TrainInputs | TrainPairsInputs, make_dataset: Callable[[], Any],
                      callbacks: Sequence[Any]) -> Artifact:
-    """Train from the start model on ``make_dataset()`` (resuming from a checkpoint) and publish ``model/``."""
+    """Train from the start model on ``make_dataset()`` (resuming from a checkpoint) and publish ``model/``: in
+    this process on one device, as a torchrun job on several."""
+    count = devices(inputs.cfg)
+    checkpoints = checkpoint_folder(inputs.store, STAGE, inputs.fingerprint())
+    if count == 1 or _finished(checkpoints, inputs.cfg.steps):
+        _train(inputs, make_dataset, callbacks)
+    else:
+        payload = {"kind": type(inputs).__name__, "inputs": inputs.model_dump(mode="json")}
+        distributed.launch(checkpoints / "job", count, f"{__name__}:train_on_rank", payload, what="train",
+                           on_event=_replay(callbacks, inputs.cfg.steps))
+    remove_checkpoints(checkpoints)
+    return inputs.store.require(STAGE)
+
+
+def _train(inputs: TrainInputs | TrainPairsInputs, make_dataset: Callable[[], Any], callbacks: Sequence[Any],
+           world_size: int = 1) -> None:
+    """Train on this process's device; the one process, or rank 0 of a torchrun job, publishes ``model/`` with the
+    world size and every rank's device in its manifest."""
     from gplflow.adapters import trainer  # sentence-transformers' trainer is slow to import: only when training
 
     cfg, store = inputs.cfg, inputs.store
     model = models.load_bi_encoder(inputs.base_model, max_seq_length=cfg.max_seq_length)
     dataset = make_dataset()
     checkpoints = checkpoint_folder(store, STAGE, inputs.fingerprint())
+    if not distributed.is_main():
+        trainer.fit(model, dataset, cfg, checkpoints, models.device(), callbacks, world_size)
+        distributed.devices_used()  # a collective: rank 0 waits for every rank's answer
+        return
     config, fps = inputs.fingerprint_parts()
     with store.writer(STAGE, config=config, inputs=fps, code_version=CODE_VERSION) as out:
-        report = trainer.fit(model, dataset, cfg, checkpoints, models.device(), callbacks)
+        report = trainer.fit(model, dataset, cfg, checkpoints, models.device(), callbacks, world_size)
+        used = distributed.devices_used()
         trainer.save_model(model, out.local_dir())
-        out.extra["train"] = info = {"base_model": inputs.base_model, "examples": len(dataset), **report.as_dict()}
-    remove_checkpoints(checkpoints)
-    logger.info("trained %s for %d steps (resumed at %s): loss %s -> %s", cfg.loss, info["steps"],
-                info["resumed_from_step"], info["loss_first"], info["loss_last"])
-    return store.require(STAGE)
+        out.extra["train"] = info = {"base_model": inputs.base_model, "examples": len(dataset), **report.as_dict(),
+                                     "world_size": world_size, "devices": used}
+    logger.info("trained %s for %d steps (resumed at %s) on %d device(s): loss %s -> %s", cfg.loss, info["steps"],
+                info["resumed_from_step"], world_size, info["loss_first"], info["loss_last"])
+
+
+def _finished(checkpoints: Any, steps: int) -> bool:
+    """Whether a crashed run's newest checkpoint is its last step (publishing it needs no torchrun job).
+    Incomplete checkpoints are removed here, before any rank starts."""
+    from gplflow.adapters import trainer
+
+    newest = trainer.latest_checkpoint(checkpoints)
+    return newest is not None and (checkpoint_step(newest) or 0) >= steps
+
+
+def train_on_rank(payload: dict[str, Any]) -> None:
+    """One rank of a torchrun training job (adapters/distributed.py calls it with the job file's payload): the
+    stage inputs rebuilt from JSON, loaded and trained on as in one process."""
+    kind = {"TrainInputs": TrainInputs, "TrainPairsInputs": TrainPairsInputs}[payload["kind"]]
+    inputs = kind.model_validate(payload["inputs"])
+    make_dataset = _queries_data(inputs) if isinstance(inputs, TrainInputs) else _pairs_data(inputs)
+    callbacks = [distributed.step_events()] if distributed.is_main() else []
+    _train(inputs, make_dataset, callbacks, distributed.world_size())
+
+
+def _replay(callbacks: Sequence[Any], steps: int) -> Callable[[dict[str, Any]], None]:
+    """Rank 0's events as this process's trainer callbacks would see them (``on_train_begin``, ``on_step_end``:
+    progress), and its losses in the log."""
+    from transformers import TrainerState
+
+    state = TrainerState(max_steps=steps)
+
+    def on_event(event: dict[str, Any]) -> None:
+        state.global_step = int(event.get("step", state.global_step))
+        if "loss" in event:
+            logger.info("train: step %d of %d, loss %.4f", state.global_step, steps, event["loss"])
+            return
+        hook = "on_train_begin" if "max_steps" in event else "on_step_end"
+        for callback in callbacks:
+            getattr(callback, hook, lambda *a, **k: None)(None, state, None)
+
+    return on_event
 
 
 def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, triples: Artifact | None):

@@ -1,0 +1,332 @@
+"""Training on several devices: a ``torchrun`` job (DDP: NCCL on GPUs, gloo on CPU) started and watched from the
+calling process, and the worker every rank runs (``python -m gplflow.adapters.distributed JOB.json``).
+
+The caller writes a job file (the function each rank calls, as ``module:function``, and its JSON payload: a
+stage's inputs) and ``launch`` runs ``torchrun --nproc-per-node=N`` on it in a session of its own. Each rank marks
+what it prints with its rank; rank 0 alone also prints events (step, loss) that ``launch`` hands to its caller.
+Every line goes to this process's log (the run's log file), none to the terminal.
+
+Ending the job: a rank that fails records its error in the job folder and torchrun stops the others; ``launch``
+then raises one line naming the rank and its error (or the signal that killed it, as torchrun reports it). An
+interrupt of the caller (Ctrl-C, SIGTERM turned into an exception, a cancelled task) stops torchrun, which stops
+its ranks; any process of the job still alive after a grace period is killed. Linux's parent-death signal covers
+a caller or a torchrun that dies without a word (SIGKILL): no rank outlives the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import importlib
+import io
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+EVENT = "@gplflow-event "  # rank 0's lines for the launcher: the prefix, then one JSON object
+_STOP_GRACE_S = 10.0  # torchrun's time to stop its ranks after SIGTERM before the job's processes are killed
+_TAIL = 200  # torchrun output lines kept for the failure message
+
+
+class RankFailedError(RuntimeError):
+    """A rank of a distributed job failed or was killed (not a user error: a retry resumes from a checkpoint)."""
+
+
+# --- where a process stands --------------------------------------------------------------------------------
+
+
+def rank() -> int:
+    """This process's global rank under torchrun (0 outside a distributed job)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """How many processes the job has (1 outside a distributed job)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Whether this process writes what the job produces (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process may use (0 without CUDA, or with ``GPLFLOW_DEVICE=cpu``)."""
+    from gplflow.adapters import models
+
+    if models.device() != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def this_device() -> str:
+    """The device this rank computes on, as the manifest records it: ``host:cuda:1 (NVIDIA H200)`` or ``host:cpu``."""
+    from gplflow.adapters import models
+
+    host = socket.gethostname()
+    if models.device() != "cuda":
+        return f"{host}:cpu"
+    import torch
+
+    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    return f"{host}:cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def devices_used() -> list[str]:
+    """Every rank's device, in rank order (every rank must call it: it is a collective in a distributed job)."""
+    if world_size() == 1:
+        return [this_device()]
+    import torch.distributed as dist
+
+    found: list[Any] = [None] * world_size()
+    dist.all_gather_object(found, this_device())
+    return [str(d) for d in found]
+
+
+# --- the launcher ------------------------------------------------------------------------------------------
+
+
+def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, what: str,
+           on_event: Callable[[dict[str, Any]], None] | None = None, env: dict[str, str] | None = None) -> None:
+    """Run ``target(payload)`` on ``nproc`` ranks with torchrun on this host and wait for the job to end.
+
+    ``job_dir`` holds the job file and each failed rank's error record (rewritten by every launch). ``on_event``
+    is told rank 0's events (``{"step": 12}``, ``{"step": 12, "loss": 0.4}``). A failed rank raises
+    ``RankFailedError`` naming ``what`` and the rank (a ``GplflowError`` a rank raised comes back as itself: the
+    same user error on every rank).
+    """
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for old in job_dir.glob("rank-*.json"):
+        old.unlink()
+    job = job_dir / JOB_FILE
+    job.write_text(json.dumps({"target": target, "payload": payload}), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "--max-restarts=0", "--monitor-interval=0.5", "-m", __name__, str(job)]
+    process_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    if visible_gpus() == 0 and "OMP_NUM_THREADS" not in process_env:  # torchrun's default is 1 thread a rank
+        process_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    logger.info("%s: starting %d ranks: %s", what, nproc, " ".join(command), extra={"terminal": False})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               text=True, errors="replace", env=process_env, start_new_session=True,
+                               preexec_fn=_die_with_parent(signal.SIGTERM))
+    tail: deque[str] = deque(maxlen=_TAIL)
+    try:
+        _follow(process, what, tail, on_event)
+        code = process.wait()
+    except BaseException:
+        stop(process, what)
+        raise
+    if code != 0:
+        raise _failure(job_dir, nproc, what, code, list(tail))
+
+
+def _follow(process: subprocess.Popen[str], what: str, tail: deque[str],
+            on_event: Callable[[dict[str, Any]], None] | None) -> None:
+    """Read the job's output to its end: events to ``on_event``, every other line to the log file."""
+    for raw in process.stdout or ():
+        line = raw.rstrip("\n")
+        if line.startswith(EVENT):
+            with contextlib.suppress(ValueError):
+                event = json.loads(line[len(EVENT):])
+                if on_event is not None:
+                    on_event(event)
+                continue
+        tail.append(line)
+        if line.strip():
+            logger.info("%s: %s", what, line, extra={"terminal": False})
+
+
+def stop(process: subprocess.Popen[Any], what: str, grace_s: float = _STOP_GRACE_S) -> None:
+    """Stop a job: SIGTERM to torchrun (which stops its ranks), then SIGKILL to whatever of it is left."""
+    import psutil
+
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    if process.poll() is None:
+        logger.warning("%s: stopping the job's %d processes", what, len(family))
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(Exception):
+        family += [c for c in psutil.Process(process.pid).children(recursive=True) if c not in family]
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for leftover in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftover.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    with contextlib.suppress(Exception):
+        process.wait(timeout=grace_s)
+
+
+_ROOT = re.compile(r"Root Cause \(first observed failure\):")
+_FIELD = re.compile(r"^\s*(rank|exitcode)\s*:\s*(\d+|-?\d+.*)$")
+
+
+def _failure(job_dir: Path, nproc: int, what: str, code: int, tail: list[str]) -> Exception:
+    """The one-line error of a failed job, naming the rank that caused it.
+
+    A rank killed by a signal (the OOM killer, a kill) is the cause: the others then fail in their collectives
+    with errors that say nothing, or torchrun stops them with SIGTERM. Else the first error a rank recorded
+    (a ``GplflowError`` comes back as itself); else what torchrun reported."""
+    from gplflow.adapters.errors import InputError
+
+    failures, root = _torchrun_failures(tail)
+    signalled = [f for f in failures if f[1].startswith("SIG") and f[1] != "SIGTERM"]
+    cause = root if root is not None and root[1].startswith("SIG") else next(iter(signalled), None)
+    if cause is not None:
+        return RankFailedError(f"{what}: rank {cause[0]} of {nproc} died ({cause[1]})")
+    records = []
+    for path in job_dir.glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+    if records:
+        first = min(records, key=lambda r: r.get("time", 0.0))
+        if first.get("user_error"):
+            return InputError(first["error"])
+        return RankFailedError(f"{what}: rank {first['rank']} of {nproc} failed: {first['error']}")
+    if root is not None:
+        return RankFailedError(f"{what}: rank {root[0]} of {nproc} failed ({root[1]})")
+    last = next((line.strip() for line in reversed(tail) if line.strip()), "no output")
+    return RankFailedError(f"{what}: torchrun exited with code {code} ({last})")
+
+
+def _torchrun_failures(tail: list[str]) -> tuple[list[tuple[int, str]], tuple[int, str] | None]:
+    """torchrun's failure report: (rank, how it ended: ``SIGKILL`` or ``exit code 1``) of every failure it lists
+    (ranks it stopped itself among them), and of its root cause (the first failure it observed)."""
+    found, current, root_from = [], None, None
+    for line in tail:
+        if _ROOT.search(line):
+            root_from = len(found)
+        match = _FIELD.match(line)
+        if match is None:
+            continue
+        if match.group(1) == "rank":
+            current = int(match.group(2).split(" ")[0])
+        elif current is not None:
+            signal_name = re.search(r"\b(SIG[A-Z]+)\b", match.group(2))
+            found.append((current, signal_name.group(1) if signal_name else f"exit code {match.group(2).split()[0]}"))
+            current = None
+    root = found[root_from] if root_from is not None and root_from < len(found) else None
+    return found, root
+
+
+def _die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the child ``sig`` when this process dies (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    prctl, set_pdeathsig, number = libc.prctl, 1, int(sig)  # PR_SET_PDEATHSIG; resolved before the fork
+
+    def preexec() -> None:
+        prctl(set_pdeathsig, number, 0, 0, 0)
+
+    return preexec
+
+
+# --- the worker (every rank) -------------------------------------------------------------------------------
+
+
+def emit(event: dict[str, Any]) -> None:
+    """Tell the launcher something (rank 0 only; other ranks' events are dropped)."""
+    if is_main():
+        sys.__stdout__.write(EVENT + json.dumps(event) + "\n")
+        sys.__stdout__.flush()
+
+
+def step_events() -> Any:
+    """A ``transformers.TrainerCallback`` emitting rank 0's step after each step and its loss when logged."""
+    from transformers import TrainerCallback
+
+    class StepEvents(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            emit({"step": state.global_step, "max_steps": state.max_steps})
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            emit({"step": state.global_step})
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                emit({"step": state.global_step, "loss": float(logs["loss"])})
+
+    return StepEvents()
+
+
+class _Marked(io.TextIOBase):
+    """A text stream that starts each line with ``[rank N]`` (the launcher logs every rank to one file)."""
+
+    def __init__(self, stream: TextIO, mark: str):
+        self.stream, self.mark, self.at_start = stream, mark, True
+
+    def write(self, text: str) -> int:
+        for piece in re.split(r"(?<=[\n\r])", text):
+            if piece:
+                self.stream.write((self.mark if self.at_start else "") + piece)
+                self.at_start = piece.endswith(("\n", "\r"))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _marked_output(mark: str) -> Iterator[None]:
+    sys.stdout, sys.stderr = _Marked(sys.__stdout__, mark), _Marked(sys.__stderr__, mark)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _record_failure(job_dir: Path, err: BaseException) -> None:
+    """The rank's error, for the launcher's one-line message (a rank killed by a signal records nothing)."""
+    from gplflow.adapters.errors import GplflowError
+
+    message = str(err).splitlines()[0] if str(err).strip() else ""
+    record = {"rank": rank(), "pid": os.getpid(), "time": time.time(), "user_error": isinstance(err, GplflowError),
+              "error": str(err) if isinstance(err, GplflowError) else f"{type(err).__name__}: {message}".rstrip(": ")}
+    path = job_dir / f"rank-{rank()}.json"
+    path.write_text(json.dumps(record), encoding="utf-8")
+
+
+def main(argv: list[str]) -> int:
+    """A rank: read the job file, call its target with its payload, record the error if it fails."""
+    prctl = _die_with_parent(signal.SIGKILL)  # no rank outlives torchrun (whose ranks run in sessions of their own)
+    if prctl is not None:
+        prctl()
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text(encoding="utf-8"))
+    with _marked_output(f"[rank {rank()}] "):
+        try:
+            module, _, function = job["target"].partition(":")
+            getattr(importlib.import_module(module), function)(job["payload"])
+        except BaseException as err:
+            _record_failure(job_path.parent, err)
+            raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
