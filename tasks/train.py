@@ -296,14 +296,16 @@ def progress_callback(progress: ProgressArtifact) -> Any:
 def settings(cfg: Any) -> str:
     t = cfg.train
     return (f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, max length {t.max_seq_length}, "
-            f"seed {t.seed}")
+            f"seed {t.seed}" + (f", train.devices {t.devices}" if t.devices != "auto" else ""))
 
 
 def estimate(cfg: Any, n: int) -> StagePlan:
     t = cfg.train
+    several = f" on {t.devices} devices: one device's rate x{t.devices}, a scaling assumed until measured" \
+        if t.devices != "auto" and int(t.devices) > 1 else ""
     return StagePlan(t.steps, "steps", f"{t.loss}, {t.steps} steps of batch {t.batch_size} "
-                     f"({t.steps * t.batch_size} examples)",
-                     measure=lambda resolved, passages: _rate(t, resolved, passages))
+                     f"({t.steps * t.batch_size} examples){several}",
+                     measure=lambda resolved, passages: _rate(t, resolved, passages) * devices(t))
 
 
 def _rate(t: TrainConfig, resolved: dict[str, Any], passages: list[str]) -> float:

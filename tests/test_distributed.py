@@ -5,6 +5,7 @@ the assertions; the base model has no dropout, so one process and two must give 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,18 @@ from gplflow.tasks.train import TrainConfig
 WORKER = "gplflow.adapters.distributed"  # in every rank's command line
 SETTINGS = {"steps": 24, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 2, "seed": 7, "max_seq_length": 64,
             "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _on_the_cpu():
+    """CPU processes stand in for devices, on a GPU host too (the ranks inherit the setting)."""
+    before = os.environ.get("GPLFLOW_DEVICE")
+    os.environ["GPLFLOW_DEVICE"] = "cpu"
+    yield
+    if before is None:
+        os.environ.pop("GPLFLOW_DEVICE")
+    else:
+        os.environ["GPLFLOW_DEVICE"] = before
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +151,7 @@ def _ndcg(model_dir: Path) -> float:
     return mean_metrics(evaluate_run({qid: {doc_id: 1} for qid, doc_id, _ in QUERIES}, run))["ndcg@10"]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_from_its_checkpoint(margin_mse):
     assert margin_mse.killed == "train: rank 1 of 2 died (SIGKILL)"
     assert margin_mse.left_after_kill == []  # torchrun stopped rank 0
@@ -151,6 +165,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_from_its_che
     assert _ranks() == []
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_model_one_process_trains_with_the_same_global_batch(margin_mse, base):
     texts = [_passage(doc_id) for doc_id, _, _ in PASSAGES]
     one, two = _embed(margin_mse.one.local_dir(), texts), _embed(margin_mse.two.local_dir(), texts)
@@ -205,6 +220,7 @@ def mnrl(base, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(one=one, two=two, cfg=TrainConfig(**{**SETTINGS, **settings}))
 
 
+@pytest.mark.slow
 def test_mnrl_with_two_processes_takes_its_negatives_from_the_global_batch(mnrl, base):
     """With the weights frozen, each step's loss is the base model's loss on that step's global batch: 2 processes
     log the one-process losses, and the first equals MNRL over the whole first batch, not over its halves."""
@@ -218,6 +234,7 @@ def test_mnrl_with_two_processes_takes_its_negatives_from_the_global_batch(mnrl,
     assert mnrl.two.manifest["train"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_sigint_stops_the_launcher_and_every_rank(tmp_path):
     """Ctrl-C in the process that started the job ends torchrun and both ranks; no process is left."""
     script = ("import sys; from pathlib import Path; from gplflow.adapters.distributed import launch; "
