@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
 
 from gplflow.adapters.errors import InputError
 from gplflow.flows.stages import sections
@@ -92,27 +92,6 @@ class PipelineConfig(_Frozen):
     evaluate: EvaluateConfig = EvaluateConfig()
     execution: ExecutionConfig = ExecutionConfig()
     import_: ImportConfig = Field(default=ImportConfig(), alias="import")
-    # the sections of stages that declare their own (flows/stages.py ``Stage.section``), by key; each is read,
-    # written and validated like the sections above (``cfg.section(key)``)
-    extra_sections: dict[str, SerializeAsAny[StageConfig]] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _stage_sections(cls, data: Any) -> Any:
-        declared = {key: kind for key, kind in sections().items() if key not in cls.model_fields}
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        given = dict(data.pop("extra_sections", None) or {})
-        found = {}
-        for key, kind in declared.items():
-            value = data.pop(key, given.get(key))
-            try:
-                found[key] = value if isinstance(value, kind) else kind.model_validate(value or {})
-            except ValidationError as err:
-                raise ValueError("; ".join(f"'{key}.{loc}': {text}" if loc else f"'{key}': {text}"
-                                           for loc, text in _describe_keys(err.errors()))) from None
-        return {**data, "extra_sections": found}
 
     @model_validator(mode="before")
     @classmethod
@@ -203,7 +182,7 @@ class PipelineConfig(_Frozen):
                   origins: KeyOrigins | None = None) -> PipelineConfig:
         """Validate ``data``; each error is prefixed by where its key came from (``origins``), else ``source``."""
         try:
-            return cls.model_validate(data)
+            return _with_sections(cls).model_validate(data)
         except ValidationError as err:
             if origins is None:
                 raise ConfigError(f"{source}: " + "; ".join(_describe_all(err.errors()))) from err
@@ -211,18 +190,16 @@ class PipelineConfig(_Frozen):
                                         for key, text in _describe_keys(err.errors()))) from err
 
     def to_dict(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json", by_alias=True)
-        return {**data, **data.pop("extra_sections")}  # a declared section is a top-level key, as in the file
+        return self.model_dump(mode="json", by_alias=True)
 
     def section(self, key: str) -> StageConfig:
         """A stage's config section by its key (``label``, or a section a registry stage declares)."""
-        return getattr(self, key) if key in type(self).model_fields else self.extra_sections[key]
+        return getattr(self, key)
 
     def value(self, key: str) -> Any:
         """A setting by its dotted key (``pretrain.method``, ``wordcounts.min_length``)."""
-        first, *rest = key.split(".")
-        found: Any = self.extra_sections[first] if first in self.extra_sections else getattr(self, first)
-        for part in rest:
+        found: Any = self
+        for part in key.split("."):
             found = getattr(found, part)
         return found
 
@@ -257,6 +234,20 @@ class PipelineConfig(_Frozen):
     def teacher_ref(self) -> str:
         """The labelling model as configured (``teacher_slot``'s reference)."""
         return self.models.cross_encoder if self.teacher_slot == "cross_encoder" else self.models.bi_encoder_teacher_ref
+
+
+def _with_sections(cls: type[PipelineConfig]) -> type[PipelineConfig]:
+    """``cls`` with a field for each config section a registry stage declares (``Stage.section``): a stage's own
+    section is read, validated, reported (``'filter.teacher_fraction'``, and where the key came from) and written
+    like the built-in ones."""
+    declared = tuple((key, kind) for key, kind in sections().items() if key not in PipelineConfig.model_fields)
+    return _composed(cls, declared) if declared else cls
+
+
+@functools.lru_cache(maxsize=8)
+def _composed(cls: type[PipelineConfig], declared: tuple[tuple[str, type[StageConfig]], ...]) -> type[PipelineConfig]:
+    fields: dict[str, Any] = {key: (kind, Field(default_factory=kind)) for key, kind in declared}
+    return create_model(cls.__name__, __base__=cls, __module__=cls.__module__, **fields)
 
 
 @functools.lru_cache(maxsize=32)
