@@ -223,7 +223,7 @@ def agreement_table(rows: list[dict[str, Any]]) -> Table:
 def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
     """The stages, their work and their estimated time on this device; nothing is run or written."""
     from gplflow.flows.logs import quiet
-    from gplflow.flows.plan import duration, make_plan
+    from gplflow.flows.plan import duration, estimated, make_plan
 
     console.print(f"calibrating each stage on this device for a few seconds (models of '{cfg.name}')…")
     with quiet():
@@ -233,10 +233,14 @@ def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
         table.add_column(column, justify="right" if column in ("rate", "estimated time") else "left")
     for stage in found.stages:
         rate = f"{stage.rate:.3g} {stage.unit}/s" if stage.rate else (stage.note or "?")
-        table.add_row(stage.stage, stage.detail, rate, duration(stage.seconds))
-    table.add_row("total", "", "", duration(found.seconds))
+        if stage.rate and stage.beside:
+            rate += f" + {duration(stage.beside)} ({stage.beside_detail})"
+        table.add_row(stage.stage, stage.detail, rate, estimated(stage.seconds, stage.spread))
+    table.add_row("total", "", "", estimated(found.seconds, found.spread))
     console.print(table)
-    console.print("Estimates assume nothing is reused from an earlier run; model loading is not included.")
+    console.print("Estimates assume nothing is reused from an earlier run. ± is the spread of the calibration's "
+                  "repeated timings (how noisy this machine was), not a bound: model loading, checkpoints and "
+                  "other work on the machine are not in the estimate.")
 
 
 def _ref(ref: str, path: str) -> str:

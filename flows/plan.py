@@ -4,7 +4,8 @@ The stages are the registry's (``flows/stages.py``): its ``when`` picks them, an
 ``estimate`` (the work it does for this config and corpus, and how to time it: ``tasks/planning.py``). Counts come
 from the config and the corpus (ingested into a temporary folder unless the run directory already holds it).
 Rates come from a few seconds of calibration per stage: each configured model is loaded and runs the stage's own
-compute path on a small batch of the corpus, after one warm-up call. Nothing is written to the run directory.
+compute path on a small batch of the corpus, after one warm-up call, three times; the spread of those timings is
+the "±" of the estimate. Nothing is written to the run directory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.flows.config import PipelineConfig
 from gplflow.flows.stages import planned
 from gplflow.tasks import ingest
-from gplflow.tasks.planning import CALIBRATION_STEPS, CALIBRATION_TEXTS, StagePlan
+from gplflow.tasks.planning import CALIBRATION_STEPS, CALIBRATION_TEXTS, Measured, StagePlan, timings
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,14 @@ class Plan:
     def seconds(self) -> float | None:
         found = [s.seconds for s in self.stages]
         return None if any(s is None for s in found) else sum(found)  # type: ignore[misc]
+
+    @property
+    def spread(self) -> float | None:
+        """The total's relative spread: each stage's seconds x spread, summed (the worst case), over the total."""
+        total = self.seconds
+        if not total or any(s.spread is None for s in self.stages):
+            return None
+        return sum(s.seconds * s.spread for s in self.stages) / total  # type: ignore[operator]
 
 
 def make_plan(cfg: PipelineConfig, run_dir: str, calibrate: bool = True) -> Plan:
@@ -81,7 +90,11 @@ def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -
             stage.note = "not calibrated: the stage has no rate measurement"
             continue
         try:
-            stage.rate = stage.measure(resolved, passages)
+            with timings() as spreads:
+                found = stage.measure(resolved, passages)
+            found = found if isinstance(found, Measured) else Measured(found)
+            stage.rate, stage.beside, stage.beside_detail = found
+            stage.spread = max(spreads) if spreads else None
         except Exception as err:  # the stage keeps its counts; the note says why
             logger.debug("calibrating %s failed", stage.stage, exc_info=True)
             stage.note = f"not calibrated: {_first_line(err)}"
@@ -97,6 +110,11 @@ def _passage_sample(corpus: Artifact, n: int) -> list[str]:
 
     texts = passage_texts(corpus.read_table(["title", "text"]).slice(0, n))
     return [texts[i % len(texts)] for i in range(n)]
+
+
+def estimated(seconds: float | None, spread: float | None) -> str:
+    """``12.5 min ±8%`` (the spread left out when it is not known)."""
+    return duration(seconds) + (f" ±{spread:.0%}" if seconds is not None and spread is not None else "")
 
 
 def duration(seconds: float | None) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,7 @@ from gplflow.adapters import artifacts, beir_io
 from gplflow.adapters import metrics as trec
 from gplflow.adapters.errors import InputError, MissingInputError
 from gplflow.adapters.lazy import lazy
+from gplflow.adapters.pair_readers import iter_pairs, read_labels
 from gplflow.adapters.store import MANIFEST, Artifact, ArtifactStore, Check, canonical_json, content_signature
 from gplflow.adapters.text import passage_texts
 from gplflow.adapters.vector_index import VectorIndex
@@ -51,6 +53,7 @@ from gplflow.tasks import promote, significance
 from gplflow.tasks.base import Ref, Seed, StageConfig, StageInputs, stage_task
 from gplflow.tasks.evaluation_table import metrics_table
 from gplflow.tasks.evaluators import (
+    MAP_FILE,
     ClusteringConfig,
     EmbeddingMapConfig,
     Evaluators,
@@ -60,7 +63,7 @@ from gplflow.tasks.evaluators import (
     Teacher,
     signatures,
 )
-from gplflow.tasks.planning import StagePlan, encode_rate
+from gplflow.tasks.planning import Measured, StagePlan, encode_timed, once_then_each, score_rate
 
 # torch, transformers, bm25s: loaded when a stage computes, not when a config is read
 encoding = lazy("gplflow.adapters.encoding")
@@ -438,17 +441,89 @@ def settings(cfg: Any) -> str:
 
 
 def estimate(cfg: Any, n: int) -> StagePlan:
-    """Retrieval's encoding of the corpus by each compared model is timed; the evaluators beside it are named."""
+    """Every text the evaluation encodes is counted (per compared model: the corpus, the held-out and judged
+    queries, both sides of the STS pairs) and the encoding is timed; the teacher's judging of the held-out pool,
+    the clustering and the embedding map are timed on the calibration sample at the run's sizes. MTEB is named,
+    untimed."""
     e = cfg.evaluate
     compared = 3 if cfg.pretrain.method != "none" else 2
-    also = [name for name, on in (("STS", e.sts), ("clustering", e.clustering), ("embedding map", e.embedding_map))
-            if on is not None]
-    if e.mteb is not None:
-        also.append(f"MTEB {' '.join(e.mteb.tasks)} (can take far longer)")
-    untimed = f"; untimed: {', '.join(also)}" if also else ""
-    return StagePlan(compared * n, "texts", f"{compared} models x {n} passages (and the judged or "
-                     f"held-out queries){untimed}", measure=lambda resolved, passages: encode_rate(
-                         resolved["base"], passages, e.max_seq_length, e.batch_size))
+    held = _planned_heldout(cfg, n)
+    judged = len(beir_io.load_eval_set(*_paths(e)).queries) if e.qrels else 0
+    sts = sum(1 for _ in iter_pairs(e.sts.path, "scored", e.sts.format, e.sts.columns.model_dump(),
+                                    e.sts.score_max)) if e.sts is not None else 0
+    texts = compared * (n + held + judged + 2 * sts)
+    counted = [f"{n} passages"] + [f"{k} {what}" for k, what in ((held, "held-out queries"),
+                                                                 (judged, "judged queries"),
+                                                                 (2 * sts, "STS sentences")) if k]
+    untimed = f"; untimed: MTEB {' '.join(e.mteb.tasks)} (can take far longer)" if e.mteb is not None else ""
+    return StagePlan(texts, "texts", f"{compared} models x ({' + '.join(counted)}){untimed}",
+                     measure=lambda resolved, passages: _calibrate(cfg, compared, n, held, resolved, passages))
+
+
+CALIBRATION_ITEMS = 1_000  # clustering is timed on at most this many items, and scaled to the run's
+
+
+def _planned_heldout(cfg: Any, n: int) -> int:
+    """The held-out queries the split will keep (at most: it holds out whole passages' queries)."""
+    from gplflow.tasks.generate import planned_queries
+
+    e = cfg.evaluate
+    if not (cfg.uses_queries and e.heldout_fraction > 0 and e.heldout_max > 0):
+        return 0
+    used, qpp = planned_queries(cfg.generate, n)
+    return min(e.heldout_max, int(e.heldout_fraction * used * qpp))
+
+
+def _calibrate(cfg: Any, compared: int, n: int, held: int, resolved: dict[str, Any],
+               passages: list[str]) -> Measured:
+    """The encoding rate, and the seconds of the evaluators beside it, each run on the calibration passages'
+    embeddings (tiled to the run's size) as many times as models are compared."""
+    from gplflow.adapters import embedding_eval
+
+    e = cfg.evaluate
+    rate, emb = encode_timed(resolved["base"], passages, e.max_seq_length, e.batch_size)
+    seconds, timed = 0.0, []
+    if held and cfg.is_gpl:
+        seconds += _judging_seconds(cfg, compared, n, held, resolved, passages)
+        timed.append(f"judging {held} queries' pools")
+    if (c := e.clustering) is not None:
+        labels = read_labels(c.labels, c.id_column, c.label_column, c.format)
+        items, k = min(n, len(labels), c.max_docs), len(set(labels.values()))
+        size = min(items, CALIBRATION_ITEMS)
+        points, names = _tiled(emb, size, c.seed), [f"label {i % k}" for i in range(size)]
+        seconds += once_then_each(lambda: embedding_eval.cluster_scores(points, names, c.seed, c.min_cluster_size),
+                                  compared) * items / size
+        timed.append(f"clustering {items} items")
+    if (m := e.embedding_map) is not None:
+        shown = min(m.sample, n)
+        size = shown + (held * shown // n if m.queries else 0)
+        points = _tiled(emb, size, m.seed)
+        with tempfile.TemporaryDirectory(prefix="gplflow-plan-") as scratch:
+            seconds += once_then_each(lambda: embedding_eval.embedding_map(
+                {"base": points}, ["passage"] * size, Path(scratch) / MAP_FILE, seed=m.seed), compared)
+        timed.append(f"embedding map of {size} points")
+    return Measured(rate, seconds, ", ".join(timed))
+
+
+def _judging_seconds(cfg: Any, compared: int, n: int, held: int, resolved: dict[str, Any],
+                     passages: list[str]) -> float:
+    """The teacher measures on the held-out queries: at most, per query, its passage, the base's top candidates
+    and every other model's top judge_depth scored (a cross-encoder), or those texts encoded once (a bi-encoder)."""
+    e = cfg.evaluate
+    pool = 1 + max(cfg.mine.negatives_per_query, e.judge_depth) + e.judge_depth * (compared - 1)
+    kind, ref, length, batch = (("cross_encoder", e.judge, e.max_seq_length, e.batch_size) if e.judge else
+                                (cfg.label.teacher, resolved[cfg.teacher_slot], cfg.label.max_seq_length,
+                                 cfg.label.batch_size))
+    per_text = kind == "bi_encoder"
+    work = held + min(n, held * pool) if per_text else held * pool
+    return work / score_rate(kind, ref, passages, length, batch, per_text=per_text,
+                             normalize=not e.judge and cfg.label.bi_encoder_score == "cos_sim")
+
+
+def _tiled(emb: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` rows made from ``emb``'s, repeated with a little noise (so no two are the same point)."""
+    rows = np.resize(np.asarray(emb, dtype=np.float32), (size, emb.shape[1]))
+    return rows + np.random.default_rng(seed).normal(0, 1e-3, rows.shape).astype(np.float32)
 
 
 @stage_task("evaluate retrieval")

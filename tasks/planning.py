@@ -2,21 +2,57 @@
 
 Each stage module writes its own ``estimate(cfg, passages) -> StagePlan`` beside its task; the registry names it
 and ``flows/plan.py`` runs the calibration and prints the table. The helpers here time a stage's own compute path
-on a few corpus passages, after one warm-up call.
+on a few corpus passages, after one warm-up call, several times: the median is the estimate, and the spread of
+the timings (``timings``) says how noisy this machine was while calibrating, which the plan shows as "±x%".
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 CALIBRATION_TEXTS = 128  # texts encoded or pairs scored to measure a rate
 CALIBRATION_STEPS = 3  # training steps; the first one (setup) is not counted
 CALIBRATION_PASSAGES = 16  # passages given to the generator (at most one batch)
+REPEATS = 3  # timed calls after the warm-up: their median is the time, their spread the noise
 
-Measure = Callable[[dict[str, Any], list[str]], float]  # (resolved models, passages) -> units per second
+
+class Measured(NamedTuple):
+    """A stage's calibration: its rate, and the seconds it spends beside the work counted at that rate (evaluate's
+    clustering and embedding map), with what those are, in words."""
+
+    rate: float
+    beside: float = 0.0
+    beside_detail: str = ""
+
+
+# (resolved models, passages) -> units per second, or a Measured
+Measure = Callable[[dict[str, Any], list[str]], "float | Measured"]
+_SPREADS: ContextVar[list[float] | None] = ContextVar("gplflow_calibration_spreads", default=None)
+
+
+@contextmanager
+def timings() -> Iterator[list[float]]:
+    """The relative spreads of the timings made inside (by ``clock`` and ``StepClock.rate``): 0.1 = ±10%."""
+    found: list[float] = []
+    token = _SPREADS.set(found)
+    try:
+        yield found
+    finally:
+        _SPREADS.reset(token)
+
+
+def _median(samples: list[float]) -> float:
+    """The median of ``samples`` (seconds), its spread (half the range over the median) noted for ``timings``."""
+    middle = max(statistics.median(samples), 1e-9)
+    if (noted := _SPREADS.get()) is not None and len(samples) > 1:
+        noted.append((max(samples) - min(samples)) / (2 * middle))
+    return middle
 
 
 @dataclass
@@ -34,18 +70,25 @@ class StagePlan:
     note: str = ""
     measure: Measure | None = field(default=None, repr=False, compare=False)
     stage: str = ""
+    spread: float | None = None  # the calibration timings' relative spread (0.1: ±10%); None when not measured
+    beside: float = 0.0  # seconds spent beside ``work`` at ``rate`` (Measured.beside)
+    beside_detail: str = ""
 
     @property
     def seconds(self) -> float | None:
-        return self.work / self.rate if self.rate else None
+        return self.work / self.rate + self.beside if self.rate else None
 
 
-def clock(fn: Callable[[], Any]) -> float:
-    """Seconds of the second of two calls: the first pays for one-off work (kernels chosen per shape, caches)."""
+def clock(fn: Callable[[], Any], repeats: int = REPEATS) -> float:
+    """Seconds of one call: the median of ``repeats`` timed calls after a warm-up call, which pays for one-off
+    work (kernels chosen per shape, caches). Their spread is noted for ``timings``."""
     fn()
-    started = time.perf_counter()
-    fn()
-    return max(time.perf_counter() - started, 1e-9)
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return _median(samples)
 
 
 def pseudo_query(passage: str) -> str:
@@ -54,11 +97,33 @@ def pseudo_query(passage: str) -> str:
 
 def encode_rate(ref: str, texts: list[str], max_seq_length: int | None, batch_size: int) -> float:
     """Texts per second a bi-encoder encodes."""
+    return encode_timed(ref, texts, max_seq_length, batch_size)[0]
+
+
+def encode_timed(ref: str, texts: list[str], max_seq_length: int | None, batch_size: int) -> tuple[float, Any]:
+    """Texts per second a bi-encoder encodes, and the embeddings of the calibration texts (a numpy array)."""
     from gplflow.adapters import encoding, models
 
     model = models.load_bi_encoder(ref, max_seq_length=max_seq_length, inference=True)
-    texts = texts[:CALIBRATION_TEXTS]
-    return len(texts) / clock(lambda: encoding.encode(model, texts, batch_size=batch_size, show_progress=False))
+    texts, found = texts[:CALIBRATION_TEXTS], []
+
+    def encode() -> None:
+        found[:] = [encoding.encode(model, texts, batch_size=batch_size, show_progress=False)]
+
+    return len(texts) / clock(encode), found[0]
+
+
+def once_then_each(fn: Callable[[], Any], times: int) -> float:
+    """Seconds ``times`` calls of ``fn`` take in one process: the first call (which pays one-off costs such as a
+    library's JIT compilation, as the run will) plus ``times - 1`` second calls."""
+    started = time.perf_counter()
+    fn()
+    first = time.perf_counter() - started
+    if times < 2:
+        return first
+    started = time.perf_counter()
+    fn()
+    return first + (times - 1) * (time.perf_counter() - started)
 
 
 def score_rate(kind: str, ref: str, passages: list[str], max_seq_length: int, batch_size: int,
@@ -97,4 +162,6 @@ class StepClock:
         return Clock()
 
     def rate(self) -> float:
-        return (len(self.stamps) - 1) / max(self.stamps[-1] - self.stamps[0], 1e-9)
+        """Steps per second after the first step; the spread of the step times is noted for ``timings``."""
+        steps = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        return 1 / _median(steps) if steps else 1e-9

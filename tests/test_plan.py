@@ -111,11 +111,11 @@ def test_generation_is_calibrated_at_the_runs_own_queries_per_passage(config_fil
     assert seen and set(seen) == {5}
 
 
-def test_the_evaluators_beside_retrieval_are_named_as_untimed(config_file, tmp_path):
+def test_only_mteb_is_named_as_untimed(config_file, tmp_path):  # the other evaluators: test_plan_evaluators.py
     plain = PipelineConfig.load(config_file, ["evaluate.heldout_fraction=0.05"])
     more = PipelineConfig.load(config_file, ["evaluate.heldout_fraction=0.05", "evaluate.embedding_map={sample: 10}",
                                              "evaluate.mteb={tasks: [SciFact]}"])
     details = [{s.stage: s.detail for s in make_plan(c, str(tmp_path / "run"), calibrate=False).stages}["evaluate"]
                for c in (plain, more)]
     assert "untimed" not in details[0]
-    assert details[1].endswith("; untimed: embedding map, MTEB SciFact (can take far longer)")
+    assert details[1].endswith("; untimed: MTEB SciFact (can take far longer)")
