@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import sys
@@ -101,6 +102,52 @@ def ingest(
     dropped = artifact.counters.get("empty_text", 0)
     console.print(f"corpus: {artifact.rows} documents → {artifact.url}" + (f" ({dropped} empty dropped)"
                                                                           if dropped else ""))
+
+
+@app.command()
+def init(
+    corpus: Annotated[Path, typer.Argument(help="Your corpus: a folder of .txt/.md files, a BEIR folder, a "
+                                           "JSONL/CSV/TSV/Parquet file or a datasets folder.")],
+    out: Annotated[Path, typer.Option("--out", help="The config file to write.")] = Path("my-corpus.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Print the plan of the config written "
+                                       "(a few seconds of calibration).")] = True,
+) -> None:
+    """Write a config for CORPUS (configs/my-corpus.yaml with corpus.path and the detected format filled in:
+    offline models, no judgements needed), then print its plan."""
+    from gplflow.adapters.corpus_readers import detect_format
+
+    with user_errors():
+        if out.exists() and not force:
+            raise InputError(f"{out}: already exists; pass --force to replace it, or --out another file")
+        fmt = detect_format(corpus)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(init_config(corpus, fmt, out), encoding="utf-8")
+        console.print(f"wrote {out}: corpus {corpus} ({fmt}); run it with: gplflow run {out}", highlight=False)
+        if fmt in ("jsonl", "csv", "tsv", "parquet"):
+            console.print("its fields are read as corpus.id_field '_id', title_field 'title' and text_field 'text': "
+                          f"edit {out} if your columns are named otherwise", highlight=False)
+        if plan:
+            _run(out, [], None, plan=True)
+
+
+def init_config(corpus: Path, fmt: str, out: Path) -> str:
+    """configs/my-corpus.yaml's text for ``corpus``: its name, path (relative to ``out``'s folder) and format."""
+    import re
+
+    text = (PROJECT_ROOT / "configs" / "my-corpus.yaml").read_text(encoding="utf-8")
+    try:
+        path = os.path.relpath(corpus.resolve(), out.resolve().parent)
+    except ValueError:  # another drive (Windows): no relative path
+        path = str(corpus.resolve())
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", corpus.resolve().stem).strip("-") or "my-corpus"
+    edits = ((r"^name: .*$", f"name: {name}"), (r"^  path: \S+", f"  path: {json.dumps(path)}"),
+             (r"^  # format: \S+", f"  format: {fmt}"))
+    for pattern, value in edits:
+        text, found = re.subn(pattern, lambda _m, v=value: v, text, count=1, flags=re.MULTILINE)
+        if found != 1:
+            raise RuntimeError(f"configs/my-corpus.yaml has no line matching {pattern!r}")
+    return f"# Written by `gplflow init {corpus}` (format detected: {fmt}) from configs/my-corpus.yaml.\n" + text
 
 
 @contextlib.contextmanager
