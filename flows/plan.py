@@ -21,7 +21,7 @@ from gplflow.adapters.store import Artifact, ArtifactStore
 from gplflow.flows.config import PipelineConfig
 from gplflow.flows.stages import planned
 from gplflow.tasks import ingest
-from gplflow.tasks.planning import CALIBRATION_STEPS, CALIBRATION_TEXTS, Measured, StagePlan, timings
+from gplflow.tasks.planning import CALIBRATION_STEPS, CALIBRATION_TEXTS, Measured, StagePlan, calibration, timings
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def make_plan(cfg: PipelineConfig, run_dir: str, calibrate: bool = True) -> Plan
         corpus = _corpus(cfg.corpus, run_dir, Path(scratch))
         stages = planned_stages(cfg, corpus.rows)
         if calibrate:
-            _calibrate(cfg, corpus, stages)
+            with calibration():
+                _calibrate(cfg, corpus, stages)
     return Plan(models.device(), corpus.rows, stages)
 
 

@@ -34,6 +34,18 @@ class Measured(NamedTuple):
 # (resolved models, passages) -> units per second, or a Measured
 Measure = Callable[[dict[str, Any], list[str]], "float | Measured"]
 _SPREADS: ContextVar[list[float] | None] = ContextVar("gplflow_calibration_spreads", default=None)
+_RATES: ContextVar[dict[tuple[Any, ...], tuple[float, list[float]]] | None] = ContextVar("gplflow_rates", default=None)
+
+
+@contextmanager
+def calibration() -> Iterator[None]:
+    """One plan's calibration: a rate two stages measure alike (label's and evaluate's judge scoring the same
+    pairs with the same teacher) is measured once, and its spread noted for both."""
+    token = _RATES.set({})
+    try:
+        yield
+    finally:
+        _RATES.reset(token)
 
 
 @contextmanager
@@ -60,7 +72,8 @@ class StagePlan:
     """One stage: how much work, in which unit, and the calibrated rate (None when it could not be measured).
 
     ``measure`` times the stage's own compute path on a few passages (given the resolved models and the passage
-    sample) and returns its rate in ``unit`` per second. ``stage`` is the registry's name, set by the plan.
+    sample) and returns its rate in ``unit`` per second, or a ``Measured`` (the rate and the seconds spent beside
+    that work). ``stage`` is the registry's name, set by the plan; ``spread`` and ``beside`` are set by it too.
     """
 
     work: float
@@ -133,11 +146,23 @@ def score_rate(kind: str, ref: str, passages: list[str], max_seq_length: int, ba
 
     from gplflow.adapters.scoring import load_scorer
 
-    scorer = load_scorer(kind, ref, max_seq_length=max_seq_length, batch_size=batch_size, normalize=normalize)
     texts = passages[:CALIBRATION_TEXTS]
-    queries = [pseudo_query(p) for p in texts]
-    every = np.arange(len(texts))
-    return (2 if per_text else 1) * len(texts) / clock(lambda: scorer.score(queries, texts, every, np.roll(every, 1)))
+    key = ("score", kind, ref, max_seq_length, batch_size, normalize, tuple(texts))
+    if (known := (_RATES.get() or {}).get(key)) is not None:
+        seconds, spreads = known
+        if (noted := _SPREADS.get()) is not None:
+            noted.extend(spreads)
+    else:
+        scorer = load_scorer(kind, ref, max_seq_length=max_seq_length, batch_size=batch_size, normalize=normalize)
+        queries = [pseudo_query(p) for p in texts]
+        every = np.arange(len(texts))
+        with timings() as spreads:
+            seconds = clock(lambda: scorer.score(queries, texts, every, np.roll(every, 1)))
+        if (noted := _SPREADS.get()) is not None:
+            noted.extend(spreads)
+        if (rates := _RATES.get()) is not None:
+            rates[key] = seconds, spreads
+    return (2 if per_text else 1) * len(texts) / seconds
 
 
 class StepClock:

@@ -98,3 +98,33 @@ def test_the_total_spread_weighs_each_stage_by_its_seconds():
     assert estimated(plan.seconds, plan.spread) == "40 s ±40%"
     assert estimated(90.0, None) == "1.5 min" and estimated(None, 0.2) == "?"
     assert Plan("cpu", 10, [*stages, StagePlan(5, "texts", "")]).spread is None  # a stage not calibrated
+
+
+def test_a_rate_two_stages_measure_alike_is_measured_once_per_plan(monkeypatch):
+    """label's teacher and evaluate's judge are one model scoring the same pairs: one calibration in a plan."""
+    import numpy as np
+
+    from gplflow.adapters import scoring
+    from gplflow.tasks.planning import calibration, score_rate
+
+    loads: list[str] = []
+
+    class Scorer:
+        def score(self, queries, texts, left, right):
+            return np.zeros(len(left))
+
+    def load(kind, ref, **settings):
+        loads.append(ref)
+        return Scorer()
+
+    monkeypatch.setattr(scoring, "load_scorer", load)
+    texts = [f"passage {i} about bees and their hives" for i in range(8)]
+    with calibration():
+        with timings() as first:
+            pairs = score_rate("cross_encoder", "/teacher", texts, 32, 8)
+        with timings() as second:
+            assert score_rate("cross_encoder", "/teacher", texts, 32, 8, per_text=True) == pytest.approx(2 * pairs)
+        score_rate("cross_encoder", "/judge", texts, 32, 8)
+    assert loads == ["/teacher", "/judge"] and first == second and len(first) == 1
+    score_rate("cross_encoder", "/teacher", texts, 32, 8)  # outside a plan's calibration: measured again
+    assert loads == ["/teacher", "/judge", "/teacher"]
