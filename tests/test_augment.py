@@ -283,8 +283,12 @@ def test_augmented_sbert_flow_end_to_end_then_cached_and_in_status(prefect_api, 
 
 
 def test_status_lists_the_augmented_stages_and_when_they_run(tmp_path):
+    from artifact_rows import write_artifact
+
     from gplflow.flows.status import run_status
 
-    rows = [row for row in run_status(ArtifactStore(tmp_path)) if row.stage in AUGMENTED[1:4]]
+    store = ArtifactStore(tmp_path)
+    write_artifact(store, "corpus", [("d1", "", "bees make honey")])  # a run directory: something is in it
+    rows = [row for row in run_status(store) if row.stage in AUGMENTED[1:4]]
     assert [row.stage for row in rows] == ["cross-encoder", "silver-candidates", "silver"]
     assert {row.rerun for row in rows} == {"compute, if the flow is augmented_sbert"}

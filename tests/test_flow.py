@@ -89,7 +89,7 @@ def test_gpl_rerun_recomputes_nothing_and_train_steps_recompute_only_train_and_e
     triples = store.require("triples").read_pandas()
     assert held.isdisjoint(triples["query_id"])  # never labelled nor trained on
     assert set(heldout["doc_id"]).isdisjoint(triples["pos_doc_id"])  # held out by passage
-    assert set(first["metrics"]["evaluations"]) == {"qrels", "heldout"}
+    assert set(first["metrics"]["evaluations"]) == {"qrels", "heldout", "heldout_low_overlap", "teacher"}
     assert all(set(e["models"]) == {"base", "adapted"} for e in first["metrics"]["evaluations"].values())
     before = _manifests(run_dir)
     assert set(before) == set(STAGES)

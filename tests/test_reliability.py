@@ -425,7 +425,7 @@ def test_every_numeric_config_field_has_bounds() -> None:
     from gplflow.flows.config import PipelineConfig
 
     # int | 'auto': checked by a field validator
-    validated = {"generate.queries_per_passage", "generate.batch_size", "label.triples"}
+    validated = {"generate.queries_per_passage", "generate.batch_size", "label.triples", "train.devices"}
     unbounded = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -690,14 +690,13 @@ _LIMITED_TRAIN = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 from gplflow.adapters.store import ArtifactStore
-from gplflow.tasks.train import TrainConfig
-from stage_calls import run_train
+from gplflow.tasks.train import TrainConfig, TrainInputs, run_train
 store = ArtifactStore(sys.argv[1])
 corpus, queries = store.require("corpus"), store.require("queries")
 cfg = TrainConfig(loss="mnrl", steps=4, batch_size=4, checkpoint_every=2, max_seq_length=32, warmup_steps=0)
 resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))  # the tiny model's weights are ~1.2 MB
 try:
-    run_train(cfg, store, sys.argv[2], corpus, queries, None)
+    run_train(TrainInputs(run_dir=sys.argv[1], cfg=cfg, base_model=sys.argv[2], corpus=corpus.ref, queries=queries.ref))
 except Exception as err:
     print("ERROR", type(err).__name__, str(err).splitlines()[0])
 """
