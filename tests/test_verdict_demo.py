@@ -1,10 +1,10 @@
 """The verdict without qrels never contradicts the verdict with them, on the demo's configuration.
 
-One slice of the demo corpus (90 passages; 80 training steps of 16 instead of 200 of 32), three runs into one
+One slice of the demo corpus (60 passages; 40 training steps of 16 instead of 200 of 32), three runs into one
 run directory (the later ones reuse what they share): the demo as configured, with its qrels; the same with
 ``evaluate.qrels`` removed (only evaluate and promote rerun); and a run made worse on purpose (learning rate 0.5,
 60 steps), without qrels, whose adapted model must not be promoted. STS, clustering and the map are left out:
-they do not enter the verdict. About 3 minutes on 2 shared CPU cores: the issue's acceptance test.
+they do not enter the verdict. About 2 minutes on 2 CPU cores: the issue's acceptance test.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gplflow.adapters.models import packaged_minilm_path
 from gplflow.flows.pipeline import gpl_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-N_DOCS = 90
+N_DOCS = 60
 OPPOSITE = {"better", "worse"}
 
 pytestmark = [pytest.mark.slow,
@@ -36,7 +36,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     cfg = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
     cfg["corpus"]["path"] = "corpus/corpus.jsonl"
     cfg["evaluate"] = {"qrels": "corpus/qrels/test.tsv", "heldout_fraction": 0.2, "resamples": 2000}
-    cfg["train"].update(steps=80, batch_size=16, checkpoint_every=1000)  # the demo's 200 x 32, cut for the suite
+    cfg["train"].update(steps=40, batch_size=16, checkpoint_every=1000)  # the demo's 200 x 32, cut for the suite
     path = root / "demo-slice.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = str(root / "run")
