@@ -34,7 +34,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value.")]
 PlanOption = Annotated[bool, typer.Option("--plan", help="Print what the config will do and each stage's estimated "
-                                          "time on this device (a few seconds of calibration); run nothing.")]
+                                          "time on this device (a calibration of its models: seconds to minutes); "
+                                          "run nothing.")]
 RunDirOption = Annotated[str | None, typer.Option("--run-dir", help="Where the stage artifacts go "
                                                   "(default runs/<name>); a local path or an fsspec URL.")]
 
@@ -111,7 +112,7 @@ def init(
     out: Annotated[Path, typer.Option("--out", help="The config file to write.")] = Path("my-corpus.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     plan: Annotated[bool, typer.Option("--plan/--no-plan", help="Print the plan of the config written "
-                                       "(a few seconds of calibration).")] = True,
+                                       "(a calibration of its models: seconds to minutes).")] = True,
 ) -> None:
     """Write a config for CORPUS (configs/my-corpus.yaml with corpus.path and the detected format filled in:
     offline models, no judgements needed), then print its plan."""
@@ -272,7 +273,7 @@ def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
     from gplflow.flows.logs import quiet
     from gplflow.flows.plan import duration, estimated, make_plan
 
-    console.print(f"calibrating each stage on this device for a few seconds (models of '{cfg.name}')…")
+    console.print(f"calibrating each stage on this device with the models of '{cfg.name}' (seconds to minutes)…")
     with quiet():
         found = make_plan(cfg, run_dir)
     table = Table(title=f"plan for '{cfg.name}' on {found.device}: {found.passages} passages")
