@@ -187,10 +187,7 @@ def _teacher(run: Run) -> Teacher | None:
     """GPL's teacher, for its agreement on the held-out queries (None when the run has no teacher or none held out)."""
     if not run.cfg.is_gpl or run.heldout is None:
         return None
-    cfg = run.cfg.label
-    return Teacher(kind=cfg.teacher, ref=run.models[run.cfg.teacher_slot], max_seq_length=cfg.max_seq_length,
-                   batch_size=cfg.batch_size, normalize=cfg.bi_encoder_score == "cos_sim",
-                   candidates=run.cfg.mine.negatives_per_query)
+    return Teacher.of(run.cfg, run.models, candidates=run.cfg.mine.negatives_per_query)
 
 
 def _filter_inputs(run: Run) -> query_filter.FilterInputs:

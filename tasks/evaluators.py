@@ -45,6 +45,7 @@ from gplflow.adapters.lazy import lazy
 from gplflow.adapters.pair_readers import iter_pairs, read_labels
 from gplflow.adapters.store import content_signature
 from gplflow.tasks.base import Seed, StageConfig
+from gplflow.tasks.label import TeacherModel
 from gplflow.tasks.pairs import PairColumnsConfig
 
 # torch, transformers, bm25s: loaded when a stage computes, not when a config is read
@@ -137,14 +138,9 @@ def mteb_tasks(cfg: MtebConfig) -> list[Any]:
     return found
 
 
-class Teacher(StageConfig):
+class Teacher(TeacherModel):
     """The run's labelling model, for teacher agreement on the held-out queries (see ``label``)."""
 
-    kind: Literal["cross_encoder", "bi_encoder"]
-    ref: str
-    max_seq_length: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    normalize: bool = False
     candidates: int = Field(default=20, gt=0)  # the base model's top passages each held-out query is ranked among
 
 

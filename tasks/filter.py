@@ -49,6 +49,7 @@ from gplflow.adapters.text import passage_texts
 from gplflow.tasks.base import ModelUse, Ref, StageConfig, StageInputs, stage_task
 from gplflow.tasks.evaluate import token_overlap
 from gplflow.tasks.generate import planned_queries
+from gplflow.tasks.label import TeacherModel
 from gplflow.tasks.planning import StagePlan, encode_rate, score_rate
 
 # torch, transformers, faiss: loaded when the stage computes, not when a config is read
@@ -119,21 +120,6 @@ class Encoder(StageConfig):
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
 
 
-class TeacherModel(StageConfig):
-    """The run's teacher as resolved, with labelling's settings, so its scores are the ones labelling would get."""
-
-    kind: Literal["cross_encoder", "bi_encoder"]
-    ref: str
-    max_seq_length: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    normalize: bool = False
-
-    def record(self) -> dict[str, Any]:
-        """What labelling checks before it takes these scores as its own (the model by content)."""
-        return {"kind": self.kind, "signature": model_signature(self.ref), "max_seq_length": self.max_seq_length,
-                "normalize": self.normalize}
-
-
 class FilterInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
     """What the filter reads: the training queries, the corpus, and the models of the rules that use one."""
 
@@ -185,9 +171,7 @@ def teacher(cfg: Any, models: dict[str, Any]) -> TeacherModel | None:
     """The run's teacher with labelling's settings (None when the teacher rule is off)."""
     if cfg.section(SECTION).teacher_fraction is None:
         return None
-    lb = cfg.label
-    return TeacherModel(kind=lb.teacher, ref=str(models[cfg.teacher_slot]), max_seq_length=lb.max_seq_length,
-                        batch_size=lb.batch_size, normalize=lb.bi_encoder_score == "cos_sim")
+    return TeacherModel.of(cfg, models)
 
 
 def problems(cfg: Any) -> list[tuple[str, str]]:

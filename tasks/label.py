@@ -73,6 +73,29 @@ class LabelConfig(StageConfig):
     bi_encoder_score: Literal["dot", "cos_sim"] = "dot"  # bi_encoder teacher: cos_sim normalises first
 
 
+class TeacherModel(StageConfig):
+    """The run's teacher as resolved, with labelling's settings, so whoever scores with it (the filter, the
+    teacher-judged evaluation) gets the scores labelling would get."""
+
+    kind: Literal["cross_encoder", "bi_encoder"]
+    ref: str
+    max_seq_length: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    normalize: bool = False
+
+    @classmethod
+    def of(cls, cfg: Any, models: dict[str, Any], **more: Any) -> Any:
+        """The teacher of a run of ``cfg`` (a PipelineConfig) among its resolved ``models``."""
+        lb = cfg.label
+        return cls(kind=lb.teacher, ref=str(models[cfg.teacher_slot]), max_seq_length=lb.max_seq_length,
+                   batch_size=lb.batch_size, normalize=lb.bi_encoder_score == "cos_sim", **more)
+
+    def record(self) -> dict[str, Any]:
+        """What labelling checks before it takes another stage's scores as its own (the model by content)."""
+        return {"kind": self.kind, "signature": model_signature(self.ref), "max_seq_length": self.max_seq_length,
+                "normalize": self.normalize}
+
+
 def resolve_triples(cfg: LabelConfig, train_steps: int, train_batch_size: int) -> int:
     """How many triples to label: the configured count, or one per training example for ``auto``."""
     n = train_steps * train_batch_size if cfg.triples == "auto" else cfg.triples

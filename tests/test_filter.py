@@ -22,8 +22,8 @@ from gplflow.adapters.store import ArtifactStore, Ref
 from gplflow.adapters.text import passage_text
 from gplflow.flows.config import ConfigError, PipelineConfig
 from gplflow.flows.stages import STAGES, Run
-from gplflow.tasks.filter import Encoder, FilterConfig, FilterInputs, TeacherModel, run_filter
-from gplflow.tasks.label import LabelConfig, LabelInputs, run_label
+from gplflow.tasks.filter import Encoder, FilterConfig, FilterInputs, run_filter
+from gplflow.tasks.label import LabelConfig, LabelInputs, TeacherModel, run_label
 
 CORPUS = [
     ("d1", "Bees", "Bees make honey from the nectar they collect from flowers."),
