@@ -277,18 +277,21 @@ def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
     with quiet():
         found = make_plan(cfg, run_dir)
     table = Table(title=f"plan for '{cfg.name}' on {found.device}: {found.passages} passages")
-    for column in ("stage", "work", "rate", "estimated time"):
+    for column in ("stage", "work", "rate", "estimated time", run_dir):
         table.add_column(column, justify="right" if column in ("rate", "estimated time") else "left")
     for stage in found.stages:
         rate = f"{stage.rate:.3g} {stage.unit}/s" if stage.rate else (stage.note or "?")
         if stage.rate and stage.beside:
             rate += f" + {duration(stage.beside)} ({stage.beside_detail})"
-        table.add_row(stage.stage, stage.detail, rate, estimated(stage.seconds, stage.spread))
-    table.add_row("total", "", "", estimated(found.seconds, found.spread))
+        table.add_row(stage.stage, stage.detail, rate, estimated(stage.seconds, stage.spread),
+                      "reuse" if stage.stage in found.reused else "compute")
+    table.add_row("total", "", "", estimated(found.seconds, found.spread), "")
     console.print(table)
-    console.print("Estimates assume nothing is reused from an earlier run. ± is the spread of the calibration's "
-                  "repeated timings (how noisy this machine was), not a bound: model loading, checkpoints and "
-                  "other work on the machine are not in the estimate.")
+    if found.reused:
+        console.print(f"{run_dir} already holds what this config makes in: {', '.join(sorted(found.reused))}; "
+                      "the stages marked compute are what a run of it computes (the estimates count every stage).")
+    console.print("± is the spread of the calibration's repeated timings (how noisy this machine was), not a bound: "
+                  "model loading, checkpoints and other work on the machine are not in the estimate.")
 
 
 def _ref(ref: str, path: str) -> str:

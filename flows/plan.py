@@ -31,6 +31,7 @@ class Plan:
     device: str
     passages: int
     stages: list[StagePlan]
+    reused: frozenset[str] = frozenset()  # the stages the run directory already holds, made from this config
 
     @property
     def seconds(self) -> float | None:
@@ -58,7 +59,30 @@ def make_plan(cfg: PipelineConfig, run_dir: str, calibrate: bool = True) -> Plan
         if calibrate:
             with calibration():
                 _calibrate(cfg, corpus, stages)
-    return Plan(models.device(), corpus.rows, stages)
+    return Plan(models.device(), corpus.rows, stages, frozenset(reused_stages(cfg, run_dir)))
+
+
+def reused_stages(cfg: PipelineConfig, run_dir: str) -> list[str]:
+    """The stages a run of ``cfg`` in ``run_dir`` would reuse: in registry order, each whose artifact the run
+    directory holds with exactly the fingerprint this config gives it, up to the first that would be computed
+    (what follows it reads what it has not made yet, so it is computed too). What a change of the config
+    recomputes is the rest of the plan."""
+    from gplflow.flows.models import resolve_models
+    from gplflow.flows.stages import Run
+
+    store = ArtifactStore(run_dir)
+    if not store.fs.isdir(store.root):
+        return []
+    run, found = Run(cfg, run_dir), []
+    for stage in planned(cfg):
+        if found and run.resolved is None:  # the corpus was reused: tiny models are built from it, as a run does
+            run.resolved = resolve_models(cfg, store)
+        fps = stage.inputs(run).fingerprints()
+        if not all(store.load(name, expect_fingerprint=fp) is not None for name, fp in fps.items()):
+            break
+        run.fps.update(fps)
+        found.append(stage.name)
+    return found
 
 
 def _corpus(cfg: ingest.IngestConfig, run_dir: str, scratch: Path) -> Artifact:

@@ -119,3 +119,32 @@ def test_only_mteb_is_named_as_untimed(config_file, tmp_path):  # the other eval
                for c in (plain, more)]
     assert "untimed" not in details[0]
     assert details[1].endswith("; untimed: MTEB SciFact (can take far longer)")
+
+
+def test_the_plan_says_what_a_changed_config_recomputes_in_an_existing_run_directory(tmp_path):
+    """Stages whose artifacts the run directory holds with this config's fingerprints are reused; a change
+    recomputes its stage and everything after it (a train.steps change with label.triples auto relabels)."""
+    from gplflow.flows.plan import reused_stages
+    from gplflow.flows.stages import Run, planned
+
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(f"Bees of hive {i} make honey. Honey is sweet food number {i}. "
+                                          f"Hives hold many bees in summer {i}.")
+    cfg = PipelineConfig.from_dict({"name": "reuse", "profile": "tiny", "corpus": {"path": str(corpus)},
+                                    "generate": {"method": "extractive", "queries_per_passage": 2},
+                                    "evaluate": {"heldout_fraction": 0}, "train": {"steps": 2, "batch_size": 4}})
+    run_dir = str(tmp_path / "run")
+    assert reused_stages(cfg, run_dir) == []  # no run directory yet: everything computes
+    from prefect.logging import disable_run_logger
+
+    run = Run(cfg, run_dir)
+    with disable_run_logger():
+        for stage in planned(cfg)[:4]:  # ingest, generate, mine and label, computed as the pipeline does
+            run.record(stage, stage.task.fn(stage.inputs(run)))
+    assert reused_stages(cfg, run_dir) == ["ingest", "generate", "mine", "label"]
+    other_seed = PipelineConfig.from_dict({**cfg.to_dict(), "generate": {**cfg.generate.model_dump(), "seed": 9}})
+    assert reused_stages(other_seed, run_dir) == ["ingest"]  # the queries change, and all after them
+    more_steps = PipelineConfig.from_dict({**cfg.to_dict(), "train": {**cfg.train.model_dump(), "steps": 3}})
+    assert reused_stages(more_steps, run_dir) == ["ingest", "generate", "mine"]  # auto triples: label reruns
