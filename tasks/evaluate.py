@@ -456,8 +456,20 @@ def estimate(cfg: Any, n: int) -> StagePlan:
                                                                  (judged, "judged queries"),
                                                                  (2 * sts, "STS sentences")) if k]
     untimed = f"; untimed: MTEB {' '.join(e.mteb.tasks)} (can take far longer)" if e.mteb is not None else ""
-    return StagePlan(texts, "texts", f"{compared} models x ({' + '.join(counted)}){untimed}",
+    return StagePlan(texts, "texts", f"{compared} models x ({' + '.join(counted)}){untimed}{_power(e, judged, held)}",
                      measure=lambda resolved, passages: _calibrate(cfg, compared, n, held, resolved, passages))
+
+
+def _power(e: EvaluateConfig, judged: int, held: int) -> str:
+    """What the verdict can resolve: the smallest nDCG@10 gain its queries tell from noise (``significance``)."""
+    from gplflow.tasks.significance import ASSUMED_SD, resolvable_gain
+
+    n, what = (judged, "judged") if judged else (held, "held-out")
+    if (gain := resolvable_gain(n, e.alpha)) is None:
+        return "; no verdict: no judged or held-out queries"
+    return (f"; the verdict resolves nDCG@10 gains above about ±{gain:.3f} with {n} {what} queries (alpha "
+            f"{e.alpha:g}, 80% power, per-query sd {ASSUMED_SD} assumed; raise evaluate.heldout_max or "
+            f"heldout_fraction for smaller gains)")
 
 
 CALIBRATION_ITEMS = 1_000  # clustering is timed on at most this many items, and scaled to the run's

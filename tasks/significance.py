@@ -100,6 +100,18 @@ def queries_needed(gain: float, sd: float, alpha: float, power: float = POWER) -
     return max(floor, math.ceil((z * sd / gain) ** 2))
 
 
+ASSUMED_SD = 0.15  # per-query sd of nDCG@10 differences, for plans made before any run: the demo's measured 0.14-0.19
+
+
+def resolvable_gain(n: int, alpha: float, sd: float = ASSUMED_SD, power: float = POWER) -> float | None:
+    """The smallest gain ``n`` paired queries resolve at ``alpha`` with ``power`` (``queries_needed`` turned round;
+    normal approximation); None without queries."""
+    if n < 1:
+        return None
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return z * sd / math.sqrt(n)
+
+
 def verdict(test: dict[str, Any], min_gain: float = 0.0, names: tuple[str, str] = ("adapted", "base"),
             on: str = "") -> tuple[str, str]:
     """``better`` | ``worse`` | ``inconclusive`` for a ``paired_test``, and why, in one sentence (``names``: the

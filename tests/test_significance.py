@@ -95,3 +95,25 @@ def test_without_qrels_the_signals_decide_together(signals, expected):
     verdicts = promote.verdicts({"qrels": {"comparisons": {"adapted": _said("better")}},
                                  **{name: {"comparisons": {"adapted": _said(v)}} for name, v in signals.items()}})
     assert promote.deciding(verdicts)["evaluation"] == "qrels"  # qrels, when given, decide
+
+
+def test_the_gain_a_plan_says_its_queries_resolve_is_queries_needed_turned_round():
+    from gplflow.tasks.significance import ASSUMED_SD, queries_needed, resolvable_gain
+
+    gain = resolvable_gain(48, 0.05)
+    assert 0.05 < gain < 0.07  # 48 held-out queries cannot tell ±0.016 from noise
+    assert queries_needed(gain, ASSUMED_SD, 0.05) in (48, 49)
+    assert resolvable_gain(192, 0.05) == pytest.approx(gain / 2)  # four times the queries, half the gain
+    assert resolvable_gain(0, 0.05) is None
+
+
+def test_the_plan_states_the_verdicts_power(tmp_path):
+    from gplflow.flows.config import PipelineConfig
+    from gplflow.tasks.evaluate import estimate
+
+    cfg = PipelineConfig.from_dict({"corpus": {"path": str(tmp_path)}, "generate": {"queries_per_passage": 3},
+                                    "evaluate": {"heldout_fraction": 0.05, "heldout_max": 2000}})
+    detail = estimate(cfg, 320).detail  # 960 queries: 48 held out
+    assert "resolves nDCG@10 gains above about ±0.061 with 48 held-out queries" in detail
+    none = PipelineConfig.from_dict({"corpus": {"path": str(tmp_path)}, "evaluate": {"heldout_fraction": 0}})
+    assert "no verdict" in estimate(none, 320).detail
