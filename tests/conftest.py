@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -11,6 +13,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# each test session (each xdist worker) gets its own Prefect home: the temporary servers that `gplflow run`
+# subprocesses start keep their SQLite database there, and two sessions must not share one
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gplflow-test-prefect-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_prefect_home():
+    yield
+    shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

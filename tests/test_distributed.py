@@ -239,7 +239,10 @@ def test_sigint_stops_the_launcher_and_every_rank(tmp_path):
     """Ctrl-C in the process that started the job ends torchrun and both ranks; no process is left."""
     script = ("import sys; from pathlib import Path; from gplflow.adapters.distributed import launch; "
               "launch(Path(sys.argv[1]), 2, 'time:sleep', 600, what='sleep')")
-    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "job")], start_new_session=True)
+    # SIGINT's default handling, as a foreground command has it: a test session started in the background
+    # (`make test &`) ignores SIGINT, and its children would inherit that
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "job")], start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         family: list[psutil.Process] = []
         deadline = time.monotonic() + 120
