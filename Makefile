@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gplflow demo
 
+# Two pytest-xdist workers on the two cores (the tests use one torch thread each; a file's tests stay on one
+# worker, so module fixtures are made once), then the timing-sensitive tests alone.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,7 +30,7 @@ SMALL = ["train.steps=4", "train.checkpoint_every=2", "train.warmup_steps=0", "m
 STOP_WITHIN_S = 15.0
 START_WITHIN_S = 240.0  # a loaded machine starts Prefect's server and reaches mining in well under this
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def _env(tmp: Path) -> dict[str, str]:

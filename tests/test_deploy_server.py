@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prefect_server import PrefectServer, ProcessGroup, prefect_server_fixture
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "gpu-pool"

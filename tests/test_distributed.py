@@ -33,6 +33,8 @@ from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.flows.config import ConfigError, PipelineConfig
 from gplflow.tasks.train import TrainConfig
 
+pytestmark = pytest.mark.serial  # timing-sensitive (signals, kills, races): run alone, not beside a busy worker
+
 WORKER = "gplflow.adapters.distributed"  # in every rank's command line
 SETTINGS = {"steps": 24, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 2, "seed": 7, "max_seq_length": 64,
             "checkpoint_every": 2}

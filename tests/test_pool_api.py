@@ -24,7 +24,7 @@ server = prefect_server_fixture()
 REQUEST_TIMEOUT_S = 2
 PAUSE_S = 6  # three times the request timeout
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @flow(name="gplflow-api-pause-probe")

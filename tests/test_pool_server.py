@@ -29,7 +29,7 @@ from gplflow.flows.config import PipelineConfig
 from gplflow.tasks import split
 from gplflow.tasks.label import resolve_triples
 
-pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.server, pytest.mark.serial, pytest.mark.timeout(420)]
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSAGES = 32

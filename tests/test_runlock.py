@@ -19,6 +19,7 @@ from gplflow.adapters.runlock import LOCK, RunLockedError, run_lock
 from gplflow.flows import pipeline
 from gplflow.flows.config import PipelineConfig
 
+pytestmark = pytest.mark.serial  # timing-sensitive (races between processes): run alone, not beside a busy worker
 
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -107,6 +108,7 @@ _RACER = """
 import sys, time
 from pathlib import Path
 from gplflow.adapters.runlock import RunLockedError, run_lock
+
 ready, racers = Path(sys.argv[2]), int(sys.argv[3])
 (ready / sys.argv[4]).touch()
 while len(list(ready.iterdir())) < racers:  # every racer started: a slow start cannot come after the winner's end
