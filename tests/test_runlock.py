@@ -21,6 +21,7 @@ from gplflow.flows.config import PipelineConfig
 
 pytestmark = pytest.mark.serial  # timing-sensitive (races between processes): run alone, not beside a busy worker
 
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
