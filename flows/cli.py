@@ -28,8 +28,21 @@ if TYPE_CHECKING:  # the config imports every stage (torch, Prefect): --help and
 
 app = typer.Typer(help="Adapt a dense retriever to your corpus without labels (GPL / GenQ) with Prefect flows.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(soft_wrap=True)  # piped output keeps long lines (paths) whole; tables still fit the width
-err_console = Console(stderr=True, soft_wrap=True)
+
+
+class _Terminal:
+    """A rich console made when it prints, so its width follows COLUMNS and the terminal of that moment (one made
+    at import keeps the width that held when the module was first imported, whoever imported it)."""
+
+    def __init__(self, **options: Any):
+        self._options = options
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(Console(**self._options), name)
+
+
+console = _Terminal(soft_wrap=True)  # piped output keeps long lines (paths) whole; tables still fit the width
+err_console = _Terminal(stderr=True, soft_wrap=True)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value.")]
@@ -277,15 +290,16 @@ def print_plan(cfg: PipelineConfig, run_dir: str) -> None:
     with quiet():
         found = make_plan(cfg, run_dir)
     table = Table(title=f"plan for '{cfg.name}' on {found.device}: {found.passages} passages")
-    for column in ("stage", "work", "rate", "estimated time", run_dir):
+    here = ("run dir",) if found.reused else ()  # a run directory that holds some of this config's stages
+    for column in ("stage", "work", "rate", "estimated time", *here):
         table.add_column(column, justify="right" if column in ("rate", "estimated time") else "left")
     for stage in found.stages:
         rate = f"{stage.rate:.3g} {stage.unit}/s" if stage.rate else (stage.note or "?")
         if stage.rate and stage.beside:
             rate += f" + {duration(stage.beside)} ({stage.beside_detail})"
         table.add_row(stage.stage, stage.detail, rate, estimated(stage.seconds, stage.spread),
-                      "reuse" if stage.stage in found.reused else "compute")
-    table.add_row("total", "", "", estimated(found.seconds, found.spread), "")
+                      *(("reuse" if stage.stage in found.reused else "compute",) if here else ()))
+    table.add_row("total", "", "", estimated(found.seconds, found.spread), *([""] if here else []))
     console.print(table)
     if found.reused:
         console.print(f"{run_dir} already holds what this config makes in: {', '.join(sorted(found.reused))}; "

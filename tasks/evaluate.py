@@ -456,7 +456,7 @@ def estimate(cfg: Any, n: int) -> StagePlan:
                                                                  (judged, "judged queries"),
                                                                  (2 * sts, "STS sentences")) if k]
     untimed = f"; untimed: MTEB {' '.join(e.mteb.tasks)} (can take far longer)" if e.mteb is not None else ""
-    return StagePlan(texts, "texts", f"{compared} models x ({' + '.join(counted)}){untimed}{_power(e, judged, held)}",
+    return StagePlan(texts, "texts", f"{compared} models x ({' + '.join(counted)}){_power(e, judged, held)}{untimed}",
                      measure=lambda resolved, passages: _calibrate(cfg, compared, n, held, resolved, passages))
 
 
