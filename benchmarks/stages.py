@@ -14,6 +14,10 @@ each loads its own model inside the measurement (load seconds are reported apart
 - pretrain: ``adapters.pretraining.pretrain`` (MLM, bf16 autocast where it pays) against the same objective in
   a plain fp32 loop.
 
+``--train-devices N`` adds gplflow's trainer in this process against the same training as a torchrun job of N
+ranks (what ``train.devices: N`` runs), at the same global batch: the step rate, the launch overhead and the
+cosine of the two models' embeddings.
+
 Rates: passages/s (generate), texts/s encoded and searched (mine), triples/s and scored pairs/s (label),
 steps/s (train, pretrain; the first step is setup and is not counted). "ratio" is gplflow's rate over the
 reference's (>1 = faster). Peak memory is the RSS high-water mark above the level before the variant loaded its
@@ -24,6 +28,7 @@ from the measured rates.
     .venv/bin/python benchmarks/stages.py --scale tiny            # a quick look, ~2 min on 2 CPU cores
     .venv/bin/python benchmarks/stages.py --scale paper           # the paper's model shapes, ~15 min on 2 cores
     .venv/bin/python benchmarks/stages.py --scale paper --device cuda --work 8   # on a GPU: 8x the CPU work
+    .venv/bin/python benchmarks/stages.py --scale tiny --stages "" --train-devices 2   # torchrun x2 vs one process
 
 Outputs are checked, not only timed: generated queries per passage, overlap of the mined top-k lists, the
 largest score difference against the fp32 reference (as a share of the reference scores' span), and the loss
@@ -424,12 +429,12 @@ class StepClock:
         return self.stamps[-1] - self.stamps[0], len(self.stamps) - 1
 
 
-def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, device: str) -> StageResult:
+def train_rows(inputs: Inputs, steps: int) -> tuple[dict[str, list], Any]:
+    """The rows both trainers train on (``(steps + 1) x 32`` triples with random margins), as the reference's
+    columns and as gplflow's MarginMSE dataset."""
     import pyarrow as pa
-    from transformers import TrainerCallback
 
     from gplflow.adapters import trainer
-    from gplflow.tasks.train import TrainConfig
 
     n = (steps + 1) * BATCH
     q, pos, neg = draw_triples(inputs, n, seed=1)
@@ -442,6 +447,12 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
                                            "text": inputs.queries}))
     triples = pa.table({"query_id": [f"q{i}" for i in q], "pos_doc_id": [ids[i] for i in pos],
                         "neg_doc_id": [ids[i] for i in neg], "margin": margins})
+    return rows, trainer.margin_mse_dataset(triples, qtable, trainer.passage_lookup(corpus))
+
+
+def step_clock(device: str) -> Any:
+    """A trainer callback timing steps 2.. (``.clock``) and keeping the logged losses."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -459,19 +470,31 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
             if logs and "loss" in logs:
                 self.clock.losses.append(float(logs["loss"]))
 
+    return Clock()
+
+
+def train_settings(steps: int) -> Any:
+    from gplflow.tasks.train import TrainConfig
+
+    return TrainConfig(loss="margin_mse", steps=steps, batch_size=BATCH, learning_rate=2e-5, warmup_steps=1000,
+                       checkpoint_every=10**9, seed=0)
+
+
+def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, device: str) -> StageResult:
+    from gplflow.adapters import trainer
+
+    rows, dataset = train_rows(inputs, steps)
+
     def reference(model: Any) -> tuple[float, float, Any]:
-        clock = Clock()
+        clock = step_clock(device)
         ref_train(model, rows, steps, device, [clock])
         secs, done = clock.clock.result()
         return secs, done, clock.clock.losses
 
     def project(model: Any) -> tuple[float, float, Any]:
-        clock = Clock()
-        settings = TrainConfig(loss="margin_mse", steps=steps, batch_size=BATCH, learning_rate=2e-5,
-                               warmup_steps=1000, checkpoint_every=10**9, seed=0)
-        dataset = trainer.margin_mse_dataset(triples, qtable, trainer.passage_lookup(corpus))
+        clock = step_clock(device)
         with tempfile.TemporaryDirectory() as out:
-            trainer.fit(model, dataset, settings, Path(out) / "ckpt", device, [clock])
+            trainer.fit(model, dataset, train_settings(steps), Path(out) / "ckpt", device, [clock])
         secs, done = clock.clock.result()
         return secs, done, clock.clock.losses
 
@@ -483,6 +506,113 @@ def bench_train(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, d
     result.check = (f"MarginMSE loss, first -> last step: gplflow {a[0]:.4g} -> {a[-1]:.4g}, "
                     f"reference {b[0]:.4g} -> {b[-1]:.4g}")
     return result
+
+
+# --- train on N devices ----------------------------------------------------------------------------------
+
+PROBES = 64  # passages both models embed after training, for the equivalence check
+
+
+def _train_result(model: Any, clock: Any, out: Path, device: str, peak: int) -> None:
+    """What a variant leaves behind: its step timing, losses, peak memory and its embeddings of the probes."""
+    secs, done = clock.clock.result()
+    probes = load_inputs(PROBES).passages[:PROBES]
+    vectors = model.encode(probes, batch_size=PROBES, convert_to_numpy=True, normalize_embeddings=True)
+    np.save(out / "probes.npy", vectors)
+    (out / "result.json").write_text(json.dumps({"secs": secs, "done": done, "losses": clock.clock.losses,
+                                                 "peak": peak}))
+
+
+def ddp_train_rank(payload: dict[str, Any]) -> None:
+    """One rank of the benchmark's torchrun job: gplflow's trainer on the same rows and settings as the
+    one-process variant, with ``batch_size`` the global batch; rank 0 writes what ``_train_result`` writes."""
+    from gplflow.adapters import distributed, trainer
+
+    device, out = payload["device"], Path(payload["out"])
+    os.environ["GPLFLOW_DEVICE"] = device
+    _, dataset = train_rows(load_inputs(payload["passages"]), payload["steps"])
+    clock = step_clock(device)
+    with PeakMemory(device) as mem:
+        model = models.load_bi_encoder(payload["student"], max_seq_length=MAX_SEQ)
+        trainer.fit(model, dataset, train_settings(payload["steps"]), out / "ckpt", device,
+                    [clock] if distributed.is_main() else [], distributed.world_size())
+    if distributed.is_main():
+        import torch.distributed as dist
+
+        info = {"process_group": dist.is_initialized(), "world_size": distributed.world_size(),
+                "backend": dist.get_backend() if dist.is_initialized() else None}
+        (out / "dist.json").write_text(json.dumps(info))
+        _train_result(model, clock, out, device, mem.peak)
+
+
+def bench_train_devices(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, device: str,
+                        nproc: int) -> StageResult:
+    """gplflow's trainer in this process against the same training as a torchrun job of ``nproc`` ranks (the
+    path ``train.devices: N`` takes), at the same global batch: steps/s after the first step, the job's wall time
+    over the one process's (launch, imports and model loads included), and the embeddings both models give.
+
+    The models agree up to floating-point noise and dropout: N ranks draw other dropout masks than one process
+    (the stand-in student has dropout 0.1), so the losses differ a little step by step. With one rank, accelerate
+    does not wrap the model in DDP (it does so from two processes on): N=1 measures the launch and the process
+    group, not DDP's gradient all-reduce."""
+    from gplflow.adapters import distributed, trainer
+
+    if BATCH % nproc:
+        raise SystemExit(f"--train-devices {nproc}: the batch {BATCH} does not divide over {nproc} ranks")
+    _, dataset = train_rows(inputs, steps)
+    walls: dict[str, list[float]] = {"plain": [], f"torchrun-{nproc}": []}
+    extras: dict[str, Any] = {}
+
+    def plain(model: Any) -> tuple[float, float, Any]:
+        clock = step_clock(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            trainer.fit(model, dataset, train_settings(steps), Path(tmp) / "ckpt", device, [clock])
+            walls["plain"].append(time.perf_counter() - started)
+            _train_result(model, clock, Path(tmp), device, 0)
+            got = json.loads((Path(tmp) / "result.json").read_text())
+            extras["plain"] = np.load(Path(tmp) / "probes.npy")
+        return got["secs"], got["done"], got["losses"]
+
+    def job(_: Any) -> tuple[float, float, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                                os.environ.get("PYTHONPATH")]))}
+            payload = {"device": device, "out": tmp, "passages": len(inputs.passages), "steps": steps,
+                       "student": m.student}
+            started = time.perf_counter()
+            distributed.launch(Path(tmp) / "job", nproc, "stages:ddp_train_rank", payload, what="benchmark",
+                               env=env)
+            walls[f"torchrun-{nproc}"].append(time.perf_counter() - started)
+            got = json.loads((Path(tmp) / "result.json").read_text())
+            extras["job"] = np.load(Path(tmp) / "probes.npy")
+            extras["dist"] = json.loads((Path(tmp) / "dist.json").read_text())
+            extras["job_peak"] = max(extras.get("job_peak", 0), got["peak"])
+        return got["secs"], got["done"], got["losses"]
+
+    result = measure(f"train x{nproc}", "steps/s", {
+        "plain": Variant(lambda: models.load_bi_encoder(m.student, max_seq_length=MAX_SEQ), plain),
+        f"torchrun-{nproc}": Variant(lambda: None, job),
+    }, rounds, device)
+    a, b = result.runs["plain"][-1].output, result.runs[f"torchrun-{nproc}"][-1].output
+    cosine = (extras["plain"] * extras["job"]).sum(axis=1)
+    plain_wall = statistics.median(r.load_s + w for r, w in zip(result.runs["plain"], walls["plain"], strict=True))
+    job_wall = statistics.median(walls[f"torchrun-{nproc}"])
+    result.check = (f"MarginMSE loss, first -> last step: one process {a[0]:.4g} -> {a[-1]:.4g}, {nproc} ranks "
+                    f"{b[0]:.4g} -> {b[-1]:.4g}; embeddings of {PROBES} passages, cosine one process vs {nproc} "
+                    f"ranks: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
+    result.extra = (f"wall incl. model load (and the job's launch): one process {plain_wall:.1f} s, torchrun "
+                    f"{job_wall:.1f} s (+{job_wall - plain_wall:.1f} s); peak MiB one process "
+                    f"{result.peak('plain') / 2**20:.0f}, rank 0 {extras['job_peak'] / 2**20:.0f}; rank 0 saw "
+                    f"{extras['dist']}")
+    return result
+
+
+def report_devices(r: StageResult, nproc: int) -> None:
+    plain, job = r.rate("plain"), r.rate(f"torchrun-{nproc}")
+    print(f"\ntrain on {nproc} device(s) as a torchrun job against one process, the same global batch {BATCH}:\n"
+          f"  steps/s after the first step: one process {plain:.3f}, torchrun x{nproc} {job:.3f} "
+          f"({job / plain:.3f}x; {(job / plain - 1) * 100:+.1f}%)\n  {r.check}\n  {r.extra}")
 
 
 # --- pretrain ---------------------------------------------------------------------------------------------
@@ -643,6 +773,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per stage (default 2)")
     parser.add_argument("--work", type=float, default=1.0, help="multiply each stage's work (default 1)")
+    parser.add_argument("--train-devices", type=int, default=0, metavar="N",
+                        help="also train as a torchrun job of N ranks (train.devices: N) against one process, at "
+                        "the same global batch: overhead and equivalence (N=1 on a one-GPU machine)")
     parser.add_argument("--end-to-end", action="store_true", help="also time `gplflow run` against the reference "
                         "stages back to back on the same work (CPU: ~6 min at --scale paper)")
     args = parser.parse_args(argv)
@@ -670,7 +803,11 @@ def main(argv: list[str] | None = None) -> None:
         "train": lambda: bench_train(m, inputs, work["train"], args.rounds, args.device),
         "pretrain": lambda: bench_pretrain(m, inputs, work["pretrain"], args.rounds, args.device),
     }
-    report([runs[s]() for s in stages], args.device)
+    if stages:
+        report([runs[s]() for s in stages], args.device)
+    if args.train_devices:
+        report_devices(bench_train_devices(m, inputs, work["train"], args.rounds, args.device, args.train_devices),
+                       args.train_devices)
     if args.end_to_end:
         end_to_end(m, inputs, work["generate"], work["train"], args.device)
 
