@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field, ValidationError, create_model, model_val
 from gplflow.adapters.errors import InputError
 from gplflow.flows.stages import sections
 from gplflow.tasks.augment import AugmentConfig
-from gplflow.tasks.base import NoBoolNumbers, Seed, StageConfig
+from gplflow.tasks.base import AutoOrPositive, NoBoolNumbers, Seed, StageConfig
 from gplflow.tasks.evaluate import EvaluateConfig
 from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.ingest import IngestConfig
@@ -68,6 +68,9 @@ class ExecutionConfig(_Frozen):
     shard_retries: int = Field(default=2, ge=0)  # pool: times a failed shard is submitted again
     # pool: a shard run not done by then has failed
     shard_timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # pool: shard runs submitted and not finished at once; auto: the pool's online workers (re-read as they come
+    # and go), N: at most N (the pool's GPU slots, when workers see several GPUs or a GPU takes several shards)
+    max_in_flight: AutoOrPositive = "auto"
 
 
 class ImportConfig(_Frozen):

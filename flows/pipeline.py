@@ -116,7 +116,8 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
             _adopt(inputs.fingerprints(), run, reuse_from)
         if stage.job is not None:  # pool mode: the shards run on the workers first, the task publishes them
             shards.fan_out(cfg, stage, inputs, pool)
-        run.record(stage, stage.task(inputs))
+        with shards.devices_held(cfg, stage):  # pool mode: no shard lands on a device that training holds
+            run.record(stage, stage.task(inputs))
     store = ArtifactStore(run_dir)
     metrics = None
     if "evaluate" in run.fps:

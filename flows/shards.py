@@ -1,16 +1,19 @@
 """The worker pool: shards of a shardable stage run as subflow runs of the ``gplflow-shard`` deployment.
 
 With ``execution.mode: pool`` the pipeline, before each shardable stage (generate, mine's corpus encoding,
-label), stages the stage's plan in the run directory, starts one ``gplflow-shard`` flow run per pending shard
-with ``run_deployment`` and waits for them. Workers (``prefect worker start --pool gpu-pool``, one per GPU)
-pick the runs up; each run loads the same config, checks that it computes the plan the pipeline staged, and
-stages its shard. The pipeline's own stage task then finds every shard done and publishes the artifact. A
-failed shard is submitted again (``execution.shard_retries``); a shard that keeps failing fails the stage
-with the shard numbers and the runs' state messages.
+label), stages the stage's plan in the run directory and starts ``gplflow-shard`` flow runs (``run_deployment``)
+for the pending shards, at most as many at once as the pool computes at once (``execution.max_in_flight``: the
+pool's online workers, or a number), submitting the next as one finishes. Workers (``prefect worker start --pool
+gpu-pool``, one per GPU) pick the runs up; each run waits for its device, then loads the same config, checks that
+it computes the plan the pipeline staged, and stages its shard. The pipeline's own stage task then finds every
+shard done and publishes the artifact. A failed shard is submitted again (``execution.shard_retries``); a shard
+that keeps failing fails the stage with the shard numbers and the runs' state messages. A pipeline that stops
+(an error, Ctrl-C, SIGTERM, its flow run cancelled) cancels the shard runs it has in flight.
 
 The run directory must be storage that every worker sees (a shared path or an fsspec URL). GPU use is
-bounded per device by a Prefect global concurrency limit named ``gpu:<host>:<CUDA_VISIBLE_DEVICES>``
-(created with one slot when missing; raise it with ``prefect gcl update NAME --limit N``).
+bounded per device by Prefect global concurrency limits named ``gpu:<host>:<device>`` (one per entry of
+``CUDA_VISIBLE_DEVICES``; created with one slot when missing; raise one with ``prefect gcl update NAME --limit
+N``): a shard takes its device's, a training in pool mode takes those of every device it trains on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,9 @@ FLOW_NAME = "gplflow-shard"
 DEPLOYMENT = "gplflow-shard"  # the per-shard deployment: run_deployment("gplflow-shard/gplflow-shard")
 POOL = "gpu-pool"
 GPU_SLOTS = 1  # shards per GPU at a time, when the limit does not exist yet
+# the stages that train, and the setting of how many devices each trains on ('auto': every visible GPU)
+TRAINING_DEVICES = {"pretrain": "pretrain.devices", "cross-encoder": "augment.cross_encoder.devices",
+                    "train": "train.devices", "train-pairs": "train.devices", "train-gold-silver": "train.devices"}
 
 class PoolSetupError(InputError):
     """Pool mode cannot start: no server the workers reach, or no shard deployment on it."""
@@ -62,20 +69,23 @@ def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = N
     found = shard_stage(stage)
     name = found.name
     cfg = PipelineConfig.load(config_path, overrides or [])
-    # the registry derives the inputs from the config and the artifacts the pipeline already published
-    try:
-        inputs = found.inputs(Run.from_store(cfg, run_dir))
-    except KeyError as err:
-        raise MissingInputError(f"{run_dir}: no valid {err.args[0]} artifact; the shard's inputs must be published "
-                                "(by the pipeline) in the run directory the workers share") from None
-    job = found.job(inputs)
-    job.check_shard(shard)
     log = get_run_logger()
     _label_flow_run()
-    if (record := job.staging.record(shard)) is not None:
-        log.info("%s shard %d of %d was already done by %s", name, shard, job.n_shards, _who(record))
-        return record
-    with concurrency(gpu_limit(), occupy=1, strict=True):
+    # The device first: a run waiting for its GPU holds no model (resolving the inputs builds or loads them).
+    waited = time.perf_counter()
+    with device_slot(shard) as device:
+        log.info("%s shard %d: device %s after %.1f s", name, shard, device, time.perf_counter() - waited)
+        # the registry derives the inputs from the config and the artifacts the pipeline already published
+        try:
+            inputs = found.inputs(Run.from_store(cfg, run_dir))
+        except KeyError as err:
+            raise MissingInputError(f"{run_dir}: no valid {err.args[0]} artifact; the shard's inputs must be "
+                                    "published (by the pipeline) in the run directory the workers share") from None
+        job = found.job(inputs)
+        job.check_shard(shard)
+        if (record := job.staging.record(shard)) is not None:
+            log.info("%s shard %d of %d was already done by %s", name, shard, job.n_shards, _who(record))
+            return record
         started = time.perf_counter()
         record = job.run_shard(shard)
     log.info("%s shard %d of %d: %d rows in %.1f s", name, shard, job.n_shards, record["rows"],
@@ -83,20 +93,83 @@ def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = N
     return record
 
 
-def gpu_limit() -> str:
-    """This device's concurrency limit (created with GPU_SLOTS slots if missing): ``gpu:<host>:<devices>``."""
+def visible_devices() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (``["0", "1"]``); unset, every GPU
+    of the host by index; ``["all"]`` on a host without one (a CPU stands in for one device)."""
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if pinned is not None:
+        return [d.strip() for d in pinned.split(",") if d.strip()] or ["all"]
+    gpus = Path("/proc/driver/nvidia/gpus")  # the driver's list: counted without importing torch
+    count = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    return [str(i) for i in range(count)] or ["all"]
+
+
+def limit_name(device: str) -> str:
+    return f"gpu:{socket.gethostname()}:{device}".replace("/", "_")
+
+
+def device_limits(devices: list[str]) -> list[str]:
+    """The concurrency limits of these devices of this host, each created with GPU_SLOTS slots if missing."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    devices = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() or "all"
-    name = f"gpu:{socket.gethostname()}:{devices}".replace("/", "_")
+    names = [limit_name(d) for d in devices]
     with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                with contextlib.suppress(ObjectAlreadyExists):  # another worker on this host made it first
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=GPU_SLOTS))
+    return names
+
+
+def gpu_limit(device: str | None = None) -> str:
+    """A device's concurrency limit (default: this process's one device), created if missing: ``gpu:<host>:<d>``."""
+    return device_limits([device or visible_devices()[0]])[0]
+
+
+@contextlib.contextmanager
+def device_slot(shard: int) -> Iterator[str]:
+    """Hold the concurrency slot of the device shard ``shard`` computes on, for the block; yields the device.
+
+    A worker that sees one GPU (the layout for shards) uses it. One that sees several puts shard k on the
+    k-th modulo their number and pins this process to it (``CUDA_VISIBLE_DEVICES``, set before CUDA starts).
+    """
+    devices = visible_devices()
+    device = devices[shard % len(devices)]
+    name = gpu_limit() if len(devices) == 1 else gpu_limit(device)
+    with concurrency(name, occupy=1, strict=True):
+        if len(devices) == 1:
+            yield device
+            return
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
         try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another worker on this host made it first
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=GPU_SLOTS))
-    return name
+            yield device
+        finally:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+@contextlib.contextmanager
+def devices_held(cfg: PipelineConfig, stage: Stage) -> Iterator[list[str]]:
+    """In pool mode, a training stage holds the limits of every device it trains on, so that no shard of this
+    or another run lands on them meanwhile; yields the limits' names (none in local mode and for other stages)."""
+    if cfg.execution.mode != "pool" or stage.name not in TRAINING_DEVICES:
+        yield []
+        return
+    visible = visible_devices()
+    try:
+        setting = cfg.value(TRAINING_DEVICES[stage.name])
+    except AttributeError:  # a stage that trains on one device
+        setting = 1
+    names = device_limits(visible if setting == "auto" else visible[:int(setting)])
+    _logger().info("%s: waiting for the device slots %s", stage.name, ", ".join(names))
+    with concurrency(names, occupy=1, strict=True):
+        yield names
 
 
 def _label_flow_run() -> None:
@@ -151,6 +224,7 @@ class Attempt:
     message: str = ""
     worker: str = ""  # the worker that took the run (its prefect.worker.name label) and its host
     setup_error: str = ""  # the run crashed before it started: the worker could not even load the shard flow
+    submitted: float = 0.0  # time.monotonic() at submission (for execution.shard_timeout_s)
 
 
 PROJECT_DIR_VAR = "GPLFLOW_PROJECT_DIR"
@@ -185,20 +259,33 @@ def transient(err: BaseException) -> bool:
 
 
 class DeploymentDispatcher:
-    """Submits shard runs of the ``gplflow-shard`` deployment and waits for them (polling the API).
+    """Submits shard runs of the ``gplflow-shard`` deployment and follows them through the API.
 
-    Every API call survives a server that is slow, paused or restarting for up to ``api_patience_s`` seconds:
-    it is tried again with a growing pause (``poll_s`` doubling up to ``MAX_BACKOFF_S``); the shards keep
-    running on the workers meanwhile. A submission retried after a timeout reuses its idempotency key, so the
-    server never holds two runs of one shard attempt.
+    The server is read sparingly: one filtered query reads the states of every run in flight (and of the
+    pipeline's own flow run, to see it cancelled), at most once per ``poll_s`` seconds, the pause doubling up to
+    ``MAX_POLL_S`` while nothing changes; the pool's online workers are read at most every ``WORKERS_TTL_S``.
+    Every such call survives a server that is slow, paused or restarting for up to ``api_patience_s`` seconds:
+    it is tried again with a growing pause (up to ``MAX_BACKOFF_S``); the shards keep running on the workers
+    meanwhile. A submission retried after a timeout reuses its idempotency key, so the server never holds two
+    runs of one shard attempt. Cancelling on the way out is bounded (``CANCEL_TIMEOUT_S`` a request,
+    ``CANCEL_BUDGET_S`` in all), so a slow API cannot hold up a run that was told to stop.
     """
 
     MAX_BACKOFF_S = 30.0
+    MAX_POLL_S = 5.0
+    WORKERS_TTL_S = 30.0
+    CANCEL_TIMEOUT_S = 3.0
+    CANCEL_BUDGET_S = 10.0
+    READ_PAGE = 200  # the most runs the server returns for one query (its default limit)
 
     def __init__(self, deployment: str = f"{FLOW_NAME}/{DEPLOYMENT}", timeout_s: float | None = None,
-                 poll_s: float = 1.0, api_patience_s: float = 600.0):
+                 poll_s: float = 0.5, api_patience_s: float = 600.0, max_in_flight: int | str = "auto",
+                 pool: str = POOL, parent: UUID | None = None):
         self.deployment, self.timeout_s, self.poll_s = deployment, timeout_s, poll_s
-        self.api_patience_s = api_patience_s
+        self.api_patience_s, self.max_in_flight, self.pool = api_patience_s, max_in_flight, pool
+        self.parent = parent  # the pipeline's flow run: read with the shards, its cancellation stops them
+        self._pause = poll_s
+        self._workers: tuple[float, int] | None = None  # (when read, how many online)
 
     def _api(self, what: str, call: Callable[[], Any]) -> Any:
         """``call()``, tried again on transient API errors until ``api_patience_s`` have passed."""
@@ -241,6 +328,26 @@ class DeploymentDispatcher:
                                    f"{PREFECT_API_URL.value()}; deploy it (prefect deploy --name {DEPLOYMENT}) "
                                    f"and start workers (prefect worker start --pool {POOL})") from None
 
+    def capacity(self) -> int:
+        """How many shard runs may be in flight: ``max_in_flight``, or (auto) the pool's online workers."""
+        if self.max_in_flight != "auto":
+            return int(self.max_in_flight)
+        now = time.monotonic()
+        if self._workers is not None and now - self._workers[0] < self.WORKERS_TTL_S:
+            return self._workers[1]
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+        with get_client(sync_client=True) as client:
+            online = len(self._api(f"read pool {self.pool}'s workers", lambda: client.read_workers_for_work_pool(
+                self.pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))))
+        before = None if self._workers is None else self._workers[1]
+        self._workers = (now, max(online, 1))
+        if online != before:
+            _logger().info("pool %s: %d workers online; up to %d shard runs in flight", self.pool, online,
+                           max(online, 1))
+        return max(online, 1)
+
     def submit(self, shard: int, parameters: dict[str, Any]) -> Attempt:
         from prefect.deployments import run_deployment
 
@@ -248,45 +355,97 @@ class DeploymentDispatcher:
         key = f"gplflow-{uuid4()}"  # one per submission: a retry after a timeout cannot make a second run
         run = self._api(f"submit {name}", lambda: run_deployment(self.deployment, parameters=parameters, timeout=0,
                                                                  flow_run_name=name, idempotency_key=key))
-        return Attempt(shard, run.id, name)
+        self._pause = self.poll_s
+        return Attempt(shard, run.id, name, submitted=time.monotonic())
 
-    def wait(self, attempts: list[Attempt]) -> None:
-        """Poll until every run is final (or past ``timeout_s``, then cancelled); fills state and message."""
+    def poll(self, attempts: list[Attempt]) -> list[Attempt]:
+        """The attempts whose runs are final (filled with state, message, worker), from one read of them all,
+        followed by a pause when none was. Runs past ``timeout_s`` are cancelled and returned as TIMED_OUT; a
+        cancelled pipeline flow run raises ``PoolRunError``."""
+        finished = self._read(attempts)
+        if finished:
+            self._pause = self.poll_s
+        else:  # the next read comes after a pause, longer while nothing changes
+            time.sleep(self._pause)
+            self._pause = min(2 * self._pause, self.MAX_POLL_S)
+        if self.timeout_s is not None:
+            now, late = time.monotonic(), []
+            for attempt in attempts:
+                if attempt not in finished and now - attempt.submitted > self.timeout_s:
+                    attempt.state = "TIMED_OUT"
+                    attempt.message = f"no result within execution.shard_timeout_s={self.timeout_s}"
+                    late.append(attempt)
+            self.cancel(late, "past execution.shard_timeout_s")
+            finished.extend(late)
+        return finished
+
+    def _read(self, attempts: list[Attempt]) -> list[Attempt]:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-        from prefect.states import Cancelling
 
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         by_id = {a.run_id: a for a in attempts}
-        open_ids = set(by_id)
+        ids = [*by_id, *([self.parent] if self.parent is not None else [])]
+        finished = []
         with get_client(sync_client=True) as client:
-            while open_ids:
-                runs = self._api("read the shard runs", lambda: client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(open_ids)))))
+            for i in range(0, len(ids), self.READ_PAGE):
+                page = ids[i:i + self.READ_PAGE]
+                runs = self._api("read the shard runs", lambda p=page: client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=p)), limit=len(p)))
                 for run in runs:
+                    if run.id == self.parent:
+                        if run.state is not None and run.state.type.value in ("CANCELLING", "CANCELLED"):
+                            raise PoolRunError(f"the pipeline's flow run {run.id} was cancelled; its shard runs "
+                                               "in flight are cancelled too")
+                        continue
                     attempt = by_id[run.id]
                     attempt.state = run.state.type.value if run.state else "UNKNOWN"
                     attempt.message = (run.state.message or "") if run.state else ""
                     attempt.worker = _worker(run)
                     if run.state is not None and run.state.is_final():
-                        open_ids.discard(run.id)
+                        finished.append(attempt)
                         if attempt.state == "CRASHED" and run.start_time is None:  # it never ran a line
                             attempt.setup_error = self._load_failure(client, run.id)
-                if any(a.setup_error for a in attempts):  # every other run on that worker would crash alike
-                    for run_id in open_ids:
-                        self._api("cancel a shard run", lambda r=run_id: client.set_flow_run_state(
-                            r, Cancelling(), force=True))
-                    return
-                if open_ids and deadline is not None and time.monotonic() > deadline:
-                    for run_id in open_ids:
-                        self._api("cancel a shard run", lambda r=run_id: client.set_flow_run_state(
-                            r, Cancelling(), force=True))
-                        by_id[run_id].state = "TIMED_OUT"
-                        by_id[run_id].message = f"no result within execution.shard_timeout_s={self.timeout_s}"
-                    return
-                if open_ids:
-                    time.sleep(self.poll_s)
+        return finished
 
+    def wait(self, attempts: list[Attempt]) -> None:
+        """Poll until every run is final (those past ``timeout_s`` cancelled); on the first run that could not
+        even load the shard flow, cancel the others and return."""
+        open_ = list(attempts)
+        while open_:
+            finished = self.poll(open_)
+            open_ = [a for a in open_ if a not in finished]
+            if any(a.setup_error for a in finished):  # every other run on that worker would crash alike
+                self.cancel(open_, "another shard run could not load the shard flow")
+                return
+
+    def cancel(self, attempts: list[Attempt], why: str) -> list[Attempt]:
+        """Cancel these runs (a queued one at once, a started one through its worker); returns those the API
+        did not take within the bounded time (a short request timeout, no retries, ``CANCEL_BUDGET_S`` in all)."""
+        if not attempts:
+            return []
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+        from prefect.states import Cancelled, Cancelling
+
+        deadline, left = time.monotonic() + self.CANCEL_BUDGET_S, []
+        quick = {PREFECT_API_REQUEST_TIMEOUT: self.CANCEL_TIMEOUT_S, PREFECT_CLIENT_MAX_RETRIES: 0}
+        with temporary_settings(quick), get_client(sync_client=True) as client:
+            for attempt in attempts:
+                if time.monotonic() > deadline:
+                    left.append(attempt)
+                    continue
+                state = Cancelled if attempt.state in ("SCHEDULED", "UNKNOWN") else Cancelling
+                try:
+                    client.set_flow_run_state(attempt.run_id, state(message=why), force=True)
+                except Exception as err:  # the way out must not hang on, or fail for, a slow API
+                    logger.debug("cancelling %s failed: %s", attempt.run_name, err)
+                    left.append(attempt)
+        if left:
+            _logger().warning("could not cancel %d shard runs in time (%s); cancel them in the UI or with "
+                              "prefect flow-run cancel ID", len(left), ", ".join(str(a.run_id) for a in left))
+        else:
+            _logger().info("cancelled %d shard runs (%s)", len(attempts), why)
+        return left
 
     def _load_failure(self, client: Any, run_id: UUID, tries: int = 3) -> str:
         """The load error the crashed run logged (logs may trail the state by a moment: a few tries)."""
@@ -323,7 +482,12 @@ def fan_out(cfg: PipelineConfig, stage: Stage, inputs: StageInputs, source: Pool
     pending = job.prepare()
     if not pending:
         return
-    dispatcher = dispatcher or DeploymentDispatcher(timeout_s=cfg.execution.shard_timeout_s)
+    if dispatcher is None:
+        from prefect import runtime
+
+        dispatcher = DeploymentDispatcher(timeout_s=cfg.execution.shard_timeout_s,
+                                          max_in_flight=cfg.execution.max_in_flight,
+                                          parent=UUID(str(runtime.flow_run.id)) if runtime.flow_run.id else None)
     dispatcher.check()
     parameters = {"stage": stage.name, "run_dir": _shared(inputs.run_dir), "config_path": source.config_path,
                   "overrides": source.overrides}
@@ -331,30 +495,56 @@ def fan_out(cfg: PipelineConfig, stage: Stage, inputs: StageInputs, source: Pool
 
 
 def run_shards(job: ShardJob, pending: list[int], dispatcher: Any, parameters: dict[str, Any],
-               execution: ExecutionConfig) -> None:
-    """Submit every pending shard, wait, resubmit the failed ones; raise if some still fail at the end."""
+               execution: ExecutionConfig) -> int:
+    """Compute the pending shards on the pool, never more runs in flight than ``dispatcher.capacity()``: submit up
+    to it, then the next as one finishes; a failed shard goes back in the queue up to ``shard_retries`` times.
+    Raises if some still fail at the end; a stop (an error, an interrupt) cancels the runs in flight first.
+    Returns the most runs that were in flight at once.
+
+    ``dispatcher`` is a ``DeploymentDispatcher`` or a stand-in with its ``capacity``, ``submit``, ``poll`` and
+    ``cancel``.
+    """
     log = _logger()
+    queue, failures = deque(pending), Counter[int]()
+    in_flight: list[Attempt] = []
     failed: dict[int, Attempt] = {}
-    for attempt_no in range(1 + execution.shard_retries):
-        log.info("%s: %d of %d shards on pool %s (attempt %d)", job.stage, len(pending), job.n_shards, POOL,
-                 attempt_no + 1)
-        attempts = [dispatcher.submit(k, {**parameters, "shard": k}) for k in pending]
-        dispatcher.wait(attempts)
-        if setup := next((a for a in attempts if a.setup_error), None):
-            raise PoolSetupError(setup_error_message(job.stage, setup))
-        failed = {}
-        for attempt in attempts:
-            if job.staging.record(attempt.shard) is None:
+    peak, started = 0, time.monotonic()
+    log.info("%s: %d of %d shards on pool %s", job.stage, len(pending), job.n_shards, POOL)
+    try:
+        while queue or in_flight:
+            room = dispatcher.capacity() - len(in_flight)
+            while queue and room > 0:
+                shard = queue.popleft()
+                in_flight.append(dispatcher.submit(shard, {**parameters, "shard": shard}))
+                room -= 1
+            peak = max(peak, len(in_flight))
+            for attempt in dispatcher.poll(in_flight):
+                in_flight.remove(attempt)
+                if attempt.setup_error:  # every other run on that worker would crash alike: not retried
+                    raise PoolSetupError(setup_error_message(job.stage, attempt))
+                if job.staging.record(attempt.shard) is not None:
+                    continue
                 if attempt.state == "COMPLETED":
                     attempt.message = (f"the run completed but left no completion record in {job.staging.url}; "
                                        "do the workers see the same run directory?")
-                failed[attempt.shard] = attempt
-        if not failed:
-            return
-        log.warning("%s: shards %s failed: %s", job.stage, sorted(failed), _describe(failed))
-        pending = sorted(failed)
-    raise PoolRunError(f"{job.stage}: shards {sorted(failed)} failed {1 + execution.shard_retries} times on "
-                       f"pool {POOL}: {_describe(failed)}")
+                failures[attempt.shard] += 1
+                if failures[attempt.shard] > execution.shard_retries:
+                    failed[attempt.shard] = attempt
+                else:
+                    log.warning("%s: shard %d failed (try %d of %d), submitted again: %s", job.stage, attempt.shard,
+                                failures[attempt.shard], 1 + execution.shard_retries,
+                                _describe({attempt.shard: attempt}))
+                    queue.append(attempt.shard)
+    except BaseException as err:
+        if in_flight:
+            dispatcher.cancel(in_flight, f"the pipeline stopped ({type(err).__name__})")
+        raise
+    log.info("%s: %d shards in %.0f s, at most %d in flight", job.stage, len(pending), time.monotonic() - started,
+             peak)
+    if failed:
+        raise PoolRunError(f"{job.stage}: shards {sorted(failed)} failed {1 + execution.shard_retries} times on "
+                           f"pool {POOL}: {_describe(failed)}")
+    return peak
 
 
 def _describe(failed: dict[int, Attempt]) -> str:

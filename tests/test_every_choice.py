@@ -187,14 +187,20 @@ class InProcessPool:
     def check(self) -> None:
         return None
 
+    def capacity(self) -> int:
+        return 1
+
     def submit(self, shard: int, parameters: dict[str, Any]) -> shards.Attempt:
         shards.shard_flow.fn(**parameters)  # the worker loads the config from the overrides, as a pool worker does
         self.shards.append(shard)
         return shards.Attempt(shard, run_id=None, run_name=f"{parameters['stage']} shard {shard}",  # type: ignore
                               state="COMPLETED")
 
-    def wait(self, attempts: list[shards.Attempt]) -> None:
-        return None
+    def poll(self, attempts: list[shards.Attempt]) -> list[shards.Attempt]:
+        return list(attempts)
+
+    def cancel(self, attempts: list[shards.Attempt], why: str) -> list[shards.Attempt]:
+        return []
 
 
 def config(files: Path, key: str = "", choice: str = "") -> PipelineConfig:

@@ -27,16 +27,20 @@ def job(tmp_path) -> GenerateJob:
 
 
 class FakeDispatcher:
-    """Runs a shard in-process when submitted, unless told to fail it (``fail[k]`` more times)."""
+    """Runs a shard in-process when submitted, unless told to fail it (``fail[k]`` more times); every submitted
+    run is final at the next poll."""
 
-    def __init__(self, job: GenerateJob, fail: dict[int, int] | None = None, complete_without_record=()):
-        self.job, self.fail, self.silent = job, dict(fail or {}), set(complete_without_record)
-        self.submitted: list[list[int]] = []
+    def __init__(self, job: GenerateJob, fail: dict[int, int] | None = None, complete_without_record=(),
+                 slots: int = 100):
+        self.job, self.fail, self.silent, self.slots = job, dict(fail or {}), set(complete_without_record), slots
+        self.submitted: list[list[int]] = [[]]  # the shards submitted between two polls
+        self.cancelled: list[int] = []
+
+    def capacity(self) -> int:
+        return self.slots
 
     def submit(self, shard: int, parameters: dict) -> shards.Attempt:
         assert parameters["shard"] == shard and parameters["stage"] == "generate"
-        if not self.submitted or self.submitted[-1] == "wait":
-            self.submitted.append([])
         self.submitted[-1].append(shard)
         attempt = shards.Attempt(shard, run_id=None, run_name=f"generate shard {shard}")  # type: ignore[arg-type]
         if self.fail.get(shard, 0) > 0:
@@ -49,12 +53,18 @@ class FakeDispatcher:
             attempt.state = "COMPLETED"
         return attempt
 
-    def wait(self, attempts) -> None:
-        self.submitted.append("wait")
+    def poll(self, attempts: list[shards.Attempt]) -> list[shards.Attempt]:
+        if self.submitted[-1]:
+            self.submitted.append([])
+        return list(attempts)
+
+    def cancel(self, attempts: list[shards.Attempt], why: str) -> list[shards.Attempt]:
+        self.cancelled.extend(a.shard for a in attempts)
+        return []
 
 
 def _rounds(dispatcher: FakeDispatcher) -> list[list[int]]:
-    return [r for r in dispatcher.submitted if r != "wait"]
+    return [r for r in dispatcher.submitted if r]
 
 
 def test_failed_shards_are_resubmitted_until_done(job):
@@ -128,13 +138,14 @@ class SetupBrokenDispatcher(FakeDispatcher):
     """Every run crashes on the worker before it starts, as on a worker without GPLFLOW_PROJECT_DIR."""
 
     def submit(self, shard: int, parameters: dict) -> shards.Attempt:
-        self.submitted.append([shard])
+        self.submitted[-1].append(shard)
         return shards.Attempt(shard, run_id=None, run_name=f"generate shard {shard}")  # type: ignore[arg-type]
 
-    def wait(self, attempts) -> None:
-        self.submitted.append("wait")
+    def poll(self, attempts: list[shards.Attempt]) -> list[shards.Attempt]:
+        self.submitted.append([])
         attempts[0].state, attempts[0].worker = "CRASHED", "gpu-worker-1 on host-a"
         attempts[0].setup_error = shards.load_failure([LOAD_LOG])
+        return [attempts[0]]
 
 
 def test_a_worker_that_cannot_load_the_shard_flow_ends_the_stage_at_once(job):
@@ -144,7 +155,8 @@ def test_a_worker_that_cannot_load_the_shard_flow_ends_the_stage_at_once(job):
     message = str(err.value)
     assert "\n" not in message and "GPLFLOW_PROJECT_DIR" in message and "gpu-worker-1 on host-a" in message
     assert "No such file or directory: '/tmp/tmpab12cd/flows/shards.py'" in message
-    assert dispatcher.submitted.count("wait") == 1  # no second round of submissions
+    assert _rounds(dispatcher) == [[0, 1, 2, 3]]  # no second round of submissions
+    assert dispatcher.cancelled == [1, 2, 3]  # the runs still in flight are cancelled
 
 
 class _Run:
@@ -161,8 +173,8 @@ class _Run:
 class _Client:
     """The three calls DeploymentDispatcher.wait makes, answered from memory."""
 
-    def __init__(self, runs, logs):
-        self.runs, self.logs, self.cancelled = runs, logs, []
+    def __init__(self, runs, logs, workers=2):
+        self.runs, self.logs, self.cancelled, self.reads, self.workers = runs, logs, [], [], workers
 
     def __enter__(self):
         return self
@@ -170,8 +182,15 @@ class _Client:
     def __exit__(self, *exc):
         return False
 
-    def read_flow_runs(self, flow_run_filter):
-        return self.runs
+    def read_flow_runs(self, flow_run_filter, limit=None):
+        wanted = set(flow_run_filter.id.any_)
+        self.reads.append(wanted)
+        return [run for run in self.runs if run.id in wanted][:limit]
+
+    def read_workers_for_work_pool(self, work_pool_name, worker_filter=None):
+        assert work_pool_name == "gpu-pool" and worker_filter.status.any_ == ["ONLINE"]
+        self.reads.append("workers")
+        return [object()] * self.workers
 
     def read_logs(self, log_filter):
         from types import SimpleNamespace
@@ -180,6 +199,7 @@ class _Client:
 
     def set_flow_run_state(self, run_id, state, force=False):
         self.cancelled.append(run_id)
+        self.states = [*getattr(self, "states", []), state.type.value]
 
 
 def test_the_dispatcher_reads_why_a_run_crashed_before_it_started(monkeypatch):

@@ -2,8 +2,9 @@
 deployment and two workers; `gplflow run` with execution.mode=pool fans generate and label out as shard runs.
 
 Checks: both workers ran shards (flow-run labels written by the shard flow, read back through the API),
-every shard run is a subflow of the pipeline run, each worker's GPU concurrency limit exists, and the
-published artifacts equal those of the same stages run here in local mode.
+every shard run is a subflow of the pipeline run, never more than two were in flight at once (one per online
+worker), each worker's GPU concurrency limit exists, and the published artifacts equal those of the same
+stages run here in local mode.
 
 Kept small for 2 CPU cores: 32 demo passages, extractive generation (4 shards of 8), BM25 mining (no
 encoding shards), 8 labelled triples (2 shards of 8 distinct pairs), one training step.
@@ -86,6 +87,16 @@ def _local_stages(cfg: PipelineConfig, root: Path) -> ArtifactStore:
     return store
 
 
+def most_at_once(runs: list) -> int:
+    """The most flow runs that were in flight at one time: from creation to end, on the server's clock."""
+    events = sorted([(run.created, 1) for run in runs] + [(run.end_time, -1) for run in runs])  # ends first
+    at_once = peak = 0
+    for _, step in events:
+        at_once += step
+        peak = max(peak, at_once)
+    return peak
+
+
 def test_pool_mode_spreads_shards_over_two_workers(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -127,6 +138,7 @@ def test_pool_mode_spreads_shards_over_two_workers(tmp_path: Path) -> None:
     assert {r.labels.get("gplflow.worker") for r in runs} == {"w0", "w1"}, worker_logs  # both workers took shards
     assert all(r.parent_task_run_id is not None for r in runs)  # subflows of the pipeline run
     assert set(limits.values()) == {1}
+    assert most_at_once(runs) <= 2  # never more shard runs in flight than the two workers compute
     shard_records = [s for stage in ("queries", "triples") for s in pool.require(stage).manifest["shards"]["shards"]]
     assert {s["worker"] for s in shard_records} == {"w0", "w1"}
     assert not list(run_dir.glob(".*.shards-*"))  # staging removed after publishing
