@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasat
 SERVER_APP = "prefect.server.api.server:create_app"  # in the temporary server's command line
 _RECORDS = "gplflow-servers"  # under PREFECT_HOME: one <pid>.json per temporary server a run started
 _STOP_WAIT_S = 5.0
+STOP_GRACE_S = 20.0  # after a stop signal the process ends by then, however slow its way out
+_watchdog: threading.Timer | None = None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -52,20 +55,42 @@ def signal_of(err: KeyboardInterrupt) -> int:
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP raise ``Interrupted`` in the main thread for the block, as Ctrl-C raises
-    KeyboardInterrupt, instead of killing the process on the spot (which would leave the run marked Running)."""
+    KeyboardInterrupt, instead of killing the process on the spot (which would leave the run marked Running).
+
+    Each of them, and Ctrl-C, also starts a watchdog: the process ends ``STOP_GRACE_S`` seconds after the signal
+    even if its way out hangs (a Prefect API too slow to take the Crashed state or the last logs)."""
 
     def interrupt(signum: int, _frame: FrameType | None) -> None:
+        arm_watchdog(signum)
         raise Interrupted(signum)
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = {signum: signal.signal(signum, interrupt) for signum in SIGNALS}
+    handled = [*SIGNALS] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
+    previous = {signum: signal.signal(signum, interrupt) for signum in handled}  # an ignored Ctrl-C stays ignored
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def arm_watchdog(signum: int) -> None:
+    """End the process with ``128 + signum`` in ``STOP_GRACE_S`` seconds unless it has ended by then (once)."""
+    global _watchdog
+    if _watchdog is not None:
+        return
+
+    def expire() -> None:
+        sys.stderr.write(f"gplflow: still stopping {STOP_GRACE_S:.0f} s after {signal.Signals(signum).name}; "
+                         "exiting now (the same command resumes the run)\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    _watchdog = threading.Timer(STOP_GRACE_S, expire)
+    _watchdog.daemon = True
+    _watchdog.start()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,47 @@
+"""A stop signal ends the process within ``STOP_GRACE_S`` even when its way out hangs (issue 18, part 5: a
+Prefect API too slow to answer kept ``gplflow run`` alive for more than 50 s after SIGTERM)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.serial
+
+CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell's foreground command
+from gplflow.flows import interrupt
+interrupt.STOP_GRACE_S = 1.0
+with interrupt.stop_on_signals():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+        time.sleep(60)  # a way out that hangs, as on an API that does not answer
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_hanging_way_out_ends_within_the_grace(signum: int, code: int) -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        sent = time.monotonic()
+        child.send_signal(signum)
+        child.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if child.poll() is None:
+            child.kill()
+    out, err = child.communicate()
+    assert out.strip() == "stopping"  # the signal was turned into the interrupt first
+    assert child.returncode == code, err
+    assert 1.0 <= took < 6.0, took
+    assert f"still stopping 1 s after {signal.Signals(signum).name}; exiting now" in err
