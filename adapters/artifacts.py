@@ -6,7 +6,9 @@ UKPLab gpl interop), ``gplflow status`` and the tests name the same folders and 
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gplflow.adapters.metrics import METRICS
 
@@ -47,6 +49,11 @@ NEGATIVES_SCHEMA = pa.schema([("query_id", pa.string()), ("retriever", pa.string
 # raw teacher scores; margin = pos_score - neg_score
 TRIPLES_SCHEMA = pa.schema([("query_id", pa.string()), ("pos_doc_id", pa.string()), ("neg_doc_id", pa.string()),
                             ("pos_score", pa.float32()), ("neg_score", pa.float32()), ("margin", pa.float32())])
+# label.negatives_per_example n > 1: one row per training example, its n negatives and their raw teacher scores in
+# the same order (``triples/`` holds TRIPLES_SCHEMA rows when n = 1, so runs made before n existed stay valid)
+TUPLES_SCHEMA = pa.schema([("query_id", pa.string()), ("pos_doc_id", pa.string()),
+                           ("neg_doc_ids", pa.list_(pa.string())), ("pos_score", pa.float32()),
+                           ("neg_scores", pa.list_(pa.float32()))])
 SCORED_PAIRS_SCHEMA = pa.schema([("sentence1", pa.string()), ("sentence2", pa.string()), ("score", pa.float32())])
 RANKING_PAIRS_SCHEMA = pa.schema([("anchor", pa.string()), ("positive", pa.string()), ("negative", pa.string())])
 # sampler: how the pair was found ("bm25" or "semantic"): sentence2 is among sentence1's nearest neighbours
@@ -63,6 +70,36 @@ SCHEMAS = {CORPUS: CORPUS_SCHEMA, QUERIES: QUERIES_SCHEMA, HELDOUT: QUERIES_SCHE
            QUERIES_FILTERED: pa.schema([*QUERIES_SCHEMA, *FILTER_SCORES]),
            NEGATIVES: NEGATIVES_SCHEMA, TRIPLES: TRIPLES_SCHEMA, EVALUATE: EVALUATE_SCHEMA,
            SILVER_CANDIDATES: SILVER_CANDIDATES_SCHEMA, SILVER: SILVER_SCHEMA}  # pairs: pairs_schema
+
+
+def triples_schema(negatives_per_example: int = 1) -> pa.Schema:
+    """The ``triples/`` columns: (query, positive, negative) triples for 1 negative per example, n-tuples above."""
+    return TRIPLES_SCHEMA if negatives_per_example == 1 else TUPLES_SCHEMA
+
+
+def negatives_per_example(manifest: dict) -> int:
+    """How many negatives each row of a ``triples/`` artifact holds (its manifest says; 1 for triples)."""
+    return int(manifest.get("negatives_per_example", 1))
+
+
+def check_triples(table: pa.Table, negatives_per_example: int, where: str) -> pa.Table:
+    """``table`` (read from ``triples/``) with the columns and types its ``negatives_per_example`` calls for, each
+    row holding that many negatives and scores; else a ValueError naming the first problem."""
+    schema = triples_schema(negatives_per_example)
+    found = {f.name: f.type for f in table.schema}
+    for field in schema:
+        if field.name in found and found[field.name] != field.type:
+            raise ValueError(f"{where}: column {field.name} is {found[field.name]}, expected {field.type}")
+    if missing := [name for name in table.column_names if name not in schema.names]:
+        raise ValueError(f"{where}: unexpected columns {missing} for {negatives_per_example} negative(s) per example")
+    if negatives_per_example > 1:
+        for name in ("neg_doc_ids", "neg_scores"):
+            if name in found:
+                lengths = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+                if (bad := np.flatnonzero(lengths != negatives_per_example)).size:
+                    raise ValueError(f"{where}: row {int(bad[0])} holds {int(lengths[bad[0]])} {name}, expected "
+                                     f"{negatives_per_example} (label.negatives_per_example)")
+    return table
 
 
 def queries_schema(logprob: bool = False) -> pa.Schema:

@@ -106,6 +106,10 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
     if queries is not None:  # ids the TSV files cannot carry are found before anything is written
         _check_tsv_ids(queries, ["query_id", "doc_id"])
     if triples is not None:
+        if (n := artifacts.negatives_per_example(triples.manifest)) > 1:
+            raise GplFormatError(f"{triples.url}: holds {n} negatives per example (label.negatives_per_example); "
+                                 "the reference's gpl-training-data.tsv holds one (query, positive, negative) triple "
+                                 "a line: export a run labelled with label.negatives_per_example 1")
         _check_tsv_ids(triples, ["query_id", "pos_doc_id", "neg_doc_id"])
     parent, name = posixpath.split(root)
     tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"

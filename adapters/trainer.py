@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -45,7 +46,10 @@ from gplflow.adapters.text import passage_texts
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("margin_mse", "mnrl", "cosent", "cosine", "angle")
+LOSSES = ("margin_mse", "kl", "kl+margin_mse", "mnrl", "cosent", "cosine", "angle")
+# The losses of the teacher's scores of (query, positive, negative_1..n) examples: MarginMSE over the n margins,
+# KL between the teacher's and the student's softmax over the n + 1 candidates, and their weighted sum.
+DISTILL_LOSSES = ("margin_mse", "kl", "kl+margin_mse")
 # Losses of scored pairs (sentence1, sentence2, score in [0, 1]): CoSENT and AnglE rank the pairs by cosine
 # (AnglE by angle difference in complex space), CosineSimilarityLoss regresses the cosine on the score.
 # The score each loss teaches: MarginMSE fits dot-product margins (GPL); the others score by cosine.
@@ -66,6 +70,8 @@ class TrainSettings(Protocol):
     checkpoint_every: int
     seed: int
     similarity: str
+    # and, read when set (settings made before the n-tuple losses lack them): temperature (kl: DistillKLDivLoss's),
+    # margin_mse_weight (kl+margin_mse: KL + margin_mse_weight x MarginMSE)
 
 
 @dataclass
@@ -138,6 +144,33 @@ def margin_mse_dataset(triples: pa.Table, queries: Dataset, passages: Dataset) -
     return rows
 
 
+def tuples_dataset(examples: pa.Table, queries: Dataset, passages: Dataset) -> Dataset:
+    """(query, positive, negative_1..n, label=[teacher score of the positive, of each negative]) rows, texts resolved
+    lazily: the labels DistillKLDivLoss takes, and MarginMSELoss turns into the n margins. ``examples`` holds
+    triples (``neg_doc_id``, ``neg_score``) or n-tuples (``neg_doc_ids``, ``neg_scores`` lists)."""
+    listed = "neg_doc_ids" in examples.column_names
+    negatives = examples["neg_doc_ids"].combine_chunks() if listed else None
+    n = len(negatives[0]) if listed and len(negatives) else 1
+    for column, known, key in (("query_id", queries, "query_id"), ("pos_doc_id", passages, "doc_id")):
+        _check_ids(examples, column, known, key, "triples")
+    neg_ids = pc.list_flatten(negatives).to_numpy(zero_copy_only=False).reshape(-1, n) if listed else \
+        examples["neg_doc_id"].to_numpy(zero_copy_only=False)[:, None]
+    _check_ids(pa.table({"neg_doc_id": neg_ids.ravel()}), "neg_doc_id", passages, "doc_id", "triples")
+    neg_scores = pc.list_flatten(examples["neg_scores"].combine_chunks()).to_numpy(zero_copy_only=False) if listed \
+        else examples["neg_score"].to_numpy(zero_copy_only=False)
+    scores = np.concatenate([examples["pos_score"].to_numpy(zero_copy_only=False)[:, None],
+                             neg_scores.reshape(-1, n)], axis=1).astype(np.float32)
+    negative_ids = {f"negative_{i + 1}_id": neg_ids[:, i] for i in range(n)}
+    rows = Dataset.from_dict({"query_id": examples["query_id"], "positive_id": examples["pos_doc_id"],
+                              **negative_ids, "label": scores.tolist()})
+    rows.set_transform(resolve_ids({
+        "query_id": (queries, "query_id", "text"),
+        "positive_id": (passages, "doc_id", "passage"),
+        **{name: (passages, "doc_id", "passage") for name in negative_ids},
+    }))
+    return rows
+
+
 def pairs_dataset(queries: pa.Table, passages: Dataset) -> Dataset:
     """(query, positive) rows for MNRL: each generated query with the passage it was generated from."""
     _check_ids(queries, "doc_id", passages, "doc_id", "queries")
@@ -162,18 +195,23 @@ def ranking_pairs_dataset(pairs: pa.Table) -> Dataset:
     return Dataset.from_dict({c: pairs[c] for c in columns})
 
 
-def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot",
-              world_size: int = 1) -> torch.nn.Module:
-    """MarginMSE (GPL) with the student scoring by dot product (the paper) or cosine similarity,
-    MultipleNegativesRanking with in-batch negatives (GenQ, and ranking pairs), or a scored-pair loss.
+def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot", world_size: int = 1,
+              temperature: float = 1.0, margin_mse_weight: float = 1.0) -> torch.nn.Module:
+    """MarginMSE (GPL), KL over the n + 1 candidates (``temperature``) or KL + ``margin_mse_weight`` x MarginMSE,
+    the student scoring by dot product (the paper) or cosine similarity; MultipleNegativesRanking with in-batch
+    negatives (GenQ, and ranking pairs); or a scored-pair loss.
 
     With ``world_size`` > 1, MNRL gathers every rank's embeddings (with their gradients), so the negatives are
     the global batch, as in one process; the per-example losses need nothing of the other ranks."""
-    if name == "margin_mse":
+    if name in DISTILL_LOSSES:
         if similarity not in SIMILARITY:
             raise ValueError(f"train.similarity {similarity!r}: expected one of {', '.join(SIMILARITY)}")
         score = util.pairwise_dot_score if similarity == "dot" else util.pairwise_cos_sim
-        return losses.MarginMSELoss(model, similarity_fct=score)
+        margin_mse = losses.MarginMSELoss(model, similarity_fct=score)
+        if name == "margin_mse":
+            return margin_mse
+        kl = losses.DistillKLDivLoss(model, similarity_fct=score, temperature=temperature)
+        return kl if name == "kl" else WeightedLoss(model, [(1.0, kl), (margin_mse_weight, margin_mse)])
     if name == "mnrl":
         return losses.MultipleNegativesRankingLoss(model, gather_across_devices=world_size > 1)
     if name == "cosent":
@@ -183,6 +221,20 @@ def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot",
     if name == "angle":
         return losses.AnglELoss(model)
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
+
+
+class WeightedLoss(torch.nn.Module):
+    """The weighted sum of losses that read the same columns and labels, the embeddings computed once."""
+
+    def __init__(self, model: SentenceTransformer, parts: Sequence[tuple[float, torch.nn.Module]]):
+        super().__init__()
+        self.model, self.weights = model, [w for w, _ in parts]
+        self.parts = torch.nn.ModuleList([loss for _, loss in parts])
+
+    def forward(self, sentence_features: Sequence[dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
+        embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
+        return sum(w * loss.compute_loss_from_embeddings(embeddings, labels)
+                   for w, loss in zip(self.weights, self.parts, strict=True))
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -284,7 +336,7 @@ def fit(
     ``world_size`` > 1: this process is one rank of a torchrun job (adapters/distributed.py)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     # saved with the model, so users (and the evaluate stage) score as it was trained
-    model.similarity_fn_name = SIMILARITY[cfg.similarity] if cfg.loss == "margin_mse" else "cosine"
+    model.similarity_fn_name = SIMILARITY[cfg.similarity] if cfg.loss in DISTILL_LOSSES else "cosine"
     resume = latest_checkpoint(checkpoints, clean=world_size == 1)
     if resume is not None and (checkpoint_step(resume) or 0) >= cfg.steps:
         return _from_final_checkpoint(model, resume)  # the Trainer would run one step past max_steps
@@ -294,7 +346,8 @@ def fit(
         model=offline_model_card(model),
         args=training_args(cfg, checkpoints, dev, bf16=models.bf16_pays(model, dev), world_size=world_size),
         train_dataset=dataset,
-        loss=make_loss(cfg.loss, model, cfg.similarity, world_size),
+        loss=make_loss(cfg.loss, model, cfg.similarity, world_size, getattr(cfg, "temperature", 1.0),
+                       getattr(cfg, "margin_mse_weight", 1.0)),
         callbacks=list(callbacks),
     )
     started = time.perf_counter()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from gplflow.adapters.errors import InputError
 from gplflow.flows.stages import sections
@@ -24,7 +24,7 @@ from gplflow.tasks.label import LabelConfig, resolve_triples
 from gplflow.tasks.mine import MineConfig
 from gplflow.tasks.pairs import PairsConfig
 from gplflow.tasks.pretrain import PretrainConfig
-from gplflow.tasks.train import PAIR_LOSSES, TrainConfig
+from gplflow.tasks.train import DISTILL_LOSSES, PAIR_LOSSES, TrainConfig
 
 PAIR_FLOWS = ("supervised", "augmented_sbert")  # the flows that train on labelled pairs, not generated queries
 
@@ -144,9 +144,25 @@ class PipelineConfig(_Frozen):
             if self.pairs is not None:
                 raise ValueError(f"'pairs' is read by flows 'supervised' and 'augmented_sbert' only, not by flow "
                                  f"'{self.flow}'")
-            if self.train.loss not in ("margin_mse", "mnrl"):
+            if self.train.loss not in ("mnrl", *DISTILL_LOSSES):
                 raise ValueError(f"train.loss {self.train.loss} trains on labelled pairs: set flow: supervised")
+        if self.is_gpl and self.label.negatives_per_example > 1 and self.import_.gpl_dir:
+            raise ValueError(f"label.negatives_per_example {self.label.negatives_per_example}: import.gpl_dir brings "
+                             "the reference's triples, one negative per example; set label.negatives_per_example 1")
         return self
+
+    @field_validator("label")
+    @classmethod
+    def _negatives_mined(cls, label: LabelConfig, info: ValidationInfo) -> LabelConfig:
+        """The negatives each labelled example asks for are mined: before any compute, naming both keys."""
+        mine = info.data.get("mine")
+        if info.data.get("flow") != "gpl" or mine is None:
+            return label
+        if label.negatives_per_example > mine.negatives_per_query:
+            raise ValueError(f"label.negatives_per_example {label.negatives_per_example} is more than "
+                             f"mine.negatives_per_query {mine.negatives_per_query}, the negatives each retriever "
+                             "mines per query: raise mine.negatives_per_query or lower label.negatives_per_example")
+        return label
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -210,8 +226,8 @@ class PipelineConfig(_Frozen):
 
     @property
     def is_gpl(self) -> bool:
-        """GPL proper: mined negatives, pseudo-labelled by the teacher, trained with MarginMSE."""
-        return self.flow == "gpl" and self.train.loss == "margin_mse"
+        """GPL proper: mined negatives, pseudo-labelled by the teacher, trained on its scores (MarginMSE, KL)."""
+        return self.flow == "gpl" and self.train.loss in DISTILL_LOSSES
 
     @property
     def trains_on_pairs(self) -> bool:

@@ -162,6 +162,11 @@ def diagnostics_markdown(diagnostics: dict[str, Any] | None) -> str:
                for kind in ("pos", "neg")),
              f"- teacher agreement: the share of the {diagnostics['queries']} training queries whose source passage "
              "the teacher scores above every one of their labelled negatives"]
+    rank = diagnostics.get("positive_rank")
+    if rank is not None and len(rank["shares"]) > 2:  # n negatives per example
+        lines.append(f"- positive's rank among itself and the {len(rank['shares']) - 1} negatives of an example: "
+                     f"first in {rank['shares'][0]:.1%} of examples, mean {rank['mean']:.2f}; a negative outscores "
+                     f"it in {diagnostics['outscored_share']:.1%}")
     return "\n".join(lines)
 
 
@@ -285,7 +290,10 @@ def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str
 
 def _headline(cfg: PipelineConfig) -> str:
     """One line: the method, what the queries are, and how long training is."""
-    method = "GPL (MarginMSE on pseudo-labelled triples)" if cfg.train.loss == "margin_mse" else "GenQ (MNRL)"
+    per = cfg.label.negatives_per_example
+    labelled = "pseudo-labelled triples" if per == 1 else f"pseudo-labelled examples of {per} negatives"
+    method = {"margin_mse": f"GPL (MarginMSE on {labelled})", "kl": f"GPL (KL on {labelled})",
+              "kl+margin_mse": f"GPL (KL + MarginMSE on {labelled})"}.get(cfg.train.loss, "GenQ (MNRL)")
     pretrain = f", after {cfg.pretrain.method.upper()} pretraining" if cfg.pretrain.method != "none" else ""
     if cfg.flow == "supervised" and cfg.pairs is not None:
         return (f"Supervised fine-tuning ({cfg.train.loss}) on {cfg.pairs.kind} labelled pairs{pretrain}: "

@@ -59,7 +59,7 @@ def flow_in(*flows: str) -> When:
 
 ALWAYS = When(lambda run: True)
 USES_QUERIES = flow_in("gpl", "genq")
-GPL = flow_in("gpl") & setting("train.loss", "==", "margin_mse")
+GPL = flow_in("gpl") & When(lambda run: run.cfg.is_gpl, "train.loss is margin_mse, kl or kl+margin_mse")
 AUGMENTS = flow_in("augmented_sbert")
 
 

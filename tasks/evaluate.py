@@ -287,11 +287,15 @@ def _labelled_scores(store: ArtifactStore, queries: set[str]) -> dict[tuple[str,
     if triples is None or not queries:
         return {}
     found: dict[tuple[str, str], float] = {}
-    for batch in triples.iter_batches(["query_id", "pos_doc_id", "neg_doc_id", "pos_score", "neg_score"]):
+    tuples = artifacts.negatives_per_example(triples.manifest) > 1
+    columns = ["neg_doc_ids", "neg_scores"] if tuples else ["neg_doc_id", "neg_score"]
+    for batch in triples.iter_batches(["query_id", "pos_doc_id", "pos_score", *columns]):
         rows = batch.to_pydict()
-        for qid, pos, neg, pos_score, neg_score in zip(*rows.values(), strict=True):
+        for qid, pos, pos_score, negs, neg_scores in zip(*rows.values(), strict=True):
             if qid in queries:
-                found[qid, pos], found[qid, neg] = pos_score, neg_score
+                found[qid, pos] = pos_score
+                for neg, score in zip(*((negs, neg_scores) if tuples else ([negs], [neg_scores])), strict=True):
+                    found[qid, neg] = score
     return found
 
 

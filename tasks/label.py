@@ -1,4 +1,5 @@
-"""Label: a fixed, seeded set of (query, positive, negative) triples scored once per distinct pair.
+"""Label: a fixed, seeded set of (query, positive, negative) triples scored once per distinct pair; with
+``negatives_per_example`` n > 1, (query, positive, n negatives) examples instead.
 
 The triples are drawn before anything is scored, from the union of every miner's negatives of a query
 (duplicates across miners dropped, first occurrence kept; miners taken in name order), spread evenly over the
@@ -6,6 +7,11 @@ queries that have negatives: each gets floor(n/Q) or ceil(n/Q) triples, the seed
 one. Within a query negatives are drawn without replacement; only a query that needs more triples than it has
 negatives cycles through them again (a fresh shuffle per cycle, so each is used floor or ceil times). Queries
 are sorted by id first, so the draw does not depend on the order the parts were written in.
+
+With n > 1 negatives per example, each example's n negatives are distinct; only queries with at least n
+negatives get examples, and a query that needs more negatives than it has draws each example's n from a fresh
+shuffle. The artifact is then one row per example (``artifacts.TUPLES_SCHEMA``: list columns of the negatives and
+their scores); with n = 1 it is the triples table, as before n existed.
 
 Every distinct (query, passage) pair is then scored once, however many triples share it (a query's positive
 recurs in each of its triples), and margin = score(q, pos) - score(q, neg) on raw teacher scores.
@@ -71,6 +77,15 @@ class LabelConfig(StageConfig):
     batch_size: int = Field(default=32, gt=0)
     max_seq_length: int = Field(default=350, gt=0)
     bi_encoder_score: Literal["dot", "cos_sim"] = "dot"  # bi_encoder teacher: cos_sim normalises first
+    # negatives per training example: 1 = (query, positive, negative) triples (GPL); n > 1 = n-tuples for the
+    # listwise losses (train.loss kl) and MarginMSE over n margins. At most mine.negatives_per_query.
+    negatives_per_example: int = Field(default=1, gt=0)
+
+
+def label_config(cfg: LabelConfig) -> dict[str, Any]:
+    """The config part of the fingerprint: ``negatives_per_example`` only when above 1, so triples labelled before
+    it existed keep their fingerprint."""
+    return cfg.model_dump(mode="json", exclude={"negatives_per_example"} if cfg.negatives_per_example == 1 else None)
 
 
 class TeacherModel(StageConfig):
@@ -118,7 +133,7 @@ class LabelInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
     teacher_scores: Ref | None = None
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
-        config = {**self.cfg.model_dump(mode="json"), "triples": self.triples}
+        config = {**label_config(self.cfg), "triples": self.triples}
         inputs = {"corpus": self.corpus.fingerprint, "queries": self.queries.fingerprint,
                   "negatives": self.negatives.fingerprint,
                   "teacher": model_signature(self.teacher)}  # by content: a teacher replaced in place labels anew
@@ -169,7 +184,8 @@ class LabelJob(ShardJob):
     def draw(self) -> _Draw:
         if self._draw is None:
             queries, negatives, n_triples = self._sources
-            self._draw = _Draw.make(load_pool(self.corpus, queries, negatives), n_triples, self.cfg.seed)
+            self._draw = _Draw.make(load_pool(self.corpus, queries, negatives), n_triples, self.cfg.seed,
+                                    self.cfg.negatives_per_example)
         return self._draw
 
     @property
@@ -228,16 +244,23 @@ class LabelJob(ShardJob):
     def publish(self) -> Artifact:
         records = self.done_records()
         draw, scores = self.draw, self._staged_scores()
-        tq, pos, neg = draw.tq, draw.pos, draw.neg
-        pos_score, neg_score = scores[draw.inverse[: len(tq)]], scores[draw.inverse[len(tq) :]]
+        tq, pos, neg, per = draw.tq, draw.pos, draw.neg, draw.per
+        pos_score, neg_score = scores[draw.inverse[: len(tq)]], scores[draw.inverse[len(tq) :]].reshape(neg.shape)
         with self.store.writer(STAGE, config=self.config, inputs=self.input_fps, code_version=CODE_VERSION) as out:
-            out.write_part(_batches(draw.pool, tq, pos, neg, pos_score, neg_score), artifacts.TRIPLES_SCHEMA)
+            if per == 1:
+                out.write_part(_batches(draw.pool, tq, pos, neg[:, 0], pos_score, neg_score[:, 0]),
+                               artifacts.TRIPLES_SCHEMA)
+            else:
+                out.write_part(_tuple_batches(draw.pool, tq, pos, neg, pos_score, neg_score), artifacts.TUPLES_SCHEMA)
+                out.extra["negatives_per_example"] = per
             sizes = np.diff(draw.pool.offsets)
             counts = np.bincount(tq, minlength=len(sizes))
-            out.count("triples", len(tq))
+            out.count("triples" if per == 1 else "examples", len(tq))
             out.count("queries", int(np.count_nonzero(counts)))
             out.count("queries_without_negatives", int(np.count_nonzero(sizes == 0)))
-            out.count("cycled_queries", int(np.count_nonzero(counts > sizes)))
+            if per > 1:
+                out.count("queries_with_too_few_negatives", int(np.count_nonzero((sizes > 0) & (sizes < per))))
+            out.count("cycled_queries", int(np.count_nonzero(counts * per > sizes)))
             out.count("distinct_pairs", len(draw.keys))
             out.count("scored_pairs", sum_counters(records).get("scored_pairs", 0))
             if self.inputs.teacher_scores is not None:
@@ -274,22 +297,28 @@ class LabelJob(ShardJob):
 
 @dataclass(frozen=True)
 class _Draw:
-    """The drawn triples (query, positive and negative rows) and their distinct pairs (sorted keys)."""
+    """The drawn examples (query, positive and negative rows: ``neg`` is examples x negatives per example) and
+    their distinct pairs (sorted keys)."""
 
     pool: Pool
     tq: np.ndarray
     pos: np.ndarray
-    neg: np.ndarray
+    neg: np.ndarray  # (examples, per)
     keys: np.ndarray  # distinct query * n_docs + doc, sorted
-    inverse: np.ndarray  # keys[inverse] = the (q, pos) pairs of every triple, then its (q, neg) pairs
+    inverse: np.ndarray  # keys[inverse] = the (q, pos) pair of every example, then its (q, neg) pairs row by row
+
+    @property
+    def per(self) -> int:
+        return int(self.neg.shape[1])
 
     @classmethod
-    def make(cls, pool: Pool, n_triples: int, seed: int) -> _Draw:
-        tq, neg = draw_triples(np.diff(pool.offsets), n_triples, seed)
-        neg = pool.negatives[pool.offsets[tq] + neg]
+    def make(cls, pool: Pool, n_examples: int, seed: int, per: int = 1) -> _Draw:
+        tq, at = draw_examples(np.diff(pool.offsets), n_examples, seed, per)
+        neg = pool.negatives[pool.offsets[tq][:, None] + at]
         pos = pool.positives[tq]
         n_docs = len(pool.doc_ids)
-        keys, inverse = np.unique(np.concatenate([tq * n_docs + pos, tq * n_docs + neg]), return_inverse=True)
+        pairs = np.concatenate([tq * n_docs + pos, (tq[:, None] * n_docs + neg).ravel()])
+        keys, inverse = np.unique(pairs, return_inverse=True)
         return cls(pool, tq, pos, neg, keys, inverse)
 
 
@@ -365,14 +394,46 @@ def draw_triples(sizes: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.n
     cycles through fresh shuffles of them.
     """
     rng = np.random.default_rng(seed)
-    eligible = np.flatnonzero(sizes > 0)
+    eligible, counts = _spread(rng, sizes > 0, n)
     if eligible.size == 0:
         raise InputError("label: no query has any negative; run the mine stage first (or check its output)")
+    picks = [_pick(rng, int(sizes[q]), int(k)) for q, k in zip(eligible, counts, strict=True) if k]
+    return np.repeat(eligible, counts), np.concatenate(picks)
+
+
+def draw_examples(sizes: np.ndarray, n: int, seed: int, per: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """n examples as (query index, positions among that query's negatives: n x ``per``), seeded; ``per`` = 1 is
+    ``draw_triples``. With ``per`` > 1 only queries with at least ``per`` negatives get examples, spread evenly as
+    triples are, and an example's negatives are distinct: drawn without replacement over the query's examples while
+    they last, else each example's from a fresh shuffle."""
+    if per == 1:
+        query, at = draw_triples(sizes, n, seed)
+        return query, at[:, None]
+    rng = np.random.default_rng(seed)
+    eligible, counts = _spread(rng, sizes >= per, n)
+    if eligible.size == 0:
+        raise InputError(f"label: no query has {per} negatives (label.negatives_per_example); the most any query "
+                         f"has is {int(np.max(sizes, initial=0))}: mine more (mine.negatives_per_query) or ask fewer")
+    picks = [_pick_rows(rng, int(sizes[q]), int(k), per) for q, k in zip(eligible, counts, strict=True) if k]
+    return np.repeat(eligible, counts), np.concatenate(picks)
+
+
+def _spread(rng: np.random.Generator, eligible: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(eligible query indices, examples each): n spread evenly, the seed choosing who gets one more."""
+    eligible = np.flatnonzero(eligible)
+    if eligible.size == 0:
+        return eligible, eligible
     base, extra = divmod(n, eligible.size)
     counts = np.full(eligible.size, base, dtype=np.int64)
     counts[rng.choice(eligible.size, size=extra, replace=False)] += 1
-    picks = [_pick(rng, int(sizes[q]), int(k)) for q, k in zip(eligible, counts, strict=True) if k]
-    return np.repeat(eligible, counts), np.concatenate(picks)
+    return eligible, counts
+
+
+def _pick_rows(rng: np.random.Generator, size: int, k: int, per: int) -> np.ndarray:
+    """k rows of ``per`` distinct positions among ``size``."""
+    if k * per <= size:
+        return rng.choice(size, size=k * per, replace=False).reshape(k, per)
+    return rng.random((k, size)).argsort(axis=1)[:, :per]
 
 
 def _pick(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
@@ -412,11 +473,44 @@ def _batches(
         )
 
 
+def _tuple_batches(
+    pool: Pool, tq: np.ndarray, pos: np.ndarray, neg: np.ndarray, pos_score: np.ndarray, neg_score: np.ndarray
+) -> Iterator[pa.RecordBatch]:
+    per = neg.shape[1]
+    for start in range(0, len(tq), ROW_GROUP_SIZE):
+        part = slice(start, start + ROW_GROUP_SIZE)
+        rows = len(tq[part])
+        offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * per)
+        yield pa.RecordBatch.from_arrays(
+            [
+                pool.query_ids.take(pa.array(tq[part])),
+                pool.doc_ids.take(pa.array(pos[part])),
+                pa.ListArray.from_arrays(offsets, pool.doc_ids.take(pa.array(neg[part].ravel()))),
+                pa.array(pos_score[part], pa.float32()),
+                pa.ListArray.from_arrays(offsets, pa.array(neg_score[part].ravel(), pa.float32())),
+            ],
+            schema=artifacts.TUPLES_SCHEMA,
+        )
+
+
 # --- what the run's report, checks and plan ask of this stage ---------------------------------------------
 
 def settings(cfg: Any) -> str:
     lb = cfg.label
-    return f"{cfg.n_triples} triples ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"
+    per = lb.negatives_per_example
+    what = f"{cfg.n_triples} triples" if per == 1 else f"{cfg.n_triples} examples of {per} negatives"
+    return f"{what} ({lb.triples}), {lb.teacher} teacher, seed {lb.seed}"
+
+
+def planned_pairs(cfg: Any, n: int) -> tuple[int, int]:
+    """(distinct pairs, training queries) labelling scores for a corpus of n passages: each query's positive
+    once, and each example's negatives, up to the most distinct negatives a query can have (every miner's top
+    ``mine.negatives_per_query``, if they never overlap)."""
+    used, qpp = planned_queries(cfg.generate, n)
+    examples, queries = cfg.n_triples, used * qpp
+    miners = len(cfg.models.retrievers) + (1 if cfg.mine.bm25 else 0)
+    negatives = min(examples * cfg.label.negatives_per_example, queries * max(1, miners) * cfg.mine.negatives_per_query)
+    return negatives + min(examples, queries), queries
 
 
 def models_used(cfg: Any) -> list[ModelUse]:
@@ -432,10 +526,11 @@ def models_used(cfg: Any) -> list[ModelUse]:
 
 
 def estimate(cfg: Any, n: int) -> StagePlan:
-    used, qpp = planned_queries(cfg.generate, n)
-    lb, triples, queries = cfg.label, cfg.n_triples, used * qpp
-    pairs = triples + min(triples, queries)  # each triple's negative pair; a query's positive pair once
-    detail = f"{triples} triples, about {pairs} distinct pairs for the {lb.teacher} teacher"
+    lb, triples = cfg.label, cfg.n_triples
+    pairs, queries = planned_pairs(cfg, n)
+    per = lb.negatives_per_example
+    what = f"{triples} triples" if per == 1 else f"{triples} examples x {per} negatives"
+    detail = f"{what}, about {pairs} distinct pairs for the {lb.teacher} teacher"
 
     def measure(resolved: dict[str, Any], passages: list[str]) -> float:
         # a bi-encoder teacher encodes each distinct text once: its work is counted in texts

@@ -40,9 +40,18 @@ CODE_VERSION = "train-1"
 PAIR_LOSSES = {"scored": ("cosent", "cosine", "angle"), "ranking": ("mnrl",)}
 
 
+# the losses of the teacher's labels (triples, or n-tuples with label.negatives_per_example): GPL's flow
+DISTILL_LOSSES = ("margin_mse", "kl", "kl+margin_mse")
+
+
 class TrainConfig(StageConfig):
-    loss: Literal["margin_mse", "mnrl", "cosent", "cosine", "angle"] = "margin_mse"
-    # margin_mse: how the student scores a pair. dot (the paper) suits a cross-encoder's logit margins;
+    # margin_mse: MarginMSE over each example's margins (GPL); kl: KL divergence between the teacher's and the
+    # student's softmax over the positive and the negatives (sentence-transformers' DistillKLDivLoss); kl+margin_mse:
+    # KL + margin_mse_weight x MarginMSE
+    loss: Literal["margin_mse", "kl", "kl+margin_mse", "mnrl", "cosent", "cosine", "angle"] = "margin_mse"
+    temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # kl: softens both softmaxes
+    margin_mse_weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # kl+margin_mse
+    # how the student scores a pair for the teacher's losses. dot (the paper) suits a cross-encoder's logit margins;
     # cos_sim suits a bi-encoder teacher's cosine margins (a dot-product student would shrink its vectors)
     similarity: Literal["dot", "cos_sim"] = "dot"
     steps: int = Field(default=140_000, gt=0)
@@ -65,6 +74,13 @@ class TrainConfig(StageConfig):
 
 
 NOT_FINGERPRINTED = {"devices"}
+
+
+def _unused(cfg: TrainConfig) -> set[str]:
+    """Settings the configured loss does not read: left out of the fingerprint, so a model trained before they
+    existed keeps its fingerprint."""
+    unused = set() if "kl" in cfg.loss else {"temperature"}
+    return unused if cfg.loss == "kl+margin_mse" else unused | {"margin_mse_weight"}
 
 
 def check_batch(batch_size: int, devices: int, why: str = "") -> None:
@@ -90,7 +106,7 @@ def devices(cfg: TrainConfig) -> int:
 
 
 def _fingerprinted(cfg: TrainConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED)
+    return cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED | _unused(cfg))
 
 
 class TrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
@@ -101,12 +117,12 @@ class TrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
     base_model: str  # the model training starts from (the pretrained one when pretraining ran)
     corpus: Ref
     queries: Ref  # the training queries (queries-train when some are held out)
-    triples: Ref | None = None  # margin_mse only
+    triples: Ref | None = None  # the teacher's losses only (DISTILL_LOSSES)
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
-        data = ("triples", self.triples) if self.cfg.loss == "margin_mse" else ("queries", self.queries)
+        data = ("triples", self.triples) if self.cfg.loss in DISTILL_LOSSES else ("queries", self.queries)
         if data[1] is None:
-            raise InputError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
+            raise InputError(f"train: loss {self.cfg.loss!r} needs the triples artifact (run the label stage first)")
         return _fingerprinted(self.cfg), {"base_model": model_signature(self.base_model),
                                           "corpus": self.corpus.fingerprint, data[0]: data[1].fingerprint}
 
@@ -132,7 +148,7 @@ def run_train(inputs: TrainInputs, callbacks: Sequence[Any] = ()) -> Artifact:
     ``callbacks`` are ``transformers.TrainerCallback``s (progress reporting, tests).
     """
     cfg = inputs.cfg
-    if cfg.loss not in ("mnrl", "margin_mse"):
+    if cfg.loss not in ("mnrl", *DISTILL_LOSSES):
         raise InputError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
     if (found := inputs.reuse()) is not None:
         return found
@@ -143,7 +159,7 @@ def _queries_data(inputs: TrainInputs) -> Callable[[], Any]:
     """The input artifacts of training on queries, loaded (verified), and how their rows become the dataset."""
     cfg = inputs.cfg
     corpus, queries = inputs.load(inputs.corpus), inputs.load(inputs.queries)
-    triples = inputs.load(inputs.triples) if cfg.loss == "margin_mse" and inputs.triples is not None else None
+    triples = inputs.load(inputs.triples) if cfg.loss in DISTILL_LOSSES and inputs.triples is not None else None
     return lambda: _dataset(cfg, corpus, queries, triples)
 
 
@@ -260,7 +276,9 @@ def _replay(callbacks: Sequence[Any], steps: int) -> Callable[[dict[str, Any]], 
 
 
 def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, triples: Artifact | None):
-    """Rows for the loss: (query, positive) pairs for mnrl, (query, positive, negative, margin) for margin_mse."""
+    """Rows for the loss: (query, positive) pairs for mnrl; for the teacher's losses (query, positive, negative,
+    margin) triples for margin_mse on triples (GPL as it always was), else (query, positive, negative_1..n, the
+    teacher's n + 1 scores)."""
     from gplflow.adapters import trainer
 
     passages = trainer.passage_lookup(corpus.read_table(["doc_id", "title", "text"]))
@@ -268,9 +286,17 @@ def _dataset(cfg: TrainConfig, corpus: Artifact, queries: Artifact, triples: Art
     if cfg.loss == "mnrl":
         return trainer.pairs_dataset(query_rows, passages)
     if triples is None:
-        raise InputError("train: loss 'margin_mse' needs the triples artifact (run the label stage first)")
-    rows = triples.read_table(["query_id", "pos_doc_id", "neg_doc_id", "margin"])
-    return trainer.margin_mse_dataset(rows, trainer.query_texts(query_rows), passages)
+        raise InputError(f"train: loss {cfg.loss!r} needs the triples artifact (run the label stage first)")
+    n = artifacts.negatives_per_example(triples.manifest)
+    margins = cfg.loss == "margin_mse" and n == 1  # GPL as it always was: the triples' margins
+    negatives = ["neg_doc_ids", "neg_scores"] if n > 1 else ["neg_doc_id", "neg_score"]
+    columns = ["query_id", "pos_doc_id", *(["neg_doc_id", "margin"] if margins else ["pos_score", *negatives])]
+    try:
+        rows = artifacts.check_triples(triples.read_table(columns), n, triples.url)
+    except (ValueError, KeyError) as err:
+        raise InputError(str(err)) from err
+    make = trainer.margin_mse_dataset if margins else trainer.tuples_dataset
+    return make(rows, trainer.query_texts(query_rows), passages)
 
 
 def progress_callback(progress: ProgressArtifact) -> Any:
@@ -295,7 +321,10 @@ def progress_callback(progress: ProgressArtifact) -> Any:
 
 def settings(cfg: Any) -> str:
     t = cfg.train
-    return (f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, max length {t.max_seq_length}, "
+    loss = {"kl": f"kl (temperature {t.temperature:g}), ",
+            "kl+margin_mse": f"kl (temperature {t.temperature:g}) + {t.margin_mse_weight:g} x margin_mse, "}
+    return (loss.get(t.loss, "") +
+            f"{t.steps} steps of batch {t.batch_size}, lr {t.learning_rate:g}, max length {t.max_seq_length}, "
             f"seed {t.seed}" + (f", train.devices {t.devices}" if t.devices != "auto" else ""))
 
 
@@ -303,12 +332,14 @@ def estimate(cfg: Any, n: int) -> StagePlan:
     t = cfg.train
     several = f" on {t.devices} devices: one device's rate x{t.devices}, a scaling assumed until measured" \
         if t.devices != "auto" and int(t.devices) > 1 else ""
+    per = cfg.label.negatives_per_example if t.loss in DISTILL_LOSSES else 0
+    negatives = f" of {per} negatives" if per > 1 else ""
     return StagePlan(t.steps, "steps", f"{t.loss}, {t.steps} steps of batch {t.batch_size} "
-                     f"({t.steps * t.batch_size} examples){several}",
-                     measure=lambda resolved, passages: _rate(t, resolved, passages) * devices(t))
+                     f"({t.steps * t.batch_size} examples{negatives}){several}",
+                     measure=lambda resolved, passages: _rate(t, resolved, passages, per) * devices(t))
 
 
-def _rate(t: TrainConfig, resolved: dict[str, Any], passages: list[str]) -> float:
+def _rate(t: TrainConfig, resolved: dict[str, Any], passages: list[str], per: int = 1) -> float:
     """Steps per second of the trainer on corpus passages (steps after the first)."""
     import tempfile
     from pathlib import Path
@@ -325,10 +356,15 @@ def _rate(t: TrainConfig, resolved: dict[str, Any], passages: list[str]) -> floa
                                                          "score": [float(i % 2) for i in range(n)]}))
     elif t.loss == "mnrl":
         dataset = trainer.pairs_dataset(queries, lookup)
-    else:
+    elif t.loss == "margin_mse" and per == 1:
         triples = pa.table({"query_id": queries["query_id"], "pos_doc_id": docs["doc_id"],
                             "neg_doc_id": [f"d{(i + 1) % n}" for i in range(n)], "margin": [0.0] * n})
         dataset = trainer.margin_mse_dataset(triples, trainer.query_texts(queries), lookup)
+    else:  # n negatives per example: the texts a step encodes grow with n
+        examples = pa.table({"query_id": queries["query_id"], "pos_doc_id": docs["doc_id"], "pos_score": [1.0] * n,
+                             "neg_doc_ids": [[f"d{(i + j) % n}" for j in range(1, per + 1)] for i in range(n)],
+                             "neg_scores": [[0.0] * per for _ in range(n)]})
+        dataset = trainer.tuples_dataset(examples, trainer.query_texts(queries), lookup)
     steps = StepClock()
     settings = t.model_copy(update={"steps": CALIBRATION_STEPS, "warmup_steps": 0, "checkpoint_every": 10**9})
     model = models.load_bi_encoder(resolved["base"], max_seq_length=t.max_seq_length)

@@ -69,8 +69,10 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("override", "message"), [
     ("train.stepz=3", "unknown key 'train.stepz'"),
     ("nonsense=1", "unknown key 'nonsense'"),
-    ("train.loss=triplet", "'train.loss': got 'triplet', expected 'margin_mse', 'mnrl', 'cosent', 'cosine' or "
-                           "'angle'"),
+    ("train.loss=triplet", "'train.loss': got 'triplet', expected 'margin_mse', 'kl', 'kl+margin_mse', 'mnrl', "
+                           "'cosent', 'cosine' or 'angle'"),
+    ("train.temperature=0", "'train.temperature': got 0, expected greater than 0"),
+    ("label.negatives_per_example=21", "label.negatives_per_example 21 is more than mine.negatives_per_query 20"),
     ("train.steps=0", "'train.steps': got 0"),
     ("generate.queries_per_passage=many", "'generate.queries_per_passage': got 'many'"),
     ("models.retrievers=[{name: a, score: l2}]", "models.retrievers.0.score"),

@@ -1,0 +1,132 @@
+"""The teacher's losses over n-tuples: KL (DistillKLDivLoss), MarginMSE over the n margins and their weighted sum,
+computed here by hand from the student's embeddings and compared with the trainer's; and a KL training on
+n-tuples resumed after a crash ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from stage_calls import run_train
+from transformers import TrainerCallback
+
+from gplflow.adapters import artifacts
+from gplflow.adapters import trainer as st_trainer
+from gplflow.adapters.store import ArtifactStore
+from gplflow.adapters.tiny_models import build_tiny_models
+from gplflow.tasks.train import TrainConfig
+
+PASSAGES = [(f"d{i}", "", text) for i, text in enumerate([
+    "Lava flows from the crater when a volcano erupts.", "Honey bees store honey in wax combs.",
+    "A glacier carves deep valleys in the mountain.", "The violin has four strings and a bow.",
+    "Ocean tides rise and fall with the moon.", "Bakers knead dough and bake bread.",
+    "Solar panels turn sunlight into electricity.", "The knight moves in an L shape in chess."])]
+QUERIES = [("q0", "d0", "what happens when a volcano erupts"), ("q1", "d1", "how do bees make honey"),
+           ("q2", "d2", "how glaciers carve valleys"), ("q3", "d3", "how many strings does a violin have")]
+# (query, positive, its score, three negatives and their scores): a hand-made teacher
+EXAMPLES = [("q0", "d0", 4.0, ["d4", "d5", "d6"], [1.0, -2.0, 0.5]),
+            ("q1", "d1", 2.5, ["d7", "d2", "d4"], [3.0, -1.0, 0.0]),
+            ("q2", "d2", 1.0, ["d3", "d0", "d5"], [-0.5, 2.0, 1.5]),
+            ("q3", "d3", 3.0, ["d6", "d1", "d7"], [0.0, 0.0, -3.0])]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    texts = [t for *_, t in PASSAGES] + [q for *_, q in QUERIES]
+    return build_tiny_models(texts, tmp_path_factory.mktemp("tiny"), seed=0).bi_encoder
+
+
+def _table() -> pa.Table:
+    rows = [{"query_id": q, "pos_doc_id": p, "pos_score": ps, "neg_doc_ids": negs, "neg_scores": ns}
+            for q, p, ps, negs, ns in EXAMPLES]
+    return pa.Table.from_pylist(rows, schema=artifacts.TUPLES_SCHEMA)
+
+
+def _by_hand(model: SentenceTransformer, temperature: float) -> tuple[float, float]:
+    """(KL, MarginMSE) of the examples as one batch, from the student's embeddings, in numpy."""
+    text = {d: t for d, _, t in PASSAGES} | {q: t for q, _, t in QUERIES}
+    q = model.encode([text[e[0]] for e in EXAMPLES])
+    docs = [model.encode([text[d] for d in [e[1], *e[3]]]) for e in EXAMPLES]
+    student = np.array([d @ qv for qv, d in zip(q, docs, strict=True)], dtype=np.float64)  # (4, 1 + 3)
+    teacher = np.array([[e[2], *e[4]] for e in EXAMPLES])
+
+    def log_softmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    p_teacher = np.exp(log_softmax(teacher / temperature))
+    kl = (p_teacher * (np.log(p_teacher) - log_softmax(student / temperature))).sum() / len(EXAMPLES)
+    margins = lambda s: s[:, :1] - s[:, 1:]  # noqa: E731
+    return kl * temperature**2, float(np.mean((margins(student) - margins(teacher)) ** 2))
+
+
+@pytest.mark.parametrize("loss, temperature", [("kl", 1.0), ("kl", 2.5), ("margin_mse", 1.0),
+                                               ("kl+margin_mse", 0.5)])
+def test_the_trainers_loss_matches_one_computed_by_hand(student, loss, temperature):
+    model = SentenceTransformer(str(student), device="cpu").eval()
+    texts = {d: t for d, _, t in PASSAGES}
+    dataset = st_trainer.tuples_dataset(_table(), st_trainer.query_texts(pa.table(
+        {"query_id": [q for q, *_ in QUERIES], "text": [t for *_, t in QUERIES]})),
+        st_trainer.passage_lookup(pa.table({"doc_id": list(texts), "title": [""] * len(texts),
+                                            "text": list(texts.values())})))
+    batch = dataset[:]
+    columns = ["query", "positive", "negative_1", "negative_2", "negative_3"]
+    assert list(batch) == [*columns, "label"]
+    fn = st_trainer.make_loss(loss, model, "dot", temperature=temperature, margin_mse_weight=0.3)
+    with torch.no_grad():
+        got = fn([model.preprocess(batch[c]) for c in columns], torch.tensor(batch["label"])).item()
+    kl, mse = _by_hand(model, temperature)
+    expected = {"kl": kl, "margin_mse": mse, "kl+margin_mse": kl + 0.3 * mse}[loss]
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert kl > 0.01 and mse > 0.1  # neither side is trivially zero
+
+
+class _CrashAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise RuntimeError(f"simulated crash before step {self.step}")
+
+
+def _store(root: Path) -> ArtifactStore:
+    store = ArtifactStore(root)
+    for stage, rows in (("corpus", PASSAGES), ("queries", QUERIES)):
+        schema = artifacts.SCHEMAS[stage]
+        with store.writer(stage, config={"rows": stage}) as out:
+            out.write_part([pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema)],
+                           schema)
+    with store.writer("triples", config={"rows": "tuples"}) as out:
+        out.write_part([_table()], artifacts.TUPLES_SCHEMA)
+        out.extra["negatives_per_example"] = 3
+    return store
+
+
+def _train(store, student, callbacks=()):
+    cfg = TrainConfig(loss="kl", temperature=2.0, steps=4, batch_size=2, checkpoint_every=2, learning_rate=1e-3,
+                      warmup_steps=0, max_seq_length=32, seed=3)
+    return run_train(cfg, store, str(student), store.require("corpus"), store.require("queries"),
+                     store.require("triples"), callbacks=callbacks)
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return SentenceTransformer(str(path), device="cpu").state_dict()
+
+
+def test_kl_training_on_tuples_resumes_where_it_stopped(student, tmp_path):
+    crashed = _store(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(crashed, student, [_CrashAt(3)])
+    resumed = _train(crashed, student)
+    straight = _train(_store(tmp_path / "b"), student)
+    info = resumed.manifest["train"]
+    assert (info["steps"], info["resumed_from_step"]) == (4, 2) and info["loss_first"] > 0
+    assert info["loss_history"] == straight.manifest["train"]["loss_history"]
+    a, b = _weights(crashed.url("model")), _weights(straight.store.url("model"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.equal(a[k], _weights(student)[k]) for k in a)  # it trained
