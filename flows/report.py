@@ -1,9 +1,10 @@
 """The run report: a markdown artifact and a per-stage table artifact in the Prefect UI.
 
 The report says what ran (a short config summary, the models as configured and what they resolved to), what
-each stage produced and how long it took, a sample of generated queries beside their passages, the retrieval
-metrics of the base, pretrained and adapted models on the judged (qrels) and the held-out synthetic queries side
-by side, which model was promoted and why, and the teacher's label diagnostics.
+each stage produced and how long it took, the prompt of an LLM run, the filter's drops by reason with examples, a
+sample of passages with every query generated from each (and what became of it: held out, dropped by the filter,
+trained on), the retrieval metrics of the base, pretrained and adapted models on the judged (qrels) and the
+held-out synthetic queries side by side, which model was promoted and why, and the teacher's label diagnostics.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -24,7 +25,10 @@ from gplflow.tasks.evaluation_table import (
     ordered_models,
     significance_rows,
 )
+from gplflow.tasks.filter import SECTION as FILTER
+from gplflow.tasks.filter import active as filter_active
 from gplflow.tasks.filter import report_lines as filter_report
+from gplflow.tasks.generate import report_lines as generate_report
 from gplflow.tasks.progress import artifact_key  # one rule for every key, in the tasks and the flows
 
 if TYPE_CHECKING:  # the config imports every stage (torch); the report's stage rows need none of it
@@ -32,7 +36,7 @@ if TYPE_CHECKING:  # the config imports every stage (torch); the report's stage 
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_QUERIES = 6
+SAMPLE_PASSAGES = 4
 
 
 def config_rows(cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -94,23 +98,72 @@ def _training(info: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def sample_queries(store: ArtifactStore, n: int = SAMPLE_QUERIES) -> list[tuple[str, str, str, str]]:
-    """``n`` generated queries spread evenly over the queries artifact: (query, doc id, title, passage text)."""
+class Sampled(NamedTuple):
+    """A passage of the report's sample and the queries generated from it: (text, log-prob or None, fate)."""
+
+    doc_id: str
+    title: str
+    text: str
+    queries: list[tuple[str, float | None, str]]
+
+
+def sample_passages(store: ArtifactStore, n: int = SAMPLE_PASSAGES, filtered: bool = False) -> list[Sampled]:
+    """``n`` passages spread evenly over those the queries artifact has queries for, each with every query generated
+    from it and that query's fate: ``held out`` (split off for evaluation), ``dropped by the filter`` (when
+    ``filtered``: the run's filter published ``queries-filtered/``) or ``trained on``."""
     queries, corpus = store.load("queries"), store.load("corpus")
     if queries is None or corpus is None or queries.rows == 0:
         return []
-    wanted = {round(i * queries.rows / n) for i in range(min(n, queries.rows))}
-    picked, start = [], 0
-    for batch in queries.iter_batches(["doc_id", "text"]):
-        picked += [row for i, row in enumerate(batch.to_pylist()) if start + i in wanted]
-        start += batch.num_rows
-    docs = {q["doc_id"] for q in picked}
+    columns = ["query_id", "doc_id", "text"] + (["logprob"] if _has_column(queries, "logprob") else [])
+    by_doc: dict[str, list[dict[str, Any]]] = {}
+    for batch in queries.iter_batches(columns):
+        for row in batch.to_pylist():
+            by_doc.setdefault(row["doc_id"], []).append(row)
+    docs = list(by_doc)
+    picked = [docs[i] for i in sorted({round(i * len(docs) / n) for i in range(min(n, len(docs)))})]
+    chosen = set(picked)
+    ids = {row["query_id"] for d in picked for row in by_doc[d]}
+    heldout = _ids(store, "heldout", ids)
+    kept = _ids(store, "queries-filtered", ids) if filtered else None
     passages: dict[str, tuple[str, str]] = {}
     for batch in corpus.iter_batches(["doc_id", "title", "text"]):
         for row in batch.to_pylist():
-            if row["doc_id"] in docs:
+            if row["doc_id"] in chosen:
                 passages[row["doc_id"]] = (row["title"] or "", row["text"] or "")
-    return [(q["text"], q["doc_id"], *passages.get(q["doc_id"], ("", ""))) for q in picked]
+
+    def fate(query_id: str) -> str:
+        if query_id in heldout:
+            return "held out"
+        return "dropped by the filter" if kept is not None and query_id not in kept else "trained on"
+
+    return [Sampled(d, *passages.get(d, ("", "")), [(r["text"], r.get("logprob"), fate(r["query_id"]))
+                                                   for r in by_doc[d]]) for d in picked]
+
+
+def _has_column(artifact: Any, name: str) -> bool:
+    import pyarrow.parquet as pq
+
+    with artifact.store.fs.open(artifact.part_paths()[0], "rb") as fh:
+        return name in pq.read_schema(fh).names
+
+
+def _ids(store: ArtifactStore, stage: str, wanted: set[str]) -> set[str]:
+    """The ids among ``wanted`` that artifact ``stage`` holds (none when the run has no such artifact)."""
+    found = store.load(stage)
+    if found is None:
+        return set()
+    return {i for batch in found.iter_batches(["query_id"]) for i in batch.column(0).to_pylist() if i in wanted}
+
+
+def sample_markdown(samples: list[Sampled]) -> list[str]:
+    """Each sampled passage, then its queries below it (with the generator's mean token log-prob when it gave one,
+    and each query's fate)."""
+    lines = []
+    for i, s in enumerate(samples, 1):
+        lines.append(f"{i}. {_passage(s.doc_id, s.title, s.text)}")
+        lines += [f"   - **{_inline(q, 200)}**" + (f" (log-prob {lp:.3g})" if lp is not None else "") + f": {fate}"
+                  for q, lp, fate in s.queries]
+    return lines
 
 
 def metrics_markdown(metrics: dict[str, Any] | None) -> str:
@@ -266,11 +319,12 @@ def report_markdown(cfg: PipelineConfig, store: ArtifactStore, summary: dict[str
         "## Label diagnostics",
         diagnostics_markdown((store.read_manifest("triples") or {}).get("diagnostics")),
         *silver_markdown(store),
+        *generate_report(store.read_manifest("queries"), lambda text: _inline(text, 200)),
         *filter_report(cfg, store.read_manifest("queries-filtered"), lambda text: _inline(text, 120)),
         "## Sample of generated queries",
-        "Each query, and below it the passage it was generated from (its positive).",
-        *(f"{i}. **{_inline(q, 200)}**\n   > {_passage(d, title, text)}"
-          for i, (q, d, title, text) in enumerate(sample_queries(store), 1)),
+        "Passages spread over the corpus, each with every query generated from it (its positive) and what became "
+        "of the query.",
+        *sample_markdown(sample_passages(store, filtered=filter_active(cfg.section(FILTER)))),
         "## Stages",
         "| stage | rows | seconds | this run |",
         "|---|--:|--:|---|",

@@ -21,21 +21,23 @@ Row = Mapping[str, Any] | Sequence[Any]
 
 def write_artifact(store: ArtifactStore, stage: str, rows: Sequence[Row], *, parts: int | Sequence[int] = 1,
                    config: Mapping[str, Any] | None = None, counters: Mapping[str, int] | None = None,
-                   extra: Mapping[str, Any] | None = None) -> Artifact:
+                   extra: Mapping[str, Any] | None = None, schema: pa.Schema | None = None,
+                   inputs: Mapping[str, str] | None = None) -> Artifact:
     """Publish ``rows`` as ``stage``'s artifact and return it.
 
     A row is a dict, or a tuple in the schema's column order. ``parts``: how many parts to split the rows into
     (evenly), or the size of each part. The config defaults to a digest of the rows, so the same rows give the
-    same fingerprint and other rows another.
+    same fingerprint and other rows another. ``schema``: another layout the stage allows (queries with ``logprob``);
+    ``inputs``: the fingerprints of the artifacts it was made from, as its manifest names them.
     """
-    schema = schema_of(stage, rows)
+    schema = schema or schema_of(stage, rows)
     table = pa.Table.from_pylist([_as_dict(row, schema) for row in rows], schema=schema)
     sizes = [len(c) for c in np.array_split(np.arange(len(rows)), parts)] if isinstance(parts, int) else parts
     if sum(sizes) != len(rows):
         raise ValueError(f"parts {list(sizes)} do not add up to the {len(rows)} rows")
     if config is None:
         config = {"rows": hashlib.sha256(canonical_json(table.to_pylist()).encode()).hexdigest()[:16]}
-    with store.writer(stage, config=config) as out:
+    with store.writer(stage, config=config, inputs=inputs) as out:
         start = 0
         for size in sizes:
             out.write_part([table.slice(start, size)], schema)

@@ -10,11 +10,13 @@ import pytest
 from artifact_rows import write_artifact
 from stage_calls import GenerateJob, run_generate
 
+from gplflow.adapters import artifacts
+from gplflow.adapters.llm_prompts import build_prompt
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows import pipeline
 from gplflow.flows import report as report_module
 from gplflow.flows.config import PipelineConfig
-from gplflow.flows.report import artifact_key, metrics_markdown, report_markdown, sample_queries, stage_rows
+from gplflow.flows.report import artifact_key, metrics_markdown, report_markdown, sample_passages, stage_rows
 from gplflow.tasks import progress as progress_module
 from gplflow.tasks.generate import GenerateConfig
 from gplflow.tasks.progress import ProgressArtifact
@@ -153,15 +155,16 @@ def test_diagnostics_and_promotion_markdown():
                                                       "beat its base.")
 
 
-def test_sample_queries_sit_beside_their_passage(run):
+def test_sampled_passages_carry_every_query_generated_from_them(run):
     store, _ = run
-    samples = sample_queries(store, n=4)
-    assert len(samples) == 4
+    samples = sample_passages(store, n=4)
+    assert [s.doc_id for s in samples] == ["bees", "tea", "chess", "moon"]  # spread over the 6 passages
     queries = store.require("queries").read_table(["doc_id", "text"]).to_pylist()
-    assert [(q, d) for q, d, _, _ in samples] == [(queries[i]["text"], queries[i]["doc_id"]) for i in (0, 3, 6, 9)]
     by_id = {d: (t, x) for d, t, x in DOCS}
-    for query, doc_id, title, text in samples:
-        assert (title, text) == by_id[doc_id] and query in text  # extractive: the query is a sentence of it
+    for s in samples:
+        assert (s.title, s.text) == by_id[s.doc_id]
+        assert [q for q, _, _ in s.queries] == [q["text"] for q in queries if q["doc_id"] == s.doc_id]
+        assert all(lp is None and fate == "trained on" and q in s.text for q, lp, fate in s.queries)  # extractive
 
 
 def test_report_markdown_has_stages_metrics_samples_models_and_config(run, tmp_path):
@@ -179,11 +182,12 @@ def test_report_markdown_has_stages_metrics_samples_models_and_config(run, tmp_p
     sections = [line for line in lines if line.startswith("## ")]
     assert sections == ["## Metrics", "## Label diagnostics", "## Sample of generated queries", "## Stages",
                         "## Models", "## Configuration"]
-    first = store.require("queries").read_table(["doc_id", "text"]).to_pylist()[0]
-    assert first["doc_id"] == "bees"
-    at = lines.index(f"1. **{first['text']}**")  # the query, then its passage quoted below it
-    assert lines[at + 1] == f"   > **Bees** · {DOCS[0][2]} (`bees`)"
-    assert sum(bool(re.match(r"\d\. \*\*", line)) for line in lines) == 6
+    first = store.require("queries").read_table(["doc_id", "text"]).to_pylist()[:2]
+    assert [q["doc_id"] for q in first] == ["bees", "bees"]
+    at = lines.index(f"1. **Bees** · {DOCS[0][2]} (`bees`)")  # the passage, then its queries below it
+    assert lines[at + 1: at + 3] == [f"   - **{q['text']}**: trained on" for q in first]
+    assert sum(bool(re.match(r"\d\. ", line)) for line in lines) == 4
+    assert "## Generation prompt" not in lines  # extractive: no prompt
     assert any(re.fullmatch(r"\| generate → queries \| 12 \| [\d.]+ \| computed \|", line) for line in lines)
     assert any(re.fullmatch(r"\| label → triples \| 3 \| [\d.]+ \| reused \|", line) for line in lines)
     assert r"- label → triples: queries\_without\_negatives=1, triples=3" in lines
@@ -207,6 +211,52 @@ def test_report_of_a_genq_run_without_evaluation(run, tmp_path):
     layered = config(tmp_path, models={"base": "my/base", "base_layers": 2})
     text = report_markdown(layered, store, {**summary(store, started), "models": {"base": "my/base"}})
     assert "- **base (student, its first 2 layers)**: `my/base`" in text.splitlines()  # resolved to itself: no arrow
+
+
+def test_an_llm_run_reports_its_prompt_its_queries_by_passage_and_what_the_filter_dropped(tmp_path):
+    store = make_corpus(tmp_path / "run")
+    queries = [(f"{d}-q{k}", d, f"what about {d} number {k}", -0.5 - k) for d, _, _ in DOCS for k in range(2)]
+    prompt = build_prompt("few_shot")
+    llm = {"backend": "endpoint", "base_url": "http://127.0.0.1:8000/v1", "model": "tiny-chat",
+           "prompt": prompt.record()}
+    write_artifact(store, "queries", queries, schema=artifacts.queries_schema(logprob=True), extra={"llm": llm},
+                   counters={"empty_queries": 2, "copied_passage": 1, "too_long_queries": 0, "duplicate_queries": 3})
+    held = [q for q in queries if q[1] == "moon"]
+    write_artifact(store, "heldout", held, schema=artifacts.queries_schema(logprob=True))
+    train = [q for q in queries if q[1] != "moon"]
+    write_artifact(store, "queries-train", train, schema=artifacts.queries_schema(logprob=True))
+    dropped = {"tea-q0": ("too_long", 9), "bees-q1": ("copies_passage", 1.0)}
+    write_artifact(store, "queries-filtered", [(*q, None, None, None) for q in train if q[0] not in dropped],
+                   schema=artifacts.filtered_schema(logprob=True),
+                   counters={"queries_in": 10, "kept": 8, "dropped_too_long": 1, "dropped_copies_passage": 1},
+                   extra={"rules": ["length", "copy"], "examples": {
+                       reason: [{"query_id": i, "doc_id": i.split("-")[0], "text": f"what about {i}", "value": v}]
+                       for i, (reason, v) in dropped.items()}})
+    cfg = config(tmp_path, generate={"method": "llm", "queries_per_passage": 2},
+                 filter={"max_words": 8, "max_overlap": 0.9})
+    lines = report_markdown(cfg, store, summary(store, time.time())).splitlines()
+    sections = [line for line in lines if line.startswith("## ")]
+    assert sections[2:5] == ["## Generation prompt", "## Filtered training queries", "## Sample of generated queries"]
+    at = lines.index("## Generation prompt")
+    assert lines[at + 1].startswith("Queries generated by the OpenAI-compatible endpoint `http://127.0.0.1:8000/v1`, "
+                                    "model `tiny-chat` with the prompt `few\\_shot`")
+    text = "\n".join(lines)
+    assert f"```text\n{prompt.system}\n```" in text and f"```text\n{prompt.template}\n```" in text
+    assert "The 3 examples, in place of `{examples}`:" in lines and prompt.examples[0].query in text
+    assert ("Answers parsing dropped: empty queries 2, copied passage 1, too long queries 0, duplicate queries 3."
+            in lines)
+    at = lines.index("## Filtered training queries")
+    assert lines[at + 1] == "Filter: kept 8 of 10 training queries; dropped copies_passage 1, too_long 1."
+    assert lines[at + 2:at + 4] == ["- copies_passage: “what about bees-q1” (bees, 1)",  # the manifest's order
+                                    "- too_long: “what about tea-q0” (tea, 9)"]
+    at = lines.index("1. **Bees** · " + DOCS[0][2] + " (`bees`)")  # bees, tea, chess, moon: spread over 6
+    assert lines[at + 1:at + 3] == ["   - **what about bees number 0** (log-prob -0.5): trained on",
+                                    "   - **what about bees number 1** (log-prob -1.5): dropped by the filter"]
+    assert lines[lines.index("2. **Tea** · " + DOCS[2][2] + " (`tea`)") + 1].endswith("(log-prob -0.5): dropped by "
+                                                                                      "the filter")
+    moon = lines.index("4. **Moon** · " + DOCS[4][2] + " (`moon`)")
+    assert lines[moon + 1:moon + 3] == [f"   - **what about moon number {k}** (log-prob {-0.5 - k:.3g}): held out"
+                                        for k in range(2)]
 
 
 def test_publish_report_uses_valid_keys_and_a_stage_table(run, tmp_path, monkeypatch):
