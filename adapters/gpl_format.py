@@ -10,8 +10,9 @@ The folder (names for the default prefix ``qgen``):
 | ``hard-negatives.jsonl`` | ``{"qid", "pos": [ids], "neg": {miner: [ids ranked]}}`` a line | ``negatives/`` |
 | ``gpl-training-data.tsv`` | no header: ``qid pos_id neg_id margin`` | ``triples/`` |
 
-(*) export: the training queries, without the held-out ones (``queries/`` in a run without a split); import:
-``queries/``.
+(*) export: the training queries, those mining, labelling and training read: what the filter kept
+(``queries-filtered/``) when the run filtered, else ``queries-train/`` (the held-out queries left out), else
+``queries/`` in a run without a split; import: ``queries/``.
 
 JSON lines are written as the reference writes them (``json.dumps`` defaults). Margins are written as the
 shortest decimal that reads back to the same float32 (numpy's float32 repr, e.g. ``13.6840515``, which is
@@ -85,8 +86,9 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
                force: bool = False) -> dict[str, int]:
     """Write the reference's files for the artifacts the run has; returns lines written per file.
 
-    The queries are the training queries (``queries-train/``) when the run held some out: a held-out query is a
-    test query, and the reference would train on every query it finds. Miners are named by their model names
+    The queries are the training queries (``training_queries``): a held-out query is a test query, and a query
+    the filter dropped was not trained on, while the reference would train on every query it finds. Miners are
+    named by their model names
     (``model_refs.model_name``), never by where their folders lie.
 
     The files are written into a temporary sibling folder that is renamed into place once complete, so a
@@ -97,7 +99,7 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
     root = root.rstrip("/") or "/"
     _check_target(fs, root, str(out_dir), force, store)
     if queries_stage is None:
-        queries_stage = artifacts.QUERIES_TRAIN if store.load(artifacts.QUERIES_TRAIN) else artifacts.QUERIES
+        queries_stage = training_queries(store)
     corpus, queries = store.consume(artifacts.CORPUS), store.consume(queries_stage)
     negatives, triples = store.consume(artifacts.NEGATIVES), store.consume(artifacts.TRIPLES)
     if not any((corpus, queries, negatives, triples)):
@@ -121,6 +123,20 @@ def export_gpl(store: ArtifactStore, out_dir: str, prefix: str = "qgen", queries
             fs.rm(tmp, recursive=True)
     logger.info("exported %s to %s", counts, out_dir)
     return counts
+
+
+def training_queries(store: ArtifactStore) -> str:
+    """The queries artifact the run's mining, labelling or training read (their manifests name its fingerprint);
+    without such a stage, ``queries-train/`` when the run held some queries out, else ``queries/``.
+
+    A ``queries-filtered/`` that no later stage read (one left by an earlier config that filtered) is not taken."""
+    read = {(store.read_manifest(stage) or {}).get("inputs", {}).get("queries")
+            for stage in (artifacts.NEGATIVES, artifacts.TRIPLES, artifacts.MODEL)} - {None}
+    candidates = (artifacts.QUERIES_FILTERED, artifacts.QUERIES_TRAIN, artifacts.QUERIES)
+    for stage in candidates:
+        if read and (found := store.load(stage)) is not None and found.fingerprint in read:
+            return stage
+    return artifacts.QUERIES_TRAIN if store.load(artifacts.QUERIES_TRAIN) else artifacts.QUERIES
 
 
 def _check_target(fs, root: str, out_dir: str, force: bool, store: ArtifactStore) -> None:

@@ -174,3 +174,25 @@ def test_export_leaves_the_held_out_queries_out_and_names_miners_by_model_name(t
     assert negatives[0]["neg"] == {"sentence-transformers/msmarco-MiniLM-L-6-v3": ["d5"], "my-miner": ["d4"]}
     assert negatives[1]["neg"] == {"bm25": ["d2"]}
     assert str(tmp_path) not in (out / "hard-negatives.jsonl").read_text()
+
+
+def test_export_writes_the_queries_training_read_the_filters_output_when_the_run_filtered(tmp_path):
+    store = ArtifactStore(tmp_path / "run")
+    write_artifact(store, "corpus", DOCS)
+    write_artifact(store, "queries", QUERIES)
+    write_artifact(store, "heldout", [q for q in QUERIES if q[0] == "genQ3"])
+    train = write_artifact(store, "queries-train", [q for q in QUERIES if q[0] != "genQ3"])
+    kept = [q for q in QUERIES if q[0] in ("genQ1", "genQ4")]
+    filtered = write_artifact(store, "queries-filtered", [(*q, 0.5, None, None) for q in kept])
+    negatives = [("genQ1", "bm25", ["d3"], [1.0]), ("genQ4", "bm25", ["d5"], [1.0])]
+    write_artifact(store, "negatives", negatives, inputs={"queries": filtered.fingerprint})
+    export_gpl(store, str(tmp_path / "gpl"))
+    lines = (tmp_path / "gpl" / "qgen-queries.jsonl").read_text().splitlines()
+    assert [json.loads(line)["_id"] for line in lines] == ["genQ1", "genQ4"]  # genQ2: dropped by the filter
+    assert (tmp_path / "gpl" / "qgen-qrels" / "train.tsv").read_text().splitlines()[1:] == ["genQ1\td1\t1",
+                                                                                           "genQ4\td2\t1"]
+    # a queries-filtered/ that mining did not read (left by an earlier config that filtered) is not exported
+    write_artifact(store, "negatives", negatives, inputs={"queries": train.fingerprint})
+    export_gpl(store, str(tmp_path / "gpl"), force=True)
+    lines = (tmp_path / "gpl" / "qgen-queries.jsonl").read_text().splitlines()
+    assert [json.loads(line)["_id"] for line in lines] == ["genQ1", "genQ2", "genQ4"]
