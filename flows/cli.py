@@ -244,29 +244,74 @@ def compare(
                                            "(see configs/compare.yaml).")],
     run_root: Annotated[str | None, typer.Option("--run-root", help="Folder of the methods' run directories "
                                                  "(default runs/<name>).")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Run each method once per seed, e.g. 1,2,3 (each sets "
+                                              "the file's seed_keys: generate, label and train seeds by default) "
+                                              "into <run root>/seed-<N>/<method>, and report mean and spread; "
+                                              "replaces the file's seeds.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Check every method's config and list the runs and the "
+                                        "stages each would adopt from an earlier one; run nothing.")] = False,
 ) -> None:
     """Run several methods on one corpus into sibling run directories and print one comparison table."""
     with user_errors():
-        from gplflow.flows.compare import COLUMNS, VERDICT_COLUMNS, CompareConfig, compare_pipeline
+        from gplflow.flows.compare import CompareConfig, check_compare, compare_pipeline
 
         found = CompareConfig.load(config)
-        list(found.method_configs())  # every method's config, before Prefect starts
+        chosen = _seeds(seeds) if seeds is not None else None
         root = run_root or str(Path("runs") / found.name)
+        if check:
+            for run in check_compare(config, root, chosen):
+                shared = (f"adopts {', '.join(run['adopts'])} from {run['adopts_from']}" if run["adopts"] else
+                          "adopts nothing")
+                console.print(f"{run['run']}: {run['run_dir']}: {shared}", highlight=False, soft_wrap=True)
+            return
+        found.runs(root, chosen)  # every method's config (at every seed), before Prefect starts
         with flow_session(root, found.name):
-            result = compare_pipeline(str(config), root)
-    table = Table(title=f"compare '{found.name}' ({result['run_root']}/<method>)")
-    for column in ("method", *COLUMNS, *VERDICT_COLUMNS, "promoted"):
-        table.add_column(column, justify="left" if column in ("method", "promoted", *VERDICT_COLUMNS) else "right")
-    for row in result["rows"]:
-        cells = [row.get(c) for c in COLUMNS[:-1]]
-        seconds = row.get("seconds")
-        table.add_row(row["method"], *("–" if v is None else f"{v:.4f}" for v in cells),
-                      "–" if seconds is None else f"{seconds:.0f}", *(row.get(c) or "–" for c in VERDICT_COLUMNS),
-                      row.get("promoted") or "")
-    console.print(table)
+            result = compare_pipeline(str(config), root, None if chosen is None else list(chosen))
+    console.print(seeds_table(result) if "seed_rows" in result else compare_table(found.name, result))
     if result.get("agreement"):
         console.print(agreement_table(result["agreement"]))
     console.print(f"table: {result['run_root']}/comparison.md", highlight=False)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        found = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--seeds {text!r}: expected seeds separated by commas, such as 1,2,3") from None
+    if not found or len(set(found)) != len(found) or min(found) < 0:
+        raise InputError(f"--seeds {text!r}: expected distinct non-negative seeds, such as 1,2,3")
+    return found
+
+
+def compare_table(name: str, result: dict[str, Any]) -> Table:
+    from gplflow.flows.compare import COLUMNS, VERDICT_COLUMNS
+
+    table = Table(title=f"compare '{name}' ({result['run_root']}/<method>)")
+    for column in ("method", *COLUMNS, "training queries", *VERDICT_COLUMNS, "promoted"):
+        table.add_column(column, justify="left" if column in ("method", "promoted", *VERDICT_COLUMNS) else "right")
+    for row in result["rows"]:
+        cells = [row.get(c) for c in COLUMNS[:-1]]
+        seconds, queries = row.get("seconds"), row.get("training queries")
+        table.add_row(row["method"], *("–" if v is None else f"{v:.4f}" for v in cells),
+                      "–" if seconds is None else f"{seconds:.0f}", "–" if queries is None else str(queries),
+                      *(row.get(c) or "–" for c in VERDICT_COLUMNS), row.get("promoted") or "")
+    return table
+
+
+def seeds_table(result: dict[str, Any]) -> Table:
+    """Each method's mean ± sample standard deviation over the seeds (``flows/compare.py``)."""
+    from gplflow.flows.compare import SEED_COLUMNS, mean_spread
+
+    table = Table(title=f"compare over seeds {', '.join(map(str, result['seeds']))} "
+                        f"({result['run_root']}/seed-<N>/<method>): mean ± sd")
+    for column in ("method", "seeds", *SEED_COLUMNS, "verdicts: qrels", "verdicts: without qrels", "promoted"):
+        table.add_column(column, justify="left" if column == "method" or column.startswith(("verdicts", "promoted"))
+                         else "right")
+    for row in result["seed_rows"]:
+        table.add_row(row["method"], str(row["seeds"]),
+                      *(mean_spread(row[c], 0 if c in ("training queries", "seconds") else 4) for c in SEED_COLUMNS),
+                      row["verdicts qrels"] or "–", row["verdicts no_qrels"] or "–", row["promoted"] or "–")
+    return table
 
 
 def agreement_table(rows: list[dict[str, Any]]) -> Table:
@@ -534,14 +579,17 @@ def export(
 
     The folder is written beside --out under a temporary name and renamed into place when complete.
     """
-    from gplflow.adapters.gpl_format import export_gpl
+    from gplflow.adapters.gpl_format import export_gpl, queries_file, training_queries
 
     with user_errors():
         if fmt != "gpl":
             raise InputError(f"--format {fmt!r}: only 'gpl' is supported")
-        counts = export_gpl(ArtifactStore(run_dir), str(out), force=force)
+        store = ArtifactStore(run_dir)
+        queries = training_queries(store)
+        counts = export_gpl(store, str(out), queries_stage=queries, force=force)
     for name, count in counts.items():
-        console.print(f"{out / name}: {count}")
+        console.print(f"{out / name}: {count}" + (f" (from {queries}/: the training queries)"
+                                                   if name == queries_file() else ""), highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

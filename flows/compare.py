@@ -30,13 +30,15 @@ import math
 from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import yaml
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gplflow.flows.config import _PATH_KEYS, ConfigError, PipelineConfig
+from gplflow.tasks.base import Seed
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +57,24 @@ class Method(BaseModel):
         return name
 
 
+SEED_KEYS = ("generate.seed", "label.seed", "train.seed")  # what a seed of `seeds` sets: queries, triples, training
+
+
 class CompareConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = "compare"
     base: str  # the pipeline config every method starts from (relative to the compare file)
     methods: tuple[Method, ...] = Field(min_length=1)
+    seeds: tuple[Seed, ...] = ()  # each method once per seed (empty: once, with the seeds its config has)
+    seed_keys: tuple[str, ...] = Field(default=SEED_KEYS, min_length=1)  # the config keys a seed is set to
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct; got {', '.join(map(str, seeds))}")
+        return seeds
 
     @field_validator("methods")
     @classmethod
@@ -89,14 +103,41 @@ class CompareConfig(BaseModel):
         return found.model_copy(update={"base": str(base if base.is_absolute() else (path.parent / base).resolve()),
                                         "methods": methods})
 
-    def method_configs(self) -> Iterator[tuple[Method, PipelineConfig, list[str]]]:
-        """Each method's pipeline config (named ``<compare name>-<method>``), checked before anything runs."""
+    def method_configs(self, seed: int | None = None) -> Iterator[tuple[Method, PipelineConfig, list[str]]]:
+        """Each method's pipeline config (named ``<compare name>-<method>``, with ``-seed<N>`` and every one of
+        ``seed_keys`` set to ``seed`` when given, after the method's own overrides), checked before anything runs."""
         for method in self.methods:
-            overrides = [*method.set, f"name={self.name}-{method.name}"]
+            seeded = [f"{key}={seed}" for key in self.seed_keys] if seed is not None else []
+            suffix = f"-seed{seed}" if seed is not None else ""
+            overrides = [*method.set, *seeded, f"name={self.name}-{method.name}{suffix}"]
             try:
                 yield method, PipelineConfig.load(self.base, overrides), overrides
             except ConfigError as err:
-                raise ConfigError(f"method {method.name}: {err}") from err
+                raise ConfigError(f"method {method.name}{f' (seed {seed})' if seed is not None else ''}: "
+                                  f"{err}") from err
+
+    def runs(self, root: str, seeds: tuple[int, ...] | None = None) -> list[MethodRun]:
+        """Every run, in the order they go: each seed in turn (all methods of a seed before the next seed), into
+        ``<root>/seed-<N>/<method>``; without seeds, each method once into ``<root>/<method>``."""
+        seeds = self.seeds if seeds is None else seeds
+        if not seeds:
+            return [MethodRun(m.name, None, cfg, o, f"{root}/{m.name}") for m, cfg, o in self.method_configs()]
+        return [MethodRun(m.name, seed, cfg, o, f"{root}/seed-{seed}/{m.name}")
+                for seed in seeds for m, cfg, o in self.method_configs(seed)]
+
+
+class MethodRun(NamedTuple):
+    """One pipeline run of a compare: a method, at a seed or as configured, and its run directory."""
+
+    method: str
+    seed: int | None
+    cfg: PipelineConfig
+    overrides: list[str]
+    run_dir: str
+
+    @property
+    def label(self) -> str:
+        return self.method if self.seed is None else f"{self.method} (seed {self.seed})"
 
 
 def _resolved(item: str, folder: Path) -> str:
@@ -107,36 +148,177 @@ def _resolved(item: str, folder: Path) -> str:
     return item
 
 
-def run_compare(config_path: str | Path, run_root: str | None = None) -> dict[str, Any]:
-    """Run every method (later ones adopting the artifacts earlier ones share); returns the table and summaries."""
-    from gplflow.flows.pipeline import run_pipeline
-    from gplflow.flows.validate import validate_run
-
-    compare = CompareConfig.load(config_path)
-    root = run_root or str(Path("runs") / compare.name)
-    methods = list(compare.method_configs())
-    for method, cfg, overrides in methods:  # every method's models and files, before the first one computes
-        validate_run(cfg, f"{root}/{method.name}", compare.base, overrides)
-    summaries, done = {}, []
-    for method, cfg, overrides in methods:
-        logger.info("compare %s: method %s (%d of %d)", compare.name, method.name, len(done) + 1, len(methods))
-        run_dir = f"{root}/{method.name}"
-        summaries[method.name] = run_pipeline(cfg, run_dir, compare.base, overrides, reuse_from=list(done))
-        done.append(run_dir)
-    rows = comparison_rows(summaries)
-    agreement = agreement_rows(rows)
-    markdown = comparison_markdown(compare.name, rows, agreement)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    (Path(root) / "comparison.md").write_text(markdown + "\n", encoding="utf-8")
-    _publish(compare.name, markdown)
-    return {"run_root": root, "rows": rows, "agreement": agreement, "summaries": summaries}
-
-
 COLUMNS = ("qrels nDCG@10", "held-out nDCG@10", "STS Spearman", "k-means V-measure", "seconds")
 VERDICT_COLUMNS = ("qrels gain (95% CI), p", "verdict: qrels / without")
 SIGNALS = {"heldout": "held-out", "heldout_low_overlap": "held-out low-overlap", "teacher": "teacher-judged"}
 AGREEMENT_COLUMNS = ("signal", "models", "pairs ordered as qrels", "Kendall tau", "verdicts as qrels",
                      "opposite verdicts")
+SEED_COLUMNS = (*COLUMNS[:-1], "training queries", "seconds")
+
+
+def run_compare(config_path: str | Path, run_root: str | None = None,
+                seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Run every method (later ones adopting the artifacts earlier ones share), once or once per seed (``seeds``:
+    the compare file's ``seeds`` when None); returns the table and summaries.
+
+    With seeds, each seed's runs make a comparison of their own (``<root>/seed-<N>/comparison.md``) and
+    ``<root>/comparison.md`` shows each method's mean and spread over the seeds."""
+    from gplflow.flows.pipeline import run_pipeline
+    from gplflow.flows.validate import validate_run
+
+    compare = CompareConfig.load(config_path)
+    root = run_root or str(Path("runs") / compare.name)
+    runs = compare.runs(root, seeds)
+    for run in runs:  # every method's models and files, before the first one computes
+        validate_run(run.cfg, run.run_dir, compare.base, run.overrides)
+    summaries: dict[tuple[int | None, str], dict[str, Any]] = {}
+    done: list[str] = []
+    for run in runs:
+        logger.info("compare %s: %s (%d of %d)", compare.name, run.label, len(done) + 1, len(runs))
+        summaries[run.seed, run.method] = run_pipeline(run.cfg, run.run_dir, compare.base, run.overrides,
+                                                       reuse_from=list(done))
+        done.append(run.run_dir)
+    by_seed: dict[int | None, dict[str, dict[str, Any]]] = {}
+    for (seed, method), summary in summaries.items():
+        by_seed.setdefault(seed, {})[method] = summary
+    results = {}
+    for seed, found in by_seed.items():
+        rows = comparison_rows(found)
+        for row in rows:
+            row["training queries"] = _training_queries(found, row["method"])
+        agreement = agreement_rows(rows)
+        folder = Path(root) if seed is None else Path(root) / f"seed-{seed}"
+        title = compare.name if seed is None else f"{compare.name}, seed {seed}"
+        markdown = comparison_markdown(title, rows, agreement)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "comparison.md").write_text(markdown + "\n", encoding="utf-8")
+        results[seed] = {"rows": rows, "agreement": agreement, "markdown": markdown}
+    if None in results:
+        _publish(compare.name, results[None]["markdown"])
+        return {"run_root": root, "rows": results[None]["rows"], "agreement": results[None]["agreement"],
+                "summaries": by_seed[None]}
+    spread = seed_rows({seed: found["rows"] for seed, found in results.items()})
+    markdown = seeds_markdown(compare.name, list(results), spread)
+    (Path(root) / "comparison.md").write_text(markdown + "\n", encoding="utf-8")
+    _publish(compare.name, markdown)
+    return {"run_root": root, "seeds": list(results), "seed_rows": spread,
+            "per_seed": {seed: found["rows"] for seed, found in results.items()},
+            "summaries": {f"{method}@{seed}": s for (seed, method), s in summaries.items()}}
+
+
+def _training_queries(summaries: dict[str, dict[str, Any]], row_method: str) -> int | None:
+    """How many queries the adapted model of a method was trained on (what the filter kept, when it filtered)."""
+    from gplflow.adapters.gpl_format import training_queries
+    from gplflow.adapters.store import ArtifactStore
+
+    if row_method not in summaries:  # the base, and a pretrained model alone
+        return None
+    store = ArtifactStore(summaries[row_method]["run_dir"])
+    found = store.load(training_queries(store))
+    return None if found is None else found.rows
+
+
+def check_compare(config_path: str | Path, run_root: str | None = None,
+                  seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """Without computing anything: each run of the compare checked as a run is before its first stage
+    (``validate_run``), its run directory, and the artifacts it would adopt
+    from an earlier run (the same fingerprint), as far as fingerprints are known before any model is loaded
+    (``known_fingerprints``): the corpus, the queries of a method that loads no generator, the split, a filter
+    that uses no model; what is made from a model (a pretrained start, negatives, labels) is not listed."""
+    from gplflow.flows.validate import validate_run
+
+    compare = CompareConfig.load(config_path)
+    root = run_root or str(Path("runs") / compare.name)
+    found, earlier = [], []
+    for run in compare.runs(root, seeds):
+        validate_run(run.cfg, run.run_dir, compare.base, run.overrides)
+        fps = known_fingerprints(run.cfg, run.run_dir)
+        shared = [(label, [n for n, fp in fps.items() if other.get(n) == fp]) for label, other in earlier]
+        donor = max(shared, key=lambda found: len(found[1]), default=None)  # the earliest of those sharing most
+        donor = donor if donor and donor[1] else None
+        found.append({"run": run.label, "run_dir": run.run_dir, "known": list(fps),
+                      "adopts_from": donor[0] if donor else None, "adopts": donor[1] if donor else []})
+        earlier.append((run.label, fps))
+    return found
+
+
+class _ModelsUnknown(dict):
+    """The models of a run that has not resolved them: a stage whose inputs need one is not fingerprinted."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise LookupError(key)
+
+
+UNKNOWN = "?"  # the fingerprint of an artifact the check cannot know without loading models
+
+
+def known_fingerprints(cfg: PipelineConfig, run_dir: str) -> dict[str, str]:
+    """The fingerprints of the artifacts a run of ``cfg`` makes that are known without resolving a model
+    (resolving one may build tiny models or reach the hub: the check does neither): those of the stages whose
+    inputs need no model and read no artifact of a stage that does."""
+    from gplflow.adapters.errors import MissingInputError
+    from gplflow.flows.stages import Run, planned
+    from gplflow.tasks.base import Ref
+
+    run = Run(cfg, run_dir, resolved=_ModelsUnknown(), planning=True)
+    for stage in planned(cfg):
+        try:
+            inputs = stage.inputs(run)
+        except (LookupError, MissingInputError):  # a model, or an artifact the check does not know
+            run.fps.update(dict.fromkeys(stage.makes, UNKNOWN))
+            continue
+        unknown = any(isinstance(v, Ref) and v.fingerprint == UNKNOWN for v in vars(inputs).values())
+        run.fps.update(dict.fromkeys(stage.makes, UNKNOWN) if unknown else inputs.fingerprints())
+    return {name: fp for name, fp in run.fps.items() if fp != UNKNOWN}
+
+
+def seed_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per compared model (in the first seed's order): how many seeds, and the mean and sample standard deviation
+    over them of each column of ``COLUMNS`` and of the training queries; the verdicts counted by kind."""
+    order = list(dict.fromkeys(row["method"] for rows in per_seed.values() for row in rows))
+    out = []
+    for method in order:
+        rows = [row for rows in per_seed.values() for row in rows if row["method"] == method]
+        found: dict[str, Any] = {"method": method, "seeds": len(rows)}
+        for column in (*COLUMNS, "training queries"):
+            values = [float(row[column]) for row in rows if row.get(column) is not None]
+            found[column] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                             len(values)) if values else None
+        for kind in ("qrels", "no_qrels"):
+            said = [row["verdicts"][kind] for row in rows if kind in row.get("verdicts", {})]
+            found[f"verdicts {kind}"] = ", ".join(f"{v} {said.count(v)}" for v in ("better", "inconclusive", "worse")
+                                                  if v in said) or None
+        promoted = [row.get("promoted") for row in rows if row.get("promoted")]
+        found["promoted"] = f"adapted {promoted.count('adapted')} of {len(promoted)}" if promoted else None
+        out.append(found)
+    return out
+
+
+def mean_spread(found: tuple[float, float | None, int] | None, digits: int = 4) -> str:
+    """``0.6050 ± 0.0123`` (mean ± sample sd over the seeds; no ± from a single value), ``–`` for none."""
+    if found is None:
+        return "–"
+    mean, sd, _ = found
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def seeds_markdown(name: str, seeds: list[int], rows: list[dict[str, Any]]) -> str:
+    digits = {"training queries": 0, "seconds": 0}
+    lines = [f"## Comparison `{name}` over seeds {', '.join(map(str, seeds))}", "",
+             "| method | seeds | " + " | ".join(SEED_COLUMNS)
+             + " | verdicts: qrels | verdicts: without qrels | promoted |",
+             "|---|--:" + "|--:" * len(SEED_COLUMNS) + "|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['seeds']} | "
+                     + " | ".join(mean_spread(row[c], digits.get(c, 4)) for c in SEED_COLUMNS)
+                     + f" | {row['verdicts qrels'] or '–'} | {row['verdicts no_qrels'] or '–'} | "
+                       f"{row['promoted'] or '–'} |")
+    lines += ["", "Each cell is the mean ± the sample standard deviation over the seeds (each seed sets "
+              "the config keys of `seed_keys` in every method). Within a seed the methods share their queries and "
+              "held-out split where their settings match, so a method's gain over another is best read seed by "
+              "seed: each seed's own comparison, with gains, p-values and the agreement section, is in "
+              "`seed-<N>/comparison.md`. Training queries: what the adapted model trained on (after the filter)."]
+    return "\n".join(lines)
 
 
 def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,17 +417,18 @@ def comparison_markdown(name: str, rows: list[dict[str, Any]], agreement: list[d
         return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
     lines = [f"## Comparison `{name}`", "",
-             "| method | " + " | ".join((*COLUMNS, *VERDICT_COLUMNS)) + " | promoted |",
-             "|---" + "|--:" * len(COLUMNS) + "|---" * len(VERDICT_COLUMNS) + "|---|"]
+             "| method | " + " | ".join((*COLUMNS, "training queries", *VERDICT_COLUMNS)) + " | promoted |",
+             "|---" + "|--:" * (len(COLUMNS) + 1) + "|---" * len(VERDICT_COLUMNS) + "|---|"]
     for row in rows:
         seconds = row.get("seconds")
         lines.append(f"| {row['method']} | " + " | ".join(cell(row.get(c)) for c in COLUMNS[:-1])
-                     + f" | {'–' if seconds is None else f'{seconds:.0f}'} | "
+                     + f" | {'–' if seconds is None else f'{seconds:.0f}'} | {cell(row.get('training queries'))} | "
                      + " | ".join(cell(row.get(c)) for c in VERDICT_COLUMNS) + f" | {cell(row.get('promoted'))} |")
     lines += ["", "Each method's run directory holds its full report; the held-out queries are those of each run's "
               "own split (the flows that generate queries share it when their generate settings match). Gains and "
               "verdicts are against the base on per-query nDCG@10 (paired bootstrap interval, sign-flip p-value); "
-              "a verdict is better, worse or inconclusive."]
+              "a verdict is better, worse or inconclusive. Training queries: those the adapted model was trained "
+              "on (what the filter kept, when the method filters)."]
     if agreement:
         lines += ["", "### Agreement with the qrels, without them", "",
                   "| " + " | ".join(AGREEMENT_COLUMNS) + " |", "|---" + "|--:" * (len(AGREEMENT_COLUMNS) - 1) + "|",
@@ -268,6 +451,8 @@ def _publish(name: str, markdown: str) -> None:
 
 
 @flow(name="gplflow-compare", flow_run_name="compare-{config_path}")
-def compare_pipeline(config_path: str, run_root: str | None = None) -> dict[str, Any]:
-    """Run several methods on one corpus into sibling run directories and publish one comparison table."""
-    return run_compare(config_path, run_root)
+def compare_pipeline(config_path: str, run_root: str | None = None,
+                     seeds: list[int] | None = None) -> dict[str, Any]:
+    """Run several methods on one corpus into sibling run directories (once, or once per seed) and publish one
+    comparison table."""
+    return run_compare(config_path, run_root, None if seeds is None else tuple(seeds))

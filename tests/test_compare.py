@@ -8,19 +8,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from artifact_rows import write_artifact
 
 from gplflow.adapters.store import ArtifactStore
+from gplflow.flows import compare as compare_module
 from gplflow.flows.compare import (
     CompareConfig,
     agreement_rows,
+    check_compare,
     compare_pipeline,
     comparison_markdown,
     comparison_rows,
     rank_agreement,
+    run_compare,
+    seed_rows,
 )
 from gplflow.flows.config import ConfigError
+from gplflow.tasks.filter import RULE_KEYS
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
 N_DOCS = 30
 SHARED = ("corpus", "queries", "heldout", "queries-train", "negatives", "triples")
 
@@ -87,7 +94,7 @@ def test_a_compare_file_is_checked_before_anything_runs(tmp_path):
 def test_the_comparison_table_shows_a_missing_value_as_a_dash():
     rows = [{"method": "base", "qrels nDCG@10": 0.5, "held-out nDCG@10": None, "STS Spearman": None,
              "k-means V-measure": 0.25, "seconds": None, "promoted": None}]
-    assert "| base | 0.5000 | – | – | 0.2500 | – | – | – | – |" in comparison_markdown("x", rows)
+    assert "| base | 0.5000 | – | – | 0.2500 | – | – | – | – | – |" in comparison_markdown("x", rows)
 
 
 def test_rank_agreement_counts_pairs_ordered_alike_and_kendall_tau():
@@ -126,3 +133,72 @@ def test_the_agreement_section_compares_each_signal_with_the_qrels_over_the_meth
                     "verdicts as qrels": "1 of 3", "opposite verdicts": "1"}
     assert verdict["signal"] == "verdict without qrels" and verdict["verdicts as qrels"] == "1 of 3"
     assert "### Agreement with the qrels, without them" in comparison_markdown("x", rows, [held, verdict])
+
+
+def test_the_demo_compare_file_has_each_filter_rule_alone_and_together_sharing_gpls_queries_and_split(tmp_path):
+    found = {run["run"]: run for run in check_compare(ROOT / "configs" / "compare.yaml", str(tmp_path / "runs"))}
+    methods = {m.name: m for m in CompareConfig.load(ROOT / "configs" / "compare.yaml").methods}
+    filters = {name: {item.split("=")[0].removeprefix("filter.") for item in m.set}
+               for name, m in methods.items() if name.startswith("gpl-filter-")}
+    alone = {next(iter(keys)) for keys in filters.values() if len(keys) == 1}
+    # every rule that applies to the demo's extractive queries: the copy and log-prob rules do not
+    assert alone == set(RULE_KEYS) - {"min_words", "max_overlap", "logprob_fraction"}
+    assert filters["gpl-filter-all"] == {"max_words", "dedup", "round_trip_k", "teacher_fraction"}
+    for name in filters:  # the same queries and held-out split as plain GPL: adopted, so evaluated alike
+        assert found[name]["adopts_from"] == "gpl"
+        assert found[name]["adopts"] == ["corpus", "queries", "heldout", "queries-train"]
+        assert found[name]["run_dir"] == f"{tmp_path}/runs/{name}"
+    assert found["gpl"]["adopts"] == []
+
+
+def _fake_summary(run_dir: str, qrels: float, heldout: float, verdict: str) -> dict:
+    return {"run_dir": run_dir, "seconds": 10.0, "metrics": _metrics({"base": 0.5, "adapted": qrels},
+                                                                      {"base": 0.8, "adapted": heldout},
+                                                                      {"qrels": verdict, "heldout": verdict})}
+
+
+def test_compare_runs_each_method_once_per_seed_and_reports_mean_and_spread(compare_file, tmp_path, monkeypatch):
+    calls = []
+    scores = {("gpl", 1): 0.60, ("gpl", 2): 0.64, ("gpl-4-steps", 1): 0.50, ("gpl-4-steps", 2): 0.54}
+
+    def run_pipeline(cfg, run_dir, base, overrides, reuse_from=()):
+        calls.append((run_dir, list(reuse_from), cfg.generate.seed, cfg.label.seed, cfg.train.seed, cfg.name))
+        method, seed = Path(run_dir).name, int(Path(run_dir).parent.name.removeprefix("seed-"))
+        store = ArtifactStore(run_dir)  # the training queries the row counts
+        write_artifact(store, "queries-train", [(f"q{i}", "d", "x") for i in range(seed * 10)])
+        qrels = scores[method, seed]
+        return _fake_summary(run_dir, qrels, 0.85, "better" if qrels > 0.55 else "worse")
+
+    monkeypatch.setattr("gplflow.flows.pipeline.run_pipeline", run_pipeline)
+    monkeypatch.setattr("gplflow.flows.validate.validate_run", lambda *a, **k: None)
+    monkeypatch.setattr(compare_module, "_publish", lambda name, markdown: None)
+    root = tmp_path / "runs"
+    found = run_compare(compare_file, str(root), seeds=(1, 2))
+    dirs = [f"{root}/seed-{s}/{m}" for s in (1, 2) for m in ("gpl", "gpl-4-steps")]
+    assert [c[0] for c in calls] == dirs  # seed by seed, each method in turn
+    assert [c[1] for c in calls] == [dirs[:i] for i in range(4)]  # each adopts from every run before it
+    assert [c[2:5] for c in calls] == [(1, 1, 1), (1, 1, 1), (2, 2, 2), (2, 2, 2)]  # generate, label, train seeds
+    assert calls[3][5] == "cmp-gpl-4-steps-seed2"
+    rows = {row["method"]: row for row in found["seed_rows"]}
+    assert list(rows) == ["base", "gpl", "gpl-4-steps"]
+    mean, sd, n = rows["gpl-4-steps"]["qrels nDCG@10"]
+    assert (round(mean, 6), round(sd, 6), n) == (0.52, round(0.04 / 2 ** 0.5, 6), 2)
+    assert rows["gpl"]["verdicts qrels"] == "better 2" and rows["gpl-4-steps"]["verdicts qrels"] == "worse 2"
+    assert rows["base"]["qrels nDCG@10"][:2] == (0.5, 0.0)
+    assert rows["gpl"]["training queries"][:2] == (15.0, 50 ** 0.5)  # 10 and 20
+    table = (root / "comparison.md").read_text()
+    assert "| gpl-4-steps | 2 | 0.5200 ± 0.0283 | 0.8500 ± 0.0000 | – | – | 15 ± 7 | 10 ± 0 | worse 2 | " in table
+    assert "## Comparison `cmp, seed 2`" in (root / "seed-2" / "comparison.md").read_text()
+
+
+def test_seeds_are_checked(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"corpus": {"path": "c.jsonl"}}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "methods": [{"name": "a"}],
+                                                     "seeds": [1, 1]}))
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        CompareConfig.load(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "methods": [{"name": "a"}],
+                                                     "seed_keys": ["train.sed"]}))
+    with pytest.raises(ConfigError, match=r"method a \(seed 3\): .*train.sed"):
+        CompareConfig.load(tmp_path / "c.yaml").runs("r", (3,))
+    assert seed_rows({1: [{"method": "x", "qrels nDCG@10": 0.5}]})[0]["qrels nDCG@10"] == (0.5, None, 1)
