@@ -173,6 +173,23 @@ def test_one_query_reads_every_run_in_flight(api):
     assert api.client.calls == ["read_flow_runs"]  # one request for 40 runs, not one each
 
 
+def test_idle_polls_back_off_and_a_change_resets_the_pause(api, monkeypatch):
+    runs = [_run(uuid4(), "RUNNING", start_time=1.0) for _ in range(250)]
+    api.client = FakeClient(runs)
+    attempts = [shards.Attempt(k, r.id, f"label shard {k}") for k, r in enumerate(runs)]
+    pauses: list[float] = []
+    monkeypatch.setattr(shards.time, "sleep", pauses.append)
+    dispatcher = shards.DeploymentDispatcher(poll_s=0.5)
+    for _ in range(6):
+        assert dispatcher.poll(attempts) == []
+    assert pauses == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]  # doubling up to MAX_POLL_S while nothing changes
+    assert api.client.calls == ["read_flow_runs"] * 12  # 250 runs: two pages of at most 200 per poll
+    runs[7].state.type.value, runs[7].state.is_final = "COMPLETED", lambda: True
+    assert [a.shard for a in dispatcher.poll(attempts)] == [7]
+    del attempts[7]  # run_shards takes a finished run out of those in flight
+    assert dispatcher.poll(attempts) == [] and pauses[-1] == 0.5  # the pause starts again from poll_s
+
+
 def test_a_cancelled_pipeline_stops_and_cancels_its_shard_runs(api, job):
     parent = _run(uuid4(), "CANCELLING")
     api.client = FakeClient([parent])
