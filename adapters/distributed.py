@@ -119,7 +119,7 @@ def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, w
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "--max-restarts=0", "--monitor-interval=0.5", "-m", __name__, str(job)]
     process_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    if visible_gpus() == 0 and "OMP_NUM_THREADS" not in process_env:  # torchrun's default is 1 thread a rank
+    if "OMP_NUM_THREADS" not in process_env:  # torchrun sets 1 thread a rank: the host's cores shared out instead
         process_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     logger.info("%s: starting %d ranks: %s", what, nproc, " ".join(command), extra={"terminal": False})
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -524,8 +524,9 @@ def _train_result(model: Any, clock: Any, out: Path, device: str, peak: int) -> 
 
 
 def ddp_train_rank(payload: dict[str, Any]) -> None:
-    """One rank of the benchmark's torchrun job: gplflow's trainer on the same rows and settings as the
-    one-process variant, with ``batch_size`` the global batch; rank 0 writes what ``_train_result`` writes."""
+    """One process of either variant of ``bench_train_devices`` (a torchrun rank, or the one plain process):
+    gplflow's trainer on the same rows and settings, ``batch_size`` the global batch; rank 0 writes what
+    ``_train_result`` writes."""
     from gplflow.adapters import distributed, trainer
 
     device, out = payload["device"], Path(payload["out"])
@@ -547,69 +548,68 @@ def ddp_train_rank(payload: dict[str, Any]) -> None:
 
 def bench_train_devices(m: standins.StandIns, inputs: Inputs, steps: int, rounds: int, device: str,
                         nproc: int) -> StageResult:
-    """gplflow's trainer in this process against the same training as a torchrun job of ``nproc`` ranks (the
-    path ``train.devices: N`` takes), at the same global batch: steps/s after the first step, the job's wall time
-    over the one process's (launch, imports and model loads included), and the embeddings both models give.
+    """gplflow's trainer as one plain process against the same training as a torchrun job of ``nproc`` ranks
+    (the path ``train.devices: N`` takes), at the same global batch: steps/s after the first step, wall time
+    (start, imports and model loads included), and the embeddings both models give.
 
-    The models agree up to floating-point noise and dropout: N ranks draw other dropout masks than one process
-    (the stand-in student has dropout 0.1), so the losses differ a little step by step. With one rank, accelerate
-    does not wrap the model in DDP (it does so from two processes on): N=1 measures the launch and the process
-    group, not DDP's gradient all-reduce."""
-    from gplflow.adapters import distributed, trainer
+    Both variants start a fresh process each round (``python -m gplflow.adapters.distributed JOB`` alone, or
+    under torchrun), as a stage does: a model trained a second time in one process runs warm (on an H200 the
+    second and third runs in this process were 1.5-1.8x the first), which would flatter whichever variant ran in
+    this process. The models agree up to floating-point noise and dropout: N ranks draw other dropout masks than
+    one process (the stand-in student has dropout 0.1). With one rank, accelerate does not wrap the model in DDP
+    (it does so from two processes on): N=1 measures the launch and the process group, not the all-reduce."""
+    import subprocess
+
+    from gplflow.adapters import distributed
 
     if BATCH % nproc:
         raise SystemExit(f"--train-devices {nproc}: the batch {BATCH} does not divide over {nproc} ranks")
-    _, dataset = train_rows(inputs, steps)
-    walls: dict[str, list[float]] = {"plain": [], f"torchrun-{nproc}": []}
-    extras: dict[str, Any] = {}
+    job_name = f"torchrun-{nproc}"
+    walls: dict[str, list[float]] = {"one process": [], job_name: []}
+    extras: dict[str, Any] = {"peak": {}}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                        os.environ.get("PYTHONPATH")]))}
 
-    def plain(model: Any) -> tuple[float, float, Any]:
-        clock = step_clock(device)
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            trainer.fit(model, dataset, train_settings(steps), Path(tmp) / "ckpt", device, [clock])
-            walls["plain"].append(time.perf_counter() - started)
-            _train_result(model, clock, Path(tmp), device, 0)
-            got = json.loads((Path(tmp) / "result.json").read_text())
-            extras["plain"] = np.load(Path(tmp) / "probes.npy")
-        return got["secs"], got["done"], got["losses"]
+    def variant(label: str) -> Callable[[Any], tuple[float, float, Any]]:
+        def run(_: Any) -> tuple[float, float, Any]:
+            with tempfile.TemporaryDirectory() as tmp:
+                payload = {"device": device, "out": tmp, "passages": len(inputs.passages), "steps": steps,
+                           "student": m.student}
+                started = time.perf_counter()
+                if label == job_name:
+                    distributed.launch(Path(tmp) / "job", nproc, "stages:ddp_train_rank", payload,
+                                       what="benchmark", env=env)
+                else:
+                    job = Path(tmp) / "job.json"
+                    job.write_text(json.dumps({"target": "stages:ddp_train_rank", "payload": payload}))
+                    subprocess.run([sys.executable, "-m", "gplflow.adapters.distributed", str(job)], check=True,
+                                   env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+                walls[label].append(time.perf_counter() - started)
+                got = json.loads((Path(tmp) / "result.json").read_text())
+                extras[label] = np.load(Path(tmp) / "probes.npy")
+                if label == job_name:
+                    extras["dist"] = json.loads((Path(tmp) / "dist.json").read_text())
+                extras["peak"][label] = max(extras["peak"].get(label, 0), got["peak"])
+            return got["secs"], got["done"], got["losses"]
 
-    def job(_: Any) -> tuple[float, float, Any]:
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
-                                                                os.environ.get("PYTHONPATH")]))}
-            payload = {"device": device, "out": tmp, "passages": len(inputs.passages), "steps": steps,
-                       "student": m.student}
-            started = time.perf_counter()
-            distributed.launch(Path(tmp) / "job", nproc, "stages:ddp_train_rank", payload, what="benchmark",
-                               env=env)
-            walls[f"torchrun-{nproc}"].append(time.perf_counter() - started)
-            got = json.loads((Path(tmp) / "result.json").read_text())
-            extras["job"] = np.load(Path(tmp) / "probes.npy")
-            extras["dist"] = json.loads((Path(tmp) / "dist.json").read_text())
-            extras["job_peak"] = max(extras.get("job_peak", 0), got["peak"])
-        return got["secs"], got["done"], got["losses"]
+        return run
 
-    result = measure(f"train x{nproc}", "steps/s", {
-        "plain": Variant(lambda: models.load_bi_encoder(m.student, max_seq_length=MAX_SEQ), plain),
-        f"torchrun-{nproc}": Variant(lambda: None, job),
-    }, rounds, device)
-    a, b = result.runs["plain"][-1].output, result.runs[f"torchrun-{nproc}"][-1].output
-    cosine = (extras["plain"] * extras["job"]).sum(axis=1)
-    plain_wall = statistics.median(r.load_s + w for r, w in zip(result.runs["plain"], walls["plain"], strict=True))
-    job_wall = statistics.median(walls[f"torchrun-{nproc}"])
+    result = measure(f"train x{nproc}", "steps/s", {label: Variant(lambda: None, variant(label))
+                                                    for label in walls}, rounds, device)
+    a, b = result.runs["one process"][-1].output, result.runs[job_name][-1].output
+    cosine = (extras["one process"] * extras[job_name]).sum(axis=1)
+    one_wall, job_wall = statistics.median(walls["one process"]), statistics.median(walls[job_name])
     result.check = (f"MarginMSE loss, first -> last step: one process {a[0]:.4g} -> {a[-1]:.4g}, {nproc} ranks "
                     f"{b[0]:.4g} -> {b[-1]:.4g}; embeddings of {PROBES} passages, cosine one process vs {nproc} "
                     f"ranks: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
-    result.extra = (f"wall incl. model load (and the job's launch): one process {plain_wall:.1f} s, torchrun "
-                    f"{job_wall:.1f} s (+{job_wall - plain_wall:.1f} s); peak MiB one process "
-                    f"{result.peak('plain') / 2**20:.0f}, rank 0 {extras['job_peak'] / 2**20:.0f}; rank 0 saw "
-                    f"{extras['dist']}")
+    result.extra = (f"wall, start to end: one process {one_wall:.1f} s, torchrun {job_wall:.1f} s "
+                    f"({job_wall - one_wall:+.1f} s); peak MiB one process {extras['peak']['one process'] / 2**20:.0f}"
+                    f", rank 0 {extras['peak'][job_name] / 2**20:.0f}; rank 0 of torchrun saw {extras['dist']}")
     return result
 
 
 def report_devices(r: StageResult, nproc: int) -> None:
-    plain, job = r.rate("plain"), r.rate(f"torchrun-{nproc}")
+    plain, job = r.rate("one process"), r.rate(f"torchrun-{nproc}")
     print(f"\ntrain on {nproc} device(s) as a torchrun job against one process, the same global batch {BATCH}:\n"
           f"  steps/s after the first step: one process {plain:.3f}, torchrun x{nproc} {job:.3f} "
           f"({job / plain:.3f}x; {(job / plain - 1) * 100:+.1f}%)\n  {r.check}\n  {r.extra}")
