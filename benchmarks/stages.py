@@ -213,10 +213,15 @@ class StageResult:
         return max(r.peak for r in self.runs[variant])
 
 
+WARMUP = {"cpu": 0, "cuda": 1}  # untimed rounds first: --warmup
+
+
 def measure(name: str, unit: str, variants: dict[str, Variant], rounds: int, device: str) -> StageResult:
-    """Interleave the variants for ``rounds`` rounds (order alternating), each loading its own model."""
+    """Interleave the variants for ``rounds`` rounds (order alternating), each loading its own model, after
+    ``WARMUP[device]`` untimed rounds: on an H200 a variant's first run in the process was 2-9x slower than its
+    second (bf16 kernels met for the first time), which a median of two rounds does not hide."""
     result = StageResult(name, unit, {v: [] for v in variants})
-    for round_ in range(rounds):
+    for round_ in range(-WARMUP[device], rounds):
         order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
         for label in order:
             variant = variants[label]
@@ -227,6 +232,9 @@ def measure(name: str, unit: str, variants: dict[str, Variant], rounds: int, dev
                 load_s = time.perf_counter() - started
                 run_s, work, output = variant.run(model)
                 del model
+            if round_ < 0:
+                print(f"  {name:<9} warm-up   {label:<9} run {run_s:7.2f} s (not counted)", flush=True)
+                continue
             result.runs[label].append(Run(load_s, run_s, mem.peak, work, output))
             print(f"  {name:<9} round {round_ + 1}/{rounds} {label:<9} load {load_s:6.2f} s  run {run_s:7.2f} s  "
                   f"{work / run_s:10.2f} {unit}  peak {mem.peak / 2**20:8.0f} MiB", flush=True)
@@ -773,6 +781,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per stage (default 2)")
     parser.add_argument("--work", type=float, default=1.0, help="multiply each stage's work (default 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds per stage before the timed "
+                        "ones (default 1 on CUDA, 0 on CPU)")
     parser.add_argument("--train-devices", type=int, default=0, metavar="N",
                         help="also train as a torchrun job of N ranks (train.devices: N) against one process, at "
                         "the same global batch: overhead and equivalence (N=1 on a one-GPU machine)")
@@ -781,6 +791,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
+    if args.warmup is not None:
+        WARMUP[args.device] = args.warmup
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if unknown := set(stages) - set(STAGES):
         raise SystemExit(f"--stages: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(STAGES)}")
