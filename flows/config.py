@@ -64,6 +64,9 @@ class ExecutionConfig(_Frozen):
     """How shardable stages run: here (local) or as flow runs on the gpu-pool workers (pool, see flows/shards.py)."""
 
     mode: Literal["local", "pool"] = "local"
+    # local: the shards of generate, mine's encoding and label run one process per device at once (auto: every
+    # visible GPU, 1 on a CPU; N: the first N; see flows/local_devices.py)
+    devices: AutoOrPositive = "auto"
     shard_size: int = Field(default=10_000, gt=0)  # passages (generate, mine) or distinct pairs (label) per shard
     shard_retries: int = Field(default=2, ge=0)  # pool: times a failed shard is submitted again
     # pool: a shard run not done by then has failed

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, runtime, task
 from gplflow.adapters.gpl_format import import_gpl
 from gplflow.adapters.runlock import run_lock
 from gplflow.adapters.store import ArtifactStore
-from gplflow.flows import shards
+from gplflow.flows import local_devices, shards
 from gplflow.flows.config import ConfigError, PipelineConfig, default_run_dir
 from gplflow.flows.report import artifact_key, publish_report
 from gplflow.flows.stages import STAGES, Run
@@ -114,8 +114,9 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
         inputs = stage.inputs(run)
         if reuse_from and stage.portable:
             _adopt(inputs.fingerprints(), run, reuse_from)
-        if stage.job is not None:  # pool mode: the shards run on the workers first, the task publishes them
-            shards.fan_out(cfg, stage, inputs, pool)
+        if stage.job is not None:  # the shards first, then the task publishes them
+            shards.fan_out(cfg, stage, inputs, pool)  # pool mode: on the workers
+            local_devices.fan_out(cfg, stage, inputs)  # local mode on several devices: a process per device
         with shards.devices_held(cfg, stage):  # pool mode: no shard lands on a device that training holds
             run.record(stage, stage.task(inputs))
     store = ArtifactStore(run_dir)

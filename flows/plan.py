@@ -96,7 +96,41 @@ def planned_stages(cfg: PipelineConfig, n: int) -> list[StagePlan]:
 
     Stages without an estimate (ingest, split, promote: cheap next to the rest) are left out of the table.
     """
-    return [replace(stage.estimate(cfg, n), stage=stage.name) for stage in planned(cfg) if stage.estimate]
+    count = _shard_devices(cfg)
+    return [on_devices(replace(stage.estimate(cfg, n), stage=stage.name), count if stage.job else 1)
+            for stage in planned(cfg) if stage.estimate]
+
+
+def _shard_devices(cfg: PipelineConfig) -> int:
+    """The devices a local run spreads its shards over (1 in pool mode: the pool's workers decide)."""
+    from gplflow.flows import local_devices
+
+    if cfg.execution.mode != "local":
+        return 1
+    try:
+        return len(local_devices.devices(cfg.execution.devices))
+    except InputError:  # too many for this host: the checks before a run say so
+        return 1
+
+
+def on_devices(plan: StagePlan, count: int) -> StagePlan:
+    """A shardable stage whose shards run on ``count`` devices at once: the calibrated (one device's) rate of its
+    sharded part times ``count``. A scaling assumed, not measured, and said so."""
+    if count < 2 or not plan.work:
+        return plan
+    sharded = plan.work if plan.sharded is None else plan.sharded
+    speedup = plan.work / (plan.work - sharded + sharded / count)
+    measure = plan.measure
+
+    def scaled(resolved: dict, passages: list[str]) -> Measured:
+        found = measure(resolved, passages)  # type: ignore[misc]
+        found = found if isinstance(found, Measured) else Measured(found)
+        return found._replace(rate=found.rate * speedup)
+
+    part = "" if plan.sharded is None else " (its sharded part)"
+    return replace(plan, measure=None if measure is None else scaled,
+                   detail=f"{plan.detail}; shards on {count} devices: one device's rate x{count}{part}, a scaling "
+                          "assumed until measured")
 
 
 def _calibrate(cfg: PipelineConfig, corpus: Artifact, stages: list[StagePlan]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import fsspec
 
 from gplflow.adapters.model_refs import HubUnavailableError, hub_problem, use_cache_only
+from gplflow.flows import local_devices
 from gplflow.flows.config import ConfigError, KeyOrigins, PipelineConfig
 from gplflow.flows.stages import models_used
 
@@ -108,6 +109,8 @@ def _problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
         if (problem := model_problem(ref)) is not None:
             yield key, problem
     yield from _evaluation(cfg)
+    if cfg.execution.mode == "local" and (problem := local_devices.problem(cfg.execution.devices)) is not None:
+        yield "execution.devices", problem
     if cfg.generate.method == "llm" and cfg.uses_queries and not cfg.import_.gpl_dir:
         yield from _llm(cfg)
     if cfg.uses_queries:

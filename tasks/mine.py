@@ -290,7 +290,7 @@ def estimate(cfg: Any, n: int) -> StagePlan:
     miners = [r.name for r in cfg.models.retrievers] + (["bm25"] if cfg.mine.bm25 else [])
     return StagePlan(dense * (n + queries), "texts", f"{dense} dense retriever(s) x ({n} passages + "
                      f"{queries} queries), {cfg.mine.negatives_per_query} negatives from {', '.join(miners)}",
-                     measure=lambda resolved, passages: _rate(cfg.mine, resolved, passages))
+                     measure=lambda resolved, passages: _rate(cfg.mine, resolved, passages), sharded=dense * n)
 
 
 def _rate(m: MineConfig, resolved: dict[str, Any], passages: list[str]) -> float:

@@ -86,6 +86,7 @@ class StagePlan:
     spread: float | None = None  # the calibration timings' relative spread (0.1: ±10%); None when not measured
     beside: float = 0.0  # seconds spent beside ``work`` at ``rate`` (Measured.beside)
     beside_detail: str = ""
+    sharded: float | None = None  # the part of ``work`` its shards do (None: all of it; mine: the corpus encoding)
 
     @property
     def seconds(self) -> float | None:
