@@ -365,8 +365,10 @@ def print_summary(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
     if cfg.trains_on_pairs:
         _pairs(store)
     else:
-        console.print("generator: " + (_ref(m.generator, models["generator"]) if cfg.generate.method == "t5"
-                                        else "extractive pseudo-queries (no model)"))
+        from gplflow.tasks.generate import summary_line as generator_line
+
+        console.print(generator_line(cfg, models.get("generator", ""), store.read_manifest("queries")),
+                      highlight=False, soft_wrap=True)
     if cfg.is_gpl:
         for (name, score), (path, _) in zip(((r.name, r.score) for r in m.retrievers), models["retrievers"],
                                             strict=True):

@@ -325,10 +325,12 @@ class KeyOrigins:
         """``--set KEY=VALUE`` (the last override touching ``key``), the config file, or ``default (...)``."""
         parts = key.split(".") if key else []
         for item in reversed(self.overrides):
-            set_parts = item.split("=", 1)[0].strip().split(".")
+            set_key = item.split("=", 1)[0].strip()
+            set_parts = set_key.split(".")
             shared = min(len(parts), len(set_parts))
             if shared and parts[:shared] == set_parts[:shared]:
-                return f"--set {item}"
+                # an API key's setting is named without its value: a key pasted there must not reach a log
+                return f"--set {set_key}=…" if "api_key" in set_key else f"--set {item}"
         if self.path is None:
             return "--set" if not parts else "default"
         if not parts or _holds(self.file_data, parts):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,9 +34,25 @@ _TRUE = {"1", "on", "yes", "true"}
 _CONFIG_FILES = ("config.json", "modules.json")  # a transformers or a sentence-transformers model folder
 
 
+_PASSED: dict[tuple[str, str], float] = {}  # (config, run directory) -> when validate_run last passed it, here
+RECHECK_AFTER_S = 60.0  # a run checked this recently in this process is not checked again
+
+
 def validate_run(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None = None,
                  overrides: Sequence[str] = ()) -> None:
-    """Raise a one-line ``ConfigError`` naming every problem of the run ``cfg`` would start in ``run_dir``."""
+    """Raise a one-line ``ConfigError`` naming every problem of the run ``cfg`` would start in ``run_dir``.
+
+    Once per run: the CLI checks before Prefect starts and the flow checks again when it begins (a deployment's
+    run has no CLI before it), so the same config and run directory passed in this process within
+    ``RECHECK_AFTER_S`` are not checked twice (an LLM endpoint is asked ``GET /models`` once, not twice)."""
+    key = (cfg.model_dump_json(), str(run_dir))
+    if time.monotonic() - _PASSED.get(key, -math.inf) < RECHECK_AFTER_S:
+        return
+    _check(cfg, run_dir, config_path, overrides)
+    _PASSED[key] = time.monotonic()
+
+
+def _check(cfg: PipelineConfig, run_dir: str, config_path: str | Path | None, overrides: Sequence[str]) -> None:
     origins = KeyOrigins.of(config_path, overrides)
     hub = _hub_lines(cfg, origins)  # first: one request, seconds at most, before any model is looked for
     problems = [f"{origins.prefix(key)}: '{key}': {problem}" for key, problem in _problems(cfg)]

@@ -101,7 +101,18 @@ class EndpointConfig(StageConfig):
         if value and not _ENV_NAME.fullmatch(value):
             raise ValueError("must be the name of an environment variable (letters, digits and _), not the key "
                              "itself; export the key in that variable")
+        if value and _looks_like_a_key(value):
+            raise ValueError("looks like a key, not the name of an environment variable (a key prefix such as "
+                             "hf_ or sk_, 32 characters or more, or 6 digits or more); export the key in a variable "
+                             "and name that variable here")
         return value
+
+
+def _looks_like_a_key(value: str) -> bool:
+    """Whether a would-be variable name has the shape of a token (letters, digits and _ only, as HF tokens and
+    many providers' keys are): such a value is refused without being repeated, before it can reach a log."""
+    return (value.lower().startswith(("hf_", "sk_", "gsk_", "pk_", "rk_")) or len(value) >= 32
+            or sum(c.isdigit() for c in value) >= 6)
 
 
 class GenerateConfig(StageConfig):
@@ -591,6 +602,27 @@ def llm_record(cfg: GenerateConfig) -> dict[str, Any]:
     backend = ({"backend": "endpoint", "base_url": cfg.endpoint.base_url, "model": cfg.endpoint.model}
                if cfg.endpoint is not None else {"backend": "local"})
     return {**backend, "prompt": llm_prompt(cfg).record()}
+
+
+def summary_line(cfg: Any, generator: str, manifest: dict[str, Any] | None) -> str:
+    """The CLI summary's line on the queries' source (``cfg``: the PipelineConfig; ``generator``: what
+    ``models.generator`` resolved to). An endpoint is named by URL and model, its key only by the variable that
+    holds it, with the requests and tokens the ``queries/`` manifest counted."""
+    g, ref = cfg.generate, cfg.models.generator
+    model = ref if ref == generator else f"{ref} ({generator})"
+    if g.method == "t5":
+        return f"generator: {model}"
+    if g.method == "extractive":
+        return "generator: extractive pseudo-queries (no model)"
+    prompt = f"prompt {g.template or g.prompt}" + (f" with the examples of {g.examples}" if g.examples else "")
+    if g.endpoint is None:
+        return f"generator: local causal LM {model}, {prompt}"
+    e, counters = g.endpoint, (manifest or {}).get("counters", {})
+    key = f"key from ${e.api_key_env}" if e.api_key_env else "no key"
+    cost = (f"; {counters['requests']} requests (retries: {counters.get('retries', 0)}), "
+            f"{counters.get('prompt_tokens')} prompt and {counters.get('completion_tokens')} completion tokens"
+            if "requests" in counters else "")
+    return f"generator: {e.model} at {e.base_url} ({key}), {prompt}{cost}"
 
 
 def report_lines(manifest: dict[str, Any] | None, inline: Callable[[str], str]) -> list[str]:

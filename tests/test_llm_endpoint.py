@@ -188,6 +188,59 @@ def test_validate_checks_reach_the_endpoint_before_any_stage(server, tmp_path):
     assert "unknown placeholder {query}" in both[0][1] and "no answer from http://127.0.0.1:9/v1" in both[1][1]
 
 
+def test_a_run_is_validated_once_the_cli_and_the_flow_asking_the_server_one_get_models(server, tmp_path):
+    from gplflow.flows.config import PipelineConfig
+    from gplflow.flows.validate import validate_run
+
+    (tmp_path / "c.jsonl").write_text('{"_id": "1", "text": "x"}\n', encoding="utf-8")
+    overrides = [f"corpus.path={tmp_path / 'c.jsonl'}", "profile=tiny", "flow=genq", "train.loss=mnrl",
+                 "generate.method=llm", f"generate.endpoint.base_url={server.base_url}",
+                 "generate.endpoint.model=tiny-chat", f"generate.endpoint.api_key_env={KEY_ENV}"]
+    cfg = PipelineConfig.load(None, overrides)
+
+    def models_asked() -> int:
+        return sum(path.endswith("/models") for path, _, _ in server.requests)
+
+    validate_run(cfg, str(tmp_path / "run"), None, overrides)  # the CLI, before Prefect starts
+    validate_run(cfg, str(tmp_path / "run"), None, overrides)  # the flow, as it begins
+    assert models_asked() == 1
+    validate_run(cfg, str(tmp_path / "other"), None, overrides)  # another run is checked on its own
+    assert models_asked() == 2
+
+
+@pytest.mark.parametrize("pasted", ["hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345", "sk_live_4f9a7c21e8", "a7f3c9e1b5d2"
+                                    "f4a8c6e0b1d3f5a7c9e1b3d5"])
+def test_a_key_pasted_as_the_variable_name_is_refused_without_being_repeated(pasted):
+    from gplflow.flows.config import ConfigError, PipelineConfig
+
+    base = ["corpus.path=x.jsonl", "generate.method=llm", "generate.endpoint.base_url=http://127.0.0.1:9/v1",
+            "generate.endpoint.model=m"]
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.load(None, [*base, f"generate.endpoint.api_key_env={pasted}"])
+    assert "looks like a key" in str(err.value) and pasted not in str(err.value)
+    assert str(err.value).startswith("--set generate.endpoint.api_key_env=…: ")
+    for name in ("OPENAI_API_KEY", "LLM_API_KEY", "TOGETHER_API_KEY_2"):  # names as people write them pass
+        assert PipelineConfig.load(None, [*base, f"generate.endpoint.api_key_env={name}"]).generate.endpoint
+
+
+def test_the_summary_names_the_endpoint_and_the_keys_variable_never_the_key():
+    from gplflow.flows.config import PipelineConfig
+    from gplflow.tasks.generate import summary_line
+
+    base = ["corpus.path=x.jsonl", "generate.method=llm"]
+    cfg = PipelineConfig.load(None, [*base, "generate.endpoint.base_url=http://gpu:8000/v1",
+                                     "generate.endpoint.model=qwen", f"generate.endpoint.api_key_env={KEY_ENV}"])
+    counters = {"requests": 12, "retries": 1, "prompt_tokens": 3400, "completion_tokens": 220}
+    line = summary_line(cfg, "/cache/t5", {"counters": counters})
+    assert line == (f"generator: qwen at http://gpu:8000/v1 (key from ${KEY_ENV}), prompt few_shot; 12 requests "
+                    "(retries: 1), 3400 prompt and 220 completion tokens")
+    assert KEY not in line
+    local = PipelineConfig.load(None, [*base, "models.generator=my/llm", "generate.prompt=zero_shot"])
+    assert summary_line(local, "/cache/llm", None) == "generator: local causal LM my/llm (/cache/llm), prompt zero_shot"
+    assert summary_line(PipelineConfig.load(None, ["corpus.path=x.jsonl", "generate.method=extractive"]), "", None) \
+        == "generator: extractive pseudo-queries (no model)"
+
+
 def test_a_failed_run_resumes_without_requesting_finished_shards(tmp_path, server):
     """Shards of 4 passages, one request at a time: the server refuses the 6th passage (in shard 1), the run
     stops; the rerun requests no passage of shard 0 again."""
