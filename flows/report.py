@@ -114,15 +114,17 @@ def sample_passages(store: ArtifactStore, n: int = SAMPLE_PASSAGES, filtered: bo
     queries, corpus = store.load("queries"), store.load("corpus")
     if queries is None or corpus is None or queries.rows == 0:
         return []
-    columns = ["query_id", "doc_id", "text"] + (["logprob"] if _has_column(queries, "logprob") else [])
-    by_doc: dict[str, list[dict[str, Any]]] = {}
-    for batch in queries.iter_batches(columns):
-        for row in batch.to_pylist():
-            by_doc.setdefault(row["doc_id"], []).append(row)
-    docs = list(by_doc)
+    # the passages in the order their queries first appear (the doc ids only), then the picked ones' queries
+    docs = list(dict.fromkeys(d for batch in queries.iter_batches(["doc_id"]) for d in batch.column(0).to_pylist()))
     picked = [docs[i] for i in sorted({round(i * len(docs) / n) for i in range(min(n, len(docs)))})]
     chosen = set(picked)
-    ids = {row["query_id"] for d in picked for row in by_doc[d]}
+    columns = ["query_id", "doc_id", "text"] + (["logprob"] if _has_column(queries, "logprob") else [])
+    by_doc: dict[str, list[dict[str, Any]]] = {d: [] for d in picked}
+    for batch in queries.iter_batches(columns):
+        for row in batch.to_pylist():
+            if row["doc_id"] in chosen:
+                by_doc[row["doc_id"]].append(row)
+    ids = {row["query_id"] for rows in by_doc.values() for row in rows}
     heldout = _ids(store, "heldout", ids)
     kept = _ids(store, "queries-filtered", ids) if filtered else None
     passages: dict[str, tuple[str, str]] = {}
