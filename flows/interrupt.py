@@ -76,6 +76,22 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def watchdog_on_stop() -> Iterator[None]:
+    """Arm the watchdog when a stop signal ends the block as Prefect's ``TerminationSignal``.
+
+    Inside a flow run Prefect's own SIGTERM handler stands in for ``stop_on_signals``' and reports the run
+    Crashed before the signal is passed on: a slow API there would hold the process up before the watchdog runs.
+    """
+    from prefect.exceptions import TerminationSignal
+
+    try:
+        yield
+    except TerminationSignal as err:
+        arm_watchdog(err.signal)
+        raise
+
+
 def arm_watchdog(signum: int) -> None:
     """End the process with ``128 + signum`` in ``STOP_GRACE_S`` seconds unless it has ended by then (once)."""
     global _watchdog

@@ -22,6 +22,7 @@ from gplflow.adapters.runlock import run_lock
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows import local_devices, shards
 from gplflow.flows.config import ConfigError, PipelineConfig, default_run_dir
+from gplflow.flows.interrupt import watchdog_on_stop
 from gplflow.flows.report import artifact_key, publish_report
 from gplflow.flows.stages import STAGES, Run
 from gplflow.flows.validate import validate_run
@@ -49,7 +50,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, config_path: str | Path | No
     validate_run(cfg, run_dir, config_path, overrides or ())  # models, qrels, run directory: before any stage
     me = runtime.flow_run.id
     # a second run on this run directory fails here, before any stage
-    with run_lock(run_dir, {"flow_run_id": str(me)} if me else None) as stale:
+    # a stop signal ends the process within seconds, however slow the API is to take the Crashed state
+    with watchdog_on_stop(), run_lock(run_dir, {"flow_run_id": str(me)} if me else None) as stale:
         if stale is not None:
             crash_abandoned(stale, run_dir)
         return _run_stages(cfg, run_dir, config_path, overrides, reuse_from)

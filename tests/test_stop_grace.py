@@ -45,3 +45,25 @@ def test_a_hanging_way_out_ends_within_the_grace(signum: int, code: int) -> None
     assert child.returncode == code, err
     assert 1.0 <= took < 6.0, took
     assert f"still stopping 1 s after {signal.Signals(signum).name}; exiting now" in err
+
+
+IN_A_FLOW = """
+import signal, time
+from prefect.exceptions import TerminationSignal
+from gplflow.flows import interrupt
+interrupt.STOP_GRACE_S = 1.0
+try:
+    with interrupt.watchdog_on_stop():
+        raise TerminationSignal(signal.SIGTERM)  # what Prefect's handler raises in a flow run
+except TerminationSignal:
+    print("stopping", flush=True)
+    time.sleep(60)  # Prefect reporting the run Crashed to an API that does not answer
+"""
+
+
+def test_prefects_termination_signal_in_a_flow_run_arms_the_watchdog() -> None:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", IN_A_FLOW], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "stopping" and done.returncode == 143, done.stderr
+    assert time.monotonic() - started < 30  # the import of prefect, then about 1 s, not the 60 s sleep
+    assert "still stopping 1 s after SIGTERM; exiting now" in done.stderr
