@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 # Prefect's temporary server logs a telemetry ERROR when its analytics cannot be sent; the Makefile sets this too.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before prefect is imported
+# Prefect waits 20 s for its temporary server; on a loaded machine (2 cores, a load average of 11) the start took
+# longer and every run ended before its first stage
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import typer
 from rich.console import Console
@@ -85,6 +88,11 @@ def user_message(err: BaseException) -> str | None:
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, OSError) and err.errno in _PATH_ERRNOS and err.filename:
         return f"{err.filename}: {err.strerror or type(err).__name__}"
+    if isinstance(err, RuntimeError) and "ephemeral Prefect API server" in str(err):
+        waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+        return (f"Prefect's temporary API server did not answer within {waited} s (a busy machine?): nothing ran; "
+                "set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or PREFECT_API_URL to a running "
+                "server (prefect server start)")
     return None
 
 

@@ -36,3 +36,21 @@ def test_the_cli_turns_prefect_server_analytics_off_unless_set() -> None:
     chosen = subprocess.run([sys.executable, "-c", code], env={**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "true"},
                             capture_output=True, text=True, timeout=60)
     assert chosen.stdout.strip() == "True", chosen.stderr
+
+
+def test_a_temporary_server_too_slow_to_start_is_one_line_saying_what_to_set(monkeypatch) -> None:
+    from gplflow.flows.cli import user_message
+
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    message = user_message(RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server."))
+    assert message is not None and "did not answer within 90 s" in message
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in message and "PREFECT_API_URL" in message
+    assert user_message(RuntimeError("something else broke")) is None  # other RuntimeErrors stay bugs
+
+
+def test_the_cli_waits_longer_than_prefects_20_s_for_its_temporary_server() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    code = ("import gplflow.flows.cli; from prefect.settings import get_current_settings as s; "
+            "print(s().server.ephemeral.startup_timeout_seconds)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "90", out.stderr[-2000:]
