@@ -3,7 +3,10 @@
 A config error raised inside a stage is one line on the terminal (the tracebacks Prefect logs go to the run's
 log file). Ctrl-C and SIGTERM stop a run within seconds and mark its flow run Crashed; after those and SIGKILL
 no process is left behind, and a rerun resumes the run (and marks a SIGKILLed run's flow run Crashed); a
-temporary server that a killed run left is stopped by the next run.
+temporary server that a killed run left is stopped by the next run; a second run on a run directory that a run
+holds is refused at once. Each `gplflow run` here starts a Prefect server, so the interrupted runs, the rerun that
+completes the run (with the refused second run beside it) and a last rerun are one sequence on one run directory
+(the module fixture ``sequence``), on the demo's first 200 passages, whose parts the tests assert on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -26,9 +30,12 @@ from gplflow.flows.interrupt import SERVER_APP, stop_orphans
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-SMALL = ["train.steps=4", "train.checkpoint_every=2", "train.warmup_steps=0", "mine.negatives_per_query=4"]
+SMALL = ["train.steps=4", "train.checkpoint_every=2", "train.warmup_steps=0", "train.batch_size=8",
+         "train.max_seq_length=64", "mine.negatives_per_query=4"]
+PASSAGES = 200  # of the demo's 337: mining them with MiniLM still takes seconds, long enough to be interrupted
 STOP_WITHIN_S = 15.0
 START_WITHIN_S = 240.0  # a loaded machine starts Prefect's server and reaches mining in well under this
+SEQUENCE_TIMEOUT_S = 1500  # the module's runs: three interrupted, the one that completes, a last one
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
@@ -54,9 +61,14 @@ def _start(tmp: Path, args: list[str], log: str) -> subprocess.Popen:
 
 
 def _demo(tmp: Path) -> Path:
-    """configs/demo.yaml with nothing to evaluate (the test waits for mining, not for evaluators)."""
+    """configs/demo.yaml on the demo corpus's first passages, with nothing to evaluate (the test waits for mining,
+    not for evaluators)."""
     cfg = yaml.safe_load(DEMO.read_text())
-    cfg["corpus"]["path"] = str((DEMO.parent / cfg["corpus"]["path"]).resolve())
+    source = (DEMO.parent / cfg["corpus"]["path"]).resolve() / "corpus.jsonl"
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:PASSAGES]),
+                      encoding="utf-8")
+    cfg["corpus"]["path"] = str(corpus)
     cfg["evaluate"] = {"heldout_fraction": 0}
     path = tmp / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -138,77 +150,151 @@ INTERRUPTS = [(signal.SIGINT, 130, "interrupted (SIGINT): the run stopped; the s
               (signal.SIGKILL, -signal.SIGKILL, "")]  # nothing to print: the server goes with its parent
 
 
-@pytest.mark.timeout(1200)
-def test_ctrl_c_sigterm_and_sigkill_stop_the_run_within_seconds_and_a_rerun_resumes(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    kept: dict[str, str] = {}
-    for signum, expected, said in INTERRUPTS:
-        name = signal.Signals(signum).name
-        seconds, code, left = _interrupt_while_mining(tmp_path, run_dir, signum, f"{name}.log")
-        output = (tmp_path / f"{name}.log").read_text()
-        print(f"{name}: exit {code} after {seconds:.1f} s; processes left: {left}")
-        assert code == expected and seconds < STOP_WITHIN_S and left == [], output[-3000:]
-        assert said in output and "Traceback" not in output and "httpx" not in output, output[-3000:]
-        assert not (run_dir / "negatives").exists()
-        kept = kept or {stage: (run_dir / stage / "manifest.json").read_text() for stage in ("corpus", "queries")}
-        assert {stage: (run_dir / stage / "manifest.json").read_text() for stage in kept} == kept  # reused
-    assert (run_dir / ".lock").exists() and len(list((tmp_path / "prefect" / "gplflow-servers").iterdir())) == 1
+@dataclass
+class Outcome:
+    """What one ``gplflow run`` process did: exit code, seconds to exit, processes left, its output."""
 
-    rerun = _start(tmp_path, _run_args(tmp_path, run_dir), "rerun.log")
+    code: int
+    seconds: float
+    left: list[str]
+    output: str
+    mined: bool = False  # the run directory held negatives after it
+
+
+@dataclass
+class Sequence:
+    """One run directory taken through the interrupted runs, the rerun that completes it (while a second run is
+    refused its directory), and a last rerun of the finished run."""
+
+    tmp: Path
+    run_dir: Path
+    interrupted: dict[str, Outcome] = field(default_factory=dict)
+    early: dict[str, str] = field(default_factory=dict)  # corpus and queries manifests after the first interrupt
+    early_after: list[dict[str, str]] = field(default_factory=list)  # the same, after each interrupt
+    locked_after_interrupts: bool = False
+    servers_after_interrupts: int = -1
+    holder: dict = field(default_factory=dict)  # the lock while the completing rerun computed
+    rerun_pid: int = 0
+    second: Outcome | None = None
+    rerun: Outcome | None = None
+    dot_names_after_rerun: list[str] = field(default_factory=list)
+    checkpoints_after_rerun: list[str] = field(default_factory=list)
+    locked_after_rerun: bool = True
+    servers_after_rerun: list[str] = field(default_factory=list)
+    done: dict[str, str] = field(default_factory=dict)  # every stage's manifest after the completing rerun
+    last: Outcome | None = None
+    done_after_last: dict[str, str] = field(default_factory=dict)
+
+
+def _manifests(run_dir: Path) -> dict[str, str]:
+    return {p.name: (p / "manifest.json").read_text() for p in run_dir.iterdir() if (p / "manifest.json").exists()}
+
+
+def _finish(tmp: Path, child: subprocess.Popen, log: str, timeout: float, started: float) -> Outcome:
     try:
-        code = rerun.wait(timeout=600)
+        code = child.wait(timeout=timeout)
+    finally:
+        _kill(child, [])
+    return Outcome(code, time.monotonic() - started, [], (tmp / log).read_text())
+
+
+def _busy_second_run(tmp: Path, run_dir: Path, first: subprocess.Popen, log: str, seq: Sequence) -> None:
+    """Once ``first`` holds the run directory's lock, a second run on it: its outcome goes to ``seq``."""
+    deadline = time.monotonic() + START_WITHIN_S
+    while True:  # the SIGKILLed run's lock is there until the rerun takes it over
+        assert first.poll() is None, (tmp / log).read_text()[-3000:]
+        assert time.monotonic() < deadline, "the rerun did not take the lock"
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            seq.holder = json.loads((run_dir / ".lock").read_text())
+            if seq.holder["pid"] == first.pid:
+                break
+        time.sleep(0.2)
+    started = time.monotonic()
+    seq.second = _finish(tmp, _start(tmp, _run_args(tmp, run_dir), "second.log"), "second.log", 120, started)
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory: pytest.TempPathFactory) -> Sequence:
+    """Ctrl-C, SIGTERM and SIGKILL while mining, each on the run directory the one before left; then the rerun
+    that completes the run, with a second run started on the directory while the rerun holds it; then a last
+    rerun. The tests below assert on parts of it (one sequence: each ``gplflow run`` costs a Prefect server)."""
+    tmp = tmp_path_factory.mktemp("cli-run")
+    seq = Sequence(tmp, tmp / "run")
+    for signum, _, _ in INTERRUPTS:
+        name = signal.Signals(signum).name
+        seconds, code, left = _interrupt_while_mining(tmp, seq.run_dir, signum, f"{name}.log")
+        mined = (seq.run_dir / "negatives").exists()
+        seq.interrupted[name] = Outcome(code, seconds, left, (tmp / f"{name}.log").read_text(), mined)
+        print(f"{name}: exit {code} after {seconds:.1f} s; processes left: {left}")
+        seq.early = seq.early or {stage: (seq.run_dir / stage / "manifest.json").read_text()
+                                  for stage in ("corpus", "queries")}
+        seq.early_after.append({stage: (seq.run_dir / stage / "manifest.json").read_text() for stage in seq.early})
+    seq.locked_after_interrupts = (seq.run_dir / ".lock").exists()
+    seq.servers_after_interrupts = len(list((tmp / "prefect" / "gplflow-servers").iterdir()))
+
+    started = time.monotonic()
+    rerun = _start(tmp, _run_args(tmp, seq.run_dir), "rerun.log")
+    seq.rerun_pid = rerun.pid
+    try:
+        _busy_second_run(tmp, seq.run_dir, rerun, "rerun.log", seq)
+        seq.rerun = _finish(tmp, rerun, "rerun.log", 600, started)
     finally:
         _kill(rerun, [])
-    output = (tmp_path / "rerun.log").read_text()
-    assert code == 0, output[-3000:]
-    assert {stage: (run_dir / stage / "manifest.json").read_text() for stage in kept} == kept
-    assert (run_dir / "model" / "manifest.json").exists()
+    seq.locked_after_rerun = (seq.run_dir / ".lock").exists()
+    seq.dot_names_after_rerun = sorted(p.name for p in seq.run_dir.iterdir()
+                                       if p.name.startswith(".") and p.name != ".checkpoints")
+    seq.checkpoints_after_rerun = sorted(p.name for p in (seq.run_dir / ".checkpoints").iterdir())
+    seq.servers_after_rerun = sorted(p.name for p in (tmp / "prefect" / "gplflow-servers").iterdir())
+    seq.done = _manifests(seq.run_dir)
+    if seq.rerun.code == 0:
+        seq.last = _finish(tmp, _start(tmp, _run_args(tmp, seq.run_dir), "last.log"), "last.log", 600,
+                           time.monotonic())
+        seq.done_after_last = _manifests(seq.run_dir)
+    return seq
+
+
+@pytest.mark.timeout(SEQUENCE_TIMEOUT_S)
+@pytest.mark.parametrize(("signum", "expected", "said"), INTERRUPTS, ids=[s.name for s, _, _ in INTERRUPTS])
+def test_ctrl_c_sigterm_and_sigkill_stop_the_run_within_seconds(sequence: Sequence, signum: int, expected: int,
+                                                                 said: str) -> None:
+    outcome = sequence.interrupted[signal.Signals(signum).name]
+    output = outcome.output
+    assert outcome.code == expected and outcome.seconds < STOP_WITHIN_S and outcome.left == [], output[-3000:]
+    assert said in output and "Traceback" not in output and "httpx" not in output, output[-3000:]
+    assert not outcome.mined
+    assert all(after == sequence.early for after in sequence.early_after)  # ingest and generate were reused
+
+
+@pytest.mark.timeout(SEQUENCE_TIMEOUT_S)
+def test_a_rerun_resumes_the_interrupted_run_and_marks_their_flow_runs_crashed(sequence: Sequence) -> None:
+    assert not any(outcome.mined for outcome in sequence.interrupted.values())  # the rerun is what mined
+    assert sequence.locked_after_interrupts and sequence.servers_after_interrupts == 1  # the SIGKILLed run's
+    assert sequence.rerun is not None and sequence.rerun.code == 0, sequence.rerun and sequence.rerun.output[-3000:]
+    assert {stage: sequence.done[stage] for stage in sequence.early} == sequence.early
+    assert "model" in sequence.done
     # the killed run could not say it ended; the rerun took over its lock, which named its flow run, and marked it
-    assert _flow_run_states(tmp_path) == ["CRASHED", "CRASHED", "CRASHED", "COMPLETED"]
-    assert list((tmp_path / "prefect" / "gplflow-servers").iterdir()) == []  # the killed run's record too
-    log = (run_dir / "logs" / "gplflow.log").read_text()
+    assert _flow_run_states(sequence.tmp) == ["CRASHED", "CRASHED", "CRASHED", "COMPLETED", "COMPLETED"]
+    assert sequence.servers_after_rerun == []  # the killed run's record too
+    log = (sequence.run_dir / "logs" / "gplflow.log").read_text()
     assert "Execution was aborted by an interrupt signal" in log and "aborted by a termination signal" in log
 
 
-@pytest.mark.timeout(900)
-def test_a_second_run_on_a_busy_run_directory_stops_at_once_and_the_first_is_unharmed(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    first = _start(tmp_path, _run_args(tmp_path, run_dir), "first.log")
-    try:
-        deadline = time.monotonic() + START_WITHIN_S
-        while not _running_tasks(tmp_path):  # the first run holds the lock and computes a stage
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the first run's stages did not start"
-            time.sleep(0.2)
-        holder = json.loads((run_dir / ".lock").read_text())
-        started = time.monotonic()
-        second = _start(tmp_path, _run_args(tmp_path, run_dir), "second.log")
-        try:
-            code = second.wait(timeout=120)
-        finally:
-            _kill(second, [])
-        seconds = time.monotonic() - started
-        output = (tmp_path / "second.log").read_text()
-        assert code == 2 and "Traceback" not in output, output[-3000:]
-        assert "another run holds this run directory" in output and f"pid {first.pid}" in output, output
-        assert holder["pid"] == first.pid and seconds < 60, seconds  # refused before any Prefect server starts
-        assert "Starting temporary server" not in output
-        assert first.poll() is None or first.returncode == 0
-        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    finally:
-        _kill(first, [])
-    assert not (run_dir / ".lock").exists()
+@pytest.mark.timeout(SEQUENCE_TIMEOUT_S)
+def test_a_second_run_on_a_busy_run_directory_stops_at_once_and_the_first_is_unharmed(sequence: Sequence) -> None:
+    second, rerun = sequence.second, sequence.rerun
+    assert second is not None and rerun is not None
+    assert second.code == 2 and "Traceback" not in second.output, second.output[-3000:]
+    assert "another run holds this run directory" in second.output, second.output
+    assert sequence.holder["pid"] == sequence.rerun_pid and f"pid {sequence.rerun_pid}" in second.output, second.output
+    assert second.seconds < 60, second.seconds  # refused before any Prefect server starts
+    assert "Starting temporary server" not in second.output
+    assert rerun.code == 0, rerun.output[-3000:]
+    assert not sequence.locked_after_rerun
     # no staging folder, temporary folder or checkpoint of the finished training left behind
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".checkpoints") == []
-    assert list((run_dir / ".checkpoints").iterdir()) == []
-    kept = {p.name: (p / "manifest.json").read_text() for p in run_dir.iterdir() if (p / "manifest.json").exists()}
-    assert {"corpus", "queries", "negatives", "triples", "model"} <= set(kept)
-    rerun = _start(tmp_path, _run_args(tmp_path, run_dir), "rerun.log")
-    try:
-        assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
-    finally:
-        _kill(rerun, [])
-    assert {name: (run_dir / name / "manifest.json").read_text() for name in kept} == kept  # all reused
+    assert sequence.dot_names_after_rerun == [] and sequence.checkpoints_after_rerun == []
+    assert {"corpus", "queries", "negatives", "triples", "model"} <= set(sequence.done)
+    assert sequence.last is not None and sequence.last.code == 0, sequence.last and sequence.last.output[-3000:]
+    assert sequence.done_after_last == sequence.done  # all reused
 
 
 @pytest.mark.timeout(300)
