@@ -19,7 +19,8 @@ from gplflow.adapters.runlock import LOCK, RunLockedError, run_lock
 from gplflow.flows import pipeline
 from gplflow.flows.config import PipelineConfig
 
-pytestmark = pytest.mark.serial  # timing-sensitive (races between processes): run alone, not beside a busy worker
+# Only the tests that race processes or wait out a lease of under a second are timing-sensitive: those are marked
+# serial (`make test` runs them alone, not beside a busy worker); the rest run on the two workers.
 
 
 def _dead_pid() -> int:
@@ -123,6 +124,7 @@ except RunLockedError:
 """
 
 
+@pytest.mark.serial
 def test_racing_runs_have_one_winner(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     ready.mkdir()
@@ -166,6 +168,7 @@ def _lease_file(url: str) -> dict:
         return json.loads(fh.read())
 
 
+@pytest.mark.serial
 def test_a_url_run_directory_is_leased_renewed_and_released(short_lease: float) -> None:
     url = f"memory://leases/{uuid.uuid4().hex}"
     with runlock.run_lock(url):
@@ -188,6 +191,7 @@ def test_a_url_run_directory_is_leased_renewed_and_released(short_lease: float) 
     runlock.check_free(url)
 
 
+@pytest.mark.serial
 def test_an_expired_lease_of_a_dead_run_is_taken_over(short_lease: float, caplog: pytest.LogCaptureFixture) -> None:
     import fsspec
 
