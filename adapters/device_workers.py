@@ -145,7 +145,7 @@ def _start(job: Path, device: str, target: str, payload: Any, n_devices: int, wh
 def _follow(worker: _Worker, what: str, events: queue.Queue[tuple[str, dict[str, Any]]]) -> None:
     """Read a worker's output to its end: events to the queue, every other line to the log file."""
     for raw in worker.process.stdout or ():
-        line = raw.rstrip("\n")
+        line = raw.rstrip("\n").rstrip("\r").rsplit("\r", 1)[-1]  # a progress bar's redrawn line: its last state
         if line.startswith(EVENT):
             with contextlib.suppress(ValueError):
                 events.put((worker.device, json.loads(line[len(EVENT):])))
@@ -185,7 +185,7 @@ def _drain(events: queue.Queue[tuple[str, dict[str, Any]]],
 
 def _failure(worker: _Worker, code: int, what: str, n: int) -> Exception:
     """One line naming the device and its error (recorded by the worker), or the signal that ended it."""
-    where = f"{what}: the process on {worker.device} (1 of {n} devices, pid {worker.process.pid})"
+    where = f"{what}: the process on {worker.device} (one of {n} devices, pid {worker.process.pid})"
     with contextlib.suppress(OSError, ValueError):
         record = json.loads(_error_file(worker.job).read_text(encoding="utf-8"))
         if record.get("user_error"):

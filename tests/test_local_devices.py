@@ -176,7 +176,7 @@ def test_a_failing_device_stops_the_others_with_one_line_naming_it(tmp_path):
         run_on_devices(tmp_path, "time:sleep", {"cpu:0": 600, "cpu:1": "x"}, what="label shards")
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("label shards: the process on cpu:1 (1 of 2 devices, pid ")
+    assert message.startswith("label shards: the process on cpu:1 (one of 2 devices, pid ")
     assert message.endswith("failed: TypeError: 'str' object cannot be interpreted as an integer")
     assert _workers() == []  # cpu:0 was stopped
     assert time.monotonic() - started < 30
