@@ -116,6 +116,22 @@ def test_generate_mine_and_label_over_two_stand_in_devices_give_the_rows_of_one(
     assert t2.counters == t1.counters
 
 
+def test_devices_compute_only_the_shards_a_killed_run_left(tmp_path, two_devices):
+    extractive = generate.GenerateConfig(method="extractive", queries_per_passage=2, seed=3)  # no model to load
+    store, fresh = ArtifactStore(tmp_path / "run"), ArtifactStore(tmp_path / "fresh")
+    inputs = generate_inputs(extractive, store, write_artifact(store, "corpus", DOCS), "", SHARD_SIZE)
+    job = generate.GenerateJob(inputs)
+    job.prepare()
+    for k in (0, 2):  # what a killed run finished
+        job.run_shard(k)
+    resumed = _on_devices("generate", inputs, two_devices)
+    pids = _shard_pids(resumed)
+    assert pids[0] == pids[2] == os.getpid() and len({pids[1], pids[3], os.getpid()}) == 3  # 1 and 3: one each
+    straight = generate.run_generate(generate_inputs(extractive, fresh, write_artifact(fresh, "corpus", DOCS), "",
+                                                     SHARD_SIZE))
+    assert resumed.read_pandas().values.tolist() == straight.read_pandas().values.tolist() and resumed.rows > 15
+
+
 def test_a_stage_already_published_or_of_one_shard_starts_no_process(tmp_path, two_devices, monkeypatch):
     store = ArtifactStore(tmp_path)
     corpus = write_artifact(store, "corpus", DOCS)
