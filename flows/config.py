@@ -152,7 +152,24 @@ class PipelineConfig(_Frozen):
         if self.is_gpl and self.label.negatives_per_example > 1 and self.import_.gpl_dir:
             raise ValueError(f"label.negatives_per_example {self.label.negatives_per_example}: import.gpl_dir brings "
                              "the reference's triples, one negative per example; set label.negatives_per_example 1")
+        if self.train.remine_every:
+            self._check_rounds()
         return self
+
+    def _check_rounds(self) -> None:
+        """Re-mining rounds (train.remine_every) mine and label with the teacher, so only GPL has them."""
+        every = f"train.remine_every {self.train.remine_every}"
+        if not self.is_gpl:
+            raise ValueError(f"{every}: re-mining rounds relabel with the teacher, so they need flow gpl and "
+                             f"train.loss margin_mse, kl or kl+margin_mse, not flow {self.flow} with {self.train.loss}")
+        if self.import_.gpl_dir:
+            raise ValueError(f"{every}: import.gpl_dir brings the reference's triples, not this run's miners")
+        if self.label.triples != "auto":
+            raise ValueError(f"{every}: each round labels remine_every x batch_size examples (one epoch); leave "
+                             f"label.triples at auto, not {self.label.triples}")
+        if self.train.devices != "auto" and int(self.train.devices) > 1:
+            raise ValueError(f"{every}: re-mining rounds train on one device for now, not train.devices "
+                             f"{self.train.devices}")
 
     @field_validator("label")
     @classmethod
@@ -244,8 +261,9 @@ class PipelineConfig(_Frozen):
 
     @property
     def n_triples(self) -> int:
-        """How many triples the label stage scores (``label.triples``, 'auto': steps x batch size)."""
-        return resolve_triples(self.label, self.train.steps, self.train.batch_size)
+        """How many triples the label stage scores (``label.triples``, 'auto': steps x batch size, or a re-mining
+        round's steps x batch size)."""
+        return resolve_triples(self.label, self.train.remine_every or self.train.steps, self.train.batch_size)
 
     @property
     def teacher_slot(self) -> str:

@@ -206,6 +206,15 @@ def _teacher_scores(run: Run) -> Ref | None:
     return run.train_queries if run.cfg.section(query_filter.SECTION).teacher_fraction is not None else None
 
 
+def _rounds(run: Run) -> train.Rounds | None:
+    """What re-mining rounds (train.remine_every) mine and label with: the mine and label settings and teacher."""
+    cfg = run.cfg
+    if not (cfg.is_gpl and cfg.train.remine_every):
+        return None
+    return train.Rounds(mine=cfg.mine, label=cfg.label, teacher=run.models[cfg.teacher_slot],
+                        negatives=run.ref(artifacts.NEGATIVES), shard_size=_shards(run))
+
+
 def _shards(run: Run) -> int:
     return run.cfg.execution.shard_size
 
@@ -263,7 +272,8 @@ STAGES: list[Stage] = [
           settings=train.settings,
           inputs=lambda run: train.TrainInputs(
               run_dir=run.run_dir, cfg=run.cfg.train, base_model=run.start, corpus=run.ref(artifacts.CORPUS),
-              queries=run.train_queries, triples=run.ref(artifacts.TRIPLES) if run.cfg.is_gpl else None)),
+              queries=run.train_queries, triples=run.ref(artifacts.TRIPLES) if run.cfg.is_gpl else None,
+              rounds=_rounds(run))),
     Stage("train-pairs", (artifacts.MODEL,), train.train_pairs_task, when=flow_in("supervised"),
           estimate=train.estimate, settings=train.settings,
           inputs=lambda run: train.TrainPairsInputs(run_dir=run.run_dir, cfg=run.cfg.train, base_model=run.start,

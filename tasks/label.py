@@ -142,6 +142,28 @@ class LabelInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
         return config, inputs
 
 
+class RoundLabelInputs(LabelInputs):
+    """Labelling a re-mining round's negatives (``train.remine_every``, tasks/remine.py): published as
+    ``triples-round-<r>``; the pairs an earlier round's labels (``prior``) hold keep their scores, so the teacher
+    scores only the new ones."""
+
+    round: int = Field(ge=2)
+    prior: tuple[Ref, ...] = ()
+
+    @property
+    def artifact(self) -> str:  # type: ignore[override]
+        return round_artifact(STAGE, self.round)
+
+    def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        config, inputs = super().fingerprint_parts()
+        return config, {**inputs, **{f"prior:{ref.name}": ref.fingerprint for ref in self.prior}}
+
+
+def round_artifact(name: str, number: int) -> str:
+    """The folder of re-mining round ``number``'s ``negatives`` or ``triples``: ``triples-round-2``."""
+    return f"{name}-round-{number}"
+
+
 @dataclass(frozen=True)
 class Pool:
     """Queries sorted by id, each with its positive and its deduplicated negatives (rows of the corpus)."""
@@ -190,11 +212,17 @@ class LabelJob(ShardJob):
 
     @property
     def known(self) -> tuple[np.ndarray, np.ndarray]:
-        """(positions in ``draw.keys``, scores) of the pairs the filter's teacher scored; none without its scores."""
+        """(positions in ``draw.keys``, scores) of the pairs already scored by this teacher: by the filter, or by an
+        earlier round's labels (``RoundLabelInputs.prior``); none without them."""
         if self._known is None:
             ref = self.inputs.teacher_scores
-            self._known = (np.empty(0, np.int64), np.empty(0, np.float32)) if ref is None else \
-                known_scores(self.inputs.load(ref), self.inputs, self.draw)
+            found = [] if ref is None else [known_scores(self.inputs.load(ref), self.inputs, self.draw)]
+            found += [prior_scores(self.inputs.load(prior), self.inputs, self.draw)
+                      for prior in getattr(self.inputs, "prior", ())]
+            at = np.concatenate([np.empty(0, np.int64), *(a for a, _ in found)])
+            scores = np.concatenate([np.empty(0, np.float32), *(s for _, s in found)])
+            at, first = np.unique(at, return_index=True)  # a pair two sources hold: the first source's score
+            self._known = (at, scores[first])
         return self._known
 
     @property
@@ -218,7 +246,7 @@ class LabelJob(ShardJob):
 
     def plan(self) -> dict[str, Any]:
         plan = {"n_shards": self.n_shards, "shard_size": self.shard_size, "distinct_pairs": len(self.pending)}
-        return plan if self.inputs.teacher_scores is None else {**plan, "reused_pairs": len(self.known[0])}
+        return {**plan, "reused_pairs": len(self.known[0])} if len(self.known[0]) else plan
 
     def run_shard(self, k: int) -> dict[str, Any]:
         started = time.time()
@@ -246,7 +274,8 @@ class LabelJob(ShardJob):
         draw, scores = self.draw, self._staged_scores()
         tq, pos, neg, per = draw.tq, draw.pos, draw.neg, draw.per
         pos_score, neg_score = scores[draw.inverse[: len(tq)]], scores[draw.inverse[len(tq) :]].reshape(neg.shape)
-        with self.store.writer(STAGE, config=self.config, inputs=self.input_fps, code_version=CODE_VERSION) as out:
+        with self.store.writer(self.stage, config=self.config, inputs=self.input_fps,
+                               code_version=CODE_VERSION) as out:
             if per == 1:
                 out.write_part(_batches(draw.pool, tq, pos, neg[:, 0], pos_score, neg_score[:, 0]),
                                artifacts.TRIPLES_SCHEMA)
@@ -263,14 +292,15 @@ class LabelJob(ShardJob):
             out.count("cycled_queries", int(np.count_nonzero(counts * per > sizes)))
             out.count("distinct_pairs", len(draw.keys))
             out.count("scored_pairs", sum_counters(records).get("scored_pairs", 0))
-            if self.inputs.teacher_scores is not None:
-                out.count("reused_pairs", len(self.known[0]))  # scored by the filter with this teacher
+            if len(self.known[0]):
+                out.count("reused_pairs", len(self.known[0]))  # scored by the filter or an earlier round
             out.extra["teacher"] = {"kind": self.cfg.teacher, "ref": self.inputs.teacher}
             out.extra["diagnostics"] = diagnostics = label_diagnostics(tq, pos_score, neg_score)
             out.extra["shards"] = self.shard_summary(records)
         self.staging.remove()
-        artifact = self.store.require(STAGE)
-        logger.info("labelled %d triples over %d distinct pairs (%s); %s", artifact.rows, len(draw.keys),
+        artifact = self.store.require(self.stage)
+        logger.info("labelled %d %s over %d distinct pairs (%s); %s", artifact.rows,
+                    "triples" if per == 1 else "examples", len(draw.keys),
                     artifact.counters, summary_line(diagnostics))
         for warning in diagnostics["warnings"]:
             logger.warning("label: %s", warning)
@@ -343,6 +373,40 @@ def known_scores(filtered: Artifact, inputs: LabelInputs, draw: _Draw) -> tuple[
     at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
     drawn = keys[at] == wanted  # a query with no triple has no positive pair to score
     return at[drawn], score[row[query[drawn]]]
+
+
+def prior_scores(prior: Artifact, inputs: LabelInputs, draw: _Draw) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in ``draw.keys``, scores) of the pairs an earlier round's labels (``triples/`` or a round's)
+    scored; an error when another teacher made them."""
+    made, ours = prior.manifest.get("teacher") or {}, {"kind": inputs.cfg.teacher, "ref": inputs.teacher}
+    if {key: made.get(key) for key in ours} != ours:
+        raise InputError(f"{prior.url}: labelled by {made.get('kind')} {made.get('ref')}, not by this run's teacher "
+                         f"{inputs.cfg.teacher} {inputs.teacher}; its scores cannot stand for this teacher's")
+    n = artifacts.negatives_per_example(prior.manifest)
+    negatives = ["neg_doc_ids", "neg_scores"] if n > 1 else ["neg_doc_id", "neg_score"]
+    table = prior.read_table(["query_id", "pos_doc_id", "pos_score", *negatives])
+    q_ids, neg_ids, neg_scores = (table.column(c).combine_chunks() for c in ("query_id", *negatives))
+    neg_q = q_ids
+    if n > 1:
+        neg_q = q_ids.take(pc.list_parent_indices(neg_ids))
+        neg_ids, neg_scores = pc.list_flatten(neg_ids), pc.list_flatten(neg_scores)
+    scores = [table.column("pos_score").to_numpy(), neg_scores.to_numpy(zero_copy_only=False)]
+    return _positions(draw, pa.concat_arrays([q_ids, neg_q]),
+                      pa.concat_arrays([table.column("pos_doc_id").combine_chunks(), neg_ids]),
+                      np.concatenate(scores).astype(np.float32))
+
+
+def _positions(draw: _Draw, query_ids: pa.Array, doc_ids: pa.Array,
+               scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in ``draw.keys``, scores) of the given (query, doc) pairs that the draw holds."""
+    pool, keys, n_docs = draw.pool, draw.keys, len(draw.pool.doc_ids)
+    q = pc.fill_null(pc.index_in(query_ids, value_set=pool.query_ids), -1).to_numpy(zero_copy_only=False)
+    d = pc.fill_null(pc.index_in(doc_ids, value_set=pool.doc_ids), -1).to_numpy(zero_copy_only=False)
+    ok = (q >= 0) & (d >= 0)
+    wanted = q[ok].astype(np.int64) * n_docs + d[ok]
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    drawn = keys[at] == wanted if len(keys) else np.zeros(len(wanted), bool)
+    return at[drawn], np.asarray(scores, np.float32)[ok][drawn]
 
 
 def load_pool(corpus: Artifact, queries: Artifact, negatives: Artifact) -> Pool:

@@ -24,9 +24,12 @@ from gplflow.adapters.errors import InputError
 from gplflow.adapters.lazy import lazy
 from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.store import Artifact
+from gplflow.tasks import remine
 from gplflow.tasks.base import AutoOrPositive, Ref, Seed, StageConfig, StageInputs, stage_task
+from gplflow.tasks.label import label_config
 from gplflow.tasks.planning import CALIBRATION_STEPS, StagePlan, StepClock, pseudo_query
 from gplflow.tasks.progress import ProgressArtifact
+from gplflow.tasks.remine import Rounds
 
 models = lazy("gplflow.adapters.models")  # torch: loaded when a stage computes, not when a config is read
 
@@ -65,11 +68,17 @@ class TrainConfig(StageConfig):
     # gloo processes). batch_size stays the global batch (batch_size / N per device). Where a model trains, not
     # what it is: left out of the fingerprint, so a model trained on 4 GPUs is reused by a run on 2.
     devices: AutoOrPositive = "auto"
+    # re-mining rounds (R-GPL, tasks/remine.py): every K steps the student re-mines the negatives and the new pairs
+    # are labelled; None: mined once, before training (GPL)
+    remine_every: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
         if self.devices != "auto":
             check_batch(self.batch_size, int(self.devices))
+        if self.remine_every is not None and self.remine_every >= self.steps:
+            raise ValueError(f"train.remine_every {self.remine_every} is not below train.steps {self.steps}: "
+                             "training would end before the first re-mining; lower it or unset it")
         return self
 
 
@@ -79,30 +88,20 @@ NOT_FINGERPRINTED = {"devices"}
 def _unused(cfg: TrainConfig) -> set[str]:
     """Settings the configured loss does not read: left out of the fingerprint, so a model trained before they
     existed keeps its fingerprint."""
-    unused = set() if "kl" in cfg.loss else {"temperature"}
+    unused = (set() if "kl" in cfg.loss else {"temperature"}) | (set() if cfg.remine_every else {"remine_every"})
     return unused if cfg.loss == "kl+margin_mse" else unused | {"margin_mse_weight"}
 
 
 def check_batch(batch_size: int, devices: int, why: str = "") -> None:
     """The global batch splits evenly over the devices, or a ValueError naming both numbers."""
-    if batch_size % devices:
-        raise ValueError(f"train.batch_size {batch_size} does not divide over {devices} devices{why}: each device "
-                         f"takes batch_size / devices examples; set a multiple of {devices}, or train.devices to a "
-                         f"divisor of {batch_size}")
+    distributed.check_batch(batch_size, devices, "train", why)
 
 
 def devices(cfg: TrainConfig) -> int:
-    """How many processes train: ``cfg.devices``, 'auto' being every visible GPU (1 on a CPU); an InputError when
-    more GPUs are asked for than are visible, or when 'auto' finds a count the batch does not divide over."""
-    gpus = distributed.visible_gpus()
-    count = max(gpus, 1) if cfg.devices == "auto" else int(cfg.devices)
-    if gpus and count > gpus:
-        raise InputError(f"train.devices {count}: only {gpus} GPUs are visible to this process")
-    try:
-        check_batch(cfg.batch_size, count, " (train.devices auto: the visible GPUs)" if cfg.devices == "auto" else "")
-    except ValueError as err:
-        raise InputError(str(err)) from err
-    return count
+    """How many processes train on this host: ``cfg.devices``, 'auto' being every visible GPU (1 on a CPU); an
+    InputError when more GPUs are asked for than are visible, or when the batch does not divide over the job's
+    processes (adapters/distributed.py ``device_count``, which pretraining and the cross-encoder share)."""
+    return distributed.device_count(cfg.devices, cfg.batch_size, "train")
 
 
 def _fingerprinted(cfg: TrainConfig) -> dict[str, Any]:
@@ -118,13 +117,20 @@ class TrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
     corpus: Ref
     queries: Ref  # the training queries (queries-train when some are held out)
     triples: Ref | None = None  # the teacher's losses only (DISTILL_LOSSES)
+    rounds: Rounds | None = None  # train.remine_every: how the rounds mine and label
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
         data = ("triples", self.triples) if self.cfg.loss in DISTILL_LOSSES else ("queries", self.queries)
         if data[1] is None:
             raise InputError(f"train: loss {self.cfg.loss!r} needs the triples artifact (run the label stage first)")
-        return _fingerprinted(self.cfg), {"base_model": model_signature(self.base_model),
-                                          "corpus": self.corpus.fingerprint, data[0]: data[1].fingerprint}
+        config, inputs = _fingerprinted(self.cfg), {"base_model": model_signature(self.base_model),
+                                                    "corpus": self.corpus.fingerprint, data[0]: data[1].fingerprint}
+        if self.cfg.remine_every and self.rounds is not None:
+            r = self.rounds
+            config["rounds"] = {"mine": r.mine.model_dump(mode="json"), "label": label_config(r.label)}
+            inputs |= {"teacher": model_signature(r.teacher), "negatives": r.negatives.fingerprint,
+                       "queries": self.queries.fingerprint}
+        return config, inputs
 
 
 class TrainPairsInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
@@ -142,17 +148,18 @@ class TrainPairsInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
         return _fingerprinted(self.cfg), inputs
 
 
-def run_train(inputs: TrainInputs, callbacks: Sequence[Any] = ()) -> Artifact:
+def run_train(inputs: TrainInputs, callbacks: Sequence[Any] = (), rounds_runner: RoundRunner | None = None) -> Artifact:
     """Train from the start model (resuming from a checkpoint if a crashed run left one) and publish ``model/``.
 
-    ``callbacks`` are ``transformers.TrainerCallback``s (progress reporting, tests).
+    ``callbacks`` are ``transformers.TrainerCallback``s (progress reporting, tests); ``rounds_runner(number, work)``
+    runs each re-mining round's ``work()`` (the train task: as a Prefect task of its own; by default, in place).
     """
     cfg = inputs.cfg
     if cfg.loss not in ("mnrl", *DISTILL_LOSSES):
         raise InputError(f"train: loss {cfg.loss!r} trains on labelled pairs (flow supervised), not on queries")
     if (found := inputs.reuse()) is not None:
         return found
-    return _fit_and_publish(inputs, _queries_data(inputs), callbacks)
+    return _fit_and_publish(inputs, _queries_data(inputs), callbacks, rounds_runner)
 
 
 def _queries_data(inputs: TrainInputs) -> Callable[[], Any]:
@@ -197,13 +204,16 @@ def _pairs_data(inputs: TrainPairsInputs) -> Callable[[], Any]:
 
 
 def _fit_and_publish(inputs: TrainInputs | TrainPairsInputs, make_dataset: Callable[[], Any],
-                     callbacks: Sequence[Any]) -> Artifact:
+                     callbacks: Sequence[Any], rounds_runner: RoundRunner | None = None) -> Artifact:
     """Train from the start model on ``make_dataset()`` (resuming from a checkpoint) and publish ``model/``: in
     this process on one device, as a torchrun job on several."""
     count = devices(inputs.cfg)
     checkpoints = checkpoint_folder(inputs.store, STAGE, inputs.fingerprint())
-    if count == 1 or _finished(checkpoints, inputs.cfg.steps):
-        _train(inputs, make_dataset, callbacks)
+    if inputs.cfg.remine_every and count > 1:
+        raise InputError(f"train.remine_every: re-mining rounds train on one device for now, not {count} "
+                         "(set train.devices: 1)")
+    if distributed.in_process(count) or _finished(checkpoints, inputs.cfg.steps):
+        _train(inputs, make_dataset, callbacks, rounds_runner=rounds_runner)
     else:
         payload = {"kind": type(inputs).__name__, "inputs": inputs.model_dump(mode="json")}
         distributed.launch(checkpoints / "job", count, f"{__name__}:train_on_rank", payload, what="train",
@@ -213,7 +223,7 @@ def _fit_and_publish(inputs: TrainInputs | TrainPairsInputs, make_dataset: Calla
 
 
 def _train(inputs: TrainInputs | TrainPairsInputs, make_dataset: Callable[[], Any], callbacks: Sequence[Any],
-           world_size: int = 1) -> None:
+           world_size: int = 1, rounds_runner: RoundRunner | None = None) -> None:
     """Train on this process's device; the one process, or rank 0 of a torchrun job, publishes ``model/`` with the
     world size and every rank's device in its manifest."""
     from gplflow.adapters import trainer  # sentence-transformers' trainer is slow to import: only when training
@@ -228,13 +238,71 @@ def _train(inputs: TrainInputs | TrainPairsInputs, make_dataset: Callable[[], An
         return
     config, fps = inputs.fingerprint_parts()
     with store.writer(STAGE, config=config, inputs=fps, code_version=CODE_VERSION) as out:
-        report = trainer.fit(model, dataset, cfg, checkpoints, models.device(), callbacks, world_size)
+        rounds: list[dict[str, Any]] = []
+        if isinstance(inputs, TrainInputs) and cfg.remine_every:
+            report, rounds = _fit_rounds(inputs, model, dataset, checkpoints, callbacks, rounds_runner)
+        else:
+            report = trainer.fit(model, dataset, cfg, checkpoints, models.device(), callbacks, world_size)
         used = distributed.devices_used()
         trainer.save_model(model, out.local_dir())
         out.extra["train"] = info = {"base_model": inputs.base_model, "examples": len(dataset), **report.as_dict(),
                                      "world_size": world_size, "devices": used}
+        if rounds:
+            info["rounds"] = rounds
     logger.info("trained %s for %d steps (resumed at %s) on %d device(s): loss %s -> %s", cfg.loss, info["steps"],
                 info["resumed_from_step"], world_size, info["loss_first"], info["loss_last"])
+
+
+RoundRunner = Callable[[int, Callable[[], None]], None]
+
+
+def _fit_rounds(inputs: TrainInputs, model: Any, first: Any, checkpoints: Any, callbacks: Sequence[Any],
+                runner: RoundRunner | None) -> tuple[Any, list[dict[str, Any]]]:
+    """Train in rounds of ``train.remine_every`` steps (tasks/remine.py): round 1 on ``first`` (the label stage's
+    examples), each later one on the negatives the student re-mined and their new labels, one optimizer and schedule
+    throughout (each round resumes the previous one's checkpoint). Returns the training report and the rounds."""
+    from gplflow.adapters import trainer
+
+    cfg, rounds = inputs.cfg, inputs.rounds
+    every = cfg.remine_every or cfg.steps
+    if rounds is None or inputs.triples is None:
+        raise InputError("train.remine_every: the rounds need the label stage's examples and the mine settings")
+    per_round = every * cfg.batch_size
+    if len(first) != per_round:
+        raise InputError(f"train.remine_every: each round trains on remine_every x batch_size = {per_round} examples "
+                         f"(one epoch), but the label stage made {len(first)}; leave label.triples at auto")
+    made: list[tuple[Artifact | None, Artifact]] = [(None, inputs.load(inputs.triples))]
+    negatives = inputs.load(rounds.negatives)
+    report: list[Any] = []
+    total = remine.number_of_rounds(cfg.steps, every)
+    for number in range(1, total + 1):
+
+        def work(number: int = number) -> None:
+            nonlocal negatives
+            dataset, end = first, min(number * every, cfg.steps)
+            if number > 1:
+                student = checkpoints / f"checkpoint-{(number - 1) * every}"
+                negatives = remine.remine(remine.RoundMineInputs(
+                    run_dir=inputs.run_dir, cfg=rounds.mine, corpus=inputs.corpus, queries=inputs.queries,
+                    previous=negatives.ref, student=str(student), score=cfg.similarity, train=inputs.fingerprint(),
+                    round=number))
+                labels = remine.round_labels(inputs, rounds, number, negatives, [lb.ref for _, lb in made], per_round)
+                made.append((negatives, labels))
+                dataset = _dataset(cfg, inputs.load(inputs.corpus), inputs.load(inputs.queries), labels)
+            newest = trainer.latest_checkpoint(checkpoints)
+            if end < cfg.steps and newest is not None and (checkpoint_step(newest) or 0) >= end:
+                return  # a rerun: this round was trained before
+            stop = [remine.stop_at(end)] if end < cfg.steps else []
+            report[:] = [trainer.fit(model, dataset, cfg, checkpoints, models.device(), [*callbacks, *stop])]
+
+        (runner or _in_place)(number, work)
+    history = report[0].loss_history
+    return report[0], [remine.round_summary(number, every, cfg.steps, history, negatives, labels)
+                       for number, (negatives, labels) in enumerate(made, 1)]
+
+
+def _in_place(number: int, work: Callable[[], None]) -> None:
+    work()
 
 
 def _finished(checkpoints: Any, steps: int) -> bool:
@@ -334,8 +402,13 @@ def estimate(cfg: Any, n: int) -> StagePlan:
         if t.devices != "auto" and int(t.devices) > 1 else ""
     per = cfg.label.negatives_per_example if t.loss in DISTILL_LOSSES else 0
     negatives = f" of {per} negatives" if per > 1 else ""
+    rounds = ""
+    if t.remine_every and t.loss in DISTILL_LOSSES:  # each round after the first re-mines and labels: not timed
+        count = remine.number_of_rounds(t.steps, t.remine_every)
+        rounds = (f", {count} rounds: {count - 1} re-mining(s) by the student ({n} passages and the training queries "
+                  f"encoded, {t.remine_every * t.batch_size} examples labelled, each; not timed)")
     return StagePlan(t.steps, "steps", f"{t.loss}, {t.steps} steps of batch {t.batch_size} "
-                     f"({t.steps * t.batch_size} examples{negatives}){several}",
+                     f"({t.steps * t.batch_size} examples{negatives}){several}{rounds}",
                      measure=lambda resolved, passages: _rate(t, resolved, passages, per) * devices(t))
 
 
@@ -378,10 +451,18 @@ def train_task(inputs: TrainInputs) -> str:
     cfg = inputs.cfg
     progress = ProgressArtifact.start("train-bi-encoder", cfg.steps, f"Training with {cfg.loss} for {cfg.steps} "
                                       f"steps of batch {cfg.batch_size}")
-    artifact = run_train(inputs, callbacks=[progress_callback(progress)])
+    artifact = run_train(inputs, callbacks=[progress_callback(progress)], rounds_runner=_prefect_round)
     progress.finish()
     _log_trained(artifact, cfg.loss)
     return artifact.fingerprint
+
+
+def _prefect_round(number: int, work: Callable[[], None]) -> None:
+    """A re-mining round as a Prefect task of its own, named by its number in the UI (its artifacts resume it)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    task(name="train round", task_run_name=f"train round {number}", cache_policy=NO_CACHE)(work)()
 
 
 @stage_task("train bi-encoder on pairs", retries=1)

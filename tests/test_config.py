@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
                            "'cosent', 'cosine' or 'angle'"),
     ("train.temperature=0", "'train.temperature': got 0, expected greater than 0"),
     ("label.negatives_per_example=21", "label.negatives_per_example 21 is more than mine.negatives_per_query 20"),
+    ("train.remine_every=200", "train.remine_every 200 is not below train.steps 200"),
     ("train.steps=0", "'train.steps': got 0"),
     ("generate.queries_per_passage=many", "'generate.queries_per_passage': got 'many'"),
     ("models.retrievers=[{name: a, score: l2}]", "models.retrievers.0.score"),
@@ -87,6 +89,18 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
         PipelineConfig.load(ROOT / "configs" / "demo.yaml", [override])
     assert str(err.value).startswith(f"--set {override}: ")  # the key came from --set, not from demo.yaml
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.remine_every=50", "label.triples=64"], "train.remine_every 50: each round labels remine_every x "
+                                                    "batch_size examples (one epoch); leave label.triples at auto"),
+    (["flow=genq", "train.loss=mnrl", "train.remine_every=50"], "train.remine_every 50: re-mining rounds relabel "
+                                                                "with the teacher, so they need flow gpl"),
+])
+def test_remining_rounds_only_where_they_can_run(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PipelineConfig.load(ROOT / "configs" / "demo.yaml", overrides)
+    assert PipelineConfig.load(ROOT / "configs" / "demo.yaml", ["train.remine_every=50"]).n_triples == 50 * 32
 
 
 def test_a_boolean_stays_a_boolean_and_a_number_a_number() -> None:
