@@ -74,7 +74,12 @@ def fan_out(cfg: Any, stage: Stage, inputs: StageInputs) -> None:
 
 
 def spread(stage: Stage, inputs: StageInputs, found: list[str]) -> None:
-    """Compute ``stage``'s pending shards over the devices ``found``, one process each, round-robin."""
+    """Compute ``stage``'s pending shards over the devices ``found``, one process each, round-robin.
+
+    Not a stage whose config sends its work to a server (``generate.endpoint``): its ``max_concurrency`` bounds
+    the requests in flight, and N processes would multiply it."""
+    if getattr(getattr(inputs, "cfg", None), "endpoint", None) is not None:
+        return
     job = stage.job(inputs)  # type: ignore[misc]
     if job.store.load(job.stage, expect_fingerprint=job.fingerprint) is not None:
         return

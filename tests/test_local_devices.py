@@ -132,7 +132,7 @@ def test_devices_compute_only_the_shards_a_killed_run_left(tmp_path, two_devices
     assert resumed.read_pandas().values.tolist() == straight.read_pandas().values.tolist() and resumed.rows > 15
 
 
-def test_a_stage_already_published_or_of_one_shard_starts_no_process(tmp_path, two_devices, monkeypatch):
+def test_a_stage_published_of_one_shard_or_on_a_server_starts_no_process(tmp_path, two_devices, monkeypatch):
     store = ArtifactStore(tmp_path)
     corpus = write_artifact(store, "corpus", DOCS)
     started = []
@@ -142,6 +142,11 @@ def test_a_stage_already_published_or_of_one_shard_starts_no_process(tmp_path, t
     inputs = generate_inputs(extractive, store, corpus, "", SHARD_SIZE)
     generate.run_generate(inputs)
     local_devices.spread(shard_stage("generate"), inputs, two_devices)
+    # an LLM behind a server: its max_concurrency bounds the requests in flight, N processes would multiply it
+    remote = generate.GenerateConfig(method="llm", queries_per_passage=2,
+                                     endpoint=generate.EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"))
+    local_devices.spread(shard_stage("generate"), generate_inputs(remote, ArtifactStore(tmp_path / "llm"), corpus,
+                                                                  "", SHARD_SIZE), two_devices)
     assert started == []
 
 
