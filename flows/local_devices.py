@@ -78,7 +78,7 @@ def spread(stage: Stage, inputs: StageInputs, found: list[str]) -> None:
 
     Not a stage whose config sends its work to a server (``generate.endpoint``): its ``max_concurrency`` bounds
     the requests in flight, and N processes would multiply it."""
-    if getattr(getattr(inputs, "cfg", None), "endpoint", None) is not None:
+    if remote(getattr(inputs, "cfg", None)):
         return
     job = stage.job(inputs)  # type: ignore[misc]
     if job.store.load(job.stage, expect_fingerprint=job.fingerprint) is not None:
@@ -104,6 +104,11 @@ def spread(stage: Stage, inputs: StageInputs, found: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix=f"gplflow-{stage.name}-devices-") as job_dir:
         device_workers.run_on_devices(Path(job_dir), TARGET, payloads, what=f"{stage.name} shards",
                                       on_event=shard_done)
+
+
+def remote(section: Any) -> bool:
+    """Whether a stage's config section sends its work to a server (``generate.endpoint``): not spread."""
+    return getattr(section, "endpoint", None) is not None
 
 
 def run_shards(payload: dict[str, Any]) -> None:

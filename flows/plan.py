@@ -96,9 +96,14 @@ def planned_stages(cfg: PipelineConfig, n: int) -> list[StagePlan]:
 
     Stages without an estimate (ingest, split, promote: cheap next to the rest) are left out of the table.
     """
-    count = _shard_devices(cfg)
-    return [on_devices(replace(stage.estimate(cfg, n), stage=stage.name), count if stage.job else 1)
-            for stage in planned(cfg) if stage.estimate]
+    from gplflow.flows.local_devices import remote
+
+    count, out = _shard_devices(cfg), []
+    for stage in planned(cfg):
+        if stage.estimate:
+            spread = stage.job is not None and not remote(getattr(cfg, stage.name, None))  # shards over the devices
+            out.append(on_devices(replace(stage.estimate(cfg, n), stage=stage.name), count if spread else 1))
+    return out
 
 
 def _shard_devices(cfg: PipelineConfig) -> int:

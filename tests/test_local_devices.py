@@ -251,6 +251,10 @@ def test_the_plan_spreads_the_shardable_stages_over_the_devices(two_devices):
     assert "(its sharded part)" in details["mine"] and "devices" not in details["train"]
     pool = PipelineConfig.from_dict({"corpus": {"path": "corpus.jsonl"}, "execution": {"mode": "pool"}})
     assert "devices" not in {s.stage: s.detail for s in planned_stages(pool, 100)}["generate"]
+    served = PipelineConfig.from_dict({"corpus": {"path": "corpus.jsonl"}, "generate": {
+        "method": "llm", "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}})
+    details = {s.stage: s.detail for s in planned_stages(served, 100)}
+    assert "devices" not in details["generate"] and "shards on 2 devices" in details["label"]
 
     plan = StagePlan(100, "texts", "x", measure=lambda _resolved, _passages: 10.0)
     assert on_devices(plan, 2).measure({}, []) == Measured(20.0)
