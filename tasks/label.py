@@ -609,8 +609,10 @@ def estimate(cfg: Any, n: int) -> StagePlan:
 @stage_task("pseudo-label triples")
 def label_task(inputs: LabelInputs) -> str:
     job = LabelJob(inputs)
+    per = inputs.cfg.negatives_per_example
+    examples = f"{inputs.triples} triples" if per == 1 else f"{inputs.triples} examples of {per} negatives"
     artifact = job.run_reported("pseudo-label-triples", f"Scoring {job.work} distinct (query, passage) pairs of "
-                                f"{inputs.triples} triples with the {inputs.cfg.teacher} teacher")
+                                f"{examples} with the {inputs.cfg.teacher} teacher")
     log = get_run_logger()
     log.info("triples: %d labelled by %s %s (%s)", artifact.rows, inputs.cfg.teacher, inputs.teacher,
              artifact.counters)
