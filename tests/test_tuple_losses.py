@@ -130,3 +130,15 @@ def test_kl_training_on_tuples_resumes_where_it_stopped(student, tmp_path):
     a, b = _weights(crashed.url("model")), _weights(straight.store.url("model"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not all(torch.equal(a[k], _weights(student)[k]) for k in a)  # it trained
+
+
+def test_settings_a_loss_does_not_read_stay_out_of_the_train_fingerprint():
+    """A model trained before temperature, margin_mse_weight and remine_every existed keeps its fingerprint."""
+    from gplflow.tasks.train import _fingerprinted
+
+    before = ["batch_size", "checkpoint_every", "learning_rate", "loss", "max_seq_length", "seed", "similarity",
+              "steps", "warmup_steps"]  # TrainConfig's fingerprinted keys before the n-tuple losses
+    assert sorted(_fingerprinted(TrainConfig(temperature=3.0, margin_mse_weight=2.0))) == before
+    assert sorted(_fingerprinted(TrainConfig(loss="kl"))) == sorted([*before, "temperature"])
+    assert _fingerprinted(TrainConfig(loss="kl", temperature=2.0)) != _fingerprinted(TrainConfig(loss="kl"))
+    assert "remine_every" in _fingerprinted(TrainConfig(steps=10, remine_every=5))
