@@ -5,6 +5,12 @@ Augmented SBERT's first step (Thakur et al., NAACL 2021): a cross-encoder learns
 on a small gold set, so there are no checkpoints: a run killed while training trains again from the start.
 The folder is saved with a Sigmoid activation, so ``CrossEncoder(path).predict`` gives scores on the gold
 scale (``models.load_cross_encoder`` still gives raw logits).
+
+Under torchrun (``world_size`` > 1, adapters/distributed.py) the same Trainer runs DDP with the batch as the global
+batch, split over the ranks (accelerate's ``split_batches``), as the bi-encoder's trainer does: binary
+cross-entropy is a mean over the pairs, so the ranks' mean is the one-process loss. An epoch's last, incomplete
+batch is kept, completed with the epoch's first pairs so that it splits evenly: the steps and the schedule stay
+those of one process.
 """
 
 from __future__ import annotations
@@ -56,16 +62,25 @@ class ScoredPairs:
 
 
 def fit(model: CrossEncoder, pairs: ScoredPairs, cfg: CrossTrainSettings,
-        callbacks: Sequence[TrainerCallback] = ()) -> TrainReport:
+        callbacks: Sequence[TrainerCallback] = (), world_size: int = 1) -> TrainReport:
     """Train ``model`` (``models.load_cross_encoder(ref, inference=False)``) in place with binary cross-entropy
-    of its logit against the scores."""
+    of its logit against the scores (``world_size`` > 1: as one rank of a torchrun job)."""
     dev = models.device()
     with tempfile.TemporaryDirectory(prefix="gplflow-cross-encoder-") as scratch:  # the trainer wants a folder
-        return _fit(model, pairs, cfg, dev, Path(scratch), callbacks)
+        return _fit(model, pairs, cfg, dev, Path(scratch), callbacks, world_size)
+
+
+def _distributed_args(dev: str) -> dict:
+    """A rank's extra arguments: each global batch split over the ranks; rank 0 reports its progress to the
+    launcher, so no progress bar. Every parameter of a cross-encoder reaches its logit, and DDP's search for unused
+    ones (the Trainer's default for a model that is not a transformers model) marks the classifier's bias ready
+    twice: off."""
+    return {"accelerator_config": {"split_batches": True}, "disable_tqdm": True,
+            "ddp_backend": "nccl" if dev == "cuda" else "gloo", "ddp_find_unused_parameters": False}
 
 
 def _fit(model: CrossEncoder, pairs: ScoredPairs, cfg: CrossTrainSettings, dev: str, output_dir: Path,
-         callbacks: Sequence[TrainerCallback]) -> TrainReport:
+         callbacks: Sequence[TrainerCallback], world_size: int = 1) -> TrainReport:
     args = CrossEncoderTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
@@ -83,6 +98,7 @@ def _fit(model: CrossEncoder, pairs: ScoredPairs, cfg: CrossTrainSettings, dev: 
         fp16=dev == "cuda" and not models.bf16_supported(dev),
         use_cpu=dev == "cpu",
         dataloader_num_workers=0,
+        **(_distributed_args(dev) if world_size > 1 else {}),
     )
     dataset = Dataset.from_dict({"sentence1": list(pairs.sentence1), "sentence2": list(pairs.sentence2),
                                  "label": np.asarray(pairs.scores, dtype=np.float32)})

@@ -6,6 +6,11 @@ stage's inputs) and ``launch`` runs ``torchrun --nproc-per-node=N`` on it in a s
 what it prints with its rank; rank 0 alone also prints events (step, loss) that ``launch`` hands to its caller.
 Every line goes to this process's log (the run's log file), none to the terminal.
 
+Several hosts: with ``GPLFLOW_NNODES`` > 1 and ``GPLFLOW_RDZV_ENDPOINT`` (``host:port``), torchrun meets the other
+hosts through its c10d rendezvous instead of ``--standalone``; each other host joins the job with
+``python -m gplflow.adapters.distributed join RUN_DIR`` (or the job file), which runs the same torchrun command
+there. The run directory must then be a folder every host mounts at the same path (the job file, checkpoints).
+
 Ending the job: a rank that fails records its error in the job folder and torchrun stops the others; ``launch``
 then raises one line naming the rank and its error (or the signal that killed it, as torchrun reports it). An
 interrupt of the caller (Ctrl-C, SIGTERM turned into an exception, a cancelled task) stops torchrun, which stops
@@ -37,9 +42,14 @@ from typing import Any, TextIO
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
+WORKER = "gplflow.adapters.distributed"  # this module, as ``python -m`` runs it (``__name__`` is then __main__)
 EVENT = "@gplflow-event "  # rank 0's lines for the launcher: the prefix, then one JSON object
 _STOP_GRACE_S = 10.0  # torchrun's time to stop its ranks after SIGTERM before the job's processes are killed
 _TAIL = 200  # torchrun output lines kept for the failure message
+
+
+NNODES_ENV, ENDPOINT_ENV, RDZV_ID_ENV = "GPLFLOW_NNODES", "GPLFLOW_RDZV_ENDPOINT", "GPLFLOW_RDZV_ID"
+_JOIN_WAIT_S = 600.0  # how long ``join RUN_DIR`` waits for the job file a training stage writes
 
 
 class RankFailedError(RuntimeError):
@@ -99,6 +109,54 @@ def devices_used() -> list[str]:
     return [str(d) for d in found]
 
 
+def nnodes() -> int:
+    """How many hosts a training job spans (``GPLFLOW_NNODES``, default 1); an InputError when the value is not a
+    positive count, or when several hosts have no rendezvous endpoint to meet at."""
+    from gplflow.adapters.errors import InputError
+
+    raw = os.environ.get(NNODES_ENV, "1").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise InputError(f"{NNODES_ENV}={raw!r}: expected a positive count of hosts")
+    if int(raw) > 1 and not os.environ.get(ENDPOINT_ENV, "").strip():
+        raise InputError(f"{NNODES_ENV}={raw} needs {ENDPOINT_ENV}=HOST:PORT, the rendezvous every host reaches "
+                         "(torchrun's c10d store runs there)")
+    return int(raw)
+
+
+def check_batch(batch_size: int, processes: int, key: str, why: str = "") -> None:
+    """The global batch splits evenly over the processes, or a ValueError naming both numbers (``key``: the
+    config section, ``train`` or ``pretrain``)."""
+    if batch_size % processes:
+        raise ValueError(f"{key}.batch_size {batch_size} does not divide over {processes} devices{why}: each device "
+                         f"takes batch_size / devices examples; set a multiple of {processes}, or {key}.devices to "
+                         f"a divisor of {batch_size}")
+
+
+def device_count(devices: int | str, batch_size: int, key: str) -> int:
+    """How many processes a training stage runs on this host: ``devices``, 'auto' being every visible GPU (1 on a
+    CPU); an InputError when more GPUs are asked for than are visible, or when the global batch does not divide
+    over every process of the job (this host's times ``GPLFLOW_NNODES``)."""
+    from gplflow.adapters.errors import InputError
+
+    gpus = visible_gpus()
+    count = max(gpus, 1) if devices == "auto" else int(devices)
+    if gpus and count > gpus:
+        raise InputError(f"{key}.devices {count}: only {gpus} GPUs are visible to this process")
+    hosts = nnodes()
+    why = f" ({key}.devices auto: the visible GPUs)" if devices == "auto" else ""
+    why += f" ({hosts} hosts x {count})" if hosts > 1 else ""
+    try:
+        check_batch(batch_size, count * hosts, key, why)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    return count
+
+
+def in_process(count: int) -> bool:
+    """Whether a training of ``count`` processes on this host runs in the calling process: one device, one host."""
+    return count == 1 and nnodes() == 1
+
+
 # --- the launcher ------------------------------------------------------------------------------------------
 
 
@@ -115,9 +173,14 @@ def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, w
     for old in job_dir.glob("rank-*.json"):
         old.unlink()
     job = job_dir / JOB_FILE
-    job.write_text(json.dumps({"target": target, "payload": payload}), encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--max-restarts=0", "--monitor-interval=0.5", "-m", __name__, str(job)]
+    hosts = nnodes()
+    rendezvous = _rendezvous(job_dir, hosts)
+    job.write_text(json.dumps({"target": target, "payload": payload, "nproc": nproc, "rendezvous": rendezvous}),
+                   encoding="utf-8")
+    command = _torchrun(job, nproc, rendezvous)
+    if hosts > 1:
+        logger.info("%s: waiting for %d more hosts at %s: on each, run python -m %s join %s", what, hosts - 1,
+                    os.environ[ENDPOINT_ENV], WORKER, job)
     process_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if "OMP_NUM_THREADS" not in process_env:  # torchrun sets 1 thread a rank: the host's cores shared out instead
         process_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -133,7 +196,42 @@ def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, w
         stop(process, what)
         raise
     if code != 0:
-        raise _failure(job_dir, nproc, what, code, list(tail))
+        raise _failure(job_dir, nproc * hosts, what, code, list(tail))
+
+
+def _rendezvous(job_dir: Path, hosts: int) -> list[str]:
+    """torchrun's rendezvous arguments: ``--standalone`` on one host; on several, c10d at ``GPLFLOW_RDZV_ENDPOINT``
+    under an id every host derives alike (``GPLFLOW_RDZV_ID``, else the job folder's stage and fingerprint)."""
+    if hosts == 1:
+        return ["--standalone"]
+    run_id = os.environ.get(RDZV_ID_ENV) or re.sub(r"[^A-Za-z0-9_-]", "-", job_dir.parent.name or "gplflow")
+    return [f"--nnodes={hosts}", "--rdzv-backend=c10d", f"--rdzv-endpoint={os.environ[ENDPOINT_ENV].strip()}",
+            f"--rdzv-id={run_id}"]
+
+
+def _torchrun(job: Path, nproc: int, rendezvous: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}",
+            "--max-restarts=0", "--monitor-interval=0.5", "-m", WORKER, str(job)]
+
+
+def join(where: Path, wait_s: float = _JOIN_WAIT_S) -> int:
+    """Join a job that spans several hosts from another host: run its torchrun command here and wait for it.
+
+    ``where`` is the job file, or a run directory: the newest job file of a training stage there, waited for until
+    one appears (the stage writes it when it starts its job)."""
+    job = where if where.is_file() else None
+    deadline = time.monotonic() + wait_s
+    while job is None:
+        found = sorted(where.glob(f".checkpoints/*/job/{JOB_FILE}"), key=lambda p: p.stat().st_mtime)
+        if found:
+            job = found[-1]
+        elif time.monotonic() > deadline:
+            print(f"no training job in {where} after {wait_s:.0f} s", file=sys.stderr)
+            return 2
+        else:
+            time.sleep(1.0)
+    spec = json.loads(job.read_text(encoding="utf-8"))
+    return subprocess.call(_torchrun(job, int(spec["nproc"]), list(spec["rendezvous"])), stdin=subprocess.DEVNULL)
 
 
 def _follow(process: subprocess.Popen[str], what: str, tail: deque[str],
@@ -313,6 +411,8 @@ def _record_failure(job_dir: Path, err: BaseException) -> None:
 
 def main(argv: list[str]) -> int:
     """A rank: read the job file, call its target with its payload, record the error if it fails."""
+    if argv[:1] == ["join"] and len(argv) == 2:
+        return join(Path(argv[1]))
     prctl = _die_with_parent(signal.SIGKILL)  # no rank outlives torchrun (whose ranks run in sessions of their own)
     if prctl is not None:
         prctl()

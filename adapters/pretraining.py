@@ -14,6 +14,13 @@ Trainer checkpoint saves the model but not them, so a resumed run would restart 
 Here a checkpoint holds everything trained (encoder and decoder, MLM head or second encoder), the optimizer,
 the scheduler and the loss history. The data order, the noise, the masks and dropout are drawn from generators
 seeded by (seed, step), so a resumed run takes exactly the steps the uninterrupted run would have taken.
+
+Under torchrun (``world_size`` > 1, adapters/distributed.py) every rank draws the same global batch, its noise and
+its masks, as one process would, and computes the loss of its slice (``Part``) through DistributedDataParallel,
+which averages the gradients. Each slice's loss is weighted so that the ranks' mean is the one-process loss (by
+its share of the target tokens for TSDAE and MLM; CT sums over its pairs), and the in-batch losses (SimCSE,
+``ct_inbatch``) gather every rank's embeddings, so each sentence still has the whole global batch as negatives.
+Rank 0 alone writes checkpoints, which hold the same state whatever the device count: a run resumes under another.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import (
     ContrastiveTensionLoss,
-    ContrastiveTensionLossInBatchNegatives,
     DenoisingAutoEncoderLoss,
     MultipleNegativesRankingLoss,
 )
@@ -43,9 +49,10 @@ from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 from transformers import get_constant_schedule_with_warmup as constant_schedule
 from transformers.utils import logging as hf_logging
 
-from gplflow.adapters import models
+from gplflow.adapters import distributed, models
 from gplflow.adapters.checkpoints import by_step
 from gplflow.adapters.errors import InputError
+from gplflow.adapters.gathered_losses import GatheredInBatchTension
 from gplflow.adapters.text import split_sentences
 from gplflow.adapters.text_noise import delete_words
 from gplflow.adapters.trainer import loss_summary, save_model
@@ -128,6 +135,34 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
+@dataclass(frozen=True)
+class Part:
+    """This process's share of every global batch: slice ``rank`` of ``world`` equal slices (the whole batch in one
+    process)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def of(self, features: dict[str, Any]) -> dict[str, Any]:
+        """This slice of each tensor of a batch (its rows)."""
+        if self.world == 1:
+            return features
+        return {k: v[self._rows(len(v))] if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+    def _rows(self, n: int) -> slice:
+        size = n // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def weight(self, mine: int | torch.Tensor, every: int | torch.Tensor) -> float:
+        """The factor that makes a slice's mean loss over ``mine`` of the batch's ``every`` units (tokens) count as
+        its share: the ranks' mean of the weighted losses is the loss over the whole batch."""
+        return 1.0 if self.world == 1 else self.world * float(mine) / max(float(every), 1.0)
+
+    def dropout_seed(self, seed: int) -> int:
+        """Each rank's dropout masks its own (rank 0 keeps the one-process seed)."""
+        return (seed + self.rank * 0x9E3779B97F4A7C15) % (2**63)
+
+
 # --- examples ---------------------------------------------------------------------------------------------
 
 
@@ -178,8 +213,11 @@ def mlm_chunks(tokenizer: Any, passages: list[str], max_length: int, count: Coun
 
 class Objective(Protocol):
     module: torch.nn.Module  # every trained parameter, saved whole in checkpoints
+    run: Callable[..., Any]  # what computes the loss: ``module``, or its DistributedDataParallel wrapper
 
-    def loss(self, rows: list[Any], seed: int) -> torch.Tensor: ...
+    def loss(self, rows: list[Any], seed: int, part: Part) -> torch.Tensor:
+        """The loss of this process's ``part`` of the global batch ``rows``, weighted (``Part.weight``)."""
+        ...
 
     def save(self, folder: Path) -> None: ...
 
@@ -221,12 +259,18 @@ class Tsdae:
             raise InputError(f"TSDAE needs an encoder that transformers can also load as a decoder (an "
                              f"*LMHeadModel: BERT, RoBERTa, ...); {arch} has none. Use pretrain method 'mlm'."
                              ) from err
+        self.run = self.module
 
-    def loss(self, rows: list[str], seed: int) -> torch.Tensor:
+    def loss(self, rows: list[str], seed: int, part: Part = Part()) -> torch.Tensor:
         rng = random.Random(seed)
         noisy = [delete_words(sentence, self.noise_ratio, rng) for sentence in rows]
-        features = [_to(self.encoder.preprocess(texts), self.dev) for texts in (noisy, rows)]
-        return self.module(features, None)
+        source, target = (self.encoder.preprocess(texts) for texts in (noisy, rows))
+        mine = part.of(target)
+        loss = self.run([_to(part.of(source), self.dev), _to(mine, self.dev)], None)
+        if part.world == 1:
+            return loss
+        pad = self.module.tokenizer_decoder.pad_token_id  # the loss: mean over the targets' non-pad tokens
+        return loss * part.weight((mine["input_ids"][:, 1:] != pad).sum(), (target["input_ids"][:, 1:] != pad).sum())
 
     def save(self, folder: Path) -> None:
         save_model(self.encoder, folder)
@@ -235,8 +279,7 @@ class Tsdae:
 class MaskedLM:
     """The base encoder's weights under a masked-LM head, trained on masked passage chunks."""
 
-    def __init__(self, base: SentenceTransformer, mlm_probability: float, seed: int, dev: str,
-                 pooling: str = POOLING["mlm"]):
+    def __init__(self, base: SentenceTransformer, mlm_probability: float, dev: str, pooling: str = POOLING["mlm"]):
         self.base = base
         self.dev = dev
         self.pooling = pooling
@@ -244,12 +287,17 @@ class MaskedLM:
             self.module = AutoModelForMaskedLM.from_pretrained(base.transformers_model.config._name_or_path)
         base.to("cpu")  # only its modules are needed again, at save time: one encoder on the device, not two
         self.module.to(dev)
-        self.collator = DataCollatorForLanguageModeling(base.tokenizer, mlm_probability=mlm_probability,
-                                                        seed=seed)
+        # no seed of its own: given one, the collator draws its first batch's masks from that seed, not the step's
+        self.collator = DataCollatorForLanguageModeling(base.tokenizer, mlm_probability=mlm_probability)
+        self.run = self.module
 
-    def loss(self, rows: list[dict], seed: int) -> torch.Tensor:
+    def loss(self, rows: list[dict], seed: int, part: Part = Part()) -> torch.Tensor:
         self.collator.generator = torch.Generator().manual_seed(seed)  # masks drawn per step: resumable
-        return self.module(**_to(self.collator(rows), self.dev)).loss
+        batch = self.collator(rows)  # the global batch's masks, as one process draws them
+        mine = part.of(batch)
+        loss = self.run(**_to(mine, self.dev)).loss  # the mean over the masked tokens
+        return loss if part.world == 1 else loss * part.weight((mine["labels"] != -100).sum(),
+                                                              (batch["labels"] != -100).sum())
 
     def save(self, folder: Path) -> None:
         """Copy the trained encoder back into the base's transformer module and save it with mean pooling."""
@@ -264,15 +312,17 @@ class MaskedLM:
 class SimCse:
     """Unsupervised SimCSE: each sentence against itself under another dropout mask, in-batch negatives."""
 
-    def __init__(self, base: SentenceTransformer, scale: float, dev: str, pooling: str):
+    def __init__(self, base: SentenceTransformer, scale: float, dev: str, pooling: str, world_size: int = 1):
         self.encoder = _with_pooling(base, pooling, dev)
         self.dev = dev
-        self.module = MultipleNegativesRankingLoss(self.encoder, scale=scale).to(dev)
+        self.module = MultipleNegativesRankingLoss(self.encoder, scale=scale,
+                                                   gather_across_devices=world_size > 1).to(dev)
+        self.run = self.module
 
-    def loss(self, rows: list[str], seed: int) -> torch.Tensor:
-        features = _to(self.encoder.preprocess(rows), self.dev)
+    def loss(self, rows: list[str], seed: int, part: Part = Part()) -> torch.Tensor:
+        features = _to(part.of(self.encoder.preprocess(rows)), self.dev)
         # two forward passes over the same batch: dropout (seeded per step) makes the two views differ
-        return self.module([features, dict(features)], None)
+        return self.run([features, dict(features)], None)
 
     def save(self, folder: Path) -> None:
         save_model(self.encoder, folder)
@@ -313,15 +363,18 @@ class ContrastiveTension:
         self.in_batch = cfg.method == "ct_inbatch"
         self.pairs, self.negatives = cfg.batch_size, cfg.ct_negatives
         if self.in_batch:
-            self.module = ContrastiveTensionLossInBatchNegatives(self.encoder, scale=cfg.scale).to(dev)
+            self.module = GatheredInBatchTension(self.encoder, scale=cfg.scale).to(dev)
         else:
             self.module = ContrastiveTensionLoss(self.encoder).to(dev)
+        self.run = self.module
 
-    def loss(self, rows: list[str], seed: int) -> torch.Tensor:
+    def loss(self, rows: list[str], seed: int, part: Part = Part()) -> torch.Tensor:
         if self.in_batch:
-            return self.module([_to(self.encoder.preprocess(rows), self.dev)], None)
+            return self.run([_to(part.of(self.encoder.preprocess(rows)), self.dev)], None)
         columns = ct_pairs(rows, self.pairs, self.negatives)
-        return self.module([_to(self.encoder.preprocess(texts), self.dev) for texts in columns], None)
+        # the loss sums over its pairs: each slice's sum counts whole (the ranks' mean is divided by their number)
+        loss = self.run([_to(part.of(self.encoder.preprocess(texts)), self.dev) for texts in columns], None)
+        return loss if part.world == 1 else loss * part.world
 
     def save(self, folder: Path) -> None:
         save_model(self.encoder, folder)  # model2 in the loss
@@ -395,34 +448,57 @@ def _checkpoint(folder: Path, state: _State, objective: Objective, optimizer, sc
 
 
 def _train_step(objective: Objective, examples: list, cfg: PretrainSettings, step: int, optimizer, scheduler,
-                cache: dict[int, np.ndarray], dev: str, bf16: bool) -> float:
+                cache: dict[int, np.ndarray], dev: str, bf16: bool, part: Part) -> float:
     seed = step_seed(cfg.seed, step)
-    torch.manual_seed(seed)  # dropout
+    torch.manual_seed(part.dropout_seed(seed))  # dropout
     rows = [examples[i] for i in _batch(len(examples), cfg, step, cache)]
     with torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=bf16):
-        loss = objective.loss(rows, seed)
-    loss.backward()
+        loss = objective.loss(rows, seed, part)
+    loss.backward()  # under DDP: the gradients averaged over the ranks
     torch.nn.utils.clip_grad_norm_(objective.module.parameters(), 1.0)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    value = loss.detach().float()
+    if part.world > 1:  # the global batch's loss: the ranks' mean
+        torch.distributed.all_reduce(value)
+        value /= part.world
+    return float(value)
+
+
+def _parallel(objective: Objective, dev: str, world_size: int) -> Part:
+    """Under torchrun: the objective's loss computed through DDP (rank 0's weights broadcast to every rank), and
+    this rank's part of each batch."""
+    if world_size == 1:
+        return Part()
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo")
+    ids = [torch.cuda.current_device()] if dev == "cuda" else None
+    # parameters the loss does not reach (BERT's pooler under CLS or mean pooling) have no gradient
+    objective.run = DistributedDataParallel(objective.module, device_ids=ids, find_unused_parameters=True)
+    return Part(distributed.rank(), world_size)
 
 
 def fit(objective: Objective, examples: list, cfg: PretrainSettings, checkpoints: Path, dev: str,
-        on_progress: ProgressFn | None = None) -> _State:
-    """Train ``objective`` for ``cfg.steps`` steps in all, continuing from the newest checkpoint if any."""
+        on_progress: ProgressFn | None = None, world_size: int = 1) -> _State:
+    """Train ``objective`` for ``cfg.steps`` steps in all, continuing from the newest checkpoint if any.
+
+    ``world_size`` > 1: this process is one rank of a torchrun job; rank 0 alone writes checkpoints."""
     params = [p for p in objective.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = constant_schedule(optimizer, min(cfg.warmup_steps, cfg.steps))
     state = _resume(checkpoints, objective, optimizer, scheduler, dev)
     objective.module.train()
+    part = _parallel(objective, dev, world_size)
     bf16 = models.bf16_pays(objective.module, dev)  # autocast: the weights and the optimizer stay fp32
     cache: dict[int, np.ndarray] = {}
     every = log_every(cfg)
-    with tqdm(total=cfg.steps, initial=state.step, desc=f"pretrain ({cfg.method})", unit="step") as bar:
+    with tqdm(total=cfg.steps, initial=state.step, desc=f"pretrain ({cfg.method})", unit="step",
+              disable=world_size > 1) as bar:  # a torchrun job's rank 0 reports its progress to the launcher
         while state.step < cfg.steps:
-            loss = _train_step(objective, examples, cfg, state.step, optimizer, scheduler, cache, dev, bf16)
+            loss = _train_step(objective, examples, cfg, state.step, optimizer, scheduler, cache, dev, bf16, part)
             state.window.append(loss)
             state.step += 1
             bar.update(1)
@@ -431,13 +507,14 @@ def fit(objective: Objective, examples: list, cfg: PretrainSettings, checkpoints
                 state.history.append((state.step, float(np.mean(state.window))))
                 state.window = []
                 bar.set_postfix(loss=f"{state.history[-1][1]:.4f}")
-            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps and distributed.is_main():
                 _checkpoint(checkpoints, state, objective, optimizer, scheduler)
             if logged:
                 logger.debug("pretrain step %d/%d: loss %.4f", state.step, cfg.steps, state.history[-1][1])
                 if on_progress is not None:
                     on_progress(state.step, cfg.steps, state.history[-1][1])
     objective.module.eval()
+    objective.run = objective.module
     return state
 
 
@@ -447,17 +524,19 @@ def _base_pooling(base: SentenceTransformer) -> str:
     return mode if isinstance(mode, str) else "mean"
 
 
-def _sentence_objective(cfg: PretrainSettings, base: SentenceTransformer, dev: str, pooling: str) -> Objective:
+def _sentence_objective(cfg: PretrainSettings, base: SentenceTransformer, dev: str, pooling: str,
+                        world_size: int = 1) -> Objective:
     if cfg.method == "tsdae":
         return Tsdae(base, cfg.noise_ratio, dev, pooling)
     if cfg.method == "simcse":
-        return SimCse(base, cfg.scale, dev, pooling)
+        return SimCse(base, cfg.scale, dev, pooling, world_size)
     return ContrastiveTension(base, cfg, dev, pooling)
 
 
-def pretrain(cfg: PretrainSettings, base_model: str, texts: Iterable[str], checkpoints: Path, out_dir: Path,
-             on_progress: ProgressFn | None = None) -> PretrainReport:
-    """Pretrain ``base_model`` on ``texts`` (passages); save the encoder as a sentence-transformers folder."""
+def pretrain(cfg: PretrainSettings, base_model: str, texts: Iterable[str], checkpoints: Path, out_dir: Path | None,
+             on_progress: ProgressFn | None = None, world_size: int = 1) -> PretrainReport:
+    """Pretrain ``base_model`` on ``texts`` (passages); save the encoder as a sentence-transformers folder in
+    ``out_dir`` (None: a torchrun rank other than 0, which saves nothing)."""
     started = time.perf_counter()
     counters: dict[str, int] = {}
 
@@ -472,17 +551,22 @@ def pretrain(cfg: PretrainSettings, base_model: str, texts: Iterable[str], check
     if cfg.method == "mlm":
         passages, total = reservoir_sample(texts, limit, cfg.seed)
         examples = mlm_chunks(base.tokenizer, passages, cfg.max_seq_length, count)
-        objective: Objective = MaskedLM(base, cfg.mlm_probability, cfg.seed, dev, pooling)
+        objective: Objective = MaskedLM(base, cfg.mlm_probability, dev, pooling)
         count("passages", total)
     else:
         examples, total = reservoir_sample(sentences(texts, cfg.min_sentence_words, count), limit, cfg.seed)
-        objective = _sentence_objective(cfg, base, dev, pooling)
+        objective = _sentence_objective(cfg, base, dev, pooling, world_size)
         count("sentences", total)
     if not examples:
         raise InputError(f"pretrain ({cfg.method}): the corpus yields no training example "
                          f"(sentences need at least {cfg.min_sentence_words} words)")
+    if world_size > 1 and len(examples) < rows_per_step(cfg):  # a smaller batch would not split evenly
+        raise InputError(f"pretrain ({cfg.method}): the corpus yields {len(examples)} training examples, fewer than "
+                         f"a batch of {rows_per_step(cfg)} takes; on {world_size} devices every batch must be whole "
+                         "(set pretrain.devices: 1, or a smaller pretrain.batch_size)")
     count("examples", len(examples))
-    state = fit(objective, examples, cfg, checkpoints, dev, on_progress)
-    objective.save(out_dir)
+    state = fit(objective, examples, cfg, checkpoints, dev, on_progress, world_size)
+    if out_dir is not None:
+        objective.save(out_dir)
     return PretrainReport(cfg.method, pooling, state.step, state.resumed_from, len(examples),
                           time.perf_counter() - started, state.history, counters)

@@ -39,7 +39,7 @@ from sentence_transformers.util import resolve_ids
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
-from gplflow.adapters import models
+from gplflow.adapters import gathered_losses, models
 from gplflow.adapters.checkpoints import by_step
 from gplflow.adapters.checkpoints import step as checkpoint_step
 from gplflow.adapters.text import passage_texts
@@ -202,7 +202,8 @@ def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot", wo
     negatives (GenQ, and ranking pairs); or a scored-pair loss.
 
     With ``world_size`` > 1, MNRL gathers every rank's embeddings (with their gradients), so the negatives are
-    the global batch, as in one process; the per-example losses need nothing of the other ranks."""
+    the global batch, as in one process, and so do CoSENT and AnglE; the per-example losses need nothing of the
+    other ranks."""
     if name in DISTILL_LOSSES:
         if similarity not in SIMILARITY:
             raise ValueError(f"train.similarity {similarity!r}: expected one of {', '.join(SIMILARITY)}")
@@ -214,12 +215,12 @@ def make_loss(name: str, model: SentenceTransformer, similarity: str = "dot", wo
         return kl if name == "kl" else WeightedLoss(model, [(1.0, kl), (margin_mse_weight, margin_mse)])
     if name == "mnrl":
         return losses.MultipleNegativesRankingLoss(model, gather_across_devices=world_size > 1)
-    if name == "cosent":
-        return losses.CoSENTLoss(model)
+    if name == "cosent":  # CoSENT and AnglE rank the batch's pairs: over the global batch under torchrun
+        return (gathered_losses.GatheredCoSENTLoss if world_size > 1 else losses.CoSENTLoss)(model)
     if name == "cosine":
         return losses.CosineSimilarityLoss(model)
     if name == "angle":
-        return losses.AnglELoss(model)
+        return (gathered_losses.GatheredAnglELoss if world_size > 1 else losses.AnglELoss)(model)
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
 
 

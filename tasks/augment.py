@@ -26,13 +26,15 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from gplflow.adapters import artifacts
+from gplflow.adapters import artifacts, distributed
+from gplflow.adapters.checkpoints import folder as checkpoint_folder
+from gplflow.adapters.checkpoints import remove as remove_checkpoints
 from gplflow.adapters.errors import InputError
 from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.store import Artifact
-from gplflow.tasks.base import ModelUse, Ref, Seed, StageConfig, StageInputs, stage_task
+from gplflow.tasks.base import AutoOrPositive, ModelUse, Ref, Seed, StageConfig, StageInputs, stage_task
 from gplflow.tasks.pairs import score_summary
 from gplflow.tasks.planning import (
     CALIBRATION_STEPS,
@@ -63,6 +65,18 @@ class CrossEncoderTrainConfig(StageConfig):
     warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     max_seq_length: int = Field(default=128, gt=0)
     seed: Seed = 42
+    # 'auto': every visible GPU (1 on a CPU); N > 1 trains as a torchrun job of N processes (on a CPU, N gloo
+    # processes). batch_size stays the global batch. Left out of the fingerprint, as train.devices is.
+    devices: AutoOrPositive = "auto"
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> CrossEncoderTrainConfig:
+        if self.devices != "auto":
+            distributed.check_batch(self.batch_size, int(self.devices), KEY)
+        return self
+
+
+KEY = "augment.cross_encoder"  # the cross-encoder's config section, as errors name it
 
 
 class AugmentConfig(StageConfig):
@@ -99,35 +113,62 @@ class CrossEncoderInputs(StageInputs, artifact=CROSS_ENCODER, code_version=CODE_
     pairs: Ref
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
-        return (self.cfg.cross_encoder.model_dump(mode="json"),
+        return (self.cfg.cross_encoder.model_dump(mode="json", exclude={"devices"}),
                 {"start": model_signature(self.start), "pairs": self.pairs.fingerprint})
 
 
 def run_cross_encoder(inputs: CrossEncoderInputs) -> Artifact:
-    """Train a cross-encoder from ``start`` on the gold pairs and publish ``cross-encoder/``."""
-    from gplflow.adapters import cross_training, models  # torch and sentence-transformers: only when training
-
-    cfg, store, start = inputs.cfg, inputs.store, inputs.start
+    """Train a cross-encoder from ``start`` on the gold pairs and publish ``cross-encoder/``: in this process on
+    one device, as a torchrun job (adapters/distributed.py) on several (``augment.cross_encoder.devices``)."""
     pairs = inputs.load(inputs.pairs)
     if pairs.manifest.get("kind", "scored") != "scored":
         raise InputError("flow augmented_sbert trains its cross-encoder on scored pairs (pairs.kind: scored)")
     if (found := inputs.reuse()) is not None:
         return found
-    config, fps = inputs.fingerprint_parts()
+    c, store = inputs.cfg.cross_encoder, inputs.store
+    count = distributed.device_count(c.devices, c.batch_size, KEY)
+    if distributed.in_process(count):
+        _train_cross_encoder(inputs)
+    else:  # no checkpoints (a killed run trains again): the job folder alone lives there
+        job = checkpoint_folder(store, CROSS_ENCODER, inputs.fingerprint())
+        distributed.launch(job / "job", count, f"{__name__}:cross_encoder_on_rank", inputs.model_dump(mode="json"),
+                           what="cross-encoder")
+        remove_checkpoints(job)
+    return store.require(CROSS_ENCODER)
+
+
+def _train_cross_encoder(inputs: CrossEncoderInputs, world_size: int = 1) -> None:
+    """Train on this process's device; the one process, or rank 0 of a torchrun job, measures the fit on the gold
+    pairs before and after and publishes ``cross-encoder/`` with the world size and every rank's device."""
+    from gplflow.adapters import cross_training, models  # torch and sentence-transformers: only when training
+
+    cfg, store, start = inputs.cfg, inputs.store, inputs.start
     c = cfg.cross_encoder
-    table = pairs.read_table(["sentence1", "sentence2", "score"])
+    table = inputs.load(inputs.pairs).read_table(["sentence1", "sentence2", "score"])
     gold = cross_training.ScoredPairs(*(table[name].to_pylist() for name in table.column_names))
     model = models.load_cross_encoder(start, max_length=c.max_seq_length, inference=False)
+    if not distributed.is_main():
+        cross_training.fit(model, gold, c, world_size=world_size)
+        distributed.devices_used()  # a collective: rank 0 waits for every rank's answer
+        return
+    config, fps = inputs.fingerprint_parts()
     with store.writer(CROSS_ENCODER, config=config, inputs=fps, code_version=CODE_VERSION) as out:
         before = cross_training.fit_on(model, gold, cfg.batch_size)
-        report = cross_training.fit(model, gold, c)
+        report = cross_training.fit(model, gold, c, world_size=world_size)
+        used = distributed.devices_used()
         after = cross_training.fit_on(model, gold, cfg.batch_size)
         cross_training.save(model, out.local_dir())
         out.extra["train"] = info = {"start": start, "examples": len(gold), **report.as_dict(),
-                                     "gold_fit": {"before": before, "after": after}}
-    logger.info("cross-encoder: %d steps on %d gold pairs; their loss %s -> %s, Spearman %s -> %s", info["steps"],
-                len(gold), before["bce"], after["bce"], before["spearman"], after["spearman"])
-    return store.require(CROSS_ENCODER)
+                                     "gold_fit": {"before": before, "after": after}, "world_size": world_size,
+                                     "devices": used}
+    logger.info("cross-encoder: %d steps on %d gold pairs on %d device(s); their loss %s -> %s, Spearman %s -> %s",
+                info["steps"], len(gold), world_size, before["bce"], after["bce"], before["spearman"],
+                after["spearman"])
+
+
+def cross_encoder_on_rank(payload: dict[str, Any]) -> None:
+    """One rank of a torchrun cross-encoder job (adapters/distributed.py calls it with the job file's payload)."""
+    _train_cross_encoder(CrossEncoderInputs.model_validate(payload), distributed.world_size())
 
 
 # --- 2. sampling --------------------------------------------------------------------------------------------
@@ -306,7 +347,8 @@ def distribution_value(found: dict[str, Any], name: str) -> Any:
 def settings(cfg: Any) -> str:
     a, c = cfg.augment, cfg.augment.cross_encoder
     length = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
-    return (f"cross-encoder: {length} of batch {c.batch_size}, lr {c.learning_rate:g}, seed {c.seed}; silver: "
+    devices = f", {KEY}.devices {c.devices}" if c.devices != "auto" else ""
+    return (f"cross-encoder: {length} of batch {c.batch_size}, lr {c.learning_rate:g}, seed {c.seed}{devices}; silver: "
             f"{a.silver_pairs or f'{a.silver_per_gold} per gold pair'}, top {a.top_k} {a.sampling} neighbours, "
             f"pool: gold sentences + up to {a.corpus_passages} passages, seed {a.seed}")
 
@@ -341,8 +383,11 @@ def cross_encoder_estimate(cfg: Any, n: int) -> StagePlan:
     c = cfg.augment.cross_encoder
     rows, _ = _gold_counts(cfg)
     steps = c.steps or c.epochs * math.ceil(rows / c.batch_size)
-    return StagePlan(steps, "steps", f"{steps} steps of batch {c.batch_size} on {rows} gold pairs",
-                     measure=lambda resolved, passages: _cross_train_rate(c, resolved, passages))
+    several = f" on {c.devices} devices: one device's rate x{c.devices}, a scaling assumed until measured" \
+        if c.devices != "auto" and int(c.devices) > 1 else ""
+    return StagePlan(steps, "steps", f"{steps} steps of batch {c.batch_size} on {rows} gold pairs{several}",
+                     measure=lambda resolved, passages: _cross_train_rate(c, resolved, passages)
+                     * distributed.device_count(c.devices, c.batch_size, KEY))
 
 
 def sample_estimate(cfg: Any, n: int) -> StagePlan:

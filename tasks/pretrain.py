@@ -5,24 +5,28 @@ Methods: TSDAE, MLM, unsupervised SimCSE, Contrastive Tension (``ct``) and CT wi
 instead of the base model: TSDAE keeps the CLS pooling it trained, MLM gets mean pooling, SimCSE and CT keep
 the base's pooling (mean for a plain encoder). A crashed run continues from its last checkpoint (kept under
 ``<run_dir>/.checkpoints/pretrain-<fingerprint>/`` until the model is published).
+
+On several devices (``pretrain.devices``) the stage runs as a torchrun job (adapters/distributed.py), as the train
+stage does: every rank rebuilds the inputs from the job file and trains its slice of each global batch
+(``pretrain_on_rank``); rank 0 alone writes the checkpoints and publishes the model.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from prefect import get_run_logger
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from gplflow.adapters import artifacts
+from gplflow.adapters import artifacts, distributed
 from gplflow.adapters.checkpoints import folder as checkpoint_folder
 from gplflow.adapters.checkpoints import remove as remove_checkpoints
 from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.store import Artifact
 from gplflow.adapters.text import passage_text
-from gplflow.tasks.base import Ref, Seed, StageConfig, StageInputs, stage_task
+from gplflow.tasks.base import AutoOrPositive, Ref, Seed, StageConfig, StageInputs, stage_task
 from gplflow.tasks.planning import CALIBRATION_STEPS, StagePlan, StepClock
 from gplflow.tasks.progress import ProgressArtifact
 
@@ -53,6 +57,18 @@ class PretrainConfig(StageConfig):
     warmup_steps: int = Field(default=0, ge=0)  # linear warm-up, then a constant learning rate
     checkpoint_every: int = Field(default=1000, gt=0)
     log_every: int | None = Field(default=None, gt=0)  # loss points and progress; None: about 100 per run
+    # 'auto': every visible GPU (1 on a CPU); N > 1 pretrains as a torchrun job of N processes (on a CPU, N gloo
+    # processes). batch_size stays the global batch. Left out of the fingerprint, as train.devices is.
+    devices: AutoOrPositive = "auto"
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> PretrainConfig:
+        if self.devices != "auto":
+            distributed.check_batch(self.batch_size, int(self.devices), "pretrain")
+        return self
+
+
+NOT_FINGERPRINTED = {"devices"}  # where a model trains, not what it is
 
 
 class PretrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
@@ -64,8 +80,8 @@ class PretrainInputs(StageInputs, artifact=STAGE, code_version=CODE_VERSION):
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
         """A local base folder is named by its content (a retrained base at the same path is a new input)."""
-        return self.cfg.model_dump(mode="json"), {"corpus": self.corpus.fingerprint,
-                                                  "base_model": model_signature(self.base_model)}
+        return self.cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED), {
+            "corpus": self.corpus.fingerprint, "base_model": model_signature(self.base_model)}
 
 
 def run_pretrain(inputs: PretrainInputs, on_progress=None) -> Artifact:
@@ -73,28 +89,64 @@ def run_pretrain(inputs: PretrainInputs, on_progress=None) -> Artifact:
 
     ``on_progress(step, total_steps, loss)`` is called every ``log_every`` steps.
     """
-    cfg, store, base_model = inputs.cfg, inputs.store, inputs.base_model
+    cfg, store = inputs.cfg, inputs.store
     if cfg.method == "none":
         raise ValueError("pretrain: method is 'none', nothing to pretrain (the flow skips this stage)")
-    from gplflow.adapters import pretraining  # slow to import (torch, sentence-transformers): only when used
-
     if (found := inputs.reuse()) is not None:
         return found
+    count = distributed.device_count(cfg.devices, cfg.batch_size, "pretrain")
+    checkpoints = checkpoint_folder(store, STAGE, inputs.fingerprint())
+    if distributed.in_process(count):
+        _pretrain(inputs, on_progress)
+    else:
+        distributed.launch(checkpoints / "job", count, f"{__name__}:pretrain_on_rank", inputs.model_dump(mode="json"),
+                           what="pretrain", on_event=_progress_events(on_progress))
+    remove_checkpoints(checkpoints)
+    return store.require(STAGE)
+
+
+def _pretrain(inputs: PretrainInputs, on_progress=None, world_size: int = 1) -> None:
+    """Pretrain on this process's device; the one process, or rank 0 of a torchrun job, publishes ``pretrain/``
+    with the world size and every rank's device in its manifest."""
+    from gplflow.adapters import pretraining  # slow to import (torch, sentence-transformers): only when used
+
+    cfg, store, base_model = inputs.cfg, inputs.store, inputs.base_model
     corpus = inputs.load(inputs.corpus)
     checkpoints = checkpoint_folder(store, STAGE, inputs.fingerprint())
+    texts = _texts(corpus, cfg.method)
+    if not distributed.is_main():
+        pretraining.pretrain(cfg, base_model, texts, checkpoints, None, world_size=world_size)
+        distributed.devices_used()  # a collective: rank 0 waits for every rank's answer
+        return
     config, fps = inputs.fingerprint_parts()
     with store.writer(STAGE, config=config, inputs=fps, code_version=CODE_VERSION) as out:
-        report = pretraining.pretrain(cfg, base_model, _texts(corpus, cfg.method), checkpoints, out.local_dir(),
-                                      on_progress)
+        report = pretraining.pretrain(cfg, base_model, texts, checkpoints, out.local_dir(), on_progress, world_size)
+        used = distributed.devices_used()
         for name, value in report.counters.items():
             out.count(name, value)
-        out.extra["pretrain"] = {"base_model": base_model, **report.as_dict()}
-    remove_checkpoints(checkpoints)
-    info = out.extra["pretrain"]
+        out.extra["pretrain"] = info = {"base_model": base_model, **report.as_dict(), "world_size": world_size,
+                                        "devices": used}
     start = f"resumed at step {report.resumed_from_step}" if report.resumed_from_step else "from the start"
-    logger.info("pretrained %s with %s for %d steps on %d examples (%s): loss %s -> %s", base_model,
-                cfg.method, report.steps, report.examples, start, info["loss_first"], info["loss_last"])
-    return store.require(STAGE)
+    logger.info("pretrained %s with %s for %d steps on %d examples (%s) on %d device(s): loss %s -> %s", base_model,
+                cfg.method, report.steps, report.examples, start, world_size, info["loss_first"], info["loss_last"])
+
+
+def pretrain_on_rank(payload: dict[str, Any]) -> None:
+    """One rank of a torchrun pretraining job (adapters/distributed.py calls it with the job file's payload)."""
+    inputs = PretrainInputs.model_validate(payload)
+    report = (lambda step, total, loss: distributed.emit({"step": step, "max_steps": total, "loss": loss})) \
+        if distributed.is_main() else None
+    _pretrain(inputs, report, distributed.world_size())
+
+
+def _progress_events(on_progress) -> Callable[[dict[str, Any]], None]:
+    """Rank 0's progress events as ``on_progress(step, total_steps, loss)`` calls in this process."""
+
+    def on_event(event: dict[str, Any]) -> None:
+        if on_progress is not None and "loss" in event:
+            on_progress(int(event["step"]), int(event["max_steps"]), float(event["loss"]))
+
+    return on_event
 
 
 def _texts(corpus: Artifact, method: str) -> Iterator[str]:
@@ -110,13 +162,17 @@ def _texts(corpus: Artifact, method: str) -> Iterator[str]:
 
 def settings(cfg: Any) -> str:
     p = cfg.pretrain
-    return f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"
+    return (f"{p.method}, {p.steps} steps of batch {p.batch_size}, seed {p.seed}"
+            + (f", pretrain.devices {p.devices}" if p.devices != "auto" else ""))
 
 
 def estimate(cfg: Any, n: int) -> StagePlan:
     p = cfg.pretrain
-    return StagePlan(p.steps, "steps", f"{p.method}, {p.steps} steps of batch {p.batch_size}",
-                     measure=lambda resolved, passages: _rate(p, resolved, passages))
+    several = f" on {p.devices} devices: one device's rate x{p.devices}, a scaling assumed until measured" \
+        if p.devices != "auto" and int(p.devices) > 1 else ""
+    return StagePlan(p.steps, "steps", f"{p.method}, {p.steps} steps of batch {p.batch_size}{several}",
+                     measure=lambda resolved, passages: _rate(p, resolved, passages)
+                     * distributed.device_count(p.devices, p.batch_size, "pretrain"))
 
 
 def _rate(p: PretrainConfig, resolved: dict[str, Any], passages: list[str]) -> float:
