@@ -422,10 +422,11 @@ def test_every_numeric_config_field_has_bounds() -> None:
 
     from pydantic import BaseModel
 
-    from gplflow.flows.config import PipelineConfig
+    from gplflow.flows.config import ConfigError, PipelineConfig
 
     # int | 'auto': checked by a field validator
-    validated = {"generate.queries_per_passage", "generate.batch_size", "label.triples", "train.devices"}
+    validated = {"generate.queries_per_passage", "generate.batch_size", "label.triples", "train.devices",
+                 "pretrain.devices", "augment.cross_encoder.devices", "execution.devices", "execution.max_in_flight"}
     unbounded = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -444,6 +445,9 @@ def test_every_numeric_config_field_has_bounds() -> None:
 
     walk(PipelineConfig, "")
     assert unbounded == []
+    for key in sorted(k for k in validated if k.endswith(("devices", "max_in_flight"))):  # the exemptions hold
+        with pytest.raises(ConfigError, match=rf"'{key}': .*'auto' or an integer >= 1, got 0"):
+            PipelineConfig.load(None, ["corpus.path=docs.jsonl", f"{key}=0"])
     assert {"train.max_seq_length", "label.seed", "execution.shard_size"} <= _numeric_keys(PipelineConfig)
 
 
