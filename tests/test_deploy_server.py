@@ -19,7 +19,9 @@ import pytest
 import yaml
 from prefect_server import PrefectServer, ProcessGroup, prefect_server_fixture
 
-pytestmark = [pytest.mark.server, pytest.mark.serial]
+# Not marked serial: nothing here is timed closer than minutes (the server's health, the deploy script, a worker's
+# run), so the module runs beside the other test worker.
+pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "gpu-pool"
