@@ -24,7 +24,7 @@ demo: $(STAMP)
 # worker, so module fixtures are made once), then the timing-sensitive tests alone.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not serial"
 	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)

@@ -39,3 +39,18 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The modules that hold slow or server tests first, each module's tests kept together and in order.
+
+    `make test` hands whole files to two xdist workers in collection order (`--no-loadscope-reorder`): a long
+    module handed out last keeps one worker busy while the other has nothing left to do."""
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]  # the unit `--dist loadfile` hands out
+
+    heavy = {module(item) for item in items if item.get_closest_marker("slow") or item.get_closest_marker("server")}
+    first_seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault(module(item), index)
+    items.sort(key=lambda item: (module(item) not in heavy, first_seen[module(item)]))
