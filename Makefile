@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(BIN)/gplflow demo
 
 # Two pytest-xdist workers on the two cores (the tests use one torch thread each; a file's tests stay on one
-# worker, so module fixtures are made once), then the timing-sensitive tests alone.
+# worker, so module fixtures are made once; files with slow or server tests are handed out first, in the order
+# tests/conftest.py gives), then the timing-sensitive tests alone.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not serial"
