@@ -158,7 +158,7 @@ def test_status_complete_partial_corrupted_missing(tmp_path) -> None:
     assert rows["negatives"].state == "corrupted" and "checksum mismatch" in rows["negatives"].rerun
     assert rows["model"].state == "partial" and rows["model"].rerun.endswith("step 20")
     assert (rows["triples"].state, rows["triples"].rerun) == (
-        "missing", "compute, if the flow is gpl and train.loss is margin_mse")
+        "missing", "compute, if the flow is gpl and train.loss is margin_mse, kl or kl+margin_mse")
 
     result = CliRunner().invoke(app, ["status", str(tmp_path / "run")], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
