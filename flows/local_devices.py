@@ -17,7 +17,6 @@ processes (each stages its shard itself). Not yet measured on several GPUs; see 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import tempfile
@@ -29,8 +28,8 @@ from prefect.exceptions import MissingContextError
 
 from gplflow.adapters import device_workers
 from gplflow.adapters.errors import InputError
-from gplflow.flows.stages import Stage, shard_stage
-from gplflow.tasks.base import StageInputs
+from gplflow.flows.stages import Stage
+from gplflow.tasks.base import ShardJob, StageInputs, job_from_payload, job_payload
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,21 @@ def spread(stage: Stage, inputs: StageInputs, found: list[str]) -> None:
     the requests in flight, and N processes would multiply it."""
     if remote(getattr(inputs, "cfg", None)):
         return
-    job = stage.job(inputs)  # type: ignore[misc]
+    spread_job(stage.job(inputs), found, stage.name)  # type: ignore[misc]
+
+
+def fan_out_job(cfg: Any, job: ShardJob) -> None:
+    """In local mode on several devices, compute the pending shards of a job a stage made while it runs (a
+    re-mining round's encoding or labelling) one process per device (else a no-op: the stage computes them)."""
+    if cfg.execution.mode != "local":
+        return
+    found = devices(cfg.execution.devices)
+    if len(found) > 1:
+        spread_job(job, found, job.stage)
+
+
+def spread_job(job: ShardJob, found: list[str], name: str) -> None:
+    """Compute ``job``'s pending shards over the devices ``found``, one process each, round-robin."""
     if job.store.load(job.stage, expect_fingerprint=job.fingerprint) is not None:
         return
     pending = job.prepare()
@@ -89,21 +102,17 @@ def spread(stage: Stage, inputs: StageInputs, found: list[str]) -> None:
     used = found[: len(pending)]
     _free_cached_gpu_memory()
     log = _logger()
-    log.info("%s: %d of %d shards on %d devices (%s)", stage.name, len(pending), job.n_shards, len(used),
-             ", ".join(used))
-    kind = type(inputs)
-    payload = {"stage": stage.name, "inputs_type": f"{kind.__module__}:{kind.__qualname__}",
-               "inputs": inputs.model_dump(mode="json")}
+    log.info("%s: %d of %d shards on %d devices (%s)", name, len(pending), job.n_shards, len(used), ", ".join(used))
+    payload = job_payload(job)
     payloads = {device: {**payload, "shards": pending[i :: len(used)]} for i, device in enumerate(used)}
     done: list[int] = []
 
     def shard_done(device: str, event: dict[str, Any]) -> None:
         done.append(event["shard"])
-        log.info("%s: shard %d done on %s (%d of %d)", stage.name, event["shard"], device, len(done), len(pending))
+        log.info("%s: shard %d done on %s (%d of %d)", name, event["shard"], device, len(done), len(pending))
 
-    with tempfile.TemporaryDirectory(prefix=f"gplflow-{stage.name}-devices-") as job_dir:
-        device_workers.run_on_devices(Path(job_dir), TARGET, payloads, what=f"{stage.name} shards",
-                                      on_event=shard_done)
+    with tempfile.TemporaryDirectory(prefix=f"gplflow-{name}-devices-") as job_dir:
+        device_workers.run_on_devices(Path(job_dir), TARGET, payloads, what=f"{name} shards", on_event=shard_done)
 
 
 def remote(section: Any) -> bool:
@@ -112,10 +121,8 @@ def remote(section: Any) -> bool:
 
 
 def run_shards(payload: dict[str, Any]) -> None:
-    """A device's process: rebuild the stage's job from its inputs and compute its shards in order."""
-    module, _, name = payload["inputs_type"].partition(":")
-    inputs = getattr(importlib.import_module(module), name).model_validate(payload["inputs"])
-    job = shard_stage(payload["stage"]).job(inputs)  # type: ignore[misc]
+    """A device's process: rebuild the job from its inputs and compute its shards in order."""
+    job = job_from_payload(payload)
     for k in payload["shards"]:
         job.check_shard(k)  # the plan the parent staged, made from exactly these inputs
         if job.staging.record(k) is None:

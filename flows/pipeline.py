@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from gplflow.flows.interrupt import watchdog_on_stop
 from gplflow.flows.report import artifact_key, publish_report
 from gplflow.flows.stages import STAGES, Run
 from gplflow.flows.validate import validate_run
+from gplflow.tasks.base import ShardJob, spreading
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,9 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
         if stage.job is not None:  # the shards first, then the task publishes them
             shards.fan_out(cfg, stage, inputs, pool)  # pool mode: on the workers
             local_devices.fan_out(cfg, stage, inputs)  # local mode on several devices: a process per device
-        with shards.devices_held(cfg, stage):  # pool mode: no shard lands on a device that training holds
+        # pool mode: no shard lands on a device that training holds; shards a stage cuts while it runs (a re-mining
+        # round's) go where the stages' shards go
+        with shards.devices_held(cfg, stage), spreading(partial(_spread, cfg)):
             run.record(stage, stage.task(inputs))
     store = ArtifactStore(run_dir)
     metrics = None
@@ -131,6 +135,16 @@ def _run_stages(cfg: PipelineConfig, run_dir: str, config_path: str | Path | Non
                "started": started, "seconds": round(time.time() - started, 1)}
     publish_report(cfg, store, summary)
     return summary
+
+
+def _spread(cfg: PipelineConfig, job: ShardJob) -> None:
+    """Where the shards of a job a stage made while it runs are computed: on the pool (with the training's devices
+    given back meanwhile), on every local device, or (neither applies) by the stage itself."""
+    if cfg.execution.mode == "pool":
+        with shards.devices_released():
+            shards.fan_out_job(cfg, job)
+    else:
+        local_devices.fan_out_job(cfg, job)
 
 
 def flow_run_name() -> str:

@@ -26,6 +26,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectN
 from gplflow.adapters.errors import GplflowError, InputError, MissingInputError
 from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
 from gplflow.flows.stages import Run, Stage, shard_stage
-from gplflow.tasks.base import ShardJob, StageInputs
+from gplflow.tasks.base import ShardJob, StageInputs, job_from_payload, job_payload
 
 logger = logging.getLogger(__name__)
 
@@ -64,33 +65,47 @@ class PoolRunError(GplflowError, RuntimeError):
 
 @flow(name=FLOW_NAME, flow_run_name="{stage} shard {shard}", log_prints=True)
 def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = None,
-               overrides: list[str] | None = None) -> dict:
-    """Compute one shard of a shardable stage into the run's staging folder; returns its done record."""
-    found = shard_stage(stage)
-    name = found.name
-    cfg = PipelineConfig.load(config_path, overrides or [])
+               overrides: list[str] | None = None, job: dict[str, Any] | None = None) -> dict:
+    """Compute one shard of a shardable stage into the run's staging folder; returns its done record.
+
+    ``job`` (``tasks.base.job_payload``): the shard job itself, for work a stage cuts into shards while it runs (a
+    re-mining round's encoding and labelling, named by their artifact: ``triples-round-2``); the worker then
+    rebuilds it from those inputs rather than from the config (``config_path`` and ``overrides`` are not read)."""
+    if job is not None:
+        name, make = stage, lambda: job_from_payload(job)
+    else:
+        found = shard_stage(stage)
+        name, make = found.name, _from_registry(found, PipelineConfig.load(config_path, overrides or []), run_dir)
     log = get_run_logger()
     _label_flow_run()
     # The device first: a run waiting for its GPU holds no model (resolving the inputs builds or loads them).
     waited = time.perf_counter()
     with device_slot(shard) as device:
         log.info("%s shard %d: device %s after %.1f s", name, shard, device, time.perf_counter() - waited)
-        # the registry derives the inputs from the config and the artifacts the pipeline already published
+        work = make()
+        work.check_shard(shard)
+        if (record := work.staging.record(shard)) is not None:
+            log.info("%s shard %d of %d was already done by %s", name, shard, work.n_shards, _who(record))
+            return record
+        started = time.perf_counter()
+        record = work.run_shard(shard)
+    log.info("%s shard %d of %d: %d rows in %.1f s", name, shard, work.n_shards, record["rows"],
+             time.perf_counter() - started)
+    return record
+
+
+def _from_registry(found: Stage, cfg: PipelineConfig, run_dir: str) -> Callable[[], ShardJob]:
+    """The stage's shard job as the registry derives its inputs, from the config and the artifacts the pipeline
+    already published in the run directory."""
+    def make() -> ShardJob:
         try:
             inputs = found.inputs(Run.from_store(cfg, run_dir))
         except KeyError as err:
             raise MissingInputError(f"{run_dir}: no valid {err.args[0]} artifact; the shard's inputs must be "
                                     "published (by the pipeline) in the run directory the workers share") from None
-        job = found.job(inputs)
-        job.check_shard(shard)
-        if (record := job.staging.record(shard)) is not None:
-            log.info("%s shard %d of %d was already done by %s", name, shard, job.n_shards, _who(record))
-            return record
-        started = time.perf_counter()
-        record = job.run_shard(shard)
-    log.info("%s shard %d of %d: %d rows in %.1f s", name, shard, job.n_shards, record["rows"],
-             time.perf_counter() - started)
-    return record
+        return found.job(inputs)  # type: ignore[misc]
+
+    return make
 
 
 def visible_devices() -> list[str]:
@@ -168,8 +183,34 @@ def devices_held(cfg: PipelineConfig, stage: Stage) -> Iterator[list[str]]:
         setting = 1
     names = device_limits(visible if setting == "auto" else visible[:int(setting)])
     _logger().info("%s: waiting for the device slots %s", stage.name, ", ".join(names))
-    with concurrency(names, occupy=1, strict=True):
+    hold = contextlib.ExitStack()
+    hold.enter_context(concurrency(names, occupy=1, strict=True))
+    token = _held.set((names, hold))
+    try:
         yield names
+    finally:
+        _held.reset(token)
+        hold.close()
+
+
+_held: ContextVar[tuple[list[str], contextlib.ExitStack] | None] = ContextVar("gplflow_devices_held", default=None)
+
+
+@contextlib.contextmanager
+def devices_released() -> Iterator[None]:
+    """Inside ``devices_held``: give the training's device slots back for the block, then wait for them again, so
+    that shards the training fans out (a re-mining round's) can run on its devices; elsewhere a no-op."""
+    found = _held.get()
+    if found is None:
+        yield
+        return
+    names, hold = found
+    hold.close()
+    try:
+        yield
+    finally:
+        _logger().info("waiting for the device slots %s again", ", ".join(names))
+        hold.enter_context(concurrency(names, occupy=1, strict=True))
 
 
 def _label_flow_run() -> None:
@@ -477,6 +518,23 @@ def fan_out(cfg: PipelineConfig, stage: Stage, inputs: StageInputs, source: Pool
     if cfg.execution.mode != "pool" or source is None or stage.job is None:
         return
     job = stage.job(inputs)
+    parameters = {"stage": stage.name, "run_dir": _shared(inputs.run_dir), "config_path": source.config_path,
+                  "overrides": source.overrides}
+    _fan_out(cfg, job, parameters, dispatcher)
+
+
+def fan_out_job(cfg: PipelineConfig, job: ShardJob, dispatcher: DeploymentDispatcher | None = None) -> None:
+    """In pool mode, compute the pending shards of a job a stage made while it runs (a re-mining round's) on the
+    worker pool: each shard run gets the job whole (``shard_flow``'s ``job``), its run directory made absolute."""
+    if cfg.execution.mode != "pool":
+        return
+    payload = job_payload(job)
+    payload["inputs"]["run_dir"] = run_dir = _shared(job.inputs.run_dir)
+    _fan_out(cfg, job, {"stage": job.stage, "run_dir": run_dir, "job": payload}, dispatcher)
+
+
+def _fan_out(cfg: PipelineConfig, job: ShardJob, parameters: dict[str, Any],
+             dispatcher: DeploymentDispatcher | None) -> None:
     if job.store.load(job.stage, expect_fingerprint=job.fingerprint) is not None:
         return
     pending = job.prepare()
@@ -489,8 +547,6 @@ def fan_out(cfg: PipelineConfig, stage: Stage, inputs: StageInputs, source: Pool
                                           max_in_flight=cfg.execution.max_in_flight,
                                           parent=UUID(str(runtime.flow_run.id)) if runtime.flow_run.id else None)
     dispatcher.check()
-    parameters = {"stage": stage.name, "run_dir": _shared(inputs.run_dir), "config_path": source.config_path,
-                  "overrides": source.overrides}
     run_shards(job, pending, dispatcher, parameters, cfg.execution)
 
 

@@ -11,11 +11,14 @@ list is written twice. The registry (``flows/stages.py``) builds the inputs from
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
@@ -305,3 +308,51 @@ def _ranges(numbers: list[int]) -> str:
             out.append(f"{start}" if start == n else f"{start}-{n}")
             start = None
     return ", ".join(out)
+
+
+# --- shard jobs computed inside a stage (re-mining rounds), spread as the run spreads the stages' shards ---------
+
+JobSpreader = Callable[["ShardJob"], None]  # computes a job's pending shards elsewhere (pool workers, devices)
+_spreader: ContextVar[JobSpreader | None] = ContextVar("gplflow_job_spreader", default=None)
+
+
+@contextlib.contextmanager
+def spreading(spread: JobSpreader | None) -> Iterator[None]:
+    """While the block runs, ``compute`` hands a job's pending shards to ``spread`` first (the pipeline sets it
+    around a stage task, so that work a stage cuts into shards itself goes where the run's shards go)."""
+    token = _spreader.set(spread)
+    try:
+        yield
+    finally:
+        _spreader.reset(token)
+
+
+def compute(job: ShardJob) -> Artifact:
+    """A shard job's artifact: reused while valid, else its shards computed (spread first, when the block runs
+    under ``spreading``: the spreader computes what it can, this process what is left) and published."""
+    found = reuse(job.store, job.stage, job.fingerprint)
+    if found is not None:
+        return found
+    if (spread := _spreader.get()) is not None:
+        spread(job)
+    return job.run()
+
+
+def job_payload(job: ShardJob) -> dict[str, Any]:
+    """What another process needs to rebuild ``job`` (``job_from_payload``): its class and its inputs as JSON."""
+    inputs = job.inputs
+    return {"job": f"{type(job).__module__}:{type(job).__qualname__}",
+            "inputs_type": f"{type(inputs).__module__}:{type(inputs).__qualname__}",
+            "inputs": inputs.model_dump(mode="json")}
+
+
+def job_from_payload(payload: Mapping[str, Any]) -> ShardJob:
+    """The shard job ``job_payload`` described: only gplflow's own classes are imported."""
+    def named(path: str) -> Any:
+        module, _, name = path.partition(":")
+        if module != "gplflow" and not module.startswith("gplflow."):
+            raise InputError(f"shard job {path!r}: not a gplflow class")
+        return getattr(importlib.import_module(module), name)
+
+    inputs = named(payload["inputs_type"]).model_validate(payload["inputs"])
+    return named(payload["job"])(inputs)

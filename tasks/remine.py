@@ -26,14 +26,10 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from gplflow.adapters import artifacts
-from gplflow.adapters.lazy import lazy
 from gplflow.adapters.store import Artifact, Ref
-from gplflow.tasks.base import StageConfig, StageInputs
+from gplflow.tasks.base import StageConfig, StageInputs, compute
 from gplflow.tasks.label import LabelConfig, LabelJob, RoundLabelInputs, round_artifact
-from gplflow.tasks.mine import MineConfig, _Corpus, _dense_batches
-
-models = lazy("gplflow.adapters.models")
-encoding = lazy("gplflow.adapters.encoding")
+from gplflow.tasks.mine import MineConfig, MineJob, _dense_batches
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +58,15 @@ class RoundMineInputs(StageInputs, code_version=CODE_VERSION):
     score: str  # the student's similarity: "dot" or "cos_sim"
     train: str  # the train stage's fingerprint
     round: int = Field(ge=2)
+    shard_size: int = Field(gt=0)  # passages per shard of the corpus encoding (not fingerprinted: same rows)
 
     @property
     def artifact(self) -> str:  # type: ignore[override]
         return round_artifact(artifacts.NEGATIVES, self.round)
+
+    def checked(self) -> list[tuple[str, str]]:
+        """The one retriever, as the mine stage's job reads its retrievers: the student and its similarity."""
+        return [(self.student, self.score)]
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
         config = {**self.cfg.model_dump(mode="json"), "score": self.score, "round": self.round}
@@ -73,34 +74,35 @@ class RoundMineInputs(StageInputs, code_version=CODE_VERSION):
                         "previous": self.previous.fingerprint, "train": self.train}
 
 
-def remine(inputs: RoundMineInputs) -> Artifact:
-    """The round's negatives: reused while valid, else mined with the student and published, with how many of
-    them the previous round's negatives lacked (``changed_negatives``)."""
-    if (found := inputs.reuse()) is not None:
-        return found
-    started = time.time()
-    cfg, store = inputs.cfg, inputs.store
-    corpus, queries = inputs.load(inputs.corpus), inputs.load(inputs.queries)
-    docs = _Corpus.read(corpus)
-    student = models.load_bi_encoder(inputs.student, max_seq_length=cfg.max_seq_length, inference=True)
-    emb = encoding.encode(student, docs.texts, role="document", batch_size=cfg.batch_size,
-                          normalize=inputs.score == "cos_sim", desc=f"round {inputs.round}: encoding the corpus",
-                          setting="mine.batch_size")
-    config, fps = inputs.fingerprint_parts()
-    name = f"student-round-{inputs.round}"
-    chunks = queries.iter_batches(["query_id", "doc_id", "text"], batch_size=cfg.query_chunk)
-    with store.writer(inputs.artifact, config=config, inputs=fps, code_version=CODE_VERSION) as out:
-        batches = list(_dense_batches(cfg, name, inputs.score, emb, student, docs, chunks, out.count))
-        out.write_part(batches, artifacts.NEGATIVES_SCHEMA)
-        changed, total = _changed(pa.Table.from_batches(batches, artifacts.NEGATIVES_SCHEMA),
-                                  inputs.load(inputs.previous))
-        out.count("queries", queries.rows)
-        out.count("negatives", total)
-        out.count("changed_negatives", changed)
-        out.extra["round"] = inputs.round
-        out.extra["seconds"] = round(time.time() - started, 3)
-    encoding.release_memory()
-    return store.require(inputs.artifact)
+class RoundMineJob(MineJob):
+    """A round's mining as the mine stage's job: the corpus encoding by the student cut into shards (which the run
+    spreads over its devices or pool workers as it spreads the mine stage's), then the search in this process."""
+
+    def __init__(self, inputs: RoundMineInputs):
+        self.started = time.time()
+        super().__init__(inputs)  # type: ignore[arg-type]
+
+    def publish(self) -> Artifact:
+        inputs: RoundMineInputs = self.inputs  # type: ignore[assignment]
+        records = self.done_records()
+        emb = np.concatenate([self.staging.read_array(c) for c in range(self.slices)])
+        name = f"student-round-{inputs.round}"
+        chunks = self.queries.iter_batches(["query_id", "doc_id", "text"], batch_size=self.cfg.query_chunk)
+        with self.store.writer(self.stage, config=self.config, inputs=self.input_fps, code_version=CODE_VERSION) as out:
+            batches = list(_dense_batches(self.cfg, name, inputs.score, emb, self._load(inputs.student), self.docs,
+                                          chunks, out.count))
+            out.write_part(batches, artifacts.NEGATIVES_SCHEMA)
+            changed, total = _changed(pa.Table.from_batches(batches, artifacts.NEGATIVES_SCHEMA),
+                                      inputs.load(inputs.previous))
+            out.count("queries", self.queries.rows)
+            out.count("negatives", total)
+            out.count("changed_negatives", changed)
+            out.extra["round"] = inputs.round
+            out.extra["seconds"] = round(time.time() - self.started, 3)
+            out.extra["shards"] = self.shard_summary(records)
+        self._drop_model()
+        self.staging.remove()
+        return self.store.require(self.stage)
 
 
 def _changed(new: pa.Table, previous: Artifact) -> tuple[int, int]:
@@ -121,7 +123,7 @@ def round_labels(inputs: Any, rounds: Rounds, number: int, negatives: Artifact, 
     label = RoundLabelInputs(run_dir=inputs.run_dir, cfg=rounds.label, triples=examples, corpus=inputs.corpus,
                              queries=inputs.queries, negatives=negatives.ref, teacher=rounds.teacher,
                              shard_size=rounds.shard_size, round=number, prior=tuple(prior))
-    return LabelJob(label).result()
+    return compute(LabelJob(label))
 
 
 def stop_at(step: int) -> Any:

@@ -25,7 +25,7 @@ from gplflow.adapters.lazy import lazy
 from gplflow.adapters.model_refs import model_signature
 from gplflow.adapters.store import Artifact
 from gplflow.tasks import remine
-from gplflow.tasks.base import AutoOrPositive, Ref, Seed, StageConfig, StageInputs, stage_task
+from gplflow.tasks.base import AutoOrPositive, Ref, Seed, StageConfig, StageInputs, compute, stage_task
 from gplflow.tasks.label import label_config
 from gplflow.tasks.planning import CALIBRATION_STEPS, StagePlan, StepClock, pseudo_query
 from gplflow.tasks.progress import ProgressArtifact
@@ -281,11 +281,12 @@ def _fit_rounds(inputs: TrainInputs, model: Any, first: Any, checkpoints: Any, c
             nonlocal negatives
             dataset, end = first, min(number * every, cfg.steps)
             if number > 1:
-                student = checkpoints / f"checkpoint-{(number - 1) * every}"
-                negatives = remine.remine(remine.RoundMineInputs(
+                # absolute: pool workers and device processes load it too (from the run directory they share)
+                student = (checkpoints / f"checkpoint-{(number - 1) * every}").resolve()
+                negatives = compute(remine.RoundMineJob(remine.RoundMineInputs(
                     run_dir=inputs.run_dir, cfg=rounds.mine, corpus=inputs.corpus, queries=inputs.queries,
                     previous=negatives.ref, student=str(student), score=cfg.similarity, train=inputs.fingerprint(),
-                    round=number))
+                    round=number, shard_size=rounds.shard_size)))
                 labels = remine.round_labels(inputs, rounds, number, negatives, [lb.ref for _, lb in made], per_round)
                 made.append((negatives, labels))
                 dataset = _dataset(cfg, inputs.load(inputs.corpus), inputs.load(inputs.queries), labels)

@@ -8,6 +8,8 @@ that GenQ (MNRL) and BM25 mining run through the same flow, that a gpl-format ex
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from demo_slice import beir_slice
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from gplflow.adapters.device_workers import FAKE_DEVICES_VAR
 from gplflow.adapters.models import packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
 from gplflow.flows.cli import app
@@ -100,6 +103,26 @@ def test_gpl_rerun_recomputes_nothing_and_train_steps_recompute_only_train_and_e
     gpl_pipeline(str(config), ["mine.bm25=true", "train.steps=4"], str(run_dir))
     assert _changed(before, _manifests(run_dir)) == {"model", "evaluate", "promoted"}
     assert json.loads((run_dir / "model" / "manifest.json").read_text())["train"]["steps"] == 4
+
+
+def test_a_re_mining_rounds_shards_go_to_every_device_of_a_local_run(config, tmp_path, monkeypatch):
+    """The round's encoding and labelling, cut into shards inside the train task, reach the devices as the stages'
+    shards do; the rerun on two stand-in devices recomputes the rounds and gives the rows of one process."""
+    run_dir = tmp_path / "run"
+    rounds = ["label.triples=auto", "train.steps=4", "train.remine_every=2", "execution.shard_size=4"]
+    gpl_pipeline(str(config), rounds, str(run_dir))
+    store = ArtifactStore(run_dir)
+    made = {name: store.require(name).read_table() for name in ("negatives-round-2", "triples-round-2")}
+    for name in (*made, "model", "evaluate", "promoted"):
+        shutil.rmtree(run_dir / name)
+    monkeypatch.setenv(FAKE_DEVICES_VAR, "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the device processes compute as this process does (conftest)
+    gpl_pipeline(str(config), rounds, str(run_dir))
+    for name, table in made.items():
+        again = store.require(name)
+        assert again.read_table().equals(table)
+        pids = {shard["pid"] for shard in again.manifest["shards"]["shards"]}
+        assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_deleted_part_recomputes_that_stage_and_the_ones_after_it(config, tmp_path):

@@ -286,6 +286,25 @@ def test_training_in_pool_mode_holds_every_device_it_trains_on(monkeypatch, limi
     assert limits == []
 
 
+def test_training_gives_its_devices_back_while_its_rounds_shards_run(monkeypatch, limits):
+    from gplflow.flows.stages import STAGES
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(shards, "_logger", lambda: logging.getLogger("test"))
+    train = next(s for s in STAGES if s.name == "train")
+    cfg = PipelineConfig.load(None, ["corpus.path=c.jsonl", "execution.mode=pool"])
+    with shards.devices_held(cfg, train) as held:
+        with shards.devices_released():  # a re-mining round's shards, on the pool (and maybe on this GPU)
+            limits.append("round shards")
+        limits.append("training")
+    assert limits == [("take", held), ("release", held), "round shards", ("take", held), "training",
+                      ("release", held)]
+    limits.clear()
+    with shards.devices_released():  # nothing held: nothing to give back
+        pass
+    assert limits == []
+
+
 def test_a_shard_resolves_its_inputs_only_once_it_holds_its_device(monkeypatch, limits):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
 

@@ -3,7 +3,12 @@ frozen student changes nothing, and a run killed in the middle of round 2 ends a
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 import shutil
+from uuid import uuid4
 
 import pytest
 import torch
@@ -12,8 +17,12 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 from stage_calls import run_label, run_mine
 from transformers import TrainerCallback
 
+from gplflow.adapters.device_workers import FAKE_DEVICES_VAR
 from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
+from gplflow.flows import local_devices, shards
+from gplflow.flows.config import PipelineConfig
+from gplflow.tasks.base import spreading
 from gplflow.tasks.label import LabelConfig
 from gplflow.tasks.mine import MineConfig
 from gplflow.tasks.remine import Rounds
@@ -48,13 +57,13 @@ def prepared(tiny, tmp_path_factory):
     return store.root
 
 
-def _run(prepared, tiny, root, callbacks=(), **overrides):
+def _run(prepared, tiny, root, callbacks=(), shard_size=1000, **overrides):
     shutil.copytree(prepared, root, dirs_exist_ok=True)
     store = ArtifactStore(root)
     cfg = TrainConfig(**{"loss": "kl", "steps": 4, "remine_every": 2, "batch_size": 4, "learning_rate": 5e-3,
                          "warmup_steps": 0, "checkpoint_every": 1, "max_seq_length": 32, "seed": 5, **overrides})
     rounds = Rounds(mine=MINE, label=LABEL, teacher=str(tiny.cross_encoder), negatives=store.require("negatives").ref,
-                    shard_size=1000)
+                    shard_size=shard_size)
     inputs = TrainInputs(run_dir=str(root), cfg=cfg, base_model=str(tiny.bi_encoder),
                          corpus=store.require("corpus").ref, queries=store.require("queries").ref,
                          triples=store.require("triples").ref, rounds=rounds)
@@ -124,3 +133,68 @@ def test_rounds_remine_with_the_student_score_only_new_pairs_and_resume_mid_roun
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert [r["loss_last"] for r in resumed.manifest["train"]["rounds"]] == pytest.approx(
         [r["loss_last"] for r in rounds], abs=1e-6)
+
+
+class InProcessPool:
+    """A stand-in for the pool's dispatcher: each shard run is ``shard_flow`` called here, on its parameters as the
+    API hands them to a worker (JSON), two in flight."""
+
+    def __init__(self):
+        self.runs: list[dict] = []
+
+    def check(self):
+        pass
+
+    def capacity(self):
+        return 2
+
+    def submit(self, shard, parameters):
+        parameters = json.loads(json.dumps(parameters))
+        self.runs.append(parameters)
+        shards.shard_flow.fn(**parameters)
+        return shards.Attempt(shard, uuid4(), f"{parameters['stage']} shard {shard}", state="COMPLETED")
+
+    def poll(self, attempts):
+        return list(attempts)
+
+    def cancel(self, attempts, why):
+        return []
+
+
+def test_a_rounds_encoding_and_labelling_spread_over_devices_and_the_pool_give_one_process_rows(
+        prepared, tiny, tmp_path, monkeypatch):
+    store, _ = _run(prepared, tiny, tmp_path / "straight", shard_size=6)
+    made = ("negatives-round-2", "triples-round-2")
+
+    monkeypatch.setenv(FAKE_DEVICES_VAR, "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the device processes compute as this process does (conftest)
+    found = local_devices.devices(2)
+    spread: list[str] = []
+
+    def on_devices(job):
+        spread.append(job.stage)
+        local_devices.spread_job(job, found, job.stage)
+
+    with spreading(on_devices):
+        devices, _ = _run(prepared, tiny, tmp_path / "devices", shard_size=6)
+    assert spread == list(made)
+
+    pool, cfg = InProcessPool(), PipelineConfig.load(None, ["corpus.path=c.jsonl", "execution.mode=pool"])
+    monkeypatch.setattr(shards, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(shards, "_label_flow_run", lambda: None)
+    monkeypatch.setattr(shards, "device_limits", lambda devices: [shards.limit_name(d) for d in devices])
+    monkeypatch.setattr(shards, "concurrency", lambda *args, **kwargs: contextlib.nullcontext())
+    with spreading(lambda job: shards.fan_out_job(cfg, job, dispatcher=pool)):
+        pooled, _ = _run(prepared, tiny, tmp_path / "pool", shard_size=6)
+    assert sorted({run["stage"] for run in pool.runs}) == sorted(made)
+    assert all(run["job"]["inputs"]["run_dir"] == str((tmp_path / "pool").resolve()) for run in pool.runs)
+
+    for name in made:
+        expected = store.require(name)
+        n_shards = expected.manifest["shards"]["count"] if "shards" in expected.manifest else None
+        for other in (devices, pooled):
+            assert other.require(name).fingerprint == expected.fingerprint
+            assert other.require(name).read_table().equals(expected.read_table())
+        assert len([run for run in pool.runs if run["stage"] == name]) == n_shards > 1
+        pids = {s["pid"] for s in devices.require(name).manifest["shards"]["shards"]}
+        assert len(pids) == 2 and os.getpid() not in pids  # each device's process computed its shards
