@@ -10,6 +10,7 @@ shardable stage (``.<stage>.shards-<fingerprint>/``) or the last training checkp
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gplflow.adapters import artifacts, checkpoints
@@ -43,10 +44,25 @@ def run_status(store: ArtifactStore, verify: bool = False) -> list[StageStatus]:
         what = "is a file, not a run folder" if store.fs.exists(store.root) else "no such run folder"
         raise MissingInputError(f"{store.root_url}: {what}")
     rows = [stage_status(store, stage, verify) for stage in artifact_names()]
+    model = next(i for i, row in enumerate(rows) if row.stage == artifacts.MODEL)
+    rows[model:model] = [stage_status(store, name, verify) for name in round_artifacts(store)]
     if all(row.state == "missing" for row in rows):
         raise MissingInputError(f"{store.root_url}: not a run directory (no stage artifact, staged shard or "
                                 "checkpoint in it); give the --run-dir of a run")
     return rows
+
+
+_ROUND = re.compile(r"^\.?(?P<name>(?:negatives|triples)-round-(?P<round>\d+))(?:\.shards-[0-9a-f]+)?$")
+
+
+def round_artifacts(store: ArtifactStore) -> list[str]:
+    """The re-mining rounds' artifacts (``train.remine_every``) the run directory holds, published or staged, in
+    round order: negatives-round-2, triples-round-2, negatives-round-3…"""
+    if not store.fs.isdir(store.root):
+        return []
+    found = {match["name"]: int(match["round"]) for path in store.fs.ls(store.root, detail=False)
+             if (match := _ROUND.match(path.rstrip("/").rsplit("/", 1)[-1]))}
+    return sorted(found, key=lambda name: (found[name], not name.startswith(artifacts.NEGATIVES)))
 
 
 def shown(rows: list[StageStatus]) -> tuple[list[StageStatus], list[StageStatus]]:

@@ -22,6 +22,7 @@ from gplflow.adapters.store import ArtifactStore
 from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.flows import local_devices, shards
 from gplflow.flows.config import PipelineConfig
+from gplflow.flows.status import run_status
 from gplflow.tasks.base import spreading
 from gplflow.tasks.label import LabelConfig
 from gplflow.tasks.mine import MineConfig
@@ -123,6 +124,12 @@ def test_rounds_remine_with_the_student_score_only_new_pairs_and_resume_mid_roun
 
     with pytest.raises(RuntimeError, match="simulated crash before step 4"):
         _run(prepared, tiny, tmp_path / "killed", callbacks=[_CrashAt(4)])
+    listed = {row.stage: row for row in run_status(ArtifactStore(tmp_path / "killed"))}
+    names = list(listed)
+    assert names.index("triples") < names.index("negatives-round-2") < names.index("triples-round-2") \
+        < names.index("model")  # gplflow status shows the rounds where training makes them
+    assert listed["triples-round-2"].state == "complete" and listed["triples-round-2"].rows == 2 * 4
+    assert listed["model"].state == "partial" and "step 3" in listed["model"].rerun
     killed, resumed = _run(prepared, tiny, tmp_path / "killed")
     assert resumed.manifest["train"]["resumed_from_step"] == 3  # in the middle of round 2 (steps 3-4)
     for name in ("negatives-round-2", "triples-round-2"):
