@@ -13,9 +13,9 @@ from uuid import uuid4
 import pytest
 import torch
 from artifact_rows import write_artifact
+from crash import CrashAt
 from sentence_transformers import CrossEncoder, SentenceTransformer
 from stage_calls import run_label, run_mine
-from transformers import TrainerCallback
 
 from gplflow.adapters.device_workers import FAKE_DEVICES_VAR
 from gplflow.adapters.store import ArtifactStore
@@ -99,15 +99,6 @@ def test_a_frozen_student_remines_the_same_negatives_and_scores_nothing(prepared
     assert _pairs(store.require("triples-round-2")) == _pairs(store.require("triples"))
 
 
-class _CrashAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            raise RuntimeError(f"simulated crash before step {self.step}")
-
-
 def test_rounds_remine_with_the_student_score_only_new_pairs_and_resume_mid_round(prepared, tiny, tmp_path,
                                                                                    monkeypatch):
     calls = _counting(monkeypatch)
@@ -123,7 +114,7 @@ def test_rounds_remine_with_the_student_score_only_new_pairs_and_resume_mid_roun
     assert all(r["loss_first"] is not None for r in rounds)
 
     with pytest.raises(RuntimeError, match="simulated crash before step 4"):
-        _run(prepared, tiny, tmp_path / "killed", callbacks=[_CrashAt(4)])
+        _run(prepared, tiny, tmp_path / "killed", callbacks=[CrashAt(4)])
     listed = {row.stage: row for row in run_status(ArtifactStore(tmp_path / "killed"))}
     names = list(listed)
     assert names.index("triples") < names.index("negatives-round-2") < names.index("triples-round-2") \

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 from artifact_rows import write_artifact
+from crash import CrashAt
 from sentence_transformers import SentenceTransformer, util
 from sentence_transformers.sentence_transformer import losses
 from stage_calls import run_train, train_fingerprint
@@ -112,17 +113,6 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in SentenceTransformer(str(path), device="cpu").state_dict().items()}
 
 
-class _CrashAt(TrainerCallback):
-    """Simulates a killed process: raises when step `step` is about to run."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            raise RuntimeError(f"simulated crash before step {self.step}")
-
-
 class _CountSteps(TrainerCallback):
     def __init__(self):
         self.steps: list[int] = []
@@ -219,7 +209,7 @@ def test_plain_hugging_face_encoder_gets_mean_pooling(store, tiny, tmp_path):
 def test_crashed_training_resumes_from_its_last_checkpoint(store, tiny, tmp_path):
     settings = {"steps": 4, "checkpoint_every": 2, "batch_size": 4}
     with pytest.raises(RuntimeError, match="simulated crash before step 3"):
-        _train(store, tiny.bi_encoder, callbacks=[_CrashAt(3)], **settings)
+        _train(store, tiny.bi_encoder, callbacks=[CrashAt(3)], **settings)
     assert store.load("model") is None  # nothing published
     checkpoints = list((Path(store.root) / ".checkpoints").glob("model-*/checkpoint-*"))
     assert [p.name for p in checkpoints] == ["checkpoint-2"]

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from crash import CrashAt
 from sentence_transformers import SentenceTransformer
 from stage_calls import run_train
-from transformers import TrainerCallback
 
 from gplflow.adapters import artifacts
 from gplflow.adapters import trainer as st_trainer
@@ -85,15 +85,6 @@ def test_the_trainers_loss_matches_one_computed_by_hand(student, loss, temperatu
     assert kl > 0.01 and mse > 0.1  # neither side is trivially zero
 
 
-class _CrashAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            raise RuntimeError(f"simulated crash before step {self.step}")
-
-
 def _store(root: Path) -> ArtifactStore:
     store = ArtifactStore(root)
     for stage, rows in (("corpus", PASSAGES), ("queries", QUERIES)):
@@ -121,7 +112,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
 def test_kl_training_on_tuples_resumes_where_it_stopped(student, tmp_path):
     crashed = _store(tmp_path / "a")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _train(crashed, student, [_CrashAt(3)])
+        _train(crashed, student, [CrashAt(3)])
     resumed = _train(crashed, student)
     straight = _train(_store(tmp_path / "b"), student)
     info = resumed.manifest["train"]
