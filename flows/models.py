@@ -3,13 +3,13 @@ from the corpus (cached), the pip-packaged all-MiniLM-L6-v2 for its hub name, a 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prefect import get_run_logger, task
 
-from gplflow.adapters.models import TINY, packaged_minilm_path, truncated_copy
+from gplflow.adapters.model_refs import TINY, packaged_minilm_path
 from gplflow.adapters.store import ArtifactStore
-from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
 
 _TINY_OF = {"generator": "generator", "cross_encoder": "cross_encoder", "base": "bi_encoder",
             "bi_encoder_teacher": "bi_encoder"}
@@ -56,18 +56,55 @@ def _retrievers(cfg: Any) -> list[tuple[str, str]]:
 def resolve_models(cfg: Any, store: ArtifactStore) -> dict[str, Any]:
     """Each model slot of ``cfg`` (a PipelineConfig: not imported, as the config imports the stage registry, which
     resolves models through here) as a loadable reference; ``tiny`` ones are built from the corpus in ``store``."""
-    slots, retrievers = _slots(cfg), _retrievers(cfg)
-    tiny = None
-    if TINY in slots.values() or any(name == TINY for name, _ in retrievers):
-        corpus = store.require("corpus")
-        texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
-        tiny = build_tiny_models(texts, default_cache_dir(), seed=cfg.models.tiny_seed)
-    tiny_of = {**_TINY_OF, "generator": "causal_lm"} if cfg.generate.method == "llm" else _TINY_OF
-    resolved = {k: str(getattr(tiny, tiny_of[k])) if v == TINY else packaged(v) for k, v in slots.items()}
-    resolved["retrievers"] = [(str(tiny.bi_encoder) if n == TINY else packaged(n), s) for n, s in retrievers]
-    if cfg.models.base_layers:
-        resolved["base"] = str(truncated_copy(resolved["base"], cfg.models.base_layers, default_cache_dir()))
-    return resolved
+    return dict(ModelSlots(cfg, store))
+
+
+class ModelSlots(Mapping[str, Any]):
+    """The model slots of ``cfg`` (``generator`` ... ``retrievers``), each resolved when first read.
+
+    A pool shard reads only the slots its stage loads (a label shard: the teacher), so it neither builds tiny
+    models nor cuts the base it never uses, nor imports torch for them (seconds per shard, hundreds of shards).
+    """
+
+    def __init__(self, cfg: Any, store: ArtifactStore):
+        self.cfg, self.store = cfg, store
+        self._found: dict[str, Any] = {}
+        self._tiny: Any = None
+
+    def __getitem__(self, slot: str) -> Any:
+        if slot not in self._found:
+            self._found[slot] = self._resolve(slot)
+        return self._found[slot]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*_slots(self.cfg), "retrievers"])
+
+    def __len__(self) -> int:
+        return len(_slots(self.cfg)) + 1
+
+    def _resolve(self, slot: str) -> Any:
+        if slot == "retrievers":
+            return [(self._ref(name, "bi_encoder"), score) for name, score in _retrievers(self.cfg)]
+        tiny_of = {**_TINY_OF, "generator": "causal_lm"} if self.cfg.generate.method == "llm" else _TINY_OF
+        found = self._ref(_slots(self.cfg)[slot], tiny_of[slot])
+        if slot == "base" and self.cfg.models.base_layers:
+            from gplflow.adapters.models import truncated_copy  # torch: only where a slot needs it
+            from gplflow.adapters.tiny_models import default_cache_dir
+
+            found = str(truncated_copy(found, self.cfg.models.base_layers, default_cache_dir()))
+        return found
+
+    def _ref(self, ref: str, tiny_kind: str) -> str:
+        """``ref`` as a loadable reference; ``tiny`` as the tiny model of that kind, built from the corpus once."""
+        if ref != TINY:
+            return packaged(ref)
+        if self._tiny is None:
+            from gplflow.adapters.tiny_models import build_tiny_models, default_cache_dir
+
+            corpus = self.store.require("corpus")
+            texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
+            self._tiny = build_tiny_models(texts, default_cache_dir(), seed=self.cfg.models.tiny_seed)
+        return str(getattr(self._tiny, tiny_kind))
 
 
 def packaged(ref: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -111,15 +111,18 @@ class Run:
     cfg: Any  # a PipelineConfig (flows/config.py, which composes its sections from this registry)
     run_dir: str
     fps: dict[str, str] = field(default_factory=dict)  # artifact -> fingerprint, filled as stages publish
-    resolved: dict[str, Any] | None = None
+    resolved: Mapping[str, Any] | None = None
     planning: bool = False  # `gplflow run --plan`: ``fps`` names the artifacts the run will make, none exist yet
 
     @classmethod
     def from_store(cls, cfg: Any, run_dir: str) -> Run:
-        """A run whose fingerprints are those of the artifacts already valid in ``run_dir`` (a pool worker's view)."""
+        """A run whose fingerprints are those of the artifacts already valid in ``run_dir`` (a pool worker's view).
+        Its models are resolved slot by slot as the stage reads them, and not logged: the pipeline logged them."""
+        from gplflow.flows.models import ModelSlots
+
         store = ArtifactStore(run_dir)
         fps = {name: found.fingerprint for name in artifact_names() if (found := store.load(name)) is not None}
-        return cls(cfg, run_dir, fps)
+        return cls(cfg, run_dir, fps, resolved=ModelSlots(cfg, store))
 
     @cached_property
     def store(self) -> ArtifactStore:
@@ -132,7 +135,7 @@ class Run:
         return Ref(name, self.fps[name])
 
     @property
-    def models(self) -> dict[str, Any]:
+    def models(self) -> Mapping[str, Any]:
         """Every model slot as a loadable reference (``tiny`` ones built from the corpus: so only after ingest)."""
         if self.resolved is None:
             from gplflow.flows.models import prepare_models

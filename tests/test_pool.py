@@ -230,3 +230,28 @@ def test_a_run_that_crashed_while_running_is_not_a_setup_error(monkeypatch):
     attempts = [shards.Attempt(0, run_id, "generate shard 0")]
     shards.DeploymentDispatcher(poll_s=0.01).wait(attempts)
     assert attempts[0].state == "CRASHED" and attempts[0].setup_error == ""  # retried as before
+
+
+# --- a shard resolves only the models its stage loads (issue 18, part 5) -----------------------------------
+
+def test_a_label_shard_resolves_only_its_teacher_with_the_pipelines_fingerprint(tmp_path, monkeypatch):
+    from gplflow.flows import models
+    from gplflow.flows.stages import Run
+
+    store = ArtifactStore(tmp_path / "run")
+    write_artifact(store, "corpus", DOCS)
+    write_artifact(store, "queries", [(f"q{i}", f"d{i}", f"what about topic {i % 3}") for i in range(10)])
+    write_artifact(store, "negatives", [(f"q{i}", "m", [f"d{(i + 1) % 10}"], [0.5]) for i in range(10)])
+    cfg = PipelineConfig.from_dict({
+        "profile": "tiny", "corpus": {"path": "docs"}, "label": {"teacher": "bi_encoder"},
+        "models": {"generator": "gen/never-loaded", "cross_encoder": "ce/never-loaded", "base": "base/never-loaded",
+                   "bi_encoder_teacher": "teacher/used", "retrievers": [{"name": "m", "score": "dot"}]}})
+    resolved: list[str] = []
+    monkeypatch.setattr(models, "packaged", lambda ref: resolved.append(ref) or ref)
+    label = shards.shard_stage("label")
+
+    on_worker = label.inputs(Run.from_store(cfg, str(store.root)))
+    assert resolved == ["teacher/used"]  # not the generator, the cross-encoder, the base nor the miners
+    pipeline = Run(cfg, str(store.root), Run.from_store(cfg, str(store.root)).fps,
+                   resolved=models.resolve_models(cfg, store))  # what the pipeline's prepare_models resolves
+    assert on_worker.teacher == "teacher/used" and on_worker.fingerprint() == label.inputs(pipeline).fingerprint()
