@@ -8,6 +8,7 @@ before it exits. So ``temporary_server`` starts that server itself, in a session
 interrupt long enough for the flow run to be marked Crashed, and Prefect stops it as the process exits. The
 server also gets SIGTERM when the run's process dies, even by SIGKILL (Linux's parent-death signal), and its pid
 is recorded under ``PREFECT_HOME``, so the next run stops one a killed run left wherever that signal is missing.
+A pool shard's process ends, and its flow run is marked Crashed, when the worker that started it dies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -38,6 +40,7 @@ _RECORDS = "gplflow-servers"  # under PREFECT_HOME: one <pid>.json per temporary
 _STOP_WAIT_S = 5.0
 STOP_GRACE_S = 20.0  # after a stop signal the process ends by then, however slow its way out
 _watchdog: threading.Timer | None = None
+_parent_watch: threading.Thread | None = None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -99,14 +102,62 @@ def arm_watchdog(signum: int) -> None:
         return
 
     def expire() -> None:
-        sys.stderr.write(f"gplflow: still stopping {STOP_GRACE_S:.0f} s after {signal.Signals(signum).name}; "
-                         "exiting now (the same command resumes the run)\n")
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):  # stderr may be a pipe nobody reads any more (a killed worker's)
+            sys.stderr.write(f"gplflow: still stopping {STOP_GRACE_S:.0f} s after {signal.Signals(signum).name}; "
+                             "exiting now (the same command resumes the run)\n")
+            sys.stderr.flush()
         os._exit(128 + signum)
 
     _watchdog = threading.Timer(STOP_GRACE_S, expire)
     _watchdog.daemon = True
     _watchdog.start()
+
+
+def end_with_parent(poll_s: float = 1.0) -> None:
+    """End this process when the process that started it dies (even by SIGKILL). A daemon thread watches
+    ``os.getppid()``; when it changes, it arms the watchdog (the process ends ``STOP_GRACE_S`` later at the
+    latest), marks this process's Prefect flow run Crashed (its worker, which would have, is gone) and sends
+    SIGTERM, which Prefect's engine takes as a crash. Once per process.
+
+    Not Linux's parent-death signal: that fires when the parent's *thread* that started this process ends, and a
+    Prefect worker may start flow runs from a thread that does not live as long as the worker.
+    """
+    global _parent_watch
+    if _parent_watch is not None:
+        return
+    parent = os.getppid()  # a parent already gone by now goes unnoticed: the process was orphaned at birth
+    from prefect import runtime
+
+    flow_run = runtime.flow_run.id  # read here: the watching thread has no flow-run context
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        arm_watchdog(signal.SIGTERM)
+        why = f"the process that started it (pid {parent}) died"
+        if flow_run is not None:
+            _mark_crashed(flow_run, why)
+        os.kill(os.getpid(), signal.SIGTERM)
+        # not through logging: in a Prefect flow run a log call from here was seen to block for good
+        with contextlib.suppress(OSError):  # stderr may be a pipe to the dead parent
+            sys.stderr.write(f"gplflow: {why}; stopping\n")
+            sys.stderr.flush()
+
+    _parent_watch = threading.Thread(target=watch, name="gplflow-parent-watch", daemon=True)
+    _parent_watch.start()
+
+
+def _mark_crashed(flow_run: str, why: str) -> None:
+    """Set a flow run Crashed, as its worker does when the run's process ends; a few seconds at most, no retries.
+    Without it a run whose worker was killed stays Running for good, and whoever waits for it waits on."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+    from prefect.states import Crashed
+
+    quick = {PREFECT_API_REQUEST_TIMEOUT: 3.0, PREFECT_CLIENT_MAX_RETRIES: 0}
+    # best effort, unlogged (see end_with_parent): the process ends either way; the run then stays Running
+    with contextlib.suppress(Exception), temporary_settings(quick), get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run, Crashed(message=why), force=True)
 
 
 @contextlib.contextmanager

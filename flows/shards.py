@@ -39,6 +39,7 @@ from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectN
 
 from gplflow.adapters.errors import GplflowError, InputError, MissingInputError
 from gplflow.flows.config import ConfigError, ExecutionConfig, PipelineConfig
+from gplflow.flows.interrupt import end_with_parent
 from gplflow.flows.stages import Run, Stage, shard_stage
 from gplflow.tasks.base import ShardJob, StageInputs, job_from_payload, job_payload
 
@@ -71,6 +72,11 @@ def shard_flow(stage: str, run_dir: str, shard: int, config_path: str | None = N
     ``job`` (``tasks.base.job_payload``): the shard job itself, for work a stage cuts into shards while it runs (a
     re-mining round's encoding and labelling, named by their artifact: ``triples-round-2``); the worker then
     rebuilds it from those inputs rather than from the config (``config_path`` and ``overrides`` are not read)."""
+    # A killed worker leaves its flow-run processes running, Running on the server: a shard would hold its device
+    # slot and memory for good. So a shard run is marked Crashed and ends when its worker dies (the pipeline
+    # submits it again). Only shard runs: a worker always starts them, while a pipeline run may be meant to
+    # outlive the shell that started it.
+    end_with_parent()
     if job is not None:
         name, make = stage, lambda: job_from_payload(job)
     else:

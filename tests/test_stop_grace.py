@@ -1,5 +1,6 @@
 """A stop signal ends the process within ``STOP_GRACE_S`` even when its way out hangs (issue 18, part 5: a
-Prefect API too slow to answer kept ``gplflow run`` alive for more than 50 s after SIGTERM)."""
+Prefect API too slow to answer kept ``gplflow run`` alive for more than 50 s after SIGTERM); a shard's process
+ends when the worker that started it is killed (there, they outlived their workers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.serial
@@ -67,3 +69,42 @@ def test_prefects_termination_signal_in_a_flow_run_arms_the_watchdog() -> None:
     assert done.stdout.strip() == "stopping" and done.returncode == 143, done.stderr
     assert time.monotonic() - started < 30  # the import of prefect, then about 1 s, not the 60 s sleep
     assert "still stopping 1 s after SIGTERM; exiting now" in done.stderr
+
+
+WORKER = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1]])  # a flow run, as a process worker starts it
+time.sleep(60)
+"""
+SHARD = """
+import os, time
+from gplflow.flows import interrupt
+interrupt.end_with_parent(poll_s=0.1)  # what shard_flow does first
+print(os.getpid(), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_shard_process_ends_when_its_worker_is_killed() -> None:
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, SHARD], stdout=subprocess.PIPE, text=True)
+    shard = None
+    try:
+        shard = psutil.Process(int(worker.stdout.readline()))  # the shard watches its parent from here on
+        assert shard.ppid() == worker.pid
+        worker.kill()  # SIGKILL: the worker cannot pass anything on
+        worker.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(shard):
+            time.sleep(0.1)
+        assert not _alive(shard)
+    finally:
+        worker.kill()
+        if shard is not None and _alive(shard):
+            shard.kill()
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # a zombie has ended; its new parent reaps it
+    except psutil.NoSuchProcess:
+        return False
