@@ -5,7 +5,8 @@ the gpu-pool process work pool, the gplflow-shard deployment and N process worke
 Records: whether the run finished and how long it took, the most shard runs in flight at once (from the runs'
 creation and end times on the server) and the most shard processes the sampler saw, the peak memory (RSS) of
 all the workers' flow-run processes together (sampled every second), and, with ``--compare``, whether
-the corpus, queries, negatives and triples equal those of the same stages run here in local mode.
+the corpus, queries, negatives and triples equal those of the same stages run here in local mode (row by row,
+in order; their row counts are recorded too).
 
     .venv/bin/python benchmarks/pool_scale.py [--config configs/demo.yaml] [--shard-size 20] [--workers 2]
         [--out /tmp/pool-scale] [--timeout-s 3000] [--compare]
@@ -19,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -106,14 +108,16 @@ def local_stages(config: Path, overrides: list[str], run_dir: Path, until: str =
     stages()
 
 
-def same_rows(a: Path, b: Path) -> dict[str, bool]:
+def same_rows(a: Path, b: Path) -> dict[str, dict]:
+    """Per artifact both runs hold: its rows in each, and whether they are the same rows in the same order."""
     from gplflow.adapters.store import ArtifactStore
 
     found = {}
     for name in COMPARED:
         x, y = ArtifactStore(a).load(name), ArtifactStore(b).load(name)
         if x is not None and y is not None:
-            found[name] = x.read_table().to_pylist() == y.read_table().to_pylist()
+            found[name] = {"rows": x.rows, "rows_local": y.rows,
+                           "same": x.read_table().to_pylist() == y.read_table().to_pylist()}
     return found
 
 
@@ -156,6 +160,7 @@ def main() -> None:
         sampler.stop.set()
         runs = shard_runs(server.api_url)
         result.update(shard_runs=len(runs), states=sorted({r.state.type.value for r in runs if r.state}),
+                      shard_runs_per_stage=dict(Counter(r.name.rsplit(" shard ", 1)[0] for r in runs)),
                       most_in_flight=most_at_once(runs), most_shard_processes=sampler.peak_count,
                       peak_rss_gb=round(sampler.peak_rss / 2**30, 2))
         for worker in workers:
