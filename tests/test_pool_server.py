@@ -7,7 +7,9 @@ worker), each worker's GPU concurrency limit exists, and the published artifacts
 stages run here in local mode.
 
 Kept small for 2 CPU cores: 32 demo passages, extractive generation (4 shards of 8), BM25 mining (no
-encoding shards), 8 labelled triples (2 shards of 8 distinct pairs), one training step.
+encoding shards), 8 labelled triples (2 shards of 8 distinct pairs), two training steps in two re-mining rounds:
+round 2's corpus encoding by the student (4 shards of 8) and its new pairs go to the workers too, each shard run
+given the round's job whole (shard_flow's ``job`` parameter, which the deployment must accept).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ corpus: {path: corpus.jsonl}
 models: {retrievers: [], bi_encoder_teacher: tiny}
 generate: {method: extractive, queries_per_passage: 2, seed: 7}
 mine: {bm25: true, negatives_per_query: 5}
-label: {triples: 8, seed: 3, batch_size: 8, max_seq_length: 64}
-train: {steps: 1, batch_size: 4, max_seq_length: 32, warmup_steps: 0}
+label: {seed: 3, batch_size: 8, max_seq_length: 64}
+train: {steps: 2, remine_every: 1, batch_size: 8, max_seq_length: 32, warmup_steps: 0, learning_rate: 1e-3}
 evaluate: {qrels: null}
 execution: {mode: pool, shard_size: 8, shard_retries: 1, shard_timeout_s: 240}
 """
@@ -82,7 +84,7 @@ def _local_stages(cfg: PipelineConfig, root: Path) -> ArtifactStore:
     negatives = run_mine(cfg.mine, store, corpus, queries, [], size)
     texts = (row["text"] for batch in corpus.iter_batches(["text"]) for row in batch.to_pylist())
     tiny = build_tiny_models(texts, default_cache_dir(), seed=cfg.models.tiny_seed)
-    n_triples = resolve_triples(cfg.label, cfg.train.steps, cfg.train.batch_size)
+    n_triples = resolve_triples(cfg.label, cfg.train.remine_every or cfg.train.steps, cfg.train.batch_size)
     run_label(cfg.label, store, corpus, queries, negatives, str(tiny.cross_encoder), n_triples, size)
     return store
 
@@ -132,7 +134,11 @@ def test_pool_mode_spreads_shards_over_two_workers(tmp_path: Path) -> None:
 
     pool = ArtifactStore(run_dir)
     label_shards = pool.require("triples").manifest["shards"]["count"]
-    expected = [f"generate shard {k}" for k in range(4)] + [f"label shard {k}" for k in range(label_shards)]
+    round_shards = {name: pool.require(name).manifest["shards"]["count"]
+                    for name in ("negatives-round-2", "triples-round-2")}
+    expected = [f"generate shard {k}" for k in range(4)] + [f"label shard {k}" for k in range(label_shards)] + [
+        f"{name} shard {k}" for name, count in round_shards.items() for k in range(count)]
+    assert round_shards["negatives-round-2"] == 4  # the student's encoding of 32 passages, 8 a shard
     assert sorted(r.name for r in runs) == sorted(expected), worker_logs
     assert {r.state.type.value for r in runs} == {"COMPLETED"}
     assert {r.labels.get("gplflow.worker") for r in runs} == {"w0", "w1"}, worker_logs  # both workers took shards
@@ -154,4 +160,6 @@ def test_pool_mode_spreads_shards_over_two_workers(tmp_path: Path) -> None:
                                                                              "neg_doc_id"]].values.tolist()
     np.testing.assert_allclose(a["margin"], b["margin"], rtol=0, atol=1e-5)
     assert pooled.counters == here.counters
-    assert pool.require("model").manifest["train"]["steps"] == 1
+    trained = pool.require("model").manifest["train"]
+    assert trained["steps"] == 2 and [r["round"] for r in trained["rounds"]] == [1, 2]
+    assert trained["rounds"][1]["new_pairs_scored"] == pool.require("triples-round-2").counters["scored_pairs"]
