@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -55,7 +56,9 @@ def encode(
             emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         return emb.cpu().numpy()
 
-    bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress or not len(texts))
+    # an explicit disable= overrides tqdm's TQDM_DISABLE, which the benchmarks and the device processes set
+    quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+    bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress or not len(texts) or quiet)
     with models.inference(bf16=models.bf16_pays(model)), bar:
         for start in range(0, len(texts), batch_size):
             for idx, emb in halve_on_oom(embed, order[start : start + batch_size], what=setting):
