@@ -71,6 +71,8 @@ TOO_SHORT, TOO_LONG, COPY = "too_short", "too_long", "copies_passage"
 DUP_PASSAGE, DUP_CORPUS = "duplicate_in_passage", "duplicate_across_corpus"
 NEAR_PASSAGE, NEAR_CORPUS = "near_duplicate_in_passage", "near_duplicate_across_corpus"
 LOW_LOGPROB, ROUND_TRIP, LOW_TEACHER = "low_logprob", "round_trip_miss", "low_teacher_score"
+REASONS = (TOO_SHORT, TOO_LONG, COPY, DUP_PASSAGE, DUP_CORPUS, NEAR_PASSAGE, NEAR_CORPUS, LOW_LOGPROB, ROUND_TRIP,
+           LOW_TEACHER)
 
 
 class FilterConfig(StageConfig):
@@ -436,7 +438,10 @@ def reasons(cfg: FilterConfig) -> list[str]:
 
 
 def _reasons(counts: Counter[str] | dict[str, int]) -> str:
-    return ", ".join(f"{reason} {count}" for reason, count in counts.items() if count)
+    """"too_short 13, round_trip_miss 80": the reasons in the order the rules apply (a manifest keeps them sorted)."""
+    order = {reason: i for i, reason in enumerate(REASONS)}
+    found = sorted((k.removeprefix("dropped_"), v) for k, v in counts.items() if v)
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(found, key=lambda rv: order.get(rv[0], 99)))
 
 
 # --- what the run's report, CLI summary, checks and plan ask of this stage ------------------------------------

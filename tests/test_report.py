@@ -246,7 +246,7 @@ def test_an_llm_run_reports_its_prompt_its_queries_by_passage_and_what_the_filte
     assert ("Answers parsing dropped: empty queries 2, copied passage 1, too long queries 0, duplicate queries 3."
             in lines)
     at = lines.index("## Filtered training queries")
-    assert lines[at + 1] == "Filter: kept 8 of 10 training queries; dropped copies_passage 1, too_long 1."
+    assert lines[at + 1] == "Filter: kept 8 of 10 training queries; dropped too_long 1, copies_passage 1."  # as applied
     assert lines[at + 2:at + 4] == ["- copies_passage: “what about bees-q1” (bees, 1)",  # the manifest's order
                                     "- too_long: “what about tea-q0” (tea, 9)"]
     at = lines.index("1. **Bees** · " + DOCS[0][2] + " (`bees`)")  # bees, tea, chess, moon: spread over 6
