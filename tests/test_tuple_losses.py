@@ -133,3 +133,35 @@ def test_settings_a_loss_does_not_read_stay_out_of_the_train_fingerprint():
     assert sorted(_fingerprinted(TrainConfig(loss="kl"))) == sorted([*before, "temperature"])
     assert _fingerprinted(TrainConfig(loss="kl", temperature=2.0)) != _fingerprinted(TrainConfig(loss="kl"))
     assert "remine_every" in _fingerprinted(TrainConfig(steps=10, remine_every=5))
+
+
+@pytest.mark.serial  # a torchrun job of two processes
+def test_kl_on_two_processes_trains_the_one_process_model(student, tmp_path, monkeypatch):
+    """DistillKLDivLoss is per example, so 2 gloo ranks with the same global batch give one process's losses and
+    model (dropout off: each process would draw its own masks)."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("GPLFLOW_DEVICE", "cpu")  # CPU processes stand in for devices, on a GPU host too
+    quiet = tmp_path / "student"
+    shutil.copytree(student, quiet)
+    config = json.loads((quiet / "config.json").read_text())
+    (quiet / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                   "attention_probs_dropout_prob": 0.0}))
+    cfg = TrainConfig(loss="kl", temperature=2.0, steps=4, batch_size=2, checkpoint_every=2, learning_rate=1e-3,
+                      warmup_steps=0, max_seq_length=32, seed=3)
+    runs = {}
+    for devices in (1, 2):
+        store = _store(tmp_path / f"devices-{devices}")
+        runs[devices] = run_train(cfg.model_copy(update={"devices": devices}), store, str(quiet),
+                                  store.require("corpus"), store.require("queries"), store.require("triples"))
+    one, two = (runs[n].manifest["train"] for n in (1, 2))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [step for step, _ in two["loss_history"]] == [1, 2, 3, 4]
+    assert [loss for _, loss in two["loss_history"]] == pytest.approx([loss for _, loss in one["loss_history"]],
+                                                                      abs=1e-5)
+    texts = [t for *_, t in PASSAGES]
+    a, b = (SentenceTransformer(str(runs[n].local_dir()), device="cpu").encode(texts) for n in (1, 2))
+    cosines = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosines.min() >= 0.999
+    assert not all(torch.equal(v, _weights(quiet)[k]) for k, v in _weights(runs[1].local_dir()).items())  # it trained
