@@ -77,5 +77,7 @@ def test_a_gpl_flow_on_llm_queries_with_the_filter_generates_filters_labels_trai
 
     report = report_markdown(PipelineConfig.load(path), store, summary)
     assert f"```text\n{build_prompt('zero_shot').template}\n```" in report
-    assert f"dropped low_logprob {c['dropped_low_logprob']}" in report
+    # the drop reasons in the order the rules apply: the length rule, then duplicates, then log-probs
+    length, logprob = f"dropped too_long {c['dropped_too_long']}, ", f"low_logprob {c['dropped_low_logprob']}"
+    assert length in report and logprob in report and report.index(length) < report.index(logprob)
     assert "dropped by the filter" in report and "(log-prob -" in report
