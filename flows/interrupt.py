@@ -39,8 +39,10 @@ SERVER_APP = "prefect.server.api.server:create_app"  # in the temporary server's
 _RECORDS = "gplflow-servers"  # under PREFECT_HOME: one <pid>.json per temporary server a run started
 _STOP_WAIT_S = 5.0
 STOP_GRACE_S = 20.0  # after a stop signal the process ends by then, however slow its way out
+_RESEND_S = 0.05  # a stop dropped in a finalizer is sent again after this
 _watchdog: threading.Timer | None = None
 _parent_watch: threading.Thread | None = None
+_resending = False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -70,6 +72,7 @@ def stop_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
+    resend_dropped_stops()
     handled = [*SIGNALS] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
     previous = {signum: signal.signal(signum, interrupt) for signum in handled}  # an ignored Ctrl-C stays ignored
     try:
@@ -88,11 +91,51 @@ def watchdog_on_stop() -> Iterator[None]:
     """
     from prefect.exceptions import TerminationSignal
 
+    resend_dropped_stops()
     try:
         yield
     except TerminationSignal as err:
         arm_watchdog(err.signal)
         raise
+
+
+def resend_dropped_stops() -> None:
+    """Send a stop signal again when the exception its handler raised was dropped (once per process).
+
+    Python runs a signal's handler between any two bytecodes of the main thread, also inside a finalizer (a
+    ``__del__`` the garbage collector calls, a weakref callback), and drops an exception raised there: it goes to
+    ``sys.unraisablehook`` ("Exception ignored in ...") and the code around goes on. A SIGTERM that landed so was
+    lost, and the run finished as if nothing had been sent. Here the hook arms the watchdog and has the signal sent
+    again a moment later, when the main thread is, most likely, out of the finalizer; the handler then raises
+    where the exception ends the run. Other dropped exceptions go to the hook that was there before.
+    """
+    global _resending
+    if _resending:
+        return
+    _resending = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        signum = _stop_signal(unraisable.exc_value)
+        if signum is None:
+            previous(unraisable)
+            return
+        arm_watchdog(signum)
+        resend = threading.Timer(_RESEND_S, os.kill, (os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+
+    sys.unraisablehook = hook
+
+
+def _stop_signal(err: BaseException | None) -> int | None:
+    """The signal a stop exception stands for: ours or Ctrl-C's (``KeyboardInterrupt``), or Prefect's
+    ``TerminationSignal``; None for any other exception."""
+    if isinstance(err, KeyboardInterrupt):
+        return signal_of(err)
+    prefect_errors = sys.modules.get("prefect.exceptions")  # not imported: it cannot be Prefect's
+    found = prefect_errors is not None and isinstance(err, prefect_errors.TerminationSignal)
+    return err.signal if found else None
 
 
 def arm_watchdog(signum: int) -> None:
@@ -125,6 +168,7 @@ def end_with_parent(poll_s: float = 1.0) -> None:
     global _parent_watch
     if _parent_watch is not None:
         return
+    resend_dropped_stops()  # the worker's SIGTERM (a cancel, its own stop) must not be lost either
     parent = os.getppid()  # a parent already gone by now goes unnoticed: the process was orphaned at birth
     from prefect import runtime
 

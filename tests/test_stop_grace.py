@@ -108,3 +108,55 @@ def _alive(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE  # a zombie has ended; its new parent reaps it
     except psutil.NoSuchProcess:
         return False
+
+
+DROPPED = """
+import signal, sys, time
+from gplflow.flows import interrupt
+if sys.argv[1] == "prefect":  # inside a flow run Prefect's handler raises its TerminationSignal
+    from prefect.exceptions import TerminationSignal
+
+    def prefects(signum, _frame):
+        raise TerminationSignal(signal=signum)
+
+    signal.signal(signal.SIGTERM, prefects)
+    stopping = interrupt.watchdog_on_stop()
+else:
+    stopping = interrupt.stop_on_signals()
+
+
+class Finalized:
+    def __del__(self):
+        print("finalizing", flush=True)
+        time.sleep(10)  # the signal lands here, where Python drops what its handler raises
+
+
+try:
+    with stopping:
+        Finalized()
+        print("went on", flush=True)
+        time.sleep(10)
+        print("finished", flush=True)
+except (KeyboardInterrupt, TerminationSignal if sys.argv[1] == "prefect" else KeyboardInterrupt) as err:
+    print("stopped", getattr(err, "signal", None) or interrupt.signal_of(err), flush=True)
+"""
+
+
+@pytest.mark.parametrize("handler", ["gplflow", "prefect"])
+def test_a_stop_dropped_in_a_finalizer_is_sent_again(handler: str) -> None:
+    """The clean-clone CI of 15dc16a lost a SIGTERM so: Prefect's handler raised inside a ``regex`` finalizer, and
+    the run went on to finish with exit code 0."""
+    child = subprocess.Popen([sys.executable, "-c", DROPPED, handler], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "finalizing"
+        sent = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if child.poll() is None:
+            child.kill()
+    # the handler's exception ended the finalizer and was dropped; the signal sent again stopped the run
+    assert out.split("\n")[:2] == ["went on", f"stopped {int(signal.SIGTERM)}"], (out, err)
+    assert "finished" not in out and took < 5.0, (out, err, took)
