@@ -94,6 +94,8 @@ def tokenizer_threads(dev: str | None = None) -> None:
 def _explain_offline(ref: str) -> Iterator[None]:
     try:
         yield
+    except BrokenPipeError:  # a write to a dead reader (a killed worker's stderr) is not the model's fault
+        raise
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelUnavailableError(

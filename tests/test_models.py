@@ -104,3 +104,15 @@ def test_generate_batch_size_auto_is_per_device():
     assert GenerateConfig(batch_size=8).batch_for("cuda") == 8
     with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer >= 1, got 0"):
         GenerateConfig(batch_size=0)
+
+
+def test_a_broken_pipe_while_loading_is_not_reported_as_a_missing_model():
+    """A pool shard whose worker was killed while it loaded its model was reported as ``ModelUnavailableError``
+    (the write of a log line to the dead worker's pipe is an OSError too); a real load failure still is."""
+    from gplflow.adapters.models import ModelUnavailableError, _explain_offline
+
+    with pytest.raises(BrokenPipeError), _explain_offline("some-org/a-model"):
+        raise BrokenPipeError(32, "Broken pipe")
+    with pytest.raises(ModelUnavailableError, match="cannot load model 'some-org/a-model'"), \
+            _explain_offline("some-org/a-model"):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
