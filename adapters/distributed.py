@@ -10,6 +10,8 @@ Several hosts: with ``GPLFLOW_NNODES`` > 1 and ``GPLFLOW_RDZV_ENDPOINT`` (``host
 hosts through its c10d rendezvous instead of ``--standalone``; each other host joins the job with
 ``python -m gplflow.adapters.distributed join RUN_DIR`` (or the job file), which runs the same torchrun command
 there. The run directory must then be a folder every host mounts at the same path (the job file, checkpoints).
+torchrun may then give rank 0 to another host, so rank 0 also writes its events to a file in the job folder, and
+``launch`` follows that file instead of its own torchrun's output.
 
 Ending the job: a rank that fails records its error in the job folder and torchrun stops the others; ``launch``
 then raises one line naming the rank and its error (or the signal that killed it, as torchrun reports it). An
@@ -28,11 +30,13 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -44,6 +48,8 @@ logger = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 WORKER = "gplflow.adapters.distributed"  # this module, as ``python -m`` runs it (``__name__`` is then __main__)
 EVENT = "@gplflow-event "  # rank 0's lines for the launcher: the prefix, then one JSON object
+EVENTS_FILE = "events.jsonl"  # rank 0's events, a JSON object a line, in the job folder of a job over several hosts
+_EVENTS_POLL_S = 0.5  # how often the launcher of a job over several hosts reads the events file
 _STOP_GRACE_S = 10.0  # torchrun's time to stop its ranks after SIGTERM before the job's processes are killed
 _TAIL = 200  # torchrun output lines kept for the failure message
 
@@ -170,7 +176,7 @@ def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, w
     same user error on every rank).
     """
     job_dir.mkdir(parents=True, exist_ok=True)
-    for old in job_dir.glob("rank-*.json"):
+    for old in [*job_dir.glob("rank-*.json"), *job_dir.glob(EVENTS_FILE)]:
         old.unlink()
     job = job_dir / JOB_FILE
     hosts = nnodes()
@@ -190,7 +196,7 @@ def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, w
                                preexec_fn=_die_with_parent(signal.SIGTERM))
     tail: deque[str] = deque(maxlen=_TAIL)
     try:
-        _follow(process, what, tail, on_event)
+        _follow(process, what, tail, on_event, job_dir / EVENTS_FILE if hosts > 1 else None)
         code = process.wait()
     except BaseException:
         stop(process, what)
@@ -235,19 +241,73 @@ def join(where: Path, wait_s: float = _JOIN_WAIT_S) -> int:
 
 
 def _follow(process: subprocess.Popen[str], what: str, tail: deque[str],
-            on_event: Callable[[dict[str, Any]], None] | None) -> None:
-    """Read the job's output to its end: events to ``on_event``, every other line to the log file."""
-    for raw in process.stdout or ():
-        line = raw.rstrip("\n")
-        if line.startswith(EVENT):
+            on_event: Callable[[dict[str, Any]], None] | None, events_file: Path | None = None) -> None:
+    """Read the job's output to its end: events to ``on_event``, every other line to the log file.
+
+    ``events_file`` (a job over several hosts): rank 0's events come from that file, read every
+    ``_EVENTS_POLL_S`` in this thread, wherever rank 0 runs; the event lines of this host's output are dropped.
+    """
+    if events_file is None:
+        for raw in process.stdout or ():
+            _take(raw, what, tail, on_event)
+        return
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for raw in process.stdout or ():
+            lines.put(raw)
+        lines.put(None)
+
+    threading.Thread(target=pump, name="gplflow-job-output", daemon=True).start()
+    events = _EventsFile(events_file)
+    while True:
+        try:
+            raw = lines.get(timeout=_EVENTS_POLL_S)
+        except queue.Empty:
+            raw = ""
+        for event in events.new():
+            if on_event is not None:
+                on_event(event)
+        if raw is None:
+            return
+        if raw:
+            _take(raw, what, tail, None)
+
+
+def _take(raw: str, what: str, tail: deque[str], on_event: Callable[[dict[str, Any]], None] | None) -> None:
+    """One line of the job's output: an event to ``on_event`` (dropped without one), else to the log file."""
+    line = raw.rstrip("\n")
+    if line.startswith(EVENT):
+        with contextlib.suppress(ValueError):
+            event = json.loads(line[len(EVENT):])
+            if on_event is not None:
+                on_event(event)
+            return
+    tail.append(line)
+    if line.strip():
+        logger.info("%s: %s", what, line, extra={"terminal": False})
+
+
+class _EventsFile:
+    """The events rank 0 appended to a file (a folder every host mounts), read as they come: whole lines only."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as file:
+                file.seek(self.offset)
+                data = file.read()
+        except OSError:  # not written yet
+            return []
+        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        self.offset += len(whole)
+        found = []
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             with contextlib.suppress(ValueError):
-                event = json.loads(line[len(EVENT):])
-                if on_event is not None:
-                    on_event(event)
-                continue
-        tail.append(line)
-        if line.strip():
-            logger.info("%s: %s", what, line, extra={"terminal": False})
+                found.append(json.loads(line))
+        return found
 
 
 def stop(process: subprocess.Popen[Any], what: str, grace_s: float = _STOP_GRACE_S) -> None:
@@ -341,11 +401,23 @@ def _die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
 # --- the worker (every rank) -------------------------------------------------------------------------------
 
 
+# set by ``main`` in a job over several hosts (rank 0), read by ``emit``: an environment variable, as ``python -m``
+# runs this module as ``__main__`` and a stage's code imports it again under its name
+_EVENTS_ENV = "GPLFLOW_JOB_EVENTS"
+_events_to: dict[str, TextIO] = {}  # the events file, opened on the first event
+
+
 def emit(event: dict[str, Any]) -> None:
     """Tell the launcher something (rank 0 only; other ranks' events are dropped)."""
     if is_main():
         sys.__stdout__.write(EVENT + json.dumps(event) + "\n")
         sys.__stdout__.flush()
+        path = os.environ.get(_EVENTS_ENV)
+        if path:  # the launcher may be on another host: it reads this file
+            if path not in _events_to:
+                _events_to[path] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open while the rank runs)
+            _events_to[path].write(json.dumps(event) + "\n")
+            _events_to[path].flush()
 
 
 def step_events() -> Any:
@@ -418,6 +490,8 @@ def main(argv: list[str]) -> int:
         prctl()
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text(encoding="utf-8"))
+    if is_main() and job.get("rendezvous") != ["--standalone"]:
+        os.environ[_EVENTS_ENV] = str(job_path.parent / EVENTS_FILE)
     with _marked_output(f"[rank {rank()}] "):
         try:
             module, _, function = job["target"].partition(":")

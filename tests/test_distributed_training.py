@@ -286,3 +286,35 @@ def test_gold_and_silver_training_stopped_in_one_process_resumes_under_two_and_e
     assert _cosines(*embedded).min() >= 0.999
     assert _cosines(_embed(tiny.bi_encoder, TEXTS), embedded[0]).min() < 0.99  # training moved the model
     assert two.fingerprint == one.fingerprint
+
+
+@pytest.mark.serial  # two torchrun launchers: run alone, not beside a busy worker
+@pytest.mark.parametrize("rank_0_on", ["joining host", "launching host"])
+def test_the_launcher_sees_rank_0s_progress_wherever_rank_0_runs(rank_0_on, tmp_path, monkeypatch):
+    """Across hosts torchrun may give rank 0 to a host that joined: its events reach the launcher through the
+    job folder every host mounts (before, the Prefect task then saw no step). Two launchers on loopback stand in
+    for two hosts; torchrun orders hosts by address, so the one that says 127.0.0.1 gets rank 0 (the other is
+    ``localhost``)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv(distributed.NNODES_ENV, "2")
+    monkeypatch.setenv(distributed.ENDPOINT_ENV, f"127.0.0.1:{port}")
+    helpers = str(Path(__file__).parent)
+    first, other = ({"PET_LOCAL_ADDR": "127.0.0.1"}, {"PET_LOCAL_ADDR": "localhost"})
+    joiner_env, launcher_env = (first, other) if rank_0_on == "joining host" else (other, first)
+    job = tmp_path / "run" / ".checkpoints" / "count-0" / "job"
+    joiner = subprocess.Popen([sys.executable, "-m", distributed.WORKER, "join", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **joiner_env, "PYTHONPATH": helpers})
+    seen: list[dict] = []
+    try:
+        distributed.launch(job, 1, "job_targets:count_steps", {"steps": 5}, what="count", on_event=seen.append,
+                           env={**launcher_env, "PYTHONPATH": helpers})
+        output, _ = joiner.communicate(timeout=60)
+    finally:
+        joiner.kill()
+    assert joiner.returncode == 0, output[-3000:]
+    # the test's premise: rank 0 ran where it was meant to
+    assert ("[rank 0] counted 5 steps" in output) == (rank_0_on == "joining host"), output[-3000:]
+    assert seen == [{"step": 0, "max_steps": 5}, *({"step": s} for s in range(1, 6))]  # each once, in order
