@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3000)
     parser.add_argument("--compare", action="store_true", help="run generate..label here in local mode and compare")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # the finally blocks stop the rest
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     overrides = ["execution.mode=pool", f"execution.shard_size={args.shard_size}"]
@@ -143,28 +145,34 @@ def main() -> None:
             group = ProcessGroup.start(cmd, env, out / "logs" / log, cwd=ROOT)
             if group.wait(180) != 0:
                 raise SystemExit(f"{cmd} failed:\n{group.tail()}")
-        workers = [ProcessGroup.start(prefect_command("worker", "start", "--pool", "gpu-pool", "--name", f"w{i}"),
-                                      {**env, "CUDA_VISIBLE_DEVICES": str(i)}, out / "logs" / f"worker-{i}.log",
-                                      cwd=ROOT) for i in range(args.workers)]
-        sampler = Sampler(workers)
-        sampler.start()
-        started = time.monotonic()
-        cmd = [sys.executable, "-m", "gplflow.flows.cli", "run", str(args.config.resolve()), "--run-dir",
-               str(out / "run"), *(f"--set={o}" for o in overrides)]
-        pipeline = ProcessGroup.start(cmd, env, out / "logs" / "pipeline.log", cwd=ROOT)
+        # the workers and the pipeline run in sessions of their own: stopped here however this process ends
+        started_groups: list[ProcessGroup] = []
         try:
-            result["exit_code"] = pipeline.wait(args.timeout_s)
-        except TimeoutError:
-            result["exit_code"] = None
-        result["seconds"] = round(time.monotonic() - started)
-        sampler.stop.set()
-        runs = shard_runs(server.api_url)
-        result.update(shard_runs=len(runs), states=sorted({r.state.type.value for r in runs if r.state}),
-                      shard_runs_per_stage=dict(Counter(r.name.rsplit(" shard ", 1)[0] for r in runs)),
-                      most_in_flight=most_at_once(runs), most_shard_processes=sampler.peak_count,
-                      peak_rss_gb=round(sampler.peak_rss / 2**30, 2))
-        for worker in workers:
-            worker.stop()
+            workers = [ProcessGroup.start(prefect_command("worker", "start", "--pool", "gpu-pool", "--name", f"w{i}"),
+                                          {**env, "CUDA_VISIBLE_DEVICES": str(i)}, out / "logs" / f"worker-{i}.log",
+                                          cwd=ROOT) for i in range(args.workers)]
+            started_groups += workers
+            sampler = Sampler(workers)
+            sampler.start()
+            started = time.monotonic()
+            cmd = [sys.executable, "-m", "gplflow.flows.cli", "run", str(args.config.resolve()), "--run-dir",
+                   str(out / "run"), *(f"--set={o}" for o in overrides)]
+            pipeline = ProcessGroup.start(cmd, env, out / "logs" / "pipeline.log", cwd=ROOT)
+            started_groups.insert(0, pipeline)
+            try:
+                result["exit_code"] = pipeline.wait(args.timeout_s)
+            except TimeoutError:
+                result["exit_code"] = None
+            result["seconds"] = round(time.monotonic() - started)
+            sampler.stop.set()
+            runs = shard_runs(server.api_url)
+            result.update(shard_runs=len(runs), states=sorted({r.state.type.value for r in runs if r.state}),
+                          shard_runs_per_stage=dict(Counter(r.name.rsplit(" shard ", 1)[0] for r in runs)),
+                          most_in_flight=most_at_once(runs), most_shard_processes=sampler.peak_count,
+                          peak_rss_gb=round(sampler.peak_rss / 2**30, 2))
+        finally:
+            for group in started_groups:
+                group.stop()
     if args.compare and result["exit_code"] == 0:
         local_stages(args.config.resolve(), [f"execution.shard_size={args.shard_size}"], out / "local")
         result["same_rows_as_local"] = same_rows(out / "run", out / "local")
