@@ -6,6 +6,8 @@ UKPLab gpl interop), ``gplflow status`` and the tests name the same folders and 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +32,19 @@ SILVER_CANDIDATES = "silver-candidates"  # flow augmented_sbert: unlabelled pair
 SILVER = "silver"                # flow augmented_sbert: the candidates scored by the cross-encoder
 
 TRAINED = (PRETRAIN, MODEL)  # model folders written by a training loop that keeps checkpoints
+ROUNDS = (NEGATIVES, TRIPLES)  # what a re-mining round (train.remine_every) writes again, as <artifact>-round-<r>
+_ROUND = re.compile(rf"^(?P<artifact>{'|'.join(ROUNDS)})-round-(?P<round>[0-9]+)$")
+
+
+def round_artifact(name: str, number: int) -> str:
+    """The folder of re-mining round ``number``'s ``negatives`` or ``triples``: ``triples-round-2``."""
+    return f"{name}-round-{number}"
+
+
+def round_of(name: str) -> int | None:
+    """The round of a re-mining round's artifact name (``triples-round-2``: 2); None for any other name."""
+    match = _ROUND.match(name)
+    return int(match["round"]) if match else None
 
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 # doc_id: the passage a query was generated from (its positive)

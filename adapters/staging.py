@@ -59,10 +59,16 @@ def staging_dirs(store: ArtifactStore, stage: str) -> list[str]:
         return []
     found = []
     for path in store.fs.ls(store.root, detail=False):
-        match = _STAGING.match(path.rstrip("/").rsplit("/", 1)[-1])
-        if match and match["stage"] == stage:
-            found.append(match["fingerprint"])
+        staged = staged_in(path.rstrip("/").rsplit("/", 1)[-1])
+        if staged is not None and staged[0] == stage:
+            found.append(staged[1])
     return sorted(found)
+
+
+def staged_in(folder: str) -> tuple[str, str] | None:
+    """(stage, fingerprint) of a staging folder's name (``.triples.shards-<fingerprint>``); None for another name."""
+    match = _STAGING.match(folder)
+    return (match["stage"], match["fingerprint"]) if match else None
 
 
 def worker_identity() -> dict[str, Any]:

@@ -10,12 +10,11 @@ shardable stage (``.<stage>.shards-<fingerprint>/``) or the last training checkp
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from gplflow.adapters import artifacts, checkpoints
 from gplflow.adapters.errors import MissingInputError
-from gplflow.adapters.staging import ShardStaging, staging_dirs
+from gplflow.adapters.staging import ShardStaging, staged_in, staging_dirs
 from gplflow.adapters.store import ArtifactStore, Check
 from gplflow.flows.stages import artifact_names, condition
 
@@ -52,16 +51,17 @@ def run_status(store: ArtifactStore, verify: bool = False) -> list[StageStatus]:
     return rows
 
 
-_ROUND = re.compile(r"^\.?(?P<name>(?:negatives|triples)-round-(?P<round>\d+))(?:\.shards-[0-9a-f]+)?$")
-
-
 def round_artifacts(store: ArtifactStore) -> list[str]:
     """The re-mining rounds' artifacts (``train.remine_every``) the run directory holds, published or staged, in
     round order: negatives-round-2, triples-round-2, negatives-round-3…"""
     if not store.fs.isdir(store.root):
         return []
-    found = {match["name"]: int(match["round"]) for path in store.fs.ls(store.root, detail=False)
-             if (match := _ROUND.match(path.rstrip("/").rsplit("/", 1)[-1]))}
+    found: dict[str, int] = {}
+    for path in store.fs.ls(store.root, detail=False):
+        folder = path.rstrip("/").rsplit("/", 1)[-1]
+        name = (staged_in(folder) or (folder, ""))[0]
+        if (number := artifacts.round_of(name)) is not None:
+            found[name] = number
     return sorted(found, key=lambda name: (found[name], not name.startswith(artifacts.NEGATIVES)))
 
 

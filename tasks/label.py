@@ -152,16 +152,11 @@ class RoundLabelInputs(LabelInputs):
 
     @property
     def artifact(self) -> str:  # type: ignore[override]
-        return round_artifact(STAGE, self.round)
+        return artifacts.round_artifact(STAGE, self.round)
 
     def fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
         config, inputs = super().fingerprint_parts()
         return config, {**inputs, **{f"prior:{ref.name}": ref.fingerprint for ref in self.prior}}
-
-
-def round_artifact(name: str, number: int) -> str:
-    """The folder of re-mining round ``number``'s ``negatives`` or ``triples``: ``triples-round-2``."""
-    return f"{name}-round-{number}"
 
 
 @dataclass(frozen=True)

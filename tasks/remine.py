@@ -28,7 +28,7 @@ from pydantic import Field
 from gplflow.adapters import artifacts
 from gplflow.adapters.store import Artifact, Ref
 from gplflow.tasks.base import StageConfig, StageInputs, compute
-from gplflow.tasks.label import LabelConfig, LabelJob, RoundLabelInputs, round_artifact
+from gplflow.tasks.label import LabelConfig, LabelJob, RoundLabelInputs
 from gplflow.tasks.mine import MineConfig, MineJob, _dense_batches
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class RoundMineInputs(StageInputs, code_version=CODE_VERSION):
 
     @property
     def artifact(self) -> str:  # type: ignore[override]
-        return round_artifact(artifacts.NEGATIVES, self.round)
+        return artifacts.round_artifact(artifacts.NEGATIVES, self.round)
 
     def checked(self) -> list[tuple[str, str]]:
         """The one retriever, as the mine stage's job reads its retrievers: the student and its similarity."""

@@ -48,3 +48,13 @@ def test_status_lists_the_runs_stages_and_names_the_others_whole_and_verify_coun
     assert verified.exit_code == 0
     assert f"verified: hashed {len(files)} files ({size / 1e6:.1f} MB)" in verified.output
     assert verified.output != plain.output
+
+
+def test_the_rounds_are_found_published_or_staged_in_round_order(tmp_path: Path) -> None:
+    from gplflow.flows.status import round_artifacts
+
+    for folder in ("triples-round-10", ".triples-round-2.shards-0a1b", "negatives-round-2", "negatives-round-10",
+                   "negatives", ".triples.shards-0a1b", "queries-round-2", "triples-round-x", ".negatives-round-3"):
+        (tmp_path / folder).mkdir()
+    assert round_artifacts(ArtifactStore(tmp_path)) == ["negatives-round-2", "triples-round-2", "negatives-round-10",
+                                                         "triples-round-10"]
