@@ -41,6 +41,15 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def cpu_devices():
+    """``GPLFLOW_DEVICE=cpu`` for a module: CPU processes stand in for devices, on a GPU host too (the processes a
+    test starts inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPLFLOW_DEVICE", "cpu")
+        yield
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The modules that hold slow or server tests first, each module's tests kept together and in order.
 

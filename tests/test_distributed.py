@@ -5,7 +5,6 @@ the assertions; the base model has no dropout, so one process and two must give 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -33,23 +32,12 @@ from gplflow.adapters.tiny_models import build_tiny_models
 from gplflow.flows.config import ConfigError, PipelineConfig
 from gplflow.tasks.train import TrainConfig
 
-pytestmark = pytest.mark.serial  # timing-sensitive (signals, kills, races): run alone, not beside a busy worker
+# timing-sensitive (signals, kills, races): run alone, not beside a busy worker; CPU processes stand in for devices
+pytestmark = [pytest.mark.serial, pytest.mark.usefixtures("cpu_devices")]
 
 WORKER = "gplflow.adapters.distributed"  # in every rank's command line
 SETTINGS = {"steps": 24, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 2, "seed": 7, "max_seq_length": 64,
             "checkpoint_every": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _on_the_cpu():
-    """CPU processes stand in for devices, on a GPU host too (the ranks inherit the setting)."""
-    before = os.environ.get("GPLFLOW_DEVICE")
-    os.environ["GPLFLOW_DEVICE"] = "cpu"
-    yield
-    if before is None:
-        os.environ.pop("GPLFLOW_DEVICE")
-    else:
-        os.environ["GPLFLOW_DEVICE"] = before
 
 
 @pytest.fixture(scope="module")

@@ -33,19 +33,9 @@ from gplflow.tasks.augment import AugmentConfig, CrossEncoderTrainConfig
 from gplflow.tasks.pretrain import PretrainConfig
 from gplflow.tasks.train import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("cpu_devices")  # CPU processes stand in for devices
+
 TEXTS = [_passage(doc_id) for doc_id, _, _ in PASSAGES]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _on_the_cpu():
-    """CPU processes stand in for devices, on a GPU host too (the ranks inherit the setting)."""
-    before = os.environ.get("GPLFLOW_DEVICE")
-    os.environ["GPLFLOW_DEVICE"] = "cpu"
-    yield
-    if before is None:
-        os.environ.pop("GPLFLOW_DEVICE")
-    else:
-        os.environ["GPLFLOW_DEVICE"] = before
 
 
 def _without_dropout(built: Path, folder: Path) -> Path:
