@@ -143,6 +143,22 @@ def test_pretraining_resumed_on_two_processes_trains_the_one_process_model_with_
     assert not ct_inbatch.checkpoint.exists()
 
 
+@pytest.mark.serial
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tsdae", "mlm", "simcse"])
+def test_each_pretraining_on_two_processes_gives_the_one_process_losses(tiny, tmp_path, method):
+    """The other pretraining methods as torchrun jobs of 2 (ct_inbatch above): the same losses, step by step, as one
+    process with the same global batch (the tiny models have no dropout, so SimCSE's two views are alike: this
+    checks the gathered in-batch negatives and the data order, not dropout's noise)."""
+    cfg = PretrainConfig(**{**CT_INBATCH, "method": method, "steps": 4})
+    base = str(tiny.bi_encoder)
+    one = run_pretrain(cfg.model_copy(update={"devices": 1}), *_corpus(tmp_path / "one" / "run"), base)
+    two = run_pretrain(cfg.model_copy(update={"devices": 2}), *_corpus(tmp_path / "two" / "run"), base)
+    assert two.manifest["pretrain"]["world_size"] == 2 and one.manifest["pretrain"]["world_size"] == 1
+    assert len(_losses(one, "pretrain")) == 4
+    assert _losses(two, "pretrain") == pytest.approx(_losses(one, "pretrain"), rel=1e-3)
+
+
 @pytest.mark.parametrize("method", ["tsdae", "mlm", "ct"])
 def test_each_process_weights_its_slice_so_the_mean_is_the_one_process_loss(tiny, method):
     """TSDAE and MLM average over tokens and CT sums over pairs: the ranks' weighted losses (as DDP averages their
