@@ -499,7 +499,21 @@ def main(argv: list[str]) -> int:
         except BaseException as err:
             _record_failure(job_path.parent, err)
             raise
+        finally:
+            _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Destroy the process group the target made (the Trainer makes one and leaves it) while Python is still whole.
+
+    Left to the interpreter's exit, gloo's threads may still hold work whose tensors reference Python objects;
+    freeing them then takes the GIL of an interpreter being torn down, and the rank aborts. A clean-clone CI run
+    saw a rank of a finished 2-process job die so (SIGABRT), which failed the stage."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to end
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # a rank on its way out after an error: its error is the message
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
