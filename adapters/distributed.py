@@ -181,8 +181,9 @@ def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, w
     job = job_dir / JOB_FILE
     hosts = nnodes()
     rendezvous = _rendezvous(job_dir, hosts)
-    job.write_text(json.dumps({"target": target, "payload": payload, "nproc": nproc, "rendezvous": rendezvous}),
-                   encoding="utf-8")
+    events = EVENTS_FILE if hosts > 1 else None  # rank 0 may run on another host: its events come through the file
+    job.write_text(json.dumps({"target": target, "payload": payload, "nproc": nproc, "rendezvous": rendezvous,
+                               "events": events}), encoding="utf-8")
     command = _torchrun(job, nproc, rendezvous)
     if hosts > 1:
         logger.info("%s: waiting for %d more hosts at %s: on each, run python -m %s join %s", what, hosts - 1,
@@ -196,7 +197,7 @@ def launch(job_dir: Path, nproc: int, target: str, payload: dict[str, Any], *, w
                                preexec_fn=_die_with_parent(signal.SIGTERM))
     tail: deque[str] = deque(maxlen=_TAIL)
     try:
-        _follow(process, what, tail, on_event, job_dir / EVENTS_FILE if hosts > 1 else None)
+        _follow(process, what, tail, on_event, job_dir / events if events else None)
         code = process.wait()
     except BaseException:
         stop(process, what)
@@ -490,8 +491,8 @@ def main(argv: list[str]) -> int:
         prctl()
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text(encoding="utf-8"))
-    if is_main() and job.get("rendezvous") != ["--standalone"]:
-        os.environ[_EVENTS_ENV] = str(job_path.parent / EVENTS_FILE)
+    if is_main() and job.get("events"):
+        os.environ[_EVENTS_ENV] = str(job_path.parent / job["events"])
     with _marked_output(f"[rank {rank()}] "):
         try:
             module, _, function = job["target"].partition(":")

@@ -137,7 +137,7 @@ try:
         print("went on", flush=True)
         time.sleep(10)
         print("finished", flush=True)
-except (KeyboardInterrupt, TerminationSignal if sys.argv[1] == "prefect" else KeyboardInterrupt) as err:
+except BaseException as err:  # Interrupted, or Prefect's TerminationSignal
     print("stopped", getattr(err, "signal", None) or interrupt.signal_of(err), flush=True)
 """
 
